@@ -1,0 +1,226 @@
+"""Dataclass configs and named presets.
+
+A config fully describes a model's architecture; it is saved as ``config.json`` in every checkpoint.
+Presets: ``tiny`` (tests), ``synth-small`` (the embedded default), ``base`` (ViT-B/16 @384 + 6-layer
+768-d decoder, the paper's BERT variant without SAM), and ``hf:<vision>+<lm>`` builders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError
+
+CONFIG_VERSION = 1
+
+
+@dataclass
+class VisionConfig:
+    kind: str = "vit"  # "vit" (built in) | "hf" (any Hugging Face vision tower through AutoModel)
+    image_size: int = 384  # square canvas; the longer side is resized to this and the rest zero-padded
+    patch_size: int = 16
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    conv_stem: bool = False  # a small conv stem before patchify: learns much faster from scratch
+    drop_path: float = 0.0
+    hf_name_or_path: str | None = None
+    freeze: bool = False
+    pixel_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)  # CLIP
+    pixel_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class PromptConfig:
+    """Prompt encoder (random-Fourier PE of box corners) + prompt adapter (two-way transformer)."""
+
+    embed_dim: int = 256  # Fourier PE width (SAM: 256)
+    hidden_size: int = 512  # adapter width
+    depth: int = 6
+    num_heads: int = 8
+    mlp_dim: int = 2048
+    attention_downsample: int = 2
+    num_queries: int = 32  # visual tokens per prompt handed to the language model
+    output_dim: int = 1024  # per-query projection (each query has its own Linear)
+
+
+@dataclass
+class LanguageConfig:
+    kind: str = "git"  # "git" (built-in prefix decoder) | "hf-causal" | "hf-seq2seq"
+    hidden_size: int = 768
+    num_layers: int = 6
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_positions: int = 256
+    dropout: float = 0.1
+    vocab_size: int = 0  # filled from the tokenizer when 0
+    hf_name_or_path: str | None = None
+    # LoRA (peft). r == 0 means the LM is trained fully (or frozen when freeze=True).
+    lora_r: int = 0
+    lora_alpha: int = 0  # the paper's scale 2 with no division by rank: alpha = 2 * r (0 -> 2 * r)
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | None = None  # None -> chosen per architecture (q,v / c_attn / ...)
+    freeze: bool = False
+    max_context_tokens: int = 24
+    max_text_tokens: int = 48
+
+
+@dataclass
+class HeadsConfig:
+    point_hidden: int = 512
+    point_layers: int = 3
+    num_points: int = 2  # per token: box corners (x0, y0), (x1, y1)
+    confidence: bool = True  # per-token head predicting the IoU of the token's box (our addition)
+    proposals: bool = True  # CenterNet-style class-agnostic proposal head for dense captioning
+    proposal_hidden: int = 256
+    max_proposals: int = 100
+
+
+@dataclass
+class LossConfig:
+    label_smoothing: float = 0.1
+    text_weight: float = 1.0
+    point_weight: float = 5.0  # L1 on points normalised by the un-padded image size
+    confidence_weight: float = 1.0
+    detection_weight: float = 1.0
+
+
+@dataclass
+class PromptTemplates:
+    refer_prefix: str = "where is "
+    region_prompt: str = "an object of "
+    caption_prompt: str = "a long image caption: "
+
+
+@dataclass
+class PixelLLMConfig:
+    preset: str = "custom"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    templates: PromptTemplates = field(default_factory=PromptTemplates)
+    config_version: int = CONFIG_VERSION
+
+    # ---- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PixelLLMConfig:
+        def build(klass, values):
+            names = {f.name for f in dataclasses.fields(klass)}
+            unknown = set(values) - names
+            if unknown:
+                raise CheckpointError(f"config for {klass.__name__} has unknown keys {sorted(unknown)}; "
+                                      "was it written by a newer pixelllm-plugins?")
+            kwargs = {}
+            for f in dataclasses.fields(klass):
+                if f.name not in values:
+                    continue
+                v = values[f.name]
+                if f.name == "pixel_mean" or f.name == "pixel_std":
+                    v = tuple(v)
+                kwargs[f.name] = v
+            return klass(**kwargs)
+
+        data = dict(data)
+        sub = {"vision": VisionConfig, "prompt": PromptConfig, "language": LanguageConfig,
+               "heads": HeadsConfig, "loss": LossConfig, "templates": PromptTemplates}
+        for key, klass in sub.items():
+            if key in data:
+                data[key] = build(klass, data[key])
+        return build(cls, data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> PixelLLMConfig:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"cannot read model config {path}: {exc}") from exc
+
+
+# ---- presets -----------------------------------------------------------------------------------
+
+def _tiny() -> PixelLLMConfig:
+    return PixelLLMConfig(
+        preset="tiny",
+        vision=VisionConfig(image_size=64, patch_size=8, hidden_size=32, num_layers=1, num_heads=2,
+                            conv_stem=True),
+        prompt=PromptConfig(embed_dim=32, hidden_size=32, depth=1, num_heads=2, mlp_dim=64,
+                            attention_downsample=1, num_queries=4, output_dim=32),
+        language=LanguageConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+                                max_positions=96, dropout=0.0, max_context_tokens=16, max_text_tokens=24),
+        heads=HeadsConfig(point_hidden=32, point_layers=2, proposal_hidden=32, max_proposals=20),
+    )
+
+
+def _synth_small() -> PixelLLMConfig:
+    return PixelLLMConfig(
+        preset="synth-small",
+        vision=VisionConfig(image_size=192, patch_size=16, hidden_size=192, num_layers=4, num_heads=3,
+                            conv_stem=True),
+        prompt=PromptConfig(embed_dim=64, hidden_size=128, depth=2, num_heads=4, mlp_dim=256,
+                            attention_downsample=1, num_queries=8, output_dim=192),
+        language=LanguageConfig(hidden_size=192, num_layers=3, num_heads=4, intermediate_size=512,
+                                max_positions=128, dropout=0.0, max_context_tokens=24, max_text_tokens=40),
+        heads=HeadsConfig(point_hidden=192, point_layers=3, proposal_hidden=128, max_proposals=30),
+    )
+
+
+def _base() -> PixelLLMConfig:
+    return PixelLLMConfig(
+        preset="base",
+        vision=VisionConfig(image_size=384, patch_size=16, hidden_size=768, num_layers=12, num_heads=12),
+        prompt=PromptConfig(),
+        language=LanguageConfig(max_positions=256, max_context_tokens=40, max_text_tokens=128),
+        heads=HeadsConfig(),
+    )
+
+
+PRESETS = {"tiny": _tiny, "synth-small": _synth_small, "base": _base}
+
+
+def hf_config(vision: str, language: str, *, seq2seq: bool | None = None, lora_r: int = 32,
+              image_size: int = 384) -> PixelLLMConfig:
+    """Any Hugging Face vision tower + language model (by hub id or local path).
+
+    ``seq2seq`` defaults to True when the LM name mentions t5. The LM is frozen with LoRA (rank 32,
+    alpha = 2r: the paper's T5 recipe).
+    """
+    if seq2seq is None:
+        seq2seq = "t5" in language.lower()
+    return PixelLLMConfig(
+        preset=f"hf:{vision}+{language}",
+        vision=VisionConfig(kind="hf", hf_name_or_path=vision, image_size=image_size),
+        prompt=PromptConfig(),
+        language=LanguageConfig(kind="hf-seq2seq" if seq2seq else "hf-causal", hf_name_or_path=language,
+                                lora_r=lora_r, lora_alpha=2 * lora_r, freeze=True,
+                                max_context_tokens=40, max_text_tokens=128),
+        heads=HeadsConfig(),
+    )
+
+
+def get_preset(name: str) -> PixelLLMConfig:
+    """Return a fresh config for a preset name (``tiny``, ``synth-small``, ``base``, ``hf:VISION+LM``)."""
+    if name.startswith("hf:"):
+        body = name[3:]
+        if "+" not in body:
+            raise CheckpointError(f"hf preset must look like 'hf:VISION+LM', got {name!r}")
+        vision, language = body.split("+", 1)
+        return hf_config(vision, language)
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise CheckpointError(
+            f"unknown preset {name!r}; choose one of {sorted(PRESETS)} or 'hf:VISION+LM'"
+        ) from None

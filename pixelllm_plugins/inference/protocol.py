@@ -1,0 +1,35 @@
+"""The one seam: both plugins, the CLI and the worker talk to this protocol.
+
+``Predictor`` (in-process) and ``RemotePredictor`` (HTTP to the GPU worker) implement it.
+Images may be paths, bytes, PIL images or numpy arrays (see ``pixelllm_plugins.io``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+from ..io import ImageInput
+from .results import Detection, RegionCaption, TracedCaption
+
+
+@runtime_checkable
+class PredictorProtocol(Protocol):
+    model_version: str
+
+    def refer(self, images: Sequence[ImageInput], texts: Sequence[Sequence[str]], *,
+              adapter: str | None = None) -> list[list[list[Detection]]]:
+        """For each image, for each of its texts: detections sorted by score (best first)."""
+
+    def caption_regions(self, images: Sequence[ImageInput], boxes: Sequence[Sequence[Sequence[float]]], *,
+                        adapter: str | None = None, max_new_tokens: int = 20,
+                        num_beams: int = 1) -> list[list[RegionCaption]]:
+        """For each image, one caption per given box (boxes in original-image pixels)."""
+
+    def caption(self, images: Sequence[ImageInput], *, trace: bool = True, adapter: str | None = None,
+                max_new_tokens: int = 40, num_beams: int = 1) -> list[TracedCaption]:
+        """One whole-image caption per image; with ``trace`` every word carries a box and points."""
+
+    def dense_caption(self, images: Sequence[ImageInput], *, max_regions: int = 20, min_score: float = 0.3,
+                      adapter: str | None = None) -> list[list[RegionCaption]]:
+        """Proposals from the detection head, each captioned; sorted by score."""

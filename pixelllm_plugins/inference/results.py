@@ -1,0 +1,100 @@
+"""Typed results of the Predictor. Boxes are x1,y1,x2,y2 in pixels of the original image."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from ..geometry import Box, xyxy_to_fo_relative, xyxy_to_ls_percent
+
+
+def _box(values) -> Box:
+    return tuple(float(v) for v in values)  # type: ignore[return-value]
+
+
+@dataclass
+class Detection:
+    """A box found for a referring text (text -> box)."""
+
+    box_xyxy: Box
+    score: float
+    text: str
+    model_version: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"box_xyxy": list(self.box_xyxy)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Detection:
+        return cls(box_xyxy=_box(d["box_xyxy"]), score=float(d["score"]), text=d["text"],
+                   model_version=d.get("model_version", ""))
+
+    def to_label_studio(self, width: float, height: float) -> dict[str, float]:
+        return xyxy_to_ls_percent(self.box_xyxy, width, height)
+
+    def to_fiftyone(self, width: float, height: float) -> list[float]:
+        return xyxy_to_fo_relative(self.box_xyxy, width, height)
+
+
+@dataclass
+class RegionCaption:
+    """A caption for a region (box -> text, or a dense-caption proposal)."""
+
+    box_xyxy: Box
+    text: str
+    score: float
+    model_version: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"box_xyxy": list(self.box_xyxy)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RegionCaption:
+        return cls(box_xyxy=_box(d["box_xyxy"]), text=d["text"], score=float(d["score"]),
+                   model_version=d.get("model_version", ""))
+
+    def to_label_studio(self, width: float, height: float) -> dict[str, float]:
+        return xyxy_to_ls_percent(self.box_xyxy, width, height)
+
+    def to_fiftyone(self, width: float, height: float) -> list[float]:
+        return xyxy_to_fo_relative(self.box_xyxy, width, height)
+
+
+@dataclass
+class Word:
+    """One word of a traced caption and where it points: a box and its 2 predicted points."""
+
+    text: str
+    box_xyxy: Box
+    points: list[tuple[float, float]]
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "box_xyxy": list(self.box_xyxy), "points": [list(p) for p in self.points]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Word:
+        return cls(text=d["text"], box_xyxy=_box(d["box_xyxy"]),
+                   points=[(float(p[0]), float(p[1])) for p in d["points"]])
+
+    @property
+    def center(self) -> tuple[float, float]:
+        x1, y1, x2, y2 = self.box_xyxy
+        return ((x1 + x2) / 2.0, (y1 + y2) / 2.0)
+
+
+@dataclass
+class TracedCaption:
+    """A whole-image caption whose every word carries a location."""
+
+    text: str
+    words: list[Word] = field(default_factory=list)
+    score: float = 1.0
+    model_version: str = ""
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "words": [w.to_dict() for w in self.words], "score": self.score,
+                "model_version": self.model_version}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TracedCaption:
+        return cls(text=d["text"], words=[Word.from_dict(w) for w in d.get("words", [])],
+                   score=float(d.get("score", 1.0)), model_version=d.get("model_version", ""))

@@ -1,0 +1,62 @@
+"""The batch the model consumes and what it returns. Shapes: B images, N prompts per image,
+Tc context tokens, T text tokens, M ground-truth boxes, V vocabulary, H LM hidden size.
+
+Coordinate frames inside the model:
+- ``prompt_boxes`` are x1,y1,x2,y2 in pixels of the square canvas (the resized image sits at the
+  top-left, zero padding to the right/bottom); ``image_sizes`` gives the resized image's (w, h) there.
+- Every point/box *target and prediction* is normalised by the un-padded image size: (0,0) is the
+  image's top-left and (1,1) its bottom-right, so multiplying by the original (W, H) gives original pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class ModelInputs:
+    pixel_values: Tensor  # [B,3,S,S] float, normalised, padded area zero
+    image_sizes: Tensor  # [B,2] float (w,h) of the resized, un-padded image in canvas pixels
+    prompt_boxes: Tensor  # [B,N,4] float, canvas pixels; the global box is [0,0,w,h]
+    prompt_mask: Tensor  # [B,N] bool, True for real prompts
+    context_ids: Tensor  # [B,N,Tc] long, padded with the tokenizer's pad id; ends with EOS
+    context_mask: Tensor  # [B,N,Tc] bool
+    text_ids: Tensor | None = None  # [B,N,T] long: BOS + text + EOS, then PAD
+    text_mask: Tensor | None = None  # [B,N,T] bool
+    # ---- training targets --------------------------------------------------------------------
+    target_points: Tensor | None = None  # [B,N,T,4] normalised (x0,y0,x1,y1) per text position
+    point_mask: Tensor | None = None  # [B,N,T] bool, positions with a point target
+    text_loss_mask: Tensor | None = None  # [B,N] bool, prompts whose text gets cross-entropy
+    gt_boxes: Tensor | None = None  # [B,M,4] normalised xyxy, for the proposal head
+    gt_boxes_mask: Tensor | None = None  # [B,M] bool
+    task: str = ""  # source/task name of the batch (for logging)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> ModelInputs:
+        moved = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Tensor):
+                if dtype is not None and v.is_floating_point() and f.name == "pixel_values":
+                    v = v.to(device=device, dtype=dtype)
+                else:
+                    v = v.to(device)
+            moved[f.name] = v
+        return ModelInputs(**moved)
+
+    @property
+    def batch_size(self) -> int:
+        return self.pixel_values.shape[0]
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor | None = None  # [B,N,T,V]
+    hidden: Tensor | None = None  # [B,N,T,H]
+    points: Tensor | None = None  # [B,N,T,4] normalised x0,y0,x1,y1 (unclipped, as in the paper)
+    confidence: Tensor | None = None  # [B,N,T] logits of the predicted-IoU head
+    proposals: dict[str, Tensor] = field(default_factory=dict)  # raw proposal-head maps
+    loss: Tensor | None = None
+    losses: dict[str, float] = field(default_factory=dict)

@@ -1,0 +1,173 @@
+"""Tokenizer wrapper: one interface over our WordPiece tokenizer and Hugging Face tokenizers.
+
+The built-in tokenizer is a lower-case WordPiece trained in-process (deterministic) on a word list,
+with single characters always in the vocabulary so any word can be spelled, including words the
+default model never saw (fine-tuning a new word needs no new vocabulary).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from .errors import CheckpointError
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
+_ALPHABET = list("abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()/&+%")
+
+# Words every default tokenizer knows whole, beyond the training corpus (keeps user prompts short).
+COMMON_WORDS = """a an the of in on at to with and or is are was be this that there here it its
+where which what who left right above below top bottom middle center centre leftmost rightmost topmost
+bottom-most first second third last next near far behind front between small large big little tiny
+huge object objects shape shapes image picture photo photograph caption long short describe description
+detail details scene background foreground color colour red green blue yellow purple orange white black
+gray grey brown pink circle square triangle star hexagon diamond cross ring rectangle oval line
+person man woman people dog cat car tree house sky road table chair cup mug bottle book phone one two
+three four five six several many some other another side part area region corner edge
+""".split()
+
+
+class PixelTokenizer:
+    """Encode/decode text and group token positions into words (for per-word traces)."""
+
+    def __init__(self, backend, *, pad_id: int, bos_id: int, eos_id: int, unk_id: int | None,
+                 continuation_prefix: str | None = "##", kind: str = "wordpiece",
+                 hf_name_or_path: str | None = None):
+        self.backend = backend  # tokenizers.Tokenizer or transformers tokenizer
+        self.pad_id, self.bos_id, self.eos_id, self.unk_id = pad_id, bos_id, eos_id, unk_id
+        self.continuation_prefix = continuation_prefix
+        self.kind = kind
+        self.hf_name_or_path = hf_name_or_path
+
+    # ---- construction ------------------------------------------------------------------------------
+    @classmethod
+    def train_wordpiece(cls, corpus: Iterable[str], vocab_size: int = 1024) -> PixelTokenizer:
+        from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True, clean_text=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece(prefix="##")
+        alphabet = _ALPHABET + ["##" + c for c in _ALPHABET]
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                            initial_alphabet=_ALPHABET, show_progress=False,
+                                            continuing_subword_prefix="##")
+        lines = list(corpus) + [" ".join(COMMON_WORDS)] * 4
+        tok.train_from_iterator(lines, trainer=trainer)
+        # every single character as a word start and as a continuation, inside the WordPiece vocab
+        vocab = tok.get_vocab()
+        for piece in alphabet:
+            if piece not in vocab:
+                vocab[piece] = len(vocab)
+        tok.model = models.WordPiece(vocab=vocab, unk_token="[UNK]", max_input_chars_per_word=100)
+        return cls._from_backend(tok)
+
+    @classmethod
+    def default(cls) -> PixelTokenizer:
+        """The built-in tokenizer for the synthetic-scene vocabulary (deterministic)."""
+        return cls.train_wordpiece([" ".join(COMMON_WORDS)], vocab_size=512)
+
+    @classmethod
+    def _from_backend(cls, tok) -> PixelTokenizer:
+        ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+        return cls(tok, pad_id=ids["[PAD]"], bos_id=ids["[BOS]"], eos_id=ids["[EOS]"], unk_id=ids["[UNK]"])
+
+    @classmethod
+    def from_hf(cls, name_or_path: str) -> PixelTokenizer:
+        """Wrap a Hugging Face tokenizer (for ``hf-causal`` / ``hf-seq2seq`` language models)."""
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(name_or_path)
+        eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+        pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+        bos = tok.bos_token_id if tok.bos_token_id is not None else (tok.cls_token_id or pad)
+        if eos is None:
+            raise CheckpointError(f"tokenizer of {name_or_path} has no EOS token; set one before use")
+        prefix = "##" if any(str(t).startswith("##") for t in list(tok.get_vocab())[:2000]) else None
+        return cls(tok, pad_id=pad, bos_id=bos, eos_id=eos, unk_id=tok.unk_token_id,
+                   continuation_prefix=prefix, kind="hf", hf_name_or_path=str(name_or_path))
+
+    # ---- persistence -------------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        if self.kind == "hf":
+            self.backend.save_pretrained(directory / "tokenizer_hf")
+            meta = {"kind": "hf", "hf_name_or_path": self.hf_name_or_path}
+        else:
+            self.backend.save(str(directory / "tokenizer.json"))
+            meta = {"kind": self.kind}
+        meta |= {"pad_id": self.pad_id, "bos_id": self.bos_id, "eos_id": self.eos_id, "unk_id": self.unk_id}
+        (directory / "tokenizer_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> PixelTokenizer:
+        directory = Path(directory)
+        meta_path = directory / "tokenizer_meta.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"kind": "wordpiece"}
+        if meta["kind"] == "hf":
+            return cls.from_hf(str(directory / "tokenizer_hf"))
+        path = directory / "tokenizer.json"
+        if not path.exists():
+            raise CheckpointError(f"{directory} has no tokenizer.json; is it a pixelllm checkpoint folder?")
+        from tokenizers import Tokenizer
+
+        return cls._from_backend(Tokenizer.from_file(str(path)))
+
+    # ---- use ------------------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        if self.kind == "hf":
+            return len(self.backend)
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, *, max_len: int | None = None, add_bos: bool = False,
+               add_eos: bool = True) -> list[int]:
+        """Token ids of ``text``; truncated so that with BOS/EOS it fits ``max_len``."""
+        if self.kind == "hf":
+            ids = list(self.backend.encode(text, add_special_tokens=False))
+        else:
+            ids = list(self.backend.encode(text, add_special_tokens=False).ids)
+        room = None if max_len is None else max_len - int(add_bos) - int(add_eos)
+        if room is not None:
+            ids = ids[: max(room, 0)]
+        return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
+
+    def count(self, text: str) -> int:
+        return len(self.encode(text, add_eos=False))
+
+    def id_to_token(self, i: int) -> str:
+        if self.kind == "hf":
+            return self.backend.convert_ids_to_tokens(int(i))
+        return self.backend.id_to_token(int(i)) or "[UNK]"
+
+    def decode(self, ids: Sequence[int]) -> str:
+        ids = [int(i) for i in ids if int(i) not in (self.pad_id, self.bos_id, self.eos_id)]
+        if self.kind == "hf":
+            return self.backend.decode(ids, skip_special_tokens=True).strip()
+        return self.backend.decode(ids).strip()
+
+    def words(self, ids: Sequence[int]) -> list[tuple[str, list[int]]]:
+        """Group token positions into words: ``[(word, [positions...]), ...]``.
+
+        Positions index into ``ids``; special tokens are skipped.
+        """
+        groups: list[tuple[str, list[int]]] = []
+        specials = {self.pad_id, self.bos_id, self.eos_id}
+        for pos, i in enumerate(ids):
+            if int(i) in specials:
+                continue
+            piece = self.id_to_token(int(i))
+            if self.kind == "hf":
+                starts_word = piece.startswith(("Ġ", "▁")) or not groups
+                if self.continuation_prefix and piece.startswith(self.continuation_prefix):
+                    starts_word = False
+                elif self.continuation_prefix:
+                    starts_word = True
+            else:
+                starts_word = not (self.continuation_prefix and piece.startswith(self.continuation_prefix))
+            if starts_word or not groups:
+                groups.append(("", [pos]))
+            else:
+                groups[-1][1].append(pos)
+        return [(self.decode([ids[p] for p in positions]), positions) for _, positions in groups]
