@@ -8,14 +8,13 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import ImageTooLargeError, InvalidImageError
 
-ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
 
 DEFAULT_MAX_PIXELS = int(os.environ.get("PIXELLLM_MAX_PIXELS", 64_000_000))
 DEFAULT_MAX_BYTES = int(os.environ.get("PIXELLLM_MAX_IMAGE_BYTES", 50 * 1024 * 1024))
