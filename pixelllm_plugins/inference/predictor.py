@@ -1,0 +1,426 @@
+"""In-process Predictor: the four PixelLLM tasks over a loaded checkpoint.
+
+Like segment-anything's ``SamPredictor`` it caches image embeddings: the vision encoder runs once per
+image content (``set_image`` or an LRU keyed by a pixel digest), so a second prompt on the same image
+only runs the prompt adapter, the language model and the heads.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import InvalidPromptError, PixelLLMError
+from ..geometry import clip_box
+from ..io import ImageInput, ImageLimits, image_digest, load_image
+from .preprocess import PreparedImage, prepare_image
+from .results import Detection, RegionCaption, TracedCaption, Word
+
+log = logging.getLogger(__name__)
+
+MAX_PROMPT_CHARS = 2000
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+@dataclass
+class _Image:
+    """A loaded image, its preprocessing and its cache key."""
+
+    prepared: PreparedImage
+    key: str
+
+
+@dataclass
+class _Row:
+    """One prompt: which image, the prompt box in canvas pixels, context and text token ids."""
+
+    image: int
+    box: list[float]
+    context: list[int]
+    text: list[int] | None = None
+
+
+class Predictor:
+    """Run PixelLLM on images. Implements ``PredictorProtocol``.
+
+    ``model`` is a checkpoint folder, a preset name (``tiny``: random weights, for tests), or None for
+    the embedded default model.
+    """
+
+    def __init__(self, model: str | Path | torch.nn.Module | None = None, *, tokenizer=None,
+                 model_version: str | None = None, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None, cache_size: int = 32, batch_size: int = 32,
+                 limits: ImageLimits | None = None):
+        self.device = torch.device(device) if device else default_device()
+        self.dtype = dtype or default_dtype(self.device)
+        if isinstance(model, torch.nn.Module):  # an in-memory model (trainer evaluation, tests)
+            if tokenizer is None:
+                raise PixelLLMError("Predictor(model=<module>) needs tokenizer=")
+            net, version = model, model_version or f"{model.config.preset}-in-memory"
+        else:
+            from ..checkpoint import load_pretrained
+
+            net, tokenizer, version = load_pretrained(None if model is None else str(model))
+        self.model = net.to(self.device, self.dtype).eval()
+        self.tokenizer = tokenizer
+        self.base_version = version
+        self.config = net.config
+        self.cache_size = cache_size
+        self.batch_size = batch_size
+        self.limits = limits or ImageLimits()
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._current: str | None = None
+        self._adapter: str | None = None
+        self._adapter_paths: dict[str, str] = {}
+        self._lock = threading.RLock()  # one forward at a time per model
+        self.stats = {"vision_calls": 0, "cache_hits": 0}
+
+    # ---- identity ------------------------------------------------------------------------------------
+    @property
+    def model_version(self) -> str:
+        return self.base_version if not self._adapter else f"{self.base_version}+{self._adapter}"
+
+    def info(self) -> dict:
+        return {
+            "model_version": self.base_version,
+            "preset": self.config.preset,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "image_size": self.config.vision.image_size,
+            "adapters": sorted(self._adapter_paths),
+        }
+
+    # ---- adapters ------------------------------------------------------------------------------------
+    def load_adapter(self, path: str | Path, name: str | None = None) -> str:
+        """Load a LoRA adapter folder (peft format) under ``name`` (default: the folder name)."""
+        from ..modeling import lora
+
+        name = name or Path(path).name
+        with self._lock:
+            lora.load_adapter(self.model, str(path), name)
+            self.model.to(self.device, self.dtype).eval()
+            self._adapter_paths[name] = str(path)
+        return name
+
+    def _use_adapter(self, adapter: str | None) -> None:
+        if adapter == self._adapter:
+            return
+        from ..modeling import lora
+
+        if adapter is not None and adapter not in self._adapter_paths:
+            if Path(adapter).is_dir():
+                adapter = self.load_adapter(adapter)
+            else:
+                raise PixelLLMError(f"unknown adapter {adapter!r}; load it with Predictor.load_adapter(path) "
+                                    f"(loaded: {sorted(self._adapter_paths) or 'none'})")
+        lora.set_active_adapter(self.model, adapter)
+        self._adapter = adapter
+
+    # ---- images and the embedding cache ------------------------------------------------------------
+    def _load(self, images: Sequence[ImageInput]) -> list[_Image]:
+        out = []
+        for i, source in enumerate(images):
+            try:
+                pil = load_image(source, self.limits)
+            except PixelLLMError as exc:
+                raise type(exc)(f"image {i}: {exc}") from exc
+            prepared = prepare_image(pil, self.config.vision)
+            out.append(_Image(prepared, f"{image_digest(pil)}:{self._adapter or ''}"))
+        return out
+
+    def set_image(self, image: ImageInput) -> str:
+        """Embed one image now and keep it cached (like ``SamPredictor.set_image``); returns its key."""
+        with self._lock:
+            loaded = self._load([image])
+            self._embed(loaded)
+            self._current = loaded[0].key
+            return self._current
+
+    def clear_cache(self) -> None:
+        with self._lock:
+            self._cache.clear()
+            self._current = None
+
+    @torch.inference_mode()
+    def _embed(self, images: list[_Image]) -> torch.Tensor:
+        """Image tokens [B,L,C] for the images, running the vision encoder only on cache misses."""
+        missing = [im for im in dict.fromkeys(im.key for im in images) if im not in self._cache]
+        by_key = {im.key: im for im in images}
+        for start in range(0, len(missing), self.batch_size):
+            chunk = missing[start:start + self.batch_size]
+            pixels = torch.stack([by_key[k].prepared.pixel_values for k in chunk]).to(self.device, self.dtype)
+            tokens = self.model.encode_images(pixels)
+            self.stats["vision_calls"] += 1
+            for k, t in zip(chunk, tokens):
+                self._cache[k] = t
+        self.stats["cache_hits"] += len(images) - len(missing)
+        result = []
+        for im in images:
+            self._cache.move_to_end(im.key)
+            result.append(self._cache[im.key])
+        self._evict()
+        return torch.stack(result)
+
+    def _evict(self) -> None:
+        while len(self._cache) > max(self.cache_size, 1):
+            key = next(iter(self._cache))
+            if key == self._current and len(self._cache) > 1:
+                self._cache.move_to_end(key)
+                key = next(iter(self._cache))
+            del self._cache[key]
+
+    # ---- text ----------------------------------------------------------------------------------------
+    def _clean_text(self, text: str, what: str) -> str:
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidPromptError(f"{what}: text is empty; give a referring expression such as "
+                                     "'the red circle'")
+        text = " ".join(text.split())
+        if len(text) > MAX_PROMPT_CHARS:
+            warnings.warn(f"{what}: text of {len(text)} characters truncated to {MAX_PROMPT_CHARS}",
+                          stacklevel=3)
+            text = text[:MAX_PROMPT_CHARS]
+        return text
+
+    def _encode(self, text: str, max_len: int, *, add_bos: bool, what: str) -> list[int]:
+        ids = self.tokenizer.encode(text, max_len=None, add_bos=add_bos, add_eos=True)
+        if len(ids) > max_len:
+            warnings.warn(f"{what}: prompt is {len(ids)} tokens; truncated to the model's {max_len}",
+                          stacklevel=3)
+            ids = self.tokenizer.encode(text, max_len=max_len, add_bos=add_bos, add_eos=True)
+        return ids
+
+    def _pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.tokenizer.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[i, : len(s)] = True
+        return ids.to(self.device), mask.to(self.device)
+
+    # ---- model calls over prompt rows --------------------------------------------------------------
+    def _visual(self, tokens: torch.Tensor, images: list[_Image], rows: list[_Row]) -> torch.Tensor:
+        index = torch.tensor([r.image for r in rows], device=self.device)
+        boxes = torch.tensor([r.box for r in rows], dtype=torch.float32, device=self.device)
+        sizes = torch.tensor([images[r.image].prepared.resized_size for r in rows], dtype=torch.float32,
+                             device=self.device)
+        visual = self.model.visual_tokens(tokens.index_select(0, index), boxes[:, None].to(self.dtype),
+                                          sizes)
+        return visual[:, 0]
+
+    def _teacher_forced(self, tokens, images, rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states and points at every text position: ([R,T,H], points [R,T,4], conf [R,T])."""
+        visual = self._visual(tokens, images, rows)
+        ctx, ctx_mask = self._pad([r.context for r in rows])
+        txt, txt_mask = self._pad([r.text for r in rows])
+        _, hidden = self.model.language(visual, ctx, ctx_mask, txt, txt_mask)
+        points, conf = self.model.predict_points(hidden)
+        return points.float(), conf.float()
+
+    def _generate(self, tokens, images, rows, max_new_tokens, num_beams):
+        from .decoding import generate
+
+        visual = self._visual(tokens, images, rows)
+        ctx, ctx_mask = self._pad([r.context for r in rows])
+        tok = self.tokenizer
+        return generate(self.model.language, visual, ctx, ctx_mask, bos_id=tok.bos_id, eos_id=tok.eos_id,
+                        pad_id=tok.pad_id, max_new_tokens=max_new_tokens, num_beams=num_beams)
+
+    def _chunks(self, rows: list) -> list[list]:
+        return [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+
+    def _global_box(self, image: _Image) -> list[float]:
+        w, h = image.prepared.resized_size
+        return [0.0, 0.0, float(w), float(h)]
+
+    def _region_rows(self, images: list[_Image], boxes_per_image) -> tuple[list[_Row], list[tuple]]:
+        lang = self.config.language
+        context = self._encode(self.config.templates.region_prompt, lang.max_context_tokens, add_bos=False,
+                               what="region prompt")
+        rows, originals = [], []
+        for i, (image, boxes) in enumerate(zip(images, boxes_per_image)):
+            w, h = image.prepared.original_size
+            for box in boxes:
+                original = clip_box(box, w, h)
+                rows.append(_Row(i, image.prepared.to_canvas(original), context))
+                originals.append(original)
+        return rows, originals
+
+    # ---- the four tasks ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def refer(self, images: Sequence[ImageInput], texts: Sequence[Sequence[str]], *,
+              adapter: str | None = None) -> list[list[list[Detection]]]:
+        if len(images) != len(texts):
+            raise InvalidPromptError(f"refer got {len(images)} images but {len(texts)} text lists; "
+                                     "give one list of texts per image")
+        lang, prefix = self.config.language, self.config.templates.refer_prefix
+        with self._lock:
+            self._use_adapter(adapter)
+            loaded = self._load(images)
+            rows: list[_Row] = []
+            for i, image_texts in enumerate(texts):
+                if isinstance(image_texts, str):
+                    image_texts = [image_texts]
+                for j, raw in enumerate(image_texts):
+                    text = self._clean_text(raw, f"image {i} text {j}")
+                    context = self._encode(prefix + text, lang.max_context_tokens, add_bos=False,
+                                           what=f"image {i} text {j}")
+                    target = self._encode(text, lang.max_text_tokens, add_bos=True, what=f"image {i} text {j}")
+                    rows.append(_Row(i, self._global_box(loaded[i]), context, target))
+            tokens = self._embed(loaded)
+            boxes, scores = [], []
+            for chunk in self._chunks(rows):
+                points, conf = self._teacher_forced(tokens, loaded, chunk)
+                last = torch.tensor([len(r.text) - 2 for r in chunk], device=points.device)
+                ar = torch.arange(len(chunk), device=points.device)
+                boxes.append(points[ar, last])
+                scores.append(torch.sigmoid(conf[ar, last]))
+            out: list[list[list[Detection]]] = [[] for _ in images]
+            if rows:
+                all_boxes, all_scores = torch.cat(boxes).cpu(), torch.cat(scores).cpu()
+                for row, nb, score in zip(rows, all_boxes, all_scores):
+                    prepared = loaded[row.image].prepared
+                    w, h = prepared.original_size
+                    x0, y0, x1, y1 = prepared.normalised_to_original(nb).tolist()
+                    box = _clip_soft((min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)), w, h)
+                    text = self.tokenizer.decode(row.text)
+                    out[row.image].append([Detection(box, round(float(score), 4), text, self.model_version)])
+            return out
+
+    @torch.inference_mode()
+    def caption_regions(self, images: Sequence[ImageInput], boxes: Sequence[Sequence[Sequence[float]]], *,
+                        adapter: str | None = None, max_new_tokens: int = 20,
+                        num_beams: int = 1) -> list[list[RegionCaption]]:
+        if len(images) != len(boxes):
+            raise InvalidPromptError(f"caption_regions got {len(images)} images but {len(boxes)} box lists")
+        with self._lock:
+            self._use_adapter(adapter)
+            loaded = self._load(images)
+            rows, originals = self._region_rows(loaded, boxes)
+            tokens = self._embed(loaded)
+            texts, scores = self._captions(tokens, loaded, rows, max_new_tokens, num_beams)
+            out: list[list[RegionCaption]] = [[] for _ in images]
+            for row, original, text, score in zip(rows, originals, texts, scores):
+                out[row.image].append(RegionCaption(original, text, score, self.model_version))
+            return out
+
+    def _captions(self, tokens, images, rows, max_new_tokens, num_beams) -> tuple[list[str], list[float]]:
+        texts, scores = [], []
+        for chunk in self._chunks(rows):
+            result = self._generate(tokens, images, chunk, max_new_tokens, num_beams)
+            texts += [self.tokenizer.decode(t) for t in result.tokens]
+            scores += [round(float(torch.tensor(s).exp().clamp(0, 1)), 4) for s in result.scores]
+        return texts, scores
+
+    @torch.inference_mode()
+    def caption(self, images: Sequence[ImageInput], *, trace: bool = True, adapter: str | None = None,
+                max_new_tokens: int = 40, num_beams: int = 1) -> list[TracedCaption]:
+        lang = self.config.language
+        with self._lock:
+            self._use_adapter(adapter)
+            loaded = self._load(images)
+            context = self._encode(self.config.templates.caption_prompt, lang.max_context_tokens,
+                                   add_bos=False, what="caption prompt")
+            rows = [_Row(i, self._global_box(im), context) for i, im in enumerate(loaded)]
+            tokens = self._embed(loaded)
+            out = []
+            for chunk in self._chunks(rows):
+                result = self._generate(tokens, loaded, chunk, max_new_tokens, num_beams)
+                for row, ids in zip(chunk, result.tokens):
+                    row.text = list(ids)
+                points = self._teacher_forced(tokens, loaded, chunk)[0].cpu() if trace else None
+                for k, (row, score) in enumerate(zip(chunk, result.scores)):
+                    words = self._words(row.text, points[k], loaded[row.image].prepared) if trace else []
+                    out.append(TracedCaption(self.tokenizer.decode(row.text), words,
+                                             round(float(torch.tensor(score).exp()), 4), self.model_version))
+            return out
+
+    def trace_points(self, images: Sequence[ImageInput], captions: Sequence[str]) -> list[list[Word]]:
+        """Per-word boxes for given captions (teacher-forced): what ``caption`` traces, for known text."""
+        lang = self.config.language
+        with self._lock, torch.inference_mode():
+            loaded = self._load(images)
+            context = self._encode(self.config.templates.caption_prompt, lang.max_context_tokens,
+                                   add_bos=False, what="caption prompt")
+            rows = [_Row(i, self._global_box(im), context,
+                         self._encode(self._clean_text(c, f"caption {i}"), lang.max_text_tokens, add_bos=True,
+                                      what=f"caption {i}"))
+                    for i, (im, c) in enumerate(zip(loaded, captions))]
+            tokens = self._embed(loaded)
+            out = []
+            for chunk in self._chunks(rows):
+                points = self._teacher_forced(tokens, loaded, chunk)[0].cpu()
+                out += [self._words(r.text, points[k], loaded[r.image].prepared) for k, r in enumerate(chunk)]
+            return out
+
+    def _words(self, ids: list[int], points: torch.Tensor, prepared: PreparedImage) -> list[Word]:
+        """Group word pieces into words; a word's box spans its pieces' predicted points."""
+        w, h = prepared.original_size
+        words = []
+        for text, positions in self.tokenizer.words(ids):
+            pts = prepared.normalised_to_original(points[positions]).reshape(-1, 2)
+            x0, y0 = pts.min(0).values.tolist()
+            x1, y1 = pts.max(0).values.tolist()
+            box = _clip_soft((x0, y0, x1, y1), w, h)
+            words.append(Word(text, box, [(box[0], box[1]), (box[2], box[3])]))
+        return words
+
+    @torch.inference_mode()
+    def dense_caption(self, images: Sequence[ImageInput], *, max_regions: int = 20, min_score: float = 0.3,
+                      adapter: str | None = None, max_new_tokens: int = 20) -> list[list[RegionCaption]]:
+        if self.model.proposal_head is None:
+            raise PixelLLMError(f"model {self.base_version} has no proposal head; dense captioning needs a "
+                                "checkpoint trained with heads.proposals=true")
+        with self._lock:
+            self._use_adapter(adapter)
+            loaded = self._load(images)
+            tokens = self._embed(loaded)
+            sizes = torch.tensor([im.prepared.resized_size for im in loaded], dtype=torch.float32,
+                                 device=self.device)
+            boxes, scores = self.model.propose(tokens, sizes, max_regions, min_score)
+            boxes, scores = boxes.float().cpu(), scores.float().cpu()
+            per_image, proposal_scores = [], []
+            for im, b, s in zip(loaded, boxes, scores):
+                keep = s >= min_score
+                w, h = im.prepared.original_size
+                kept = []
+                for nb, sc in zip(b[keep], s[keep]):
+                    x0, y0, x1, y1 = im.prepared.normalised_to_original(nb).tolist()
+                    box = _clip_soft((x0, y0, x1, y1), w, h)
+                    if box[2] - box[0] >= 1 and box[3] - box[1] >= 1:
+                        kept.append((box, float(sc)))
+                kept = sorted(kept, key=lambda x: -x[1])[:max_regions]
+                per_image.append([k[0] for k in kept])
+                proposal_scores.append([k[1] for k in kept])
+            rows, originals = self._region_rows(loaded, per_image)
+            texts, _ = self._captions(tokens, loaded, rows, max_new_tokens, 1)
+            out: list[list[RegionCaption]] = [[] for _ in images]
+            flat_scores = [s for ss in proposal_scores for s in ss]
+            for row, original, text, score in zip(rows, originals, texts, flat_scores):
+                out[row.image].append(RegionCaption(original, text, round(score, 4), self.model_version))
+            return out
+
+
+def _clip_soft(box, width: float, height: float) -> tuple[float, float, float, float]:
+    """Clip a predicted box to the image without raising (predictions may fall outside)."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    x0, x1 = sorted((min(max(x0, 0.0), width), min(max(x1, 0.0), width)))
+    y0, y1 = sorted((min(max(y0, 0.0), height), min(max(y1, 0.0), height)))
+    return (round(x0, 2), round(y0, 2), round(x1, 2), round(y1, 2))

@@ -1,0 +1,135 @@
+"""Training losses (spec 4): label-smoothed CE, point L1, confidence (IoU) BCE, CenterNet detection.
+
+Each function returns a scalar and is given already-flattened valid prompts. ``combine_losses`` weights
+the terms from ``LossConfig`` and skips a term whose targets are absent.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..config import LossConfig
+from .heads import ProposalHead
+
+SIZE_WEIGHT = 5.0  # canvas-normalised box size L1, relative to the heatmap focal loss
+OFFSET_WEIGHT = 1.0  # centre offset L1 in map cells
+
+
+def text_loss(logits: Tensor, text_ids: Tensor, text_mask: Tensor, smoothing: float) -> Tensor:
+    """GRiT-style smoothed CE: ``1 - eps`` on the target, ``eps / (V - 1)`` elsewhere.
+
+    logits [M,T,V] (position i predicts token i+1), text_ids/text_mask [M,T]. No loss for predicting
+    BOS (position 0 is only an input); EOS counts; padded targets are skipped.
+    """
+    valid = text_mask[:, 1:].bool()
+    if not valid.any():
+        return logits.sum() * 0.0
+    logp = F.log_softmax(logits[:, :-1][valid].float(), dim=-1)  # [K,V]
+    target = text_ids[:, 1:][valid]
+    nll = -logp.gather(1, target[:, None]).squeeze(1)
+    v = logp.shape[-1]
+    other = -(logp.sum(-1) + nll) / max(v - 1, 1)  # mean NLL over the non-target tokens
+    return ((1 - smoothing) * nll + smoothing * other).mean()
+
+
+def point_loss(points: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """Mean L1 over coordinates of normalised points at ``mask`` positions: points/target [...,4], mask [...]."""
+    mask = mask.bool()
+    if not mask.any():
+        return points.sum() * 0.0
+    return (points[mask].float() - target[mask].float()).abs().mean()
+
+
+def points_to_boxes(points: Tensor) -> Tensor:
+    """[..., 2k] points -> [..., 4] boxes as min/max over the k points."""
+    xy = points.reshape(*points.shape[:-1], -1, 2)
+    return torch.cat([xy.amin(-2), xy.amax(-2)], dim=-1)
+
+
+def box_iou(a: Tensor, b: Tensor) -> Tensor:
+    """Elementwise IoU of xyxy boxes [...,4]."""
+    lt, rb = torch.maximum(a[..., :2], b[..., :2]), torch.minimum(a[..., 2:], b[..., 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area_a = (a[..., 2:] - a[..., :2]).clamp(min=0).prod(-1)
+    area_b = (b[..., 2:] - b[..., :2]).clamp(min=0).prod(-1)
+    return inter / (area_a + area_b - inter).clamp(min=1e-9)
+
+
+def confidence_loss(logits: Tensor, points: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """BCE-with-logits of the confidence against IoU(detached predicted box, target box) at ``mask``."""
+    mask = mask.bool()
+    if not mask.any():
+        return logits.sum() * 0.0
+    iou = box_iou(points_to_boxes(points[mask].detach().float()), points_to_boxes(target[mask].float()))
+    return F.binary_cross_entropy_with_logits(logits[mask].float(), iou)
+
+
+def focal_heatmap_loss(logits: Tensor, target: Tensor, alpha: float = 2.0, beta: float = 4.0) -> Tensor:
+    """CenterNet penalty-reduced focal loss over Gaussian heatmap targets, per positive."""
+    logits, target = logits.float(), target.float()
+    p = logits.sigmoid()
+    pos = target >= 1.0
+    pos_loss = -(F.logsigmoid(logits) * (1 - p) ** alpha)[pos].sum()
+    neg_loss = -(F.logsigmoid(-logits) * p**alpha * (1 - target) ** beta)[~pos].sum()
+    return (pos_loss + neg_loss) / pos.sum().clamp(min=1)
+
+
+def detection_loss(maps: dict[str, Tensor], gt_boxes: Tensor, gt_mask: Tensor, image_sizes: Tensor,
+                   canvas_size: int) -> dict[str, Tensor]:
+    """Heatmap focal loss + L1 on size (canvas-normalised) and offset (cells) at the gt centres."""
+    h, w = maps["heatmap"].shape[-2:]
+    t = ProposalHead.encode_targets(gt_boxes, gt_mask, image_sizes, canvas_size, (h, w))
+    heat = focal_heatmap_loss(maps["heatmap"], t["heatmap"])
+    valid = t["valid"]
+    if not valid.any():
+        zero = (maps["size"].sum() + maps["offset"].sum()) * 0.0
+        return {"det_heatmap": heat, "det_size": zero, "det_offset": zero}
+    index = t["index"].clamp(max=h * w - 1)
+
+    def at_centres(x: Tensor) -> Tensor:  # [B,2,h,w] -> [B,M,2]
+        return x.float().flatten(2).gather(2, index[:, None, :].expand(-1, 2, -1)).transpose(1, 2)
+
+    size = (at_centres(maps["size"]) - t["size"]).abs()[valid].mean()
+    offset = (at_centres(maps["offset"]) - t["offset"]).abs()[valid].mean()
+    return {"det_heatmap": heat, "det_size": size, "det_offset": offset}
+
+
+def combine_losses(config: LossConfig, *, logits: Tensor | None = None, text_ids: Tensor | None = None,
+                   text_mask: Tensor | None = None, points: Tensor | None = None,
+                   confidence: Tensor | None = None, target_points: Tensor | None = None,
+                   point_mask: Tensor | None = None, maps: dict[str, Tensor] | None = None,
+                   gt_boxes: Tensor | None = None, gt_mask: Tensor | None = None,
+                   image_sizes: Tensor | None = None, canvas_size: int = 0) -> tuple[Tensor, dict[str, float]]:
+    """Weighted sum of the terms whose targets are given -> (total, {name: float}).
+
+    ``text_mask`` must already exclude prompts without text loss. Outputs that are present but have no
+    targets still join the graph with weight 0, so every parameter gets a (zero) gradient (DDP-friendly).
+    """
+    terms: dict[str, Tensor] = {}
+    zero_terms: list[Tensor] = []
+    if logits is not None and text_ids is not None and text_mask is not None:
+        terms["text"] = config.text_weight * text_loss(logits, text_ids, text_mask, config.label_smoothing)
+    elif logits is not None:
+        zero_terms.append(logits.sum())
+    if points is not None and target_points is not None and point_mask is not None:
+        terms["points"] = config.point_weight * point_loss(points, target_points, point_mask)
+        if confidence is not None:
+            terms["confidence"] = config.confidence_weight * confidence_loss(
+                confidence, points, target_points, point_mask)
+    else:
+        zero_terms += [x.sum() for x in (points, confidence) if x is not None]
+    if maps and gt_boxes is not None and gt_mask is not None and image_sizes is not None:
+        det = detection_loss(maps, gt_boxes, gt_mask, image_sizes, canvas_size)
+        terms["det_heatmap"] = config.detection_weight * det["det_heatmap"]
+        terms["det_size"] = config.detection_weight * SIZE_WEIGHT * det["det_size"]
+        terms["det_offset"] = config.detection_weight * OFFSET_WEIGHT * det["det_offset"]
+    elif maps:
+        zero_terms += [x.sum() for x in maps.values()]
+    if not terms and not zero_terms:
+        raise ValueError("combine_losses needs at least one output")
+    total = sum(terms.values()) + sum(z.float() * 0.0 for z in zero_terms)
+    losses = {k: float(v.detach()) for k, v in terms.items()}
+    losses["total"] = float(total.detach())
+    return total, losses

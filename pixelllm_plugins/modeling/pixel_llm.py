@@ -1,0 +1,169 @@
+"""PixelLLM: vision encoder -> box-prompted adapter -> language model -> per-token points (+ proposals).
+
+Prompts are flattened to ``M`` valid (image, prompt) pairs for the language model; outputs are scattered
+back to ``[B,N,...]`` with zeros at invalid prompts. Frames and shapes are documented in ``inputs.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..config import PixelLLMConfig
+from ..errors import PixelLLMError
+from .heads import ConfidenceHead, PointHead, ProposalHead
+from .inputs import ModelInputs, ModelOutput
+from .language import build_language_model
+from .losses import combine_losses
+from .prompt_adapter import PromptAdapter
+from .prompt_encoder import PromptEncoder
+from .vision import build_vision_encoder
+
+
+def _scatter(flat: Tensor, valid: Tensor) -> Tensor:
+    """[M,...] rows of the True entries of ``valid`` [B,N] -> [B,N,...] with zeros elsewhere."""
+    b, n = valid.shape
+    if flat.shape[0] == b * n:
+        return flat.view(b, n, *flat.shape[1:])
+    out = flat.new_zeros(b, n, *flat.shape[1:])
+    out[valid] = flat
+    return out
+
+
+class PixelLLM(nn.Module):
+    def __init__(self, config: PixelLLMConfig, vocab_size: int):
+        super().__init__()
+        config.language.vocab_size = vocab_size
+        self.config = config
+        self.canvas_size = config.vision.image_size
+        self.model_version = f"{config.preset}-random"  # set by load_pretrained / save_pretrained
+        self.vision = build_vision_encoder(config.vision)
+        if config.vision.freeze and config.vision.kind == "vit":
+            self.vision.requires_grad_(False)
+        self.prompt_encoder = PromptEncoder(config.prompt.embed_dim, self.canvas_size)
+        self.prompt_adapter = PromptAdapter(config.prompt, vision_dim=self.vision.out_dim)
+        self.language = build_language_model(config.language, visual_dim=config.prompt.output_dim,
+                                             vocab_size=vocab_size)
+        if config.language.freeze and config.language.kind == "git":
+            self.language.requires_grad_(False)
+        h, heads = self.language.hidden_size, config.heads
+        self.point_head = PointHead(h, heads.point_hidden, heads.point_layers, heads.num_points)
+        self.confidence_head = ConfidenceHead(h, heads.point_hidden) if heads.confidence else None
+        self.proposal_head = (ProposalHead(self.vision.out_dim, heads.proposal_hidden, self.vision.grid_size)
+                              if heads.proposals else None)
+
+    # ---- pieces --------------------------------------------------------------------------------------
+    def encode_images(self, pixel_values: Tensor) -> Tensor:
+        """[B,3,S,S] normalised canvas -> image tokens [B,L,C] (the part worth caching per image)."""
+        return self.vision(pixel_values)
+
+    def _visual_flat(self, image_tokens: Tensor, boxes: Tensor, image_index: Tensor) -> Tensor:
+        """boxes [M,4] canvas px, image_index [M] -> visual tokens [M,Q,Dv]."""
+        pe = self.prompt_encoder
+        return self.prompt_adapter(image_tokens, pe.dense_pe(self.vision.grid_size), pe.dense_embedding(),
+                                   pe.embed_boxes(boxes), image_index)
+
+    def visual_tokens(self, image_tokens: Tensor, prompt_boxes: Tensor, image_sizes: Tensor | None = None
+                      ) -> Tensor:
+        """image_tokens [B,L,C], prompt_boxes [B,N,4] canvas px -> visual tokens [B,N,Q,Dv].
+
+        ``image_sizes`` is accepted for interface symmetry; prompts are encoded in the canvas frame.
+        """
+        b, n = prompt_boxes.shape[:2]
+        index = torch.arange(b, device=prompt_boxes.device).repeat_interleave(n)
+        flat = self._visual_flat(image_tokens, prompt_boxes.reshape(b * n, 4), index)
+        return flat.view(b, n, *flat.shape[1:])
+
+    def predict_points(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """hidden [...,H] -> (points [...,4] normalised x0,y0,x1,y1, confidence logits [...]).
+
+        Without a confidence head the logits are 0 (score 0.5).
+        """
+        points = self.point_head(hidden)
+        if self.confidence_head is None:
+            return points, hidden.new_zeros(hidden.shape[:-1])
+        return points, self.confidence_head(hidden)
+
+    @torch.no_grad()
+    def propose(self, image_tokens: Tensor, image_sizes: Tensor, max_proposals: int | None = None,
+                min_score: float = 0.0) -> tuple[Tensor, Tensor]:
+        """-> (boxes [B,K,4] normalised to the image, scores [B,K]); slots below ``min_score`` are zero."""
+        if self.proposal_head is None:
+            raise PixelLLMError("this model has no proposal head (heads.proposals is false), so it cannot "
+                                "propose regions for dense captioning; pass boxes or use another checkpoint")
+        k = max_proposals or self.config.heads.max_proposals
+        maps = self.proposal_head(image_tokens)
+        return self.proposal_head.decode(maps, image_sizes, self.canvas_size, k, min_score)
+
+    # ---- full pass -----------------------------------------------------------------------------------
+    def forward(self, inputs: ModelInputs, image_tokens: Tensor | None = None) -> ModelOutput:
+        if image_tokens is None:
+            image_tokens = self.encode_images(inputs.pixel_values)
+        out = ModelOutput()
+        if self.proposal_head is not None:
+            out.proposals = self.proposal_head(image_tokens)
+        valid = inputs.prompt_mask.bool()
+        flat: dict[str, Tensor] = {}
+        if inputs.text_ids is not None:
+            text_mask = inputs.text_mask if inputs.text_mask is not None else torch.ones_like(inputs.text_ids,
+                                                                                            dtype=torch.bool)
+            b_idx = valid.nonzero(as_tuple=True)[0]
+            if b_idx.numel():
+                visual = self._visual_flat(image_tokens, inputs.prompt_boxes[valid], b_idx)
+                logits, hidden = self.language(visual, inputs.context_ids[valid], inputs.context_mask[valid],
+                                               inputs.text_ids[valid], text_mask[valid])
+                points, confidence = self.predict_points(hidden)
+                flat = {"logits": logits, "hidden": hidden, "points": points, "confidence": confidence}
+                for name, value in flat.items():
+                    setattr(out, name, _scatter(value, valid))
+            else:
+                b, n, t = inputs.text_ids.shape
+                z = image_tokens.new_zeros
+                out.logits, out.hidden = z(b, n, t, self.language.vocab_size), z(b, n, t, self.language.hidden_size)
+                out.points, out.confidence = z(b, n, t, 2 * self.config.heads.num_points), z(b, n, t)
+        if inputs.text_loss_mask is not None or inputs.target_points is not None or inputs.gt_boxes is not None:
+            out.loss, out.losses = self._loss(inputs, valid, flat, out.proposals)
+        return out
+
+    def _loss(self, inputs: ModelInputs, valid: Tensor, flat: dict[str, Tensor],
+              maps: dict[str, Tensor]) -> tuple[Tensor | None, dict[str, float]]:
+        kw: dict = {}
+        if flat:
+            kw.update(logits=flat["logits"], points=flat["points"],
+                      confidence=flat["confidence"] if self.confidence_head is not None else None)
+            if inputs.text_loss_mask is not None:
+                rows = inputs.text_loss_mask.bool()[valid]
+                mask = inputs.text_mask[valid] if inputs.text_mask is not None else torch.ones_like(rows[:, None])
+                kw.update(text_ids=inputs.text_ids[valid], text_mask=mask.bool() & rows[:, None])
+            if inputs.target_points is not None and inputs.point_mask is not None:
+                kw.update(target_points=inputs.target_points[valid], point_mask=inputs.point_mask[valid])
+        if maps:
+            kw["maps"] = maps
+            if inputs.gt_boxes is not None:
+                gt_mask = (inputs.gt_boxes_mask if inputs.gt_boxes_mask is not None
+                           else torch.ones(inputs.gt_boxes.shape[:2], dtype=torch.bool, device=valid.device))
+                kw.update(gt_boxes=inputs.gt_boxes, gt_mask=gt_mask, image_sizes=inputs.image_sizes,
+                          canvas_size=self.canvas_size)
+        if not kw:
+            return None, {}
+        return combine_losses(self.config.loss, **kw)
+
+    # ---- utilities -----------------------------------------------------------------------------------
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | None = None, *, device: torch.device | str | None = None,
+                        dtype: torch.dtype | None = None) -> PixelLLM:
+        """The model of ``checkpoint.load_pretrained`` (use that function to also get the tokenizer)."""
+        from ..checkpoint import load_pretrained
+
+        return load_pretrained(name_or_path, device=device, dtype=dtype)[0]
+
+    def save_pretrained(self, directory: str | Path, tokenizer, **kwargs) -> str:
+        """``checkpoint.save_pretrained(self, tokenizer, directory, ...)`` -> model_version."""
+        from ..checkpoint import save_pretrained
+
+        return save_pretrained(self, tokenizer, directory, **kwargs)

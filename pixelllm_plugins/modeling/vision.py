@@ -1,0 +1,143 @@
+"""Built-in ViT image encoder and the vision-encoder factory.
+
+Every vision encoder maps a normalised, padded canvas ``[B,3,S,S]`` to image tokens ``[B,gh*gw,out_dim]``
+(no cls token) and exposes ``out_dim`` and ``grid_size``. Pixel normalisation happens in the data
+pipeline, not here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import VisionConfig
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample while training."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def _stem_plan(patch_size: int) -> tuple[int, int]:
+    """(number of stride-2 3x3 convs, kernel/stride of the final patch projection)."""
+    k = 0
+    while k < 3 and patch_size % (2 ** (k + 1)) == 0:
+        k += 1
+    return k, patch_size // (2**k)
+
+
+class ConvStem(nn.Module):
+    """Strided 3x3 convs (Xiao et al. 2021, "Early convolutions help transformers see better").
+
+    Widths grow dim/8 -> dim/4 -> dim/2; GroupNorm keeps it batch-size independent.
+    """
+
+    def __init__(self, dim: int, num_convs: int):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 3
+        for i in range(num_convs):
+            c_out = max(8, dim // (2 ** (num_convs - i)))
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False),
+                       nn.GroupNorm(min(8, c_out), c_out), nn.GELU()]
+            c_in = c_out
+        self.layers = nn.Sequential(*layers)
+        self.out_channels = c_in
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x)
+
+
+class ViT(nn.Module):
+    """Plain ViT: (optional conv stem) -> patch projection -> learned abs pos-embed -> pre-LN blocks -> LN."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        dim, size = config.hidden_size, config.image_size
+        if config.conv_stem:
+            num_convs, proj = _stem_plan(config.patch_size)
+            self.stem: nn.Module = ConvStem(dim, num_convs)
+            in_ch = self.stem.out_channels
+            n = size
+            for _ in range(num_convs):
+                n = (n - 1) // 2 + 1  # 3x3, stride 2, padding 1
+        else:
+            self.stem, in_ch, n, proj = nn.Identity(), 3, size, config.patch_size
+        self.patch_embed = nn.Conv2d(in_ch, dim, kernel_size=proj, stride=proj)
+        g = n // proj
+        self.grid_size: tuple[int, int] = (g, g)
+        self.out_dim: int = dim
+        self.pos_embed = nn.Parameter(torch.zeros(1, g * g, dim))
+        rates = torch.linspace(0, config.drop_path, config.num_layers).tolist()
+        self.blocks = nn.ModuleList(Block(dim, config.num_heads, config.mlp_ratio, r) for r in rates)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        x = self.patch_embed(self.stem(pixel_values)).flatten(2).transpose(1, 2)
+        x = x + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+def build_vision_encoder(config: VisionConfig) -> nn.Module:
+    """The built-in ViT (``kind="vit"``) or a Hugging Face vision tower (``kind="hf"``)."""
+    if config.kind == "vit":
+        return ViT(config)
+    if config.kind == "hf":
+        from .vision_hf import HFVisionEncoder
+
+        return HFVisionEncoder(config)
+    from ..errors import CheckpointError
+
+    raise CheckpointError(f"unknown vision encoder kind {config.kind!r}; use 'vit' or 'hf'")

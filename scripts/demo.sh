@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The main job on a fresh machine: install, make a scene, find an object in it with the embedded
+# default model, and draw the result. Output: artifacts/demo/{scene.png,refer.png,caption.png}.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+out=artifacts/demo
+mkdir -p "$out"
+python - "$out" <<'PY'
+import json, sys
+from pixelllm_plugins.data.synthetic import demo_scene
+image, expressions = demo_scene(seed=7)
+image.save(f"{sys.argv[1]}/scene.png")
+json.dump(expressions, open(f"{sys.argv[1]}/expressions.json", "w"))
+print("scene:", f"{sys.argv[1]}/scene.png", "objects:", "; ".join(expressions))
+PY
+expr=$(python -c "import json;print(json.load(open('$out/expressions.json'))[0])")
+pixelllm refer "$out/scene.png" "$expr" --json --draw "$out/refer.png"
+pixelllm caption "$out/scene.png" --trace --draw "$out/caption.png"
+echo "pictures: $out/refer.png $out/caption.png"
