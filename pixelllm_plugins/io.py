@@ -92,7 +92,8 @@ def decode_image_bytes(data: bytes, limits: ImageLimits, what: str = "image") ->
     except (ImageTooLargeError, InvalidImageError):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLargeError(f"{what}: refused as a decompression bomb ({exc})") from exc
+        raise ImageTooLargeError(f"{what}: refused as a decompression bomb ({exc}); downscale the image "
+                                 "(the limit is PIXELLLM_MAX_PIXELS)") from exc
     except UnidentifiedImageError as exc:
         raise InvalidImageError(f"{what}: not a readable image (PNG, JPEG, WebP, BMP, TIFF, GIF)") from exc
     except (OSError, SyntaxError, ValueError) as exc:

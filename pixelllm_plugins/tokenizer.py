@@ -24,8 +24,15 @@ huge object objects shape shapes image picture photo photograph caption long sho
 detail details scene background foreground color colour red green blue yellow purple orange white black
 gray grey brown pink circle square triangle star hexagon diamond cross ring rectangle oval line
 person man woman people dog cat car tree house sky road table chair cup mug bottle book phone one two
-three four five six several many some other another side part area region corner edge
+three four five six several many some other another side part area region corner edge most
+we can see there's has have also over under partly hidden behind textured striped gradient noisy plain
+dark light bright pale scattered around across into onto from by as for than then while next beside
+upper lower far closest smallest largest biggest shaped colored coloured nothing empty only each both
 """.split()
+
+
+_SUFFIXES = ["s", "es", "ed", "ing", "er", "est", "ly", "ion", "tion", "al", "ness", "ment", "able", "ish",
+             "en", "on", "an", "in", "or", "ar", "le", "re", "ic", "th", "ty", "ve", "ge", "nd", "st", "nt"]
 
 
 class PixelTokenizer:
@@ -65,8 +72,22 @@ class PixelTokenizer:
 
     @classmethod
     def default(cls) -> PixelTokenizer:
-        """The built-in tokenizer for the synthetic-scene vocabulary (deterministic)."""
-        return cls.train_wordpiece([" ".join(COMMON_WORDS)], vocab_size=512)
+        """The built-in tokenizer: a fixed vocabulary (no training, so identical on every machine).
+
+        Whole words from ``COMMON_WORDS``, common suffixes, and every single character both as a word
+        start and as a continuation, so unseen words are spelled out instead of becoming [UNK].
+        """
+        from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+        pieces = SPECIAL_TOKENS + _ALPHABET + ["##" + c for c in _ALPHABET]
+        pieces += [w for w in dict.fromkeys(COMMON_WORDS) if w not in pieces]
+        pieces += ["##" + s for s in _SUFFIXES if "##" + s not in pieces]
+        vocab = {p: i for i, p in enumerate(pieces)}
+        tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True, clean_text=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece(prefix="##")
+        return cls._from_backend(tok)
 
     @classmethod
     def _from_backend(cls, tok) -> PixelTokenizer:

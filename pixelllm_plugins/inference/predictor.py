@@ -398,7 +398,7 @@ class Predictor:
             boxes, scores = boxes.float().cpu(), scores.float().cpu()
             per_image, proposal_scores = [], []
             for im, b, s in zip(loaded, boxes, scores):
-                keep = s >= min_score
+                keep = (s >= min_score) & (s > 0)
                 w, h = im.prepared.original_size
                 kept = []
                 for nb, sc in zip(b[keep], s[keep]):

@@ -70,10 +70,10 @@ class ProposalHead(nn.Module):
     def __init__(self, in_dim: int, hidden: int, grid_size: tuple[int, int], upsample: int = 2):
         super().__init__()
         self.grid_size = grid_size
-        layers: list[nn.Module] = [nn.Conv2d(in_dim, hidden, 3, padding=1), nn.GELU()]
-        if upsample > 1:
+        layers: list[nn.Module] = [nn.Conv2d(in_dim, hidden, 3, padding=1), nn.GELU(),
+                                   nn.Conv2d(hidden, hidden, 3, padding=1), nn.GELU()]
+        if upsample > 1:  # after the 3x3 convs: they cost upsample**2 times more on the finer map
             layers += [nn.ConvTranspose2d(hidden, hidden, upsample, stride=upsample), nn.GELU()]
-        layers += [nn.Conv2d(hidden, hidden, 3, padding=1), nn.GELU()]
         self.body = nn.Sequential(*layers)
         self.heatmap = nn.Conv2d(hidden, 1, 1)
         self.size = nn.Conv2d(hidden, 2, 1)

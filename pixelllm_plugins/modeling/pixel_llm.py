@@ -102,8 +102,8 @@ class PixelLLM(nn.Module):
         if image_tokens is None:
             image_tokens = self.encode_images(inputs.pixel_values)
         out = ModelOutput()
-        if self.proposal_head is not None:
-            out.proposals = self.proposal_head(image_tokens)
+        if self.proposal_head is not None and (self.training or inputs.gt_boxes is not None):
+            out.proposals = self.proposal_head(image_tokens)  # at inference ``propose`` is the entry point
         valid = inputs.prompt_mask.bool()
         flat: dict[str, Tensor] = {}
         if inputs.text_ids is not None:

@@ -1,0 +1,137 @@
+"""Checkpoint folders: round trip, fp16, tied weights, helpful errors, and no unpickling."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+
+import pytest
+import torch
+
+from pixelllm_plugins import checkpoint as ckpt
+from pixelllm_plugins.checkpoint import load_pretrained, save_pretrained
+from pixelllm_plugins.errors import CheckpointError
+from pixelllm_plugins.modeling.inputs import ModelInputs
+from pixelllm_plugins.modeling.pixel_llm import PixelLLM
+
+
+@pytest.fixture(scope="module")
+def random_tiny():
+    torch.manual_seed(0)
+    model, tokenizer, version = load_pretrained("tiny")
+    return model, tokenizer, version
+
+
+def _inputs(model, tokenizer) -> ModelInputs:
+    s = model.config.vision.image_size
+    ctx = torch.tensor([tokenizer.encode("where is the red circle", max_len=8)])
+    text = torch.tensor([tokenizer.encode("the red circle", add_bos=True, max_len=8)])
+    return ModelInputs(pixel_values=torch.randn(1, 3, s, s, generator=torch.Generator().manual_seed(3)),
+                       image_sizes=torch.tensor([[s, s * 0.5]]), prompt_boxes=torch.tensor([[[0, 0, s, s * 0.5]]]),
+                       prompt_mask=torch.ones(1, 1, dtype=torch.bool), context_ids=ctx[None],
+                       context_mask=torch.ones_like(ctx[None], dtype=torch.bool), text_ids=text[None],
+                       text_mask=torch.ones_like(text[None], dtype=torch.bool))
+
+
+def test_preset_gives_random_weights_with_warning(random_tiny, caplog):
+    model, tokenizer, version = random_tiny
+    assert version == "tiny-random" and not model.training
+    assert model.config.language.vocab_size == tokenizer.vocab_size
+    with caplog.at_level(logging.WARNING):
+        load_pretrained("tiny")
+    assert "random weights" in caplog.text
+
+
+def test_round_trip_identical_outputs(random_tiny, tmp_path):
+    model, tokenizer, _ = random_tiny
+    version = save_pretrained(model, tokenizer, tmp_path, extra_meta={"steps": 7})
+    assert version.startswith("tiny-") and len(version) == len("tiny-") + 8
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "README.md", "meta.json"):
+        assert (tmp_path / name).is_file(), name
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["model_version"] == version and meta["steps"] == 7
+    loaded, tok2, version2 = load_pretrained(tmp_path)
+    assert version2 == version and not loaded.training
+    assert tok2.encode("a red circle") == tokenizer.encode("a red circle")
+    inputs = _inputs(model, tokenizer)
+    with torch.no_grad():
+        a, b = model(inputs), loaded(inputs)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.points, b.points)
+    # same weights -> same version
+    assert save_pretrained(loaded, tok2, tmp_path / "again") == version
+
+
+def test_fp16_storage_halves_size_and_upcasts(random_tiny, tmp_path):
+    model, tokenizer, _ = random_tiny
+    save_pretrained(model, tokenizer, tmp_path / "f32")
+    save_pretrained(model, tokenizer, tmp_path / "f16", dtype=torch.float16)
+    size32 = (tmp_path / "f32" / "model.safetensors").stat().st_size
+    size16 = (tmp_path / "f16" / "model.safetensors").stat().st_size
+    assert size16 < 0.6 * size32
+    loaded, _, _ = load_pretrained(tmp_path / "f16")
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    inputs = _inputs(model, tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(inputs).points, model(inputs).points, atol=1e-2, rtol=0)
+
+
+def test_tied_weights_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model, tokenizer, _ = load_pretrained("tiny")
+    model.language.output.weight = model.language.word_embed.weight  # tie
+    save_pretrained(model, tokenizer, tmp_path)
+    _, aliases = ckpt._read_weights(tmp_path / "model.safetensors")
+    assert aliases == {"language.output.weight": "language.word_embed.weight"}  # stored once
+    loaded, _, _ = load_pretrained(tmp_path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+
+
+def test_missing_file_names_it(random_tiny, tmp_path):
+    model, tokenizer, _ = random_tiny
+    save_pretrained(model, tokenizer, tmp_path)
+    (tmp_path / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match="missing tokenizer.json.*config.json, model.safetensors"):
+        load_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_pretrained(tmp_path)
+
+
+def test_unknown_preset_and_missing_default(tmp_path, monkeypatch):
+    with pytest.raises(CheckpointError, match="synth-small, tiny"):
+        load_pretrained("no-such-model")
+    monkeypatch.setattr(ckpt, "DEFAULT_MODEL_DIR", tmp_path / "absent")
+    with pytest.raises(CheckpointError, match="--model.*'tiny'"):
+        load_pretrained()
+    (tmp_path / "file.bin").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="not a checkpoint folder"):
+        load_pretrained(tmp_path / "file.bin")
+
+
+def test_mismatched_config_and_corrupt_weights(random_tiny, tmp_path):
+    model, tokenizer, _ = random_tiny
+    save_pretrained(model, tokenizer, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["prompt"]["num_queries"] = 5
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="do not match.*prompt_adapter"):
+        load_pretrained(tmp_path)
+    save_pretrained(model, tokenizer, tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_pretrained(tmp_path)
+
+
+def test_load_never_unpickles(random_tiny, tmp_path, monkeypatch):
+    model, tokenizer, _ = random_tiny
+    version = model.save_pretrained(tmp_path, tokenizer)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("unpickling is not allowed")
+
+    for target, name in [(torch, "load"), (pickle, "load"), (pickle, "loads"), (pickle, "Unpickler")]:
+        monkeypatch.setattr(target, name, refuse)
+    loaded = PixelLLM.from_pretrained(str(tmp_path), dtype=torch.float32)
+    assert loaded.model_version == version

@@ -1,0 +1,81 @@
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pixelllm_plugins.errors import ImageTooLargeError, InvalidImageError
+from pixelllm_plugins.io import ImageLimits, image_digest, load_image
+
+
+def _png_bytes(w=16, h=12, color=(200, 10, 10)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _png_header_only(w: int, h: int) -> bytes:
+    """A PNG whose header claims w x h pixels (a decompression-bomb shape) with one tiny IDAT."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00")) + chunk(b"IEND", b"")
+
+
+def test_loads_path_bytes_pil_and_array(tmp_path):
+    data = _png_bytes()
+    path = tmp_path / "a.png"
+    path.write_bytes(data)
+    arr = np.zeros((12, 16, 3), np.uint8)
+    for source in (str(path), path, data, Image.open(io.BytesIO(data)), arr, arr[..., 0]):
+        image = load_image(source)
+        assert image.mode == "RGB" and image.size == (16, 12)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(InvalidImageError, match="not found"):
+        load_image(tmp_path / "nope.png")
+
+
+def test_not_an_image(tmp_path):
+    p = tmp_path / "x.png"
+    p.write_text("hello, I am text")
+    with pytest.raises(InvalidImageError, match="not a readable image"):
+        load_image(p)
+
+
+def test_truncated_png():
+    data = _png_bytes(64, 64)
+    with pytest.raises(InvalidImageError, match="truncated|corrupt|readable"):
+        load_image(data[: len(data) // 2])
+
+
+def test_empty_bytes(tmp_path):
+    p = tmp_path / "e.png"
+    p.write_bytes(b"")
+    with pytest.raises(InvalidImageError, match="empty"):
+        load_image(p)
+
+
+def test_pixel_bomb_refused_before_decoding():
+    with pytest.raises(ImageTooLargeError, match="PIXELLLM_MAX_PIXELS"):
+        load_image(_png_header_only(30000, 30000))
+
+
+def test_byte_limit():
+    with pytest.raises(ImageTooLargeError):
+        load_image(_png_bytes(), ImageLimits(max_bytes=10))
+
+
+def test_bad_array_shape():
+    with pytest.raises(InvalidImageError, match="shape"):
+        load_image(np.zeros((2, 3, 4, 5)))
+
+
+def test_digest_depends_on_pixels_only():
+    a = load_image(_png_bytes(color=(1, 2, 3)))
+    b = load_image(_png_bytes(color=(1, 2, 3)))
+    c = load_image(_png_bytes(color=(1, 2, 4)))
+    assert image_digest(a) == image_digest(b) != image_digest(c)

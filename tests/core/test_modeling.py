@@ -1,0 +1,362 @@
+"""The built-in PixelLLM modules: shapes, gradients, masks, KV-cache decoding, heads and losses."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from pixelllm_plugins.config import LanguageConfig, LossConfig, PromptConfig, VisionConfig, get_preset
+from pixelllm_plugins.errors import CheckpointError, PixelLLMError
+from pixelllm_plugins.modeling import losses as L
+from pixelllm_plugins.modeling.heads import ConfidenceHead, PointHead, ProposalHead
+from pixelllm_plugins.modeling.inputs import ModelInputs
+from pixelllm_plugins.modeling.language_git import GitDecoder
+from pixelllm_plugins.modeling.pixel_llm import PixelLLM
+from pixelllm_plugins.modeling.prompt_adapter import PromptAdapter
+from pixelllm_plugins.modeling.prompt_encoder import PromptEncoder
+from pixelllm_plugins.modeling.vision import build_vision_encoder
+
+V = 40  # vocabulary size for the hand-built batches
+
+
+def make_inputs(config, b=2, n=2, *, targets=True, seed=0) -> ModelInputs:
+    g = torch.Generator().manual_seed(seed)
+    s = config.vision.image_size
+    tc, t = 6, 7
+    sizes = torch.tensor([[s, 0.75 * s], [0.5 * s, s]])[torch.arange(b) % 2]
+    boxes = torch.zeros(b, n, 4)
+    boxes[:, :, 2:] = sizes[:, None]  # global box first
+    boxes[:, 1:] = torch.tensor([0.1, 0.2, 0.5, 0.6]) * s
+    context_mask = torch.ones(b, n, tc, dtype=torch.bool)
+    context_mask[:, -1, 4:] = False
+    text_mask = torch.ones(b, n, t, dtype=torch.bool)
+    text_mask[:, 0, 5:] = False
+    inputs = ModelInputs(
+        pixel_values=torch.randn(b, 3, s, s, generator=g), image_sizes=sizes, prompt_boxes=boxes,
+        prompt_mask=torch.ones(b, n, dtype=torch.bool),
+        context_ids=torch.randint(4, V, (b, n, tc), generator=g) * context_mask, context_mask=context_mask,
+        text_ids=torch.randint(4, V, (b, n, t), generator=g) * text_mask, text_mask=text_mask)
+    if targets:
+        pts = torch.rand(b, n, t, 2, 2, generator=g).sort(dim=-2).values
+        inputs.target_points = pts.transpose(-1, -2).reshape(b, n, t, 4)  # x0<x1, y0<y1
+        inputs.point_mask = text_mask.clone()
+        inputs.text_loss_mask = torch.ones(b, n, dtype=torch.bool)
+        inputs.gt_boxes = torch.tensor([[0.1, 0.1, 0.4, 0.5], [0.5, 0.4, 0.9, 0.9], [0, 0, 0, 0]]).repeat(b, 1, 1)
+        inputs.gt_boxes_mask = torch.tensor([True, True, False]).repeat(b, 1)
+    return inputs
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return PixelLLM(get_preset("tiny"), V)
+
+
+# ---- vision ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("conv_stem", [True, False])
+def test_vit_shapes_and_grad(conv_stem):
+    cfg = VisionConfig(image_size=64, patch_size=16, hidden_size=32, num_layers=2, num_heads=2,
+                       conv_stem=conv_stem, drop_path=0.1)
+    vit = build_vision_encoder(cfg)
+    assert vit.grid_size == (4, 4) and vit.out_dim == 32
+    out = vit(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 16, 32)
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in vit.parameters())
+
+
+def test_unknown_vision_kind():
+    with pytest.raises(CheckpointError, match="vit"):
+        build_vision_encoder(VisionConfig(kind="nope"))
+
+
+# ---- prompt encoder / adapter -------------------------------------------------------------------------
+
+def test_prompt_encoder_frames_match_dense_pe():
+    enc = PromptEncoder(16, canvas_size=64)
+    g = 8
+    dense = enc.dense_pe((g, g))
+    assert dense.shape == (64, 16)
+    # a corner at the centre of cell (row 2, col 5) encodes exactly like that grid cell
+    cx, cy = (5 + 0.5) * 64 / g - 0.5, (2 + 0.5) * 64 / g - 0.5
+    tokens = enc.embed_boxes(torch.tensor([[cx, cy, 63.0, 63.0]]))
+    assert tokens.shape == (1, 5, 16)
+    torch.testing.assert_close(tokens[0, 0] - enc.corner_embed[0], dense[2 * g + 5])
+    assert torch.equal(tokens[0, 2], enc.no_mask_embed[0])
+    assert not any(p.requires_grad for p in enc.pe.parameters())
+
+
+def test_prompt_adapter_per_prompt_tokens():
+    cfg = PromptConfig(embed_dim=16, hidden_size=32, depth=2, num_heads=2, mlp_dim=32, attention_downsample=2,
+                       num_queries=3, output_dim=24)
+    adapter, enc = PromptAdapter(cfg, vision_dim=20), PromptEncoder(16, 64)
+    image = torch.randn(2, 16, 20)
+    boxes = torch.tensor([[0, 0, 64, 64], [10, 10, 30, 30], [10, 10, 30, 30]], dtype=torch.float)
+    out = adapter(image, enc.dense_pe((4, 4)), enc.dense_embedding(), enc.embed_boxes(boxes),
+                  torch.tensor([0, 0, 1]))
+    assert out.shape == (3, 3, 24)
+    assert not torch.allclose(out[0], out[1])  # the box matters
+    assert not torch.allclose(out[1], out[2])  # the image matters
+    out.sum().backward()
+    assert all(p.grad is not None for p in adapter.parameters())
+
+
+# ---- GIT decoder ---------------------------------------------------------------------------------------
+
+def _git(dropout=0.0):
+    torch.manual_seed(0)
+    cfg = LanguageConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_positions=32,
+                         dropout=dropout)
+    return GitDecoder(cfg, visual_dim=24, vocab_size=V).eval()
+
+
+def _lm_batch(m=3, q=4, tc=5, t=6):
+    g = torch.Generator().manual_seed(1)
+    ctx_mask = torch.ones(m, tc, dtype=torch.bool)
+    ctx_mask[1, 3:] = False
+    return (torch.randn(m, q, 24, generator=g), torch.randint(4, V, (m, tc), generator=g), ctx_mask,
+            torch.randint(4, V, (m, t), generator=g))
+
+
+def test_git_decode_step_matches_forward():
+    lm = _git()
+    visual, ctx, ctx_mask, text = _lm_batch()
+    with torch.no_grad():
+        logits, hidden = lm(visual, ctx, ctx_mask, text, torch.ones_like(text, dtype=torch.bool))
+        state = lm.start_decoding(visual, ctx, ctx_mask)
+        for i in range(text.shape[1]):
+            step_logits, step_hidden, state = lm.decode_step(state, text[:, i])
+            torch.testing.assert_close(step_logits, logits[:, i], atol=1e-4, rtol=0)
+            torch.testing.assert_close(step_hidden, hidden[:, i], atol=1e-4, rtol=0)
+
+
+def test_git_masks():
+    lm = _git()
+    visual, ctx, ctx_mask, text = _lm_batch()
+    ones = torch.ones_like(text, dtype=torch.bool)
+    with torch.no_grad():
+        _, hidden = lm(visual, ctx, ctx_mask, text, ones)
+        later = text.clone()
+        later[:, 3:] = 5  # causal: positions < 3 cannot see tokens >= 3
+        _, h2 = lm(visual, ctx, ctx_mask, later, ones)
+        torch.testing.assert_close(h2[:, :3], hidden[:, :3])
+        assert not torch.allclose(h2[:, 3:], hidden[:, 3:])
+        padded = ctx.clone()
+        padded[1, 3:] = 7  # padded context tokens are invisible
+        _, h3 = lm(visual, padded, ctx_mask, text, ones)
+        torch.testing.assert_close(h3, hidden)
+        other_ctx = ctx.clone()
+        other_ctx[0, 0] = 9  # a real context token is visible
+        _, h4 = lm(visual, other_ctx, ctx_mask, text, ones)
+        assert not torch.allclose(h4[0], hidden[0])
+
+
+def test_git_reorder_state():
+    lm = _git()
+    visual, ctx, ctx_mask, text = _lm_batch()
+    with torch.no_grad():
+        state = lm.start_decoding(visual, ctx, ctx_mask)
+        _, _, state = lm.decode_step(state, text[:, 0])
+        index = torch.tensor([2, 2, 0])
+        a, _, _ = lm.decode_step(lm.reorder_state(state, index), text[index, 1])
+        b, _, _ = lm.decode_step(state, text[:, 1])
+        torch.testing.assert_close(a, b[index])
+
+
+def test_git_too_long_raises():
+    lm = _git()
+    visual, ctx, ctx_mask, _ = _lm_batch()
+    text = torch.randint(4, V, (3, 40))
+    with pytest.raises(PixelLLMError, match="max_positions"):
+        lm(visual, ctx, ctx_mask, text, torch.ones_like(text, dtype=torch.bool))
+
+
+# ---- heads -----------------------------------------------------------------------------------------------
+
+def test_point_head_starts_near_centre():
+    head = PointHead(32, 16, 3, num_points=2)
+    pts = head(torch.randn(5, 7, 32))
+    assert pts.shape == (5, 7, 4)
+    assert (pts - 0.5).abs().max() < 0.1
+    assert ConfidenceHead(32, 16)(torch.randn(5, 7, 32)).shape == (5, 7)
+
+
+def _perfect_maps(head_map_size, gt, mask, sizes, canvas):
+    t = ProposalHead.encode_targets(gt, mask, sizes, canvas, head_map_size)
+    b = gt.shape[0]
+    h, w = head_map_size
+    heat = torch.full((b, 1, h, w), -20.0)
+    heat.view(b, -1).scatter_(1, t["index"], torch.where(t["valid"], 20.0, -20.0))
+    size, offset = torch.zeros(b, 2, h * w), torch.zeros(b, 2, h * w)
+    for i in range(b):
+        for j in range(gt.shape[1]):
+            if t["valid"][i, j]:
+                size[i, :, t["index"][i, j]] = t["size"][i, j]
+                offset[i, :, t["index"][i, j]] = t["offset"][i, j]
+    return {"heatmap": heat, "size": size.view(b, 2, h, w), "offset": offset.view(b, 2, h, w)}, t
+
+
+def test_proposal_planted_peak_decodes_to_box():
+    canvas = 64
+    head = ProposalHead(16, 8, (4, 4))
+    assert head(torch.randn(2, 16, 16))["heatmap"].shape == (2, 1, 8, 8)
+    sizes = torch.tensor([[64.0, 48.0], [32.0, 64.0]])
+    gt = torch.tensor([[[0.1, 0.2, 0.5, 0.7], [0.6, 0.1, 0.9, 0.4]], [[0.2, 0.2, 0.8, 0.5], [0, 0, 0, 0]]])
+    mask = torch.tensor([[True, True], [True, False]])
+    maps, _ = _perfect_maps((8, 8), gt, mask, sizes, canvas)
+    boxes, scores = head.decode(maps, sizes, canvas, k=5, min_score=0.5)
+    assert boxes.shape == (2, 5, 4) and scores.shape == (2, 5)
+    assert (scores[0, :2] > 0.99).all() and (scores[0, 2:] == 0).all()
+    assert (scores[1, :1] > 0.99).all() and (scores[1, 1:] == 0).all()
+    got = sorted(boxes[0, :2].tolist())
+    torch.testing.assert_close(torch.tensor(got), gt[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(boxes[1, 0], gt[1, 0], atol=1e-5, rtol=0)
+    assert (boxes[0, 2:] == 0).all()
+    # more slots than map cells: padded
+    boxes, scores = head.decode(maps, sizes, canvas, k=100)
+    assert boxes.shape == (2, 100, 4) and (scores[:, 64:] == 0).all()
+    # the perfect maps also give (near) zero size/offset loss and a low heatmap loss
+    det = L.detection_loss(maps, gt, mask, sizes, canvas)
+    assert det["det_size"] < 1e-6 and det["det_offset"] < 1e-6
+    random = L.detection_loss(head(torch.randn(2, 16, 16)), gt, mask, sizes, canvas)
+    assert det["det_heatmap"] < random["det_heatmap"]
+
+
+# ---- losses ------------------------------------------------------------------------------------------
+
+def test_text_loss_matches_smoothed_ce_and_ignores_bos_and_pad():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 6)
+    ids = torch.tensor([[2, 4, 5, 3], [2, 3, 0, 0]])
+    mask = ids != 0
+    loss = L.text_loss(logits, ids, mask, smoothing=0.1)
+    q = torch.full((6,), 0.1 / 5)
+    manual = []
+    for m, i in [(0, 0), (0, 1), (0, 2), (1, 0)]:  # positions predicting a real, non-BOS token
+        target = q.clone()
+        target[ids[m, i + 1]] = 0.9
+        manual.append(-(target * logits[m, i].log_softmax(-1)).sum())
+    torch.testing.assert_close(loss, torch.stack(manual).mean())
+    changed = logits.clone()
+    changed[:, -1] = 100.0  # the last position predicts nothing
+    changed[1, 1:] = -5.0  # predicting pad: ignored
+    torch.testing.assert_close(L.text_loss(changed, ids, mask, 0.1), loss)
+    perfect = torch.full((2, 4, 6), -30.0)
+    perfect[0, torch.arange(3), ids[0, 1:]] = 30.0
+    perfect[1, 0, 3] = 30.0
+    assert L.text_loss(perfect, ids, mask, 0.0) < 1e-6
+
+
+def test_point_and_confidence_losses():
+    target = torch.tensor([[0.1, 0.2, 0.5, 0.6], [0.3, 0.3, 0.9, 0.8]])
+    mask = torch.tensor([True, True])
+    assert L.point_loss(target.clone(), target, mask) == 0
+    shifted = target + 0.1
+    torch.testing.assert_close(L.point_loss(shifted, target, mask), torch.tensor(0.1))
+    assert L.point_loss(shifted, target, torch.tensor([False, False])) == 0
+    # confidence: IoU 1 for perfect points, so a large logit is (near) perfect and a low one is not
+    assert L.confidence_loss(torch.tensor([20.0, 20.0]), target, target, mask) < 1e-6
+    assert L.confidence_loss(torch.tensor([-5.0, -5.0]), target, target, mask) > 4
+    far = torch.tensor([[0.0, 0.0, 0.05, 0.05], [0.0, 0.0, 0.05, 0.05]])  # IoU 0
+    assert L.confidence_loss(torch.tensor([-20.0, -20.0]), far, target, mask) < 1e-6
+    # corners given in either order give the same box
+    swapped = target[:, [2, 3, 0, 1]]
+    torch.testing.assert_close(L.box_iou(L.points_to_boxes(swapped), target), torch.ones(2))
+
+
+# ---- full model ----------------------------------------------------------------------------------------
+
+def test_tiny_forward_backward_every_parameter_gets_gradient(tiny):
+    tiny.train()
+    tiny.zero_grad()
+    inputs = make_inputs(tiny.config)
+    out = tiny(inputs)
+    b, n, t = inputs.text_ids.shape
+    assert out.logits.shape == (b, n, t, V)
+    assert out.hidden.shape == (b, n, t, tiny.language.hidden_size)
+    assert out.points.shape == (b, n, t, 4) and out.confidence.shape == (b, n, t)
+    assert set(out.losses) == {"text", "points", "confidence", "det_heatmap", "det_size", "det_offset", "total"}
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    no_grad = [name for name, p in tiny.named_parameters()
+               if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert no_grad == []
+
+
+def test_tiny_without_targets_has_no_loss_and_masks_prompts(tiny):
+    tiny.eval()
+    inputs = make_inputs(tiny.config, targets=False)
+    with torch.no_grad():
+        full = tiny(inputs)
+        assert full.loss is None and full.losses == {}
+        inputs.prompt_mask[1, 0] = False
+        part = tiny(inputs)
+    assert (part.logits[1, 0] == 0).all() and (part.points[1, 0] == 0).all()
+    keep = inputs.prompt_mask
+    torch.testing.assert_close(part.logits[keep], full.logits[keep], atol=1e-5, rtol=0)
+    torch.testing.assert_close(part.points[keep], full.points[keep], atol=1e-5, rtol=0)
+
+
+def test_visual_tokens_and_cached_image_tokens(tiny):
+    tiny.eval()
+    inputs = make_inputs(tiny.config, targets=False)
+    with torch.no_grad():
+        tokens = tiny.encode_images(inputs.pixel_values)
+        vis = tiny.visual_tokens(tokens, inputs.prompt_boxes, inputs.image_sizes)
+        assert vis.shape == (2, 2, tiny.config.prompt.num_queries, tiny.config.prompt.output_dim)
+        a, b = tiny(inputs), tiny(inputs, image_tokens=tokens)
+    torch.testing.assert_close(a.logits, b.logits)
+
+
+def test_loss_terms_skip_when_targets_absent(tiny):
+    tiny.train()
+    inputs = make_inputs(tiny.config)
+    inputs.gt_boxes = inputs.gt_boxes_mask = None
+    inputs.text_loss_mask[:] = False  # referring-style batch: points only
+    out = tiny(inputs)
+    assert "det_heatmap" not in out.losses and out.losses["text"] == 0
+    tiny.zero_grad()
+    out.loss.backward()  # unused outputs still join the graph (zero gradient, DDP-friendly)
+    assert all(p.grad is not None for p in tiny.parameters() if p.requires_grad)
+
+
+def test_propose(tiny):
+    inputs = make_inputs(tiny.config, targets=False)
+    with torch.no_grad():
+        boxes, scores = tiny.propose(tiny.encode_images(inputs.pixel_values), inputs.image_sizes, 7)
+    assert boxes.shape == (2, 7, 4) and scores.shape == (2, 7)
+    assert ((scores >= 0) & (scores <= 1)).all() and ((boxes >= 0) & (boxes <= 1)).all()
+    cfg = get_preset("tiny")
+    cfg.heads.proposals = cfg.heads.confidence = False
+    bare = PixelLLM(cfg, V)
+    assert bare.proposal_head is None and bare.confidence_head is None
+    with pytest.raises(PixelLLMError, match="proposal head"):
+        bare.propose(torch.zeros(1, 64, 32), inputs.image_sizes[:1])
+    _, conf = bare.predict_points(torch.randn(3, 32))
+    assert (conf == 0).all()
+
+
+def test_tiny_is_fast(tiny):
+    tiny.train()
+    inputs = make_inputs(tiny.config)
+    tiny(inputs).loss.backward()  # warm-up
+    start = time.perf_counter()
+    tiny(inputs).loss.backward()
+    assert time.perf_counter() - start < 1.0
+
+
+def test_loss_config_weights_apply(tiny):
+    tiny.train()
+    inputs = make_inputs(tiny.config)
+    torch.manual_seed(0)
+    base = tiny(inputs).losses
+    tiny.config.loss = LossConfig(point_weight=10.0, text_weight=0.0)
+    try:
+        weighted = tiny(inputs).losses
+    finally:
+        tiny.config.loss = LossConfig()
+    assert weighted["text"] == 0
+    assert weighted["points"] == pytest.approx(base["points"] * 2, rel=1e-5)

@@ -1,0 +1,115 @@
+import warnings
+
+import pytest
+
+from pixelllm_plugins.errors import InvalidBoxError, InvalidImageError, InvalidPromptError
+from pixelllm_plugins.inference import PredictorProtocol
+from pixelllm_plugins.inference.results import Detection, RegionCaption, TracedCaption
+
+
+def test_implements_protocol(tiny_predictor):
+    assert isinstance(tiny_predictor, PredictorProtocol)
+    assert tiny_predictor.model_version.startswith("tiny-")
+
+
+def test_refer_shapes_and_ranges(tiny_predictor, scene_files):
+    out = tiny_predictor.refer([scene_files[0], scene_files[1]], [["the red circle", "the blue square"], ["x"]])
+    assert [len(per_image) for per_image in out] == [2, 1]
+    for path, per_image in zip(scene_files, out):
+        from PIL import Image
+
+        w, h = Image.open(path).size
+        for dets in per_image:
+            assert len(dets) == 1 and isinstance(dets[0], Detection)
+            x1, y1, x2, y2 = dets[0].box_xyxy
+            assert 0 <= x1 <= x2 <= w and 0 <= y1 <= y2 <= h
+            assert 0.0 <= dets[0].score <= 1.0
+    assert out[0][0][0].text == "the red circle"
+
+
+def test_second_prompt_skips_vision_encoder(tiny_predictor, scene_files):
+    tiny_predictor.clear_cache()
+    before = tiny_predictor.stats["vision_calls"]
+    first = tiny_predictor.refer([scene_files[0]], [["the red circle"]])
+    second = tiny_predictor.refer([scene_files[0]], [["the red circle"]])
+    assert tiny_predictor.stats["vision_calls"] == before + 1
+    assert first[0][0][0].box_xyxy == second[0][0][0].box_xyxy
+
+
+def test_cached_equals_uncached(tiny_predictor, scene_files):
+    tiny_predictor.set_image(scene_files[1])
+    cached = tiny_predictor.refer([scene_files[1]], [["a shape"]])[0][0][0]
+    tiny_predictor.clear_cache()
+    uncached = tiny_predictor.refer([scene_files[1]], [["a shape"]])[0][0][0]
+    assert cached.box_xyxy == pytest.approx(uncached.box_xyxy, abs=1e-3)
+    assert cached.score == pytest.approx(uncached.score, abs=1e-4)
+
+
+def test_batched_equals_one_by_one(tiny_predictor, scene_files):
+    texts = [["the red circle"], ["the blue square", "a long expression about the thing on the left"], ["x"]]
+    batched = tiny_predictor.refer(scene_files, texts)
+    tiny_predictor.clear_cache()
+    for path, t, b in zip(scene_files, texts, batched):
+        single = tiny_predictor.refer([path], [t])[0]
+        for s, bb in zip(single, b):
+            assert s[0].box_xyxy == pytest.approx(bb[0].box_xyxy, abs=1e-2)
+
+
+def test_caption_regions_one_per_box_and_clips(tiny_predictor, scene_files):
+    out = tiny_predictor.caption_regions([scene_files[0]], [[(10, 10, 50, 50), (-20, 100, 500, 400)]])
+    assert len(out[0]) == 2 and all(isinstance(c, RegionCaption) for c in out[0])
+    assert out[0][1].box_xyxy == (0.0, 100.0, 160.0, 120.0)
+    assert all(isinstance(c.text, str) and 0 <= c.score <= 1 for c in out[0])
+
+
+def test_degenerate_box_is_an_error(tiny_predictor, scene_files):
+    with pytest.raises(InvalidBoxError, match="no area"):
+        tiny_predictor.caption_regions([scene_files[0]], [[(500, 500, 600, 600)]])
+
+
+def test_caption_with_trace_gives_word_boxes(tiny_predictor, scene_files):
+    (cap,) = tiny_predictor.caption([scene_files[0]], trace=True, max_new_tokens=8)
+    assert isinstance(cap, TracedCaption)
+    assert "".join(w.text for w in cap.words) == cap.text.replace(" ", "")
+    for word in cap.words:
+        x1, y1, x2, y2 = word.box_xyxy
+        assert 0 <= x1 <= x2 <= 160 and 0 <= y1 <= y2 <= 120 and len(word.points) == 2
+    (plain,) = tiny_predictor.caption([scene_files[0]], trace=False, max_new_tokens=8)
+    assert plain.words == [] and plain.text == cap.text
+
+
+def test_beam_search_runs(tiny_predictor, scene_files):
+    out = tiny_predictor.caption_regions([scene_files[0]], [[(10, 10, 80, 80)]], num_beams=3, max_new_tokens=6)
+    assert len(out[0]) == 1
+
+
+def test_dense_caption_sorted_and_bounded(tiny_predictor, scene_files):
+    (regions,) = tiny_predictor.dense_caption([scene_files[0]], max_regions=5, min_score=0.0)
+    assert len(regions) <= 5
+    assert [r.score for r in regions] == sorted((r.score for r in regions), reverse=True)
+
+
+def test_trace_points_for_given_caption(tiny_predictor, scene_files):
+    (words,) = tiny_predictor.trace_points([scene_files[0]], ["a red circle"])
+    assert [w.text for w in words] == ["a", "red", "circle"]
+
+
+def test_bad_inputs(tiny_predictor, scene_files, tmp_path):
+    with pytest.raises(InvalidPromptError, match="empty"):
+        tiny_predictor.refer([scene_files[0]], [["   "]])
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(InvalidImageError, match="image 1"):
+        tiny_predictor.refer([scene_files[0], bad], [["a"], ["b"]])
+    with pytest.raises(InvalidPromptError, match="text lists"):
+        tiny_predictor.refer([scene_files[0]], [])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = tiny_predictor.refer([scene_files[0]], [["red " * 300]])
+    assert out[0][0] and any("truncated" in str(w.message) for w in caught)
+
+
+def test_inference_mode_no_grad(tiny_predictor, scene_files):
+    tiny_predictor.clear_cache()
+    tiny_predictor.set_image(scene_files[0])
+    assert tiny_predictor._cache and all(not t.requires_grad for t in tiny_predictor._cache.values())
