@@ -215,12 +215,13 @@ def _info(args) -> int:
 
 
 def _synth(args) -> int:
-    from .data.synthetic import write_synthetic_dataset
+    from .data.formats import write_synthetic_dataset
 
     extra = tuple(s for s in (args.extra_shapes or "").split(",") if s)
     for split in args.split:
-        path = write_synthetic_dataset(args.out, split, args.num_images, seed=args.seed, extra_shapes=extra)
-        print(f"wrote {split} split ({args.num_images} images) to {path or args.out}")
+        write_synthetic_dataset(args.out, split, args.num_images, seed=args.seed, extra_shapes=extra,
+                                num_workers=args.workers)
+        print(f"wrote the {split} split ({args.num_images} images) to {args.out}")
     return 0
 
 
@@ -281,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--extra-shapes", default="", help="comma-separated shapes beyond the default vocabulary")
+    p.add_argument("--workers", type=int, default=0, help="processes for rendering (0: in this process)")
 
     p = sub.add_parser("serve", help="run the inference worker (HTTP) that both plugins can share",
                        description="GPU worker: dynamic batching, bearer auth (PIXELLLM_WORKER_TOKEN).")

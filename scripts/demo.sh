@@ -9,8 +9,8 @@ out=artifacts/demo
 mkdir -p "$out"
 python - "$out" <<'PY'
 import json, sys
-from pixelllm_plugins.data.synthetic import demo_scene
-image, expressions = demo_scene(seed=7)
+from pixelllm_plugins.data.formats import demo_scene
+image, expressions = demo_scene(7)
 image.save(f"{sys.argv[1]}/scene.png")
 json.dump(expressions, open(f"{sys.argv[1]}/expressions.json", "w"))
 print("scene:", f"{sys.argv[1]}/scene.png", "objects:", "; ".join(expressions))

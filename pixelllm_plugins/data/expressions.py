@@ -132,22 +132,34 @@ def _relation_holds(obj: SceneObject, relation: str, anchor: SceneObject, lenien
     raise ValueError(f"unknown relation {relation!r}")
 
 
+def _ordinal_select(matches: list[SceneObject], ordinal: str, margin: float) -> list[int]:
+    if not matches:
+        return []
+    keys = [_ordinal_key(o, ordinal) for o in matches]
+    best = min(keys)
+    return [o.index for o, k in zip(matches, keys) if k <= best + margin]
+
+
+def _relation_select(matches: list[SceneObject], relation: str, anchor: SceneObject, lenient: bool) -> list[int]:
+    return [o.index for o in matches if o.index != anchor.index and _relation_holds(o, relation, anchor, lenient)]
+
+
+def _margin(scene: Scene, ordinal: str, lenient: bool) -> float:
+    if not lenient:
+        return 1e-9
+    return ORDINAL_MARGIN * (scene.width if ordinal in ("leftmost", "rightmost") else scene.height)
+
+
 def resolve(scene: Scene, expr: Expression, *, lenient: bool = False) -> list[int]:
     """Indices of the objects the expression describes (lenient: also the borderline ones)."""
     matches = [o for o in scene.objects if expr.target.matches(o)]
     if expr.ordinal:
-        if not matches:
-            return []
-        axis = scene.width if expr.ordinal in ("leftmost", "rightmost") else scene.height
-        best = min(_ordinal_key(o, expr.ordinal) for o in matches)
-        margin = ORDINAL_MARGIN * axis if lenient else 1e-9
-        return [o.index for o in matches if _ordinal_key(o, expr.ordinal) <= best + margin]
+        return _ordinal_select(matches, expr.ordinal, _margin(scene, expr.ordinal, lenient))
     if expr.relation and expr.anchor is not None:
         anchors = [o for o in scene.objects if expr.anchor.matches(o)]
         if len(anchors) != 1:
             return []
-        a = anchors[0]
-        return [o.index for o in matches if o.index != a.index and _relation_holds(o, expr.relation, a, lenient)]
+        return _relation_select(matches, expr.relation, anchors[0], lenient)
     return [o.index for o in matches]
 
 
@@ -165,34 +177,45 @@ def _noun_phrases(obj: SceneObject, with_object: bool) -> list[NounPhrase]:
     return nps
 
 
-def candidate_expressions(scene: Scene, target: int) -> dict[str, list[Expression]]:
-    """Every unique expression for ``target``, by kind, fewest attributes first."""
+def candidate_expressions(scene: Scene, target: int,
+                          kinds: tuple[str, ...] = ("attribute", "ordinal", "relation")) -> dict[str, list[Expression]]:
+    """Every unique expression for ``target`` of the given kinds, fewest attributes first.
+
+    Same rules as :func:`is_unique`, computed with each noun phrase's matches found once (fast path).
+    """
     obj = scene.objects[target]
-    out: dict[str, list[Expression]] = {"attribute": [], "ordinal": [], "relation": []}
-    for np_ in _noun_phrases(obj, with_object=False):
-        e = Expression(np_)
-        if is_unique(scene, e, target):
-            out["attribute"].append(e)
-    for np_ in _noun_phrases(obj, with_object=True):
-        if sum(np_.matches(o) for o in scene.objects) < 2:
-            continue
-        for ordinal in ORDINALS:
-            e = Expression(np_, ordinal=ordinal)
-            if is_unique(scene, e, target):
-                out["ordinal"].append(e)
-    anchors = []
-    for a in scene.objects:
-        if a.index == target:
-            continue
-        unique = [np_ for np_ in _noun_phrases(a, with_object=False) if is_unique(scene, Expression(np_), a.index)]
-        if unique:
-            anchors.append(min(unique, key=lambda n: n.num_attributes))
-    for np_ in _noun_phrases(obj, with_object=False):
-        for anchor in anchors:
-            for relation in RELATIONS:
-                e = Expression(np_, relation=relation, anchor=anchor)
-                if is_unique(scene, e, target):
-                    out["relation"].append(e)
+    out: dict[str, list[Expression]] = {k: [] for k in kinds}
+
+    def matching(np_: NounPhrase) -> list[SceneObject]:
+        return [o for o in scene.objects if np_.matches(o)]
+
+    if "attribute" in kinds:
+        out["attribute"] = [Expression(n) for n in _noun_phrases(obj, with_object=False)
+                            if len(matching(n)) == 1]
+    if "ordinal" in kinds:
+        for np_ in _noun_phrases(obj, with_object=True):
+            matches = matching(np_)
+            if len(matches) < 2:
+                continue
+            for ordinal in ORDINALS:
+                if (target in _ordinal_select(matches, ordinal, _margin(scene, ordinal, False))
+                        and _ordinal_select(matches, ordinal, _margin(scene, ordinal, True)) == [target]):
+                    out["ordinal"].append(Expression(np_, ordinal=ordinal))
+    if "relation" in kinds:
+        anchors: list[tuple[SceneObject, NounPhrase]] = []
+        for a in scene.objects:
+            if a.index == target:
+                continue
+            unique = [n for n in _noun_phrases(a, with_object=False) if len(matching(n)) == 1]
+            if unique:
+                anchors.append((a, min(unique, key=lambda n: n.num_attributes)))
+        for np_ in _noun_phrases(obj, with_object=False):
+            matches = matching(np_)
+            for a, anchor_np in anchors:
+                for relation in RELATIONS:
+                    if (target in _relation_select(matches, relation, a, False)
+                            and _relation_select(matches, relation, a, True) == [target]):
+                        out["relation"].append(Expression(np_, relation=relation, anchor=anchor_np))
     for kind in out:
         out[kind].sort(key=lambda e: e.target.num_attributes)
     return out
@@ -213,7 +236,10 @@ def referring_expressions(scene: Scene, rng: random.Random, *, max_per_object: i
     """
     out: list[ReferringExpression] = []
     for obj in scene.objects:
-        cands = candidate_expressions(scene, obj.index)
+        second = max_per_object > 1 and rng.random() < second_prob
+        cands = candidate_expressions(scene, obj.index, ("attribute",))
+        if not cands["attribute"] or second:
+            cands |= candidate_expressions(scene, obj.index, ("ordinal", "relation"))
         if cands["attribute"]:
             first = _pick(rng, cands["attribute"])
         else:
@@ -222,7 +248,7 @@ def referring_expressions(scene: Scene, rng: random.Random, *, max_per_object: i
                 continue
             first = _pick(rng, cands[rng.choice(kinds)])
         chosen = [first]
-        if max_per_object > 1 and rng.random() < second_prob:
+        if second:
             others = [e for k in cands.values() for e in k if e.text() != first.text()]
             if others:
                 chosen.append(rng.choice(others))

@@ -10,10 +10,12 @@ an object overlaps another by at most ``SceneConfig.max_overlap`` of the smaller
 
 from __future__ import annotations
 
+import colorsys
 import math
 import random
 import zlib
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -65,7 +67,7 @@ class SceneObject:
     box: Box  # amodal xyxy pixels
     rgb: tuple[int, int, int]  # jittered fill colour
 
-    @property
+    @cached_property
     def center(self) -> tuple[float, float]:
         return ((self.box[0] + self.box[2]) / 2, (self.box[1] + self.box[3]) / 2)
 
@@ -122,8 +124,6 @@ def _overlap_ok(box: Box, others: list[Box], max_overlap: float) -> bool:
 
 def _sample_background(rng: random.Random) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """Two muted colours (low saturation, mid value) so every object colour stays visible."""
-    import colorsys
-
     h = rng.random()
     s = rng.uniform(0.0, 0.3)
     v = rng.uniform(0.35, 0.72)
@@ -138,7 +138,7 @@ def generate_scene(seed: int, config: SceneConfig | None = None) -> Scene:
     """Sample a scene (geometry and attributes only) from ``seed``."""
     cfg = config or SceneConfig()
     rng = random.Random(seed)
-    longer = rng.randint(max(cfg.min_side, 128), cfg.max_side)
+    longer = rng.randint(cfg.min_side, cfg.max_side)
     shorter = max(cfg.min_side, round(longer * rng.uniform(cfg.min_aspect, 1.0)))
     width, height = (longer, shorter) if rng.random() < 0.5 else (shorter, longer)
     side = min(width, height)
@@ -234,40 +234,47 @@ def shape_mask(shape: str, box: Box) -> tuple[Image.Image, int, int]:
     return big.reduce(2), left, top
 
 
-def _background(scene: Scene) -> np.ndarray:
+def _background(scene: Scene) -> Image.Image:
+    """Background at 1x: a scalar field t in [0, 1] mapped through a 2-colour palette (fast gather)."""
     bg = scene.background
     w, h = scene.width, scene.height
-    c1 = np.asarray(bg.colors[0], np.float32)
-    c2 = np.asarray(bg.colors[1], np.float32)
-    rng = np.random.default_rng(bg.texture_seed)
     if bg.kind == "flat":
-        return np.broadcast_to(c1, (h, w, 3)).copy()
-    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
-    u = xs * math.cos(bg.angle) + ys * math.sin(bg.angle)
-    if bg.kind == "gradient":
-        t = (u - u.min()) / max(float(u.max() - u.min()), 1.0)
-    elif bg.kind == "stripes":
-        t = 0.5 + 0.5 * np.sin(2 * math.pi * u / bg.period)
+        return Image.new("RGB", (w, h), bg.colors[0])
+    rng = np.random.default_rng(bg.texture_seed)
+    xs = np.arange(w, dtype=np.float32)[None, :]
+    ys = np.arange(h, dtype=np.float32)[:, None]
+    if bg.kind in ("gradient", "stripes"):
+        u = xs * math.cos(bg.angle) + ys * math.sin(bg.angle)
+        if bg.kind == "gradient":
+            lo, hi = float(u.min()), float(u.max())
+            t = (u - lo) / max(hi - lo, 1.0)
+        else:
+            t = 0.5 + 0.5 * np.sin(u * np.float32(2 * math.pi / bg.period))
     elif bg.kind == "checker":
         p = bg.period
-        t = ((np.floor(xs / p) + np.floor(ys / p)) % 2).astype(np.float32)
+        t = (((xs // p).astype(np.int32) + (ys // p).astype(np.int32)) & 1).astype(np.float32)
     elif bg.kind == "dots":
         p = bg.period
-        d = np.hypot((xs % p) - p / 2, (ys % p) - p / 2)
-        t = (d < p * 0.22).astype(np.float32)
+        t = (((xs % p) - p / 2) ** 2 + ((ys % p) - p / 2) ** 2 < (p * 0.22) ** 2).astype(np.float32)
     else:  # noise: smooth low-frequency field plus fine grain
-        gh, gw = max(2, h // 32), max(2, w // 32)
-        low = Image.fromarray((rng.random((gh, gw)) * 255).astype(np.uint8), "L")
+        low = Image.fromarray((rng.random((max(2, h // 32), max(2, w // 32))) * 255).astype(np.uint8), "L")
         t = np.asarray(low.resize((w, h), Image.BICUBIC), np.float32) / 255.0
-    img = c1 + t[..., None] * (c2 - c1)
+    index = np.broadcast_to(t * 255.0, (h, w))
     if bg.kind == "noise":
-        img = img + rng.integers(-12, 13, size=(h, w, 1), dtype=np.int16)
-    return img
+        grain = rng.integers(-40, 41, size=(61, 67), dtype=np.int16)  # a tile: random numbers are costly
+        index = index + np.tile(grain, (h // 61 + 1, w // 67 + 1))[:h, :w]
+    index = np.clip(index, 0, 255).astype(np.uint8)
+    c1 = np.asarray(bg.colors[0], np.float32)
+    c2 = np.asarray(bg.colors[1], np.float32)
+    palette = (c1 + np.linspace(0, 1, 256, dtype=np.float32)[:, None] * (c2 - c1)).round().astype(np.uint8)
+    image = Image.fromarray(index, "P")
+    image.putpalette(palette.tobytes())
+    return image.convert("RGB")
 
 
 def render_scene(scene: Scene) -> Image.Image:
     """Draw the scene as an RGB image of ``scene.width`` x ``scene.height``."""
-    canvas = Image.fromarray(np.clip(_background(scene), 0, 255).astype(np.uint8), "RGB")
+    canvas = _background(scene)
     for obj in scene.objects:
         mask, left, top = shape_mask(obj.shape, obj.box)
         canvas.paste(obj.rgb, (left, top, left + mask.width, top + mask.height), mask)

@@ -1,0 +1,218 @@
+"""Samples -> :class:`ModelInputs`, with the paper's target construction per task.
+
+- refer: global prompt box; context ``templates.refer_prefix + expr`` + EOS; text BOS + expr + EOS; one
+  point target (the box corners) at the position whose next token is EOS; no text loss.
+- trace: global box; context ``templates.caption_prompt``; text loss; every word-piece position gets the
+  box of the utterance assigned to it by position (spec 4.1, :func:`utterance_assignment`).
+- region: the region box is the prompt; context ``templates.region_prompt``; text loss; the region box is
+  the point target on every word-piece position.
+- caption: global box; context ``"a photo of "`` (or the record's own); text loss only.
+
+All targets are normalised by the un-padded image size. Padding prompt rows (``prompt_mask`` False) hold a
+minimal valid sequence (context ``[EOS]``, text ``[BOS, EOS]``) so that no attention row is empty; they
+carry no loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..config import PixelLLMConfig, PromptTemplates
+from ..modeling.inputs import ModelInputs
+from ..tokenizer import PixelTokenizer
+from .transforms import TASK_AUGMENT, AugmentConfig, TransformedSample, _Rng, eval_transform, train_transform
+from .types import Box, GroundedSample, PromptRecord
+
+CAPTION_SHORT_PROMPT = "a photo of "  # spec 3.6; the config has no template for short captions
+DEFAULT_MAX_PROMPTS = 8
+
+
+@dataclass
+class EncodedPrompt:
+    prompt_box: Box  # canvas pixels
+    context_ids: list[int]
+    text_ids: list[int]
+    target_points: np.ndarray  # [T,4] float32, normalised
+    point_mask: np.ndarray  # [T] bool
+    text_loss: bool
+
+
+def context_text(record: PromptRecord, templates: PromptTemplates) -> str:
+    if record.task == "refer":
+        return templates.refer_prefix + record.text
+    if record.context is not None:
+        return record.context
+    if record.task == "region":
+        return templates.region_prompt
+    if record.task == "trace":
+        return templates.caption_prompt
+    return CAPTION_SHORT_PROMPT
+
+
+def utterance_assignment(num_tokens: int, valid: Sequence[bool]) -> np.ndarray:
+    """Utterance index for each of ``num_tokens`` word-piece tokens (spec 4.1), -1 when none is valid.
+
+    The k-th valid utterance (k = 1..K) sits at k/K, invalid ones at -1; token j (j = 1..J) sits at
+    1/K + (j/J)(1 - 1/K) and takes the nearest utterance. Purely positional: no string matching.
+    """
+    positions = np.full(len(valid), -1.0)
+    k_valid = int(sum(bool(v) for v in valid))
+    if k_valid == 0 or num_tokens == 0:
+        return np.full(num_tokens, -1, dtype=np.int64)
+    positions[np.flatnonzero(np.asarray(valid, dtype=bool))] = np.arange(1, k_valid + 1) / k_valid
+    p_min, p_max = 1.0 / k_valid, 1.0
+    q = p_min + np.arange(1, num_tokens + 1) / num_tokens * (p_max - p_min)
+    return np.argmin((q[:, None] - positions[None, :]) ** 2, axis=1)
+
+
+def _norm(box: Box, w: float, h: float) -> list[float]:
+    return [box[0] / w, box[1] / h, box[2] / w, box[3] / h]
+
+
+def encode_prompt(record: PromptRecord, image_size: tuple[float, float], tokenizer: PixelTokenizer,
+                  config: PixelLLMConfig) -> EncodedPrompt:
+    """Token ids and targets of one prompt; boxes of ``record`` in canvas pixels of an image of ``image_size``."""
+    w, h = image_size
+    lang = config.language
+    context = tokenizer.encode(context_text(record, config.templates), max_len=lang.max_context_tokens,
+                               add_bos=False, add_eos=True)
+    full = tokenizer.encode(record.text, add_bos=True, add_eos=True)
+    text = tokenizer.encode(record.text, max_len=lang.max_text_tokens, add_bos=True, add_eos=True)
+    specials = {tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id}
+    T = len(text)
+    points = np.zeros((T, 4), dtype=np.float32)
+    mask = np.zeros(T, dtype=bool)
+    words = [i for i in range(1, T - 1) if text[i] not in specials]  # word-piece positions (truncated text)
+    global_box: Box = (0.0, 0.0, float(w), float(h))
+    if record.task == "refer":
+        if record.target_box is not None and T >= 3:
+            points[T - 2] = _norm(record.target_box, w, h)
+            mask[T - 2] = True
+        return EncodedPrompt(global_box, context, text, points, mask, False)
+    if record.task == "region":
+        box = record.box if record.box is not None else record.target_box or global_box
+        target = record.target_box if record.target_box is not None else box
+        points[words] = _norm(target, w, h)
+        mask[words] = True
+        return EncodedPrompt(box, context, text, points, mask, True)
+    if record.task == "trace":
+        # assign on the full token sequence, then keep the truncated prefix (truncation must not squeeze
+        # every utterance into fewer tokens)
+        full_words = [i for i in range(len(full)) if full[i] not in specials]
+        assign = utterance_assignment(len(full_words), record.utterance_valid)
+        for pos, utt in zip(full_words, assign):
+            if pos >= T - 1 or utt < 0:
+                continue
+            rel = record.utterance_boxes_rel[utt]
+            if rel is None:
+                continue
+            points[pos] = np.clip(rel, 0.0, 1.0)
+            mask[pos] = True
+        return EncodedPrompt(global_box, context, text, points, mask, True)
+    return EncodedPrompt(global_box, context, text, points, mask, True)
+
+
+def _augment_for(sample: GroundedSample, augment: AugmentConfig | Mapping[str, AugmentConfig] | None) -> AugmentConfig:
+    if isinstance(augment, AugmentConfig):
+        return augment
+    table = augment if augment is not None else TASK_AUGMENT
+    task = sample.prompts[0].task if sample.prompts else "caption"
+    return table.get(task, AugmentConfig())
+
+
+def _select(prompts: list[PromptRecord], max_prompts: int, rng: _Rng | None) -> list[PromptRecord]:
+    if len(prompts) <= max_prompts:
+        return prompts
+    if rng is None:
+        return prompts[:max_prompts]
+    pool = list(range(len(prompts)))
+    chosen = sorted(pool.pop(rng.randint(0, len(pool) - 1)) for _ in range(max_prompts))
+    return [prompts[i] for i in chosen]
+
+
+def collate(samples: Sequence[GroundedSample | TransformedSample], tokenizer: PixelTokenizer,
+            config: PixelLLMConfig, train: bool = False,
+            generator: torch.Generator | np.random.Generator | None = None, *,
+            max_prompts: int = DEFAULT_MAX_PROMPTS,
+            augment: AugmentConfig | Mapping[str, AugmentConfig] | None = None,
+            task: str | None = None) -> ModelInputs:
+    """Transform (train: random augmentation from ``generator``; eval: resize + pad) and batch ``samples``.
+
+    At most ``max_prompts`` prompts per image (train: a random subset; eval: the first ones). Token
+    sequences are truncated to ``config.language.max_context_tokens`` / ``max_text_tokens`` and padded to
+    the longest in the batch.
+    """
+    if not samples:
+        raise ValueError("collate needs at least one sample")
+    rng = _Rng(generator) if train else None
+    items: list[TransformedSample] = []
+    for s in samples:
+        if isinstance(s, TransformedSample):
+            items.append(s)
+        elif train:
+            items.append(train_transform(s, config.vision, _augment_for(s, augment), generator))
+        else:
+            items.append(eval_transform(s, config.vision))
+    encoded = [[encode_prompt(p, it.image_size, tokenizer, config) for p in _select(it.prompts, max_prompts, rng)]
+               for it in items]
+    B = len(items)
+    N = max(1, max(len(e) for e in encoded))
+    Tc = max([1] + [len(p.context_ids) for e in encoded for p in e])
+    T = max([2] + [len(p.text_ids) for e in encoded for p in e])
+    M = max([1] + [len(it.gt_boxes) for it in items])
+    pad = tokenizer.pad_id
+    # filled as numpy arrays and converted once: many small torch ops are slow in data workers
+    prompt_boxes = np.zeros((B, N, 4), np.float32)
+    prompt_mask = np.zeros((B, N), bool)
+    context_ids = np.full((B, N, Tc), pad, np.int64)
+    context_mask = np.zeros((B, N, Tc), bool)
+    text_ids = np.full((B, N, T), pad, np.int64)
+    text_mask = np.zeros((B, N, T), bool)
+    target_points = np.zeros((B, N, T, 4), np.float32)
+    point_mask = np.zeros((B, N, T), bool)
+    text_loss_mask = np.zeros((B, N), bool)
+    gt_boxes = np.zeros((B, M, 4), np.float32)
+    gt_boxes_mask = np.zeros((B, M), bool)
+    for b, (it, prompts) in enumerate(zip(items, encoded)):
+        w, h = it.image_size
+        for n in range(N):
+            if n < len(prompts):
+                p = prompts[n]
+                ctx, txt = p.context_ids, p.text_ids
+                prompt_boxes[b, n] = p.prompt_box
+                prompt_mask[b, n] = True
+                target_points[b, n, : len(txt)] = p.target_points
+                point_mask[b, n, : len(txt)] = p.point_mask
+                text_loss_mask[b, n] = p.text_loss
+            else:  # padding row: a minimal valid sequence, no loss
+                ctx, txt = [tokenizer.eos_id], [tokenizer.bos_id, tokenizer.eos_id]
+                prompt_boxes[b, n] = (0.0, 0.0, w, h)
+            context_ids[b, n, : len(ctx)] = ctx
+            context_mask[b, n, : len(ctx)] = True
+            text_ids[b, n, : len(txt)] = txt
+            text_mask[b, n, : len(txt)] = True
+        for m, box in enumerate(it.gt_boxes):
+            gt_boxes[b, m] = _norm(box, w, h)
+            gt_boxes_mask[b, m] = True
+    if task is None:
+        task = "+".join(sorted({p.task for it in items for p in it.prompts})) or "none"
+    t = torch.from_numpy
+    return ModelInputs(
+        pixel_values=_stack_pixels(items, config.vision.image_size),
+        image_sizes=t(np.asarray([it.image_size for it in items], np.float32)),
+        prompt_boxes=t(prompt_boxes), prompt_mask=t(prompt_mask), context_ids=t(context_ids),
+        context_mask=t(context_mask), text_ids=t(text_ids), text_mask=t(text_mask),
+        target_points=t(target_points), point_mask=t(point_mask), text_loss_mask=t(text_loss_mask),
+        gt_boxes=t(gt_boxes), gt_boxes_mask=t(gt_boxes_mask), task=task)
+
+
+def _stack_pixels(items: list[TransformedSample], size: int) -> torch.Tensor:
+    shapes = {tuple(it.pixel_values.shape) for it in items}
+    if shapes != {(3, size, size)}:
+        raise ValueError(f"transformed samples have pixel shapes {sorted(shapes)}, but the config's canvas is "
+                         f"3x{size}x{size}; transform them with the same VisionConfig")
+    return torch.from_numpy(np.stack([it.pixel_values.numpy() for it in items]))

@@ -1,0 +1,197 @@
+"""Writers of the public annotation formats, and the synthetic dataset writer.
+
+Formats (field names as the real releases, see docs of the loaders):
+- Localized Narratives JSONL: ``dataset_id, image_id, annotator_id, caption, timed_caption
+  [{utterance, start_time, end_time}], traces [[{x, y, t}]], voice_recording``.
+- MDETR RefCOCO json: one image record per expression (``caption, file_name, width, height,
+  original_img_id``) and one annotation each (``bbox`` xywh, ``tokens_positive`` char spans).
+- GRiT / Visual Genome json: COCO-style images and annotations with ``bbox`` xywh and ``caption``.
+- COCO captions json: ``images`` + ``annotations`` with ``image_id, caption``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from .expressions import ReferringExpression, referring_expressions, region_caption, short_captions
+from .narrative import Narrative, narrate
+from .synthetic import SHAPES, Scene, SceneConfig, generate_scene, render_scene, scene_seed
+
+DATASET_ID = "synthetic_scenes"
+
+
+@dataclass(frozen=True)
+class AnnotatedScene:
+    """A scene with everything written about it."""
+
+    image_id: int
+    file_name: str
+    scene: Scene
+    expressions: tuple[ReferringExpression, ...]
+    region_captions: tuple[str, ...]  # one per object, in object order
+    captions: tuple[str, ...]
+    narrative: Narrative
+
+
+def annotate_scene(seed: int, config: SceneConfig | None = None, image_id: int = 1) -> AnnotatedScene:
+    scene = generate_scene(seed, config)
+    rng = random.Random(seed ^ 0x5EED)
+    return AnnotatedScene(image_id, f"{image_id:012d}.jpg", scene, tuple(referring_expressions(scene, rng)),
+                          tuple(region_caption(o) for o in scene.objects), tuple(short_captions(scene, rng)),
+                          narrate(scene, rng))
+
+
+def demo_scene(index: int = 7, seed: int = 0):
+    """Scene ``index`` of the test split, rendered, with its referring expressions (README demo)."""
+    a = annotate_scene(scene_seed(seed, "test", index))
+    return render_scene(a.scene), [e.text for e in a.expressions]
+
+
+def _xywh(box) -> list[float]:
+    return [round(box[0], 2), round(box[1], 2), round(box[2] - box[0], 2), round(box[3] - box[1], 2)]
+
+
+def _image_entry(a: AnnotatedScene) -> dict:
+    return {"id": a.image_id, "file_name": a.file_name, "width": a.scene.width, "height": a.scene.height}
+
+
+def ln_record(a: AnnotatedScene, dataset_id: str = DATASET_ID) -> dict:
+    n = a.narrative
+    return {
+        "dataset_id": dataset_id, "image_id": str(a.image_id), "annotator_id": 0, "caption": n.caption,
+        "timed_caption": [{"utterance": u.text, "start_time": u.start_time, "end_time": u.end_time}
+                          for u in n.utterances],
+        "traces": [[{"x": x, "y": y, "t": t} for x, y, t in seg] for seg in n.traces],
+        "voice_recording": "",
+    }
+
+
+def _categories(shapes) -> list[dict]:
+    return [{"id": i + 1, "name": s, "supercategory": "shape"} for i, s in enumerate(shapes)]
+
+
+def mdetr_refcoco_json(scenes: list[AnnotatedScene], shapes=SHAPES) -> dict:
+    images, annotations = [], []
+    category = {s: i + 1 for i, s in enumerate(shapes)}
+    for a in scenes:
+        for k, ref in enumerate(a.expressions):
+            rid = a.image_id * 100 + k
+            obj = a.scene.objects[ref.target]
+            e = ref.expression
+            start = (4 if e.article else 0) + (len(e.ordinal) + 1 if e.ordinal else 0)
+            images.append(_image_entry(a) | {
+                "id": rid, "caption": ref.text, "original_img_id": a.image_id, "dataset_name": "refcoco",
+                "sentence_id": k, "tokens_negative": [], "expression_kind": e.kind})
+            x, y, w, h = _xywh(obj.box)
+            annotations.append({
+                "id": rid, "image_id": rid, "bbox": [x, y, w, h], "area": round(w * h, 2), "iscrowd": 0,
+                "category_id": category.get(obj.shape, 0), "original_id": a.image_id * 100 + obj.index,
+                "tokens_positive": [[start, start + len(e.target.text())]]})
+    return {"images": images, "annotations": annotations, "categories": _categories(shapes)}
+
+
+def grit_vg_json(scenes: list[AnnotatedScene]) -> dict:
+    images, annotations = [], []
+    for a in scenes:
+        images.append(_image_entry(a))
+        for obj, cap in zip(a.scene.objects, a.region_captions):
+            x, y, w, h = _xywh(obj.box)
+            annotations.append({"id": a.image_id * 100 + obj.index, "image_id": a.image_id, "bbox": [x, y, w, h],
+                                "area": round(w * h, 2), "caption": cap, "category_id": 1, "iscrowd": 0})
+    return {"images": images, "annotations": annotations,
+            "categories": [{"id": 1, "name": "object", "supercategory": "object"}]}
+
+
+def coco_captions_json(scenes: list[AnnotatedScene]) -> dict:
+    images, annotations = [], []
+    for a in scenes:
+        images.append(_image_entry(a))
+        for k, cap in enumerate(a.captions):
+            annotations.append({"id": a.image_id * 100 + k, "image_id": a.image_id, "caption": cap})
+    return {"info": {"description": "pixelllm synthetic scenes"}, "licenses": [], "images": images,
+            "annotations": annotations}
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    Path(path).write_text(json.dumps(data, separators=(",", ":")))
+
+
+def write_jsonl(path: str | Path, records: list[dict]) -> None:
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r, separators=(",", ":")) + "\n")
+
+
+# ---- the synthetic dataset ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SyntheticDataset:
+    """Paths of one written split."""
+
+    root: Path
+    split: str
+    image_dir: Path
+    ln: Path
+    refcoco: Path
+    vg: Path
+    coco_captions: Path
+    num_images: int
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    @classmethod
+    def at(cls, root: str | Path, split: str, num_images: int = 0) -> SyntheticDataset:
+        root = Path(root)
+        return cls(root, split, root / "images" / split, root / f"ln_{split}.jsonl", root / f"refcoco_{split}.json",
+                   root / f"vg_{split}.json", root / f"coco_captions_{split}.json", num_images)
+
+
+def _render_chunk(args) -> list[AnnotatedScene]:
+    seeds_ids, config, image_dir, quality = args
+    out = []
+    for seed, image_id in seeds_ids:
+        a = annotate_scene(seed, config, image_id)
+        render_scene(a.scene).save(Path(image_dir) / a.file_name, quality=quality)
+        out.append(a)
+    return out
+
+
+def write_synthetic_dataset(out_dir: str | Path, split: str, num_images: int, seed: int = 0,
+                            extra_shapes: tuple[str, ...] = (), *, config: SceneConfig | None = None,
+                            num_workers: int = 0, jpeg_quality: int = 92) -> SyntheticDataset:
+    """Render ``num_images`` scenes of ``split`` and write them in the four public formats.
+
+    Layout: ``images/<split>/%012d.jpg``, ``ln_<split>.jsonl``, ``refcoco_<split>.json`` (MDETR),
+    ``vg_<split>.json`` (GRiT), ``coco_captions_<split>.json``. Scene ``i`` of a split is seeded by
+    ``scene_seed(seed, split, i)``, so splits never share scenes and output is identical run to run
+    (also with ``num_workers``).
+    """
+    cfg = config or SceneConfig(extra_shapes=tuple(extra_shapes))
+    if extra_shapes and config is not None:
+        cfg = dataclasses.replace(cfg, extra_shapes=tuple(extra_shapes))
+    ds = SyntheticDataset.at(out_dir, split, num_images)
+    ds.image_dir.mkdir(parents=True, exist_ok=True)
+    items = [(scene_seed(seed, split, i), i + 1) for i in range(num_images)]
+    chunk = max(1, min(256, num_images // max(1, 4 * num_workers) or 1))
+    jobs = [(items[k:k + chunk], cfg, str(ds.image_dir), jpeg_quality) for k in range(0, num_images, chunk)]
+    if num_workers > 0:
+        with ProcessPoolExecutor(num_workers) as pool:
+            scenes = [a for part in pool.map(_render_chunk, jobs) for a in part]
+    else:
+        scenes = [a for job in jobs for a in _render_chunk(job)]
+    shapes = cfg.shape_pool
+    write_jsonl(ds.ln, [ln_record(a) for a in scenes])
+    write_json(ds.refcoco, mdetr_refcoco_json(scenes, shapes))
+    write_json(ds.vg, grit_vg_json(scenes))
+    write_json(ds.coco_captions, coco_captions_json(scenes))
+    write_json(ds.root / f"manifest_{split}.json",
+               {"split": split, "num_images": num_images, "seed": seed, "shapes": list(shapes),
+                "files": {"images": f"images/{split}", "ln": ds.ln.name, "refcoco": ds.refcoco.name,
+                          "vg": ds.vg.name, "coco_captions": ds.coco_captions.name}})
+    return ds

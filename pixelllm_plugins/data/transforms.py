@@ -1,0 +1,226 @@
+"""Image + box transforms (spec 5.4): resize the longer side to S*U(a,b), random S crop, pad to S.
+
+Every box of a sample (prompt boxes, target boxes, LN utterance boxes, gt boxes) goes through the same
+affine map as the pixels. A crop drops a whole prompt (context, text and boxes together) whose target
+keeps less than ``min_visible`` of its area; contexts are built from the surviving prompts only, so the
+upstream context/box desync (spec section 8) cannot happen. Randomness comes only from the generator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..config import VisionConfig
+from .types import Box, GroundedSample, PromptRecord
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    scale: tuple[float, float] = (1.0, 1.0)  # longer side -> S * U(a, b)
+    hflip: float = 0.0  # probability; samples whose text says left/right are never flipped
+    min_visible: float = 0.5  # keep a target (and its prompt) only if this share of its area survives
+    max_tries: int = 10  # crops that would drop every prompt are re-drawn, then the eval transform is used
+
+
+# spec 5.4 ranges; VG's (0.1, 2.0) is narrowed for small synthetic objects
+TASK_AUGMENT: dict[str, AugmentConfig] = {
+    "refer": AugmentConfig(scale=(0.75, 1.25)),
+    "trace": AugmentConfig(),
+    "region": AugmentConfig(scale=(0.5, 1.5), hflip=0.5),
+    "caption": AugmentConfig(scale=(0.75, 1.25)),
+}
+
+
+@dataclass
+class TransformedSample:
+    """A sample on the model canvas. Boxes are canvas pixels; ``utterance_boxes_rel`` are relative to the
+    un-padded image; ``canvas = original * scale - offset``."""
+
+    pixel_values: torch.Tensor  # [3,S,S] float32, normalised, zero padding
+    image_size: tuple[float, float]  # (w, h) of the un-padded image on the canvas
+    prompts: list[PromptRecord]
+    gt_boxes: list[Box]
+    original_size: tuple[int, int]
+    scale: tuple[float, float]
+    offset: tuple[float, float]
+    image_id: str = ""
+    source: str = ""
+    flipped: bool = False  # horizontally, before scaling
+
+    def to_original(self, box: Box) -> Box:
+        """Canvas pixels -> original image pixels."""
+        sx, sy = self.scale
+        ox, oy = self.offset
+        x1, y1, x2, y2 = (box[0] + ox) / sx, (box[1] + oy) / sy, (box[2] + ox) / sx, (box[3] + oy) / sy
+        if self.flipped:
+            W = self.original_size[0]
+            x1, x2 = W - x2, W - x1
+        return (x1, y1, x2, y2)
+
+
+class _Rng:
+    """Uniform draws from a torch or numpy generator (or torch's global one)."""
+
+    def __init__(self, generator: torch.Generator | np.random.Generator | None):
+        self.g = generator
+
+    def uniform(self, a: float, b: float) -> float:
+        if isinstance(self.g, np.random.Generator):
+            u = float(self.g.random())
+        else:
+            u = float(torch.rand((), generator=self.g))
+        return a + (b - a) * u
+
+    def randint(self, lo: int, hi: int) -> int:
+        """An integer in [lo, hi]."""
+        if hi <= lo:
+            return lo
+        if isinstance(self.g, np.random.Generator):
+            return int(self.g.integers(lo, hi + 1))
+        return int(torch.randint(lo, hi + 1, (), generator=self.g))
+
+
+def _map(box: Box | None, sx: float, sy: float, ox: float, oy: float) -> Box | None:
+    if box is None:
+        return None
+    return (box[0] * sx - ox, box[1] * sy - oy, box[2] * sx - ox, box[3] * sy - oy)
+
+
+def _clip(box: Box, w: float, h: float) -> Box:
+    return (min(max(box[0], 0.0), w), min(max(box[1], 0.0), h), min(max(box[2], 0.0), w), min(max(box[3], 0.0), h))
+
+
+def _area(b: Box) -> float:
+    return max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1])
+
+
+def _visible(box: Box, w: float, h: float, min_visible: float) -> Box | None:
+    clipped = _clip(box, w, h)
+    if clipped[2] - clipped[0] < 1.0 or clipped[3] - clipped[1] < 1.0:
+        return None
+    return clipped if _area(clipped) >= min_visible * _area(box) - 1e-6 else None
+
+
+def _flip(box: Box | None, width: float) -> Box | None:
+    return None if box is None else (width - box[2], box[1], width - box[0], box[3])
+
+
+def _geometry(sample: GroundedSample, prompts: list[PromptRecord], gt: list[Box], W: int, H: int, flip: bool,
+              sx: float, sy: float, ox: float, oy: float, cw: float, ch: float,
+              min_visible: float) -> tuple[list[PromptRecord], list[Box]]:
+    """Map every box through flip -> scale -> crop offset; drop prompts whose target is cropped away."""
+    def tf(b: Box | None) -> Box | None:
+        return _map(_flip(b, W) if flip else b, sx, sy, ox, oy)
+
+    out: list[PromptRecord] = []
+    for p in prompts:
+        if p.task in ("refer", "region"):
+            target = tf(p.target_box if p.target_box is not None else p.box)
+            if target is None:
+                continue
+            target = _visible(target, cw, ch, min_visible)
+            if target is None:
+                continue
+            box = target if p.task == "region" else None
+            out.append(dataclasses.replace(p, box=box, target_box=target))
+        elif p.task == "trace":
+            rel = []
+            for b in p.utterance_boxes_rel:
+                pix = tf(None if b is None else (b[0] * W, b[1] * H, b[2] * W, b[3] * H))
+                c = None if pix is None else _clip(pix, cw, ch)
+                if (pix is None or pix[2] < 0 or pix[3] < 0 or pix[0] > cw or pix[1] > ch
+                        or (pix[2] > pix[0] and c[2] <= c[0]) or (pix[3] > pix[1] and c[3] <= c[1])):
+                    rel.append(None)  # the utterance's trace lies outside the crop
+                    continue
+                rel.append((c[0] / cw, c[1] / ch, c[2] / cw, c[3] / ch))
+            out.append(dataclasses.replace(p, box=None, utterance_boxes_rel=tuple(rel)))
+        else:
+            out.append(dataclasses.replace(p, box=None))
+    boxes = [v for v in (_visible(tf(b), cw, ch, min_visible) for b in gt) if v is not None]  # type: ignore[arg-type]
+    return out, boxes
+
+
+def _annotation_scale(sample: GroundedSample, W: int, H: int) -> tuple[list[PromptRecord], list[Box]]:
+    """Rescale pixel boxes when the annotation's stated size differs from the actual image."""
+    if not sample.width or not sample.height or (sample.width, sample.height) == (W, H):
+        return list(sample.prompts), list(sample.gt_boxes)
+    fx, fy = W / sample.width, H / sample.height
+
+    def s(b: Box | None) -> Box | None:
+        return _map(b, fx, fy, 0.0, 0.0)
+
+    prompts = [dataclasses.replace(p, box=s(p.box), target_box=s(p.target_box)) for p in sample.prompts]
+    return prompts, [s(b) for b in sample.gt_boxes]  # type: ignore[misc]
+
+
+def _to_tensor(image: Image.Image, size: int, vision: VisionConfig) -> torch.Tensor:
+    # numpy: much cheaper than torch ops on small arrays inside data workers
+    arr = np.asarray(image, dtype=np.float32)
+    mean = np.asarray(vision.pixel_mean, dtype=np.float32) * 255.0
+    inv_std = 1.0 / (np.asarray(vision.pixel_std, dtype=np.float32) * 255.0)
+    out = np.zeros((size, size, 3), dtype=np.float32)
+    out[: arr.shape[0], : arr.shape[1]] = (arr - mean) * inv_std
+    return torch.from_numpy(out.transpose(2, 0, 1).copy())
+
+
+_SIDES = re.compile(r"\b(left|right)", re.IGNORECASE)
+
+
+def _mentions_sides(prompts: list[PromptRecord]) -> bool:
+    """A flip would falsify "left of" / "rightmost" / ..., so such samples are never flipped."""
+    return any(_SIDES.search(p.text) or (p.context and _SIDES.search(p.context)) for p in prompts)
+
+
+def _resize(image: Image.Image, longer: int) -> tuple[Image.Image, float, float]:
+    W, H = image.size
+    f = longer / max(W, H)
+    nw, nh = max(1, round(W * f)), max(1, round(H * f))
+    resized = image if (nw, nh) == (W, H) else image.resize((nw, nh), Image.BILINEAR)
+    return resized, nw / W, nh / H
+
+
+def eval_transform(sample: GroundedSample, vision: VisionConfig, image: Image.Image | None = None) -> TransformedSample:
+    """Resize the longer side to ``vision.image_size`` and pad; no prompt is dropped."""
+    image = image if image is not None else sample.load_image()
+    W, H = image.size
+    S = vision.image_size
+    prompts, gt = _annotation_scale(sample, W, H)
+    resized, sx, sy = _resize(image, S)
+    cw, ch = resized.size
+    prompts, boxes = _geometry(sample, prompts, gt, W, H, False, sx, sy, 0.0, 0.0, cw, ch, 0.0)
+    return TransformedSample(_to_tensor(resized, S, vision), (float(cw), float(ch)), prompts, boxes, (W, H),
+                             (sx, sy), (0.0, 0.0), sample.image_id, sample.source)
+
+
+def train_transform(sample: GroundedSample, vision: VisionConfig, augment: AugmentConfig | None = None,
+                    generator: torch.Generator | np.random.Generator | None = None,
+                    image: Image.Image | None = None) -> TransformedSample:
+    """Random flip (``augment.hflip``), random resize, random S crop, pad; deterministic given the generator."""
+    aug = augment or AugmentConfig()
+    rng = _Rng(generator)
+    image = image if image is not None else sample.load_image()
+    W, H = image.size
+    S = vision.image_size
+    prompts, gt = _annotation_scale(sample, W, H)
+    flip = aug.hflip > 0 and rng.uniform(0, 1) < aug.hflip and not _mentions_sides(prompts)
+    if flip:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    resized, sx, sy = _resize(image, max(1, round(S * rng.uniform(*aug.scale))))
+    nw, nh = resized.size
+    cw, ch = min(nw, S), min(nh, S)
+    for _ in range(max(1, aug.max_tries)):
+        ox, oy = rng.randint(0, nw - cw), rng.randint(0, nh - ch)
+        kept, boxes = _geometry(sample, prompts, gt, W, H, flip, sx, sy, ox, oy, cw, ch, aug.min_visible)
+        if kept or not prompts:
+            break
+    else:
+        return eval_transform(sample, vision, image=image.transpose(Image.FLIP_LEFT_RIGHT) if flip else image)
+    crop = resized if (cw, ch) == (nw, nh) else resized.crop((ox, oy, ox + cw, oy + ch))
+    return TransformedSample(_to_tensor(crop, S, vision), (float(cw), float(ch)), kept, boxes, (W, H),
+                             (sx, sy), (float(ox), float(oy)), sample.image_id, sample.source, flip)
