@@ -325,7 +325,10 @@ def _ls_backend(args) -> int:
 
 
 def _add_training_parsers(sub) -> None:
-    """``train``, ``eval`` and ``finetune`` (arguments here, work in training/ and evaluation/)."""
+    """``train``, ``eval`` and ``finetune`` (their arguments and handlers live in training/cli.py)."""
+    from .training.cli import add_training_parsers
+
+    add_training_parsers(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,3 +37,7 @@ class RemoteError(PixelLLMError):
 
 class TrainingError(PixelLLMError):
     """Training could not start or continue (bad data, bad recipe, interrupted)."""
+
+
+class EvaluationError(PixelLLMError):
+    """Evaluation could not run: missing optional dependency, bad data, mismatched inputs."""

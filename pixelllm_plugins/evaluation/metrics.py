@@ -26,11 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import PixelLLMError
-
-
-class EvaluationError(PixelLLMError):
-    """Evaluation could not run: missing optional dependency, bad data, mismatched inputs."""
+from ..errors import EvaluationError
 
 
 # ------------------------------------------------------------------------------------------------
@@ -272,7 +268,9 @@ def caption_scores(predictions: Sequence[str], references: Sequence[Sequence[str
     if not java:
         why = "Java not found" if use_java is None or use_java else "Java disabled (use_java=False)"
         notices.append(f"{why}: PTB tokenisation used the pure-Python fallback"
-                       + (" and METEOR was skipped" if meteor else ""))
+                       + (", METEOR skipped" if meteor else ""))
+    if not meteor:
+        notices.append("METEOR not computed (meteor=False)")
     for i, refs in enumerate(references):
         if not refs:
             raise EvaluationError(f"item {i} has no reference caption")
@@ -295,7 +293,7 @@ def caption_scores(predictions: Sequence[str], references: Sequence[Sequence[str
 ATTRIBUTE_WORDS: dict[str, frozenset[str]] = {
     "color": frozenset("red green blue yellow purple orange white black gray grey brown pink cyan magenta".split()),
     "size": frozenset("small large big little tiny huge medium".split()),
-    "shape": frozenset("circle square triangle star hexagon diamond cross ring rectangle oval".split()),
+    "shape": frozenset("circle square triangle star hexagon diamond cross ring pentagon rectangle oval".split()),
 }
 
 

@@ -1,0 +1,100 @@
+"""``pixelllm train`` / ``eval`` / ``finetune``: argument parsers and handlers for the main CLI.
+
+``pixelllm_plugins.cli`` calls :func:`add_training_parsers` on its sub-parsers; each handler returns an
+exit code. Data parallel: ``torchrun --nproc_per_node=N -m pixelllm_plugins.cli train ...``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def add_training_parsers(sub) -> None:
+    p = sub.add_parser("train", help="train a model with a named recipe (resumes OUT/checkpoint-last)",
+                       description="Train with a recipe (synth-small, tiny-smoke, finetune); any recipe value "
+                                   "can be overridden. Re-running the same command resumes exactly.")
+    p.add_argument("--recipe", default="synth-small", help="tiny-smoke | synth-small | finetune")
+    p.add_argument("--data", required=True, help="data folder (pixelllm synth output or the same formats)")
+    p.add_argument("--out", default=None, help="output folder (default: the recipe's runs/<recipe>)")
+    p.add_argument("--init", default=None, help="preset name or checkpoint folder to start from")
+    p.add_argument("--split", default=None)
+    for flag, kind in (("--steps", int), ("--batch-size", int), ("--grad-accum", int), ("--lr", float),
+                       ("--warmup-steps", int), ("--weight-decay", float), ("--seed", int),
+                       ("--checkpoint-every", int), ("--eval-every", int), ("--num-threads", int),
+                       ("--num-workers", int)):
+        p.add_argument(flag, type=kind, default=None)
+    p.add_argument("--device", default=None, help="auto | cpu | cuda")
+    p.add_argument("--no-resume", action="store_true", help="start over even if OUT/checkpoint-last exists")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(handler=_train)
+
+    p = sub.add_parser("eval", help="evaluate a model on a data folder (P@0.5, CIDEr/METEOR, mAP, trace L1)",
+                       description="Evaluate through the PredictorProtocol (in-process, or the worker when "
+                                   "PIXELLLM_WORKER_URL is set); writes results.json and report.md.")
+    p.add_argument("--model", default=None, help="checkpoint folder or preset; default: the embedded model")
+    p.add_argument("--device", default=None)
+    p.add_argument("--adapter", default=None, help="LoRA adapter folder")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="val")
+    p.add_argument("--tasks", nargs="+", default=["refer", "region", "dense", "trace"],
+                   choices=["refer", "region", "dense", "trace", "caption"])
+    p.add_argument("--limit", type=int, default=None, help="at most this many images per task")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", default=None, help="folder for results.json and report.md")
+    p.add_argument("--no-meteor", action="store_true", help="skip METEOR (Java) even when available")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(handler=_eval)
+
+    p = sub.add_parser("finetune", help="train a LoRA adapter over a checkpoint on your annotations",
+                       description="LoRA fine-tuning; writes a peft adapter folder usable with --adapter.")
+    p.add_argument("--model", required=True, help="base checkpoint folder")
+    p.add_argument("--data", required=True, help="annotations in the training formats")
+    p.add_argument("--out", required=True, help="adapter folder to write")
+    p.add_argument("--split", default="train")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--rank", type=int, default=None, help="LoRA rank (alpha = 2 x rank)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(handler=_finetune)
+
+
+def _train(args) -> int:
+    from .recipes import recipe_config
+    from .trainer import train
+
+    overrides = {"data_dir": args.data, "out_dir": args.out, "init": args.init, "split": args.split,
+                 "steps": args.steps, "batch_size": args.batch_size, "grad_accum": args.grad_accum, "lr": args.lr,
+                 "warmup_steps": args.warmup_steps, "weight_decay": args.weight_decay, "seed": args.seed,
+                 "checkpoint_every": args.checkpoint_every, "eval_every": args.eval_every,
+                 "num_threads": args.num_threads, "num_workers": args.num_workers, "device": args.device}
+    if args.no_resume:
+        overrides["resume"] = False
+    if args.no_progress:
+        overrides["progress"] = False
+    print(train(recipe_config(args.recipe, **overrides)))
+    return 0
+
+
+def _eval(args) -> int:
+    from ..evaluation.evaluate import evaluate, markdown_table, write_report
+    from ..inference import get_predictor
+
+    predictor = get_predictor(args.model, device=args.device)
+    results = evaluate(predictor, args.data, args.split, tasks=args.tasks, limit=args.limit,
+                       batch_size=args.batch_size, progress=sys.stderr.isatty(), adapter=args.adapter,
+                       meteor=not args.no_meteor)
+    if args.out:
+        print(f"report: {write_report(results, args.out)}", file=sys.stderr)
+    print(json.dumps(results, indent=2, default=float) if args.json else markdown_table(results))
+    return 0
+
+
+def _finetune(args) -> int:
+    from .finetune import finetune
+
+    print(finetune(args.model, args.data, args.out, args.steps, split=args.split, batch_size=args.batch_size,
+                   lr=args.lr, r=args.rank, seed=args.seed, progress=not args.no_progress))
+    return 0

@@ -1,0 +1,48 @@
+"""LoRA fine-tuning of a trained checkpoint on a folder of annotations.
+
+``finetune(base, data_dir, out_adapter)`` trains a LoRA adapter (``modeling/lora.py``: q/v of the language
+model and prompt adapter, plus per-adapter copies of the point and confidence heads) with the base weights
+frozen, and writes a peft adapter folder that loads on top of the base by path::
+
+    predictor = Predictor(base); predictor.load_adapter(out_adapter)
+    # or: pixelllm refer IMAGE TEXT --model BASE --adapter OUT_ADAPTER
+
+The data folder uses the same formats as training (``refcoco_<split>.json``, ``vg_<split>.json``, ...);
+sources whose file is missing are skipped. The run's checkpoints and metrics go to ``work_dir``
+(default: ``<out_adapter>.train`` next to the adapter), so an interrupted fine-tune resumes.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from ..errors import TrainingError
+from .recipes import recipe_config
+from .trainer import train
+
+
+def finetune(from_model: str | Path, data_dir: str | Path, out_adapter: str | Path, steps: int = 200, *,
+             split: str = "train", sources: dict[str, float] | None = None, batch_size: int | None = None,
+             lr: float | None = None, r: int | None = None, alpha: int | None = None, seed: int = 0,
+             work_dir: str | Path | None = None, progress: bool = True, **overrides) -> Path:
+    """Train a LoRA adapter over ``from_model`` and write it to ``out_adapter``; returns that folder."""
+    if not from_model or not Path(from_model).is_dir():
+        raise TrainingError(f"fine-tuning needs a trained checkpoint folder, got {str(from_model)!r}; pass the "
+                            "folder of `pixelllm train` output (OUT/final) or a downloaded checkpoint")
+    out_adapter = Path(out_adapter)
+    work = Path(work_dir) if work_dir is not None else out_adapter.with_name(out_adapter.name + ".train")
+    cfg = recipe_config("finetune", init=str(from_model), data_dir=str(data_dir), split=split, out_dir=str(work),
+                        steps=steps, sources=sources, batch_size=batch_size, lr=lr, lora_r=r, lora_alpha=alpha,
+                        seed=seed, progress=progress, **overrides)
+    trained = train(cfg)
+    if cfg.stop_after is not None and cfg.stop_after < cfg.steps:
+        return trained  # interrupted on purpose (tests): the checkpoint folder
+    out_adapter.mkdir(parents=True, exist_ok=True)
+    for item in trained.iterdir():
+        if item.is_file():
+            shutil.copy2(item, out_adapter / item.name)
+    readme = trained.parent / "README.md"
+    if readme.is_file():
+        shutil.copy2(readme, out_adapter / "README.md")
+    return out_adapter

@@ -1,0 +1,499 @@
+"""The training loop, nanoGPT style: one function, read top to bottom.
+
+``train(TrainConfig(...))`` builds (or loads) a model, streams a seeded per-batch source mixture, runs
+AdamW with linear warmup + cosine decay and gradient accumulation, and every ``checkpoint_every`` steps
+writes ``OUT/checkpoint-last/`` (a normal checkpoint folder plus ``training_state.*``) so a killed run
+continues exactly where it stopped (same losses, same weights) when started again with the same config.
+
+Data parallel: launch with ``torchrun --nproc_per_node=N``; rank ``r`` of ``W`` takes global batches
+``r, r + W, ...`` of the stream, so W ranks with accumulation A see the batches one process sees with
+accumulation A·W. Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..errors import PixelLLMError, TrainingError
+from . import distributed as D
+from .state import TrainingState, capture_rng, restore_rng
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoint-last"
+FINAL_DIR = "final"
+ADAPTER_SUBDIR = "adapter"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on. Saved with every checkpoint (``meta.json`` -> ``train_config``)."""
+
+    recipe: str = "custom"
+    init: str = "tiny"  # a preset name (random init) or a checkpoint folder to start from
+    data_dir: str = ""  # a folder in the synthetic/public formats (refcoco_<split>.json, vg_..., ln_..., ...)
+    split: str = "train"
+    sources: dict[str, float] = field(default_factory=lambda: {"refer": 4.0, "region": 3.0, "trace": 2.0,
+                                                                "caption": 1.0})
+    max_prompts: dict[str, int] = field(default_factory=dict)  # per source; default in data.mixture
+    out_dir: str = "runs/train"
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 8  # images per micro-batch per rank
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.0  # never applied to norms, biases or other 1-d parameters
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 0.0  # 0: none (as the reference)
+    seed: int = 0
+    checkpoint_every: int = 500
+    eval_every: int = 0  # 0: never during training
+    eval_split: str = "val"
+    eval_tasks: tuple[str, ...] = ("refer",)
+    eval_limit: int | None = 200
+    log_file: str = "metrics.jsonl"  # relative to out_dir
+    log_every: int = 1
+    bf16: bool = True  # bf16 autocast; only ever on CUDA
+    num_threads: int | None = None  # torch intra-op threads (CPU)
+    num_workers: int = 0  # data-loader processes
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    resume: bool = True  # continue from OUT/checkpoint-last when it exists
+    progress: bool = True  # tqdm bar (rank 0)
+    # LoRA fine-tuning (finetune.py): r > 0 adds adapter `lora_name` and trains only it
+    lora_r: int = 0
+    lora_alpha: int | None = None
+    lora_name: str = "default"
+    lora_target_modules: list[str] | None = None
+    lora_modules_to_save: list[str] | None = None
+    # testing aid: stop (as if killed) once this many steps are done, without the final save
+    stop_after: int | None = None
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["betas"], d["eval_tasks"] = list(self.betas), list(self.eval_tasks)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise TrainingError(f"unknown training options {sorted(unknown)}; known: {sorted(names)}")
+        d = dict(d)
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        if "eval_tasks" in d:
+            d["eval_tasks"] = tuple(d["eval_tasks"])
+        return cls(**d)
+
+    def validate(self) -> None:
+        if self.steps <= 0 or self.batch_size <= 0 or self.grad_accum <= 0:
+            raise TrainingError(f"steps, batch_size and grad_accum must be positive (got {self.steps}, "
+                                f"{self.batch_size}, {self.grad_accum})")
+        if self.lr <= 0:
+            raise TrainingError(f"lr must be positive, got {self.lr}")
+        if not self.data_dir or not Path(self.data_dir).is_dir():
+            raise TrainingError(f"data_dir {self.data_dir!r} is not a folder; write one with "
+                                "`pixelllm synth --out DIR --split train val` or point at your own data")
+
+
+# ---- schedule and optimizer ------------------------------------------------------------------------
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup over ``warmup_steps`` then cosine decay to ``lr * min_lr_ratio`` at ``steps``."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
+    progress = min(1.0, max(0.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)))
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.lr * warm * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.optim.AdamW, list[str]]:
+    """AdamW over the parameters with ``requires_grad`` (frozen parts and the base under LoRA are left
+    out); weight decay only on >= 2-d weights. Returns the optimizer and the parameter names in order."""
+    decay, no_decay, names = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and not name.endswith(".bias") else no_decay).append((name, p))
+    if not decay and not no_decay:
+        raise TrainingError("the model has no trainable parameters (everything is frozen); unfreeze a part "
+                            "or add a LoRA adapter (lora_r > 0)")
+    groups = []
+    for params, wd in ((decay, cfg.weight_decay), (no_decay, 0.0)):
+        if params:
+            groups.append({"params": [p for _, p in params], "weight_decay": wd})
+            names += [n for n, _ in params]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=1e-8, foreach=False), names
+
+
+# ---- data --------------------------------------------------------------------------------------------
+
+def build_sources(data_dir: str | Path, split: str, weights: dict[str, float], max_prompts: dict[str, int]):
+    """Mixture sources for the files present in ``data_dir`` (a source whose file is missing is dropped)."""
+    from ..data.formats import SyntheticDataset
+    from ..data.mixture import synthetic_sources
+
+    ds = SyntheticDataset.at(data_dir, split)
+    files = {"refer": ds.refcoco, "region": ds.vg, "trace": ds.ln, "caption": ds.coco_captions}
+    unknown = set(weights) - set(files)
+    if unknown:
+        raise TrainingError(f"unknown data sources {sorted(unknown)}; choose from {sorted(files)}")
+    present = {k: w for k, w in weights.items() if w > 0 and files[k].is_file()}
+    if not present:
+        wanted = ", ".join(str(files[k]) for k, w in weights.items() if w > 0)
+        raise TrainingError(f"no training data found for split {split!r}: none of {wanted} exists. Write data "
+                            f"with `pixelllm synth --out {data_dir} --split {split}` or export your annotations "
+                            "in these formats")
+    zeroed = {k: 0.0 for k in files if k not in present}
+    try:
+        return synthetic_sources(data_dir, split, {**present, **zeroed}, max_prompts=max_prompts or None)
+    except (ValueError, OSError) as exc:
+        raise TrainingError(f"cannot load training data from {data_dir}: {exc}") from exc
+
+
+class RankStream(IterableDataset):
+    """Per-rank view of the mixture stream: local micro-batch i is global batch ``i * world + rank``."""
+
+    def __init__(self, mixture, start: int, rank: int, world: int):
+        self.mixture, self.start, self.rank, self.world = mixture, start, rank, world
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        i = self.start + wid
+        while True:
+            yield self.mixture.batch(i * self.world + self.rank)
+            i += workers
+
+
+def _identity(x):
+    return x
+
+
+# ---- logging -------------------------------------------------------------------------------------------
+
+class MetricsLog:
+    """Append-only JSONL (rank 0). On resume, records after the resumed step are dropped first."""
+
+    def __init__(self, path: Path | None, resume_step: int):
+        self.path = path
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill
+            path.write_text("".join(k + "\n" for k in kept) if resume_step > 0 else "")
+
+    def write(self, record: dict) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics JSONL file (training steps have ``loss``; evaluations have ``eval``)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# ---- model ---------------------------------------------------------------------------------------------
+
+def build_model(cfg: TrainConfig):
+    """(model, tokenizer, base_version): ``cfg.init`` loaded or randomly initialised from ``cfg.seed``."""
+    from ..checkpoint import load_pretrained
+
+    torch.manual_seed(cfg.seed)
+    try:
+        model, tokenizer, version = load_pretrained(cfg.init)
+    except PixelLLMError as exc:
+        raise TrainingError(f"cannot start from {cfg.init!r}: {exc}") from exc
+    if cfg.lora_r > 0:
+        from ..modeling import lora
+
+        lora.add_lora(model, cfg.lora_name, r=cfg.lora_r, alpha=cfg.lora_alpha,
+                      target_modules=cfg.lora_target_modules, modules_to_save=cfg.lora_modules_to_save)
+    return model, tokenizer, version
+
+
+def _seed_process(seed: int, rank: int) -> None:
+    s = seed * 1000 + rank + 1
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+def _hardware(ctx: D.DistContext) -> str:
+    if ctx.device.type == "cuda":
+        name = torch.cuda.get_device_name(ctx.device)
+    else:
+        name = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    return f"{ctx.world_size} x {name}, torch {torch.__version__}"
+
+
+def _model_card(cfg: TrainConfig, model, ctx: D.DistContext, step: int, last: dict,
+                eval_results: dict | None, base_version: str) -> str:
+    rows = ""
+    if eval_results:
+        from ..evaluation.evaluate import markdown_table
+
+        rows = "\n## Evaluation\n\n" + markdown_table(eval_results) + "\n"
+    init = f"`{cfg.init}` ({base_version})"
+    return f"""# PixelLLM `{model.config.preset}` trained with recipe `{cfg.recipe}`
+
+- initialised from: {init}
+- data: `{cfg.data_dir}` split `{cfg.split}`, sources {json.dumps(cfg.sources)}
+- steps: {step} of {cfg.steps}; batch {cfg.batch_size} x accumulation {cfg.grad_accum} x {ctx.world_size} \
+process(es); lr {cfg.lr} (warmup {cfg.warmup_steps}, cosine); weight decay {cfg.weight_decay}
+- seed: {cfg.seed}
+- hardware: {_hardware(ctx)}
+- final training loss: {last.get('loss', float('nan')):.4f}
+- parameters: {model.num_parameters():,} ({model.num_parameters(trainable_only=True):,} trained)
+{rows}
+Reproduce: `pixelllm train --recipe {cfg.recipe} --data {cfg.data_dir} --seed {cfg.seed}`.
+Load with `pixelllm_plugins.checkpoint.load_pretrained(PATH)` or `pixelllm ... --model PATH`.
+"""
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------------
+
+def _save_checkpoint(directory: Path, cfg: TrainConfig, model, tokenizer, card: str, state: TrainingState) -> None:
+    """Write into a temporary folder, then swap it in: a kill never leaves a half-written checkpoint."""
+    from ..checkpoint import save_pretrained
+
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if cfg.lora_r > 0:
+        from ..modeling import lora
+
+        lora.save_adapter(model, tmp / ADAPTER_SUBDIR, cfg.lora_name)
+        (tmp / "README.md").write_text(card)
+    else:
+        save_pretrained(model, tokenizer, tmp, model_card=card,
+                        extra_meta={"train_config": cfg.to_dict(), "step": state.step})
+    state.save(tmp)
+    old = directory.with_name(directory.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_weights(directory: Path, cfg: TrainConfig, model) -> None:
+    if cfg.lora_r > 0:
+        from ..modeling import lora
+
+        lora.load_adapter(model, directory / ADAPTER_SUBDIR, cfg.lora_name, trainable=True, activate=True,
+                          overwrite=True)
+        return
+    from ..checkpoint import load_pretrained
+
+    saved, _, _ = load_pretrained(directory)
+    model.load_state_dict(saved.state_dict())
+
+
+def _resume(directory: Path, cfg: TrainConfig, model, optimizer, names: list[str],
+            ctx: D.DistContext) -> tuple[int, int]:
+    """Restore weights, optimizer and RNG from ``directory``; -> (step, micro-batches consumed per rank)."""
+    state = TrainingState.load(directory)
+    if state.param_names != names:
+        raise TrainingError(f"{directory} was written for different trainable parameters than this model has; "
+                            "resume with the same recipe and model, or use a fresh out_dir")
+    _load_weights(directory, cfg, model)
+    optimizer.load_state_dict(state.optimizer)
+    if len(state.rng) == ctx.world_size:
+        restore_rng(state.rng[ctx.rank])
+    else:
+        log.warning("checkpoint was written by %d processes, this run has %d: random streams are re-seeded, "
+                    "so the continuation is not bit-exact", len(state.rng), ctx.world_size)
+        _seed_process(cfg.seed + state.step, ctx.rank)
+    data = state.data[0] if state.data else {}
+    if data.get("seed", cfg.seed) != cfg.seed:
+        raise TrainingError(f"{directory} was trained with seed {data.get('seed')}, this run has seed {cfg.seed}; "
+                            "use the same seed to resume, or a fresh out_dir")
+    return state.step, int(data.get("micro_batches", state.step * cfg.grad_accum))
+
+
+# ---- the loop ----------------------------------------------------------------------------------------------
+
+def train(cfg: TrainConfig) -> Path:
+    """Train and return the final checkpoint folder (``OUT/final``; with LoRA: ``OUT/final/adapter``)."""
+    cfg.validate()
+    ctx = D.setup(cfg.device)
+    try:
+        return _train(cfg, ctx)
+    finally:
+        D.teardown(ctx)
+
+
+def _train(cfg: TrainConfig, ctx: D.DistContext) -> Path:
+    from tqdm.auto import tqdm
+
+    from ..data.mixture import MixtureDataset
+
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    out = Path(cfg.out_dir)
+    ckpt_dir = out / CHECKPOINT_DIR
+    device = ctx.device
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    model, tokenizer, base_version = build_model(cfg)
+    model.to(device).train()
+    optimizer, names = make_optimizer(model, cfg)
+    _seed_process(cfg.seed, ctx.rank)
+
+    step = micro_batches = 0
+    if cfg.resume and TrainingState.exists(ckpt_dir):
+        step, micro_batches = _resume(ckpt_dir, cfg, model, optimizer, names, ctx)
+        if ctx.is_main:
+            log.info("resumed from %s at step %d", ckpt_dir, step)
+    if step >= cfg.steps:
+        log.info("%s is already at step %d of %d", ckpt_dir, step, cfg.steps)
+
+    sources = build_sources(cfg.data_dir, cfg.split, cfg.sources, cfg.max_prompts)
+    mixture = MixtureDataset(sources, tokenizer, model.config, cfg.batch_size, seed=cfg.seed)
+    loader = DataLoader(RankStream(mixture, micro_batches, ctx.rank, ctx.world_size), batch_size=None,
+                        num_workers=cfg.num_workers, collate_fn=_identity)
+    batches = iter(loader)
+
+    net = model
+    if ctx.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    use_bf16 = cfg.bf16 and device.type == "cuda"
+    metrics = MetricsLog(out / cfg.log_file if ctx.is_main else None, step)
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and ctx.is_main), dynamic_ncols=True,
+               desc=cfg.recipe)
+    last: dict = {}
+    eval_results: dict | None = None
+    started = time.time()
+
+    while step < cfg.steps:
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        totals: dict[str, float] = {}
+        tasks = []
+        for micro in range(cfg.grad_accum):
+            batch = next(batches).to(device)
+            tasks.append(batch.task)
+            sync = micro == cfg.grad_accum - 1
+            with (contextlib.nullcontext() if sync or not ctx.enabled else net.no_sync()), \
+                    torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                output = net(batch)
+                if output.loss is None:
+                    raise TrainingError(f"batch from source {batch.task!r} produced no loss; the data has no "
+                                        "targets for any head")
+                loss = output.loss / cfg.grad_accum
+            if not torch.isfinite(loss):
+                raise TrainingError(f"loss is {float(loss)} at step {step + 1} (source {batch.task}); lower the "
+                                    "learning rate or check the data")
+            loss.backward()
+            for k, v in output.losses.items():
+                totals[k] = totals.get(k, 0.0) + v / cfg.grad_accum
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        micro_batches += cfg.grad_accum
+
+        totals = D.mean_losses(ctx, totals)
+        last = {"step": step, "loss": totals.get("total", float("nan")), "lr": lr, "task": "+".join(tasks),
+                "losses": {k: v for k, v in totals.items() if k != "total"},
+                "elapsed_s": round(time.time() - started, 3)}
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            metrics.write(last)
+        bar.update(1)
+        bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}")
+
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            eval_results = _evaluate(cfg, model, tokenizer, ctx, step, metrics)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            _checkpoint(cfg, ctx, ckpt_dir, model, tokenizer, optimizer, names, step, micro_batches, last,
+                        eval_results, base_version)
+        if cfg.stop_after is not None and step >= cfg.stop_after and step < cfg.steps:
+            bar.close()
+            log.info("stopping at step %d (stop_after)", step)
+            return ckpt_dir
+    bar.close()
+
+    if cfg.eval_every:
+        eval_results = _evaluate(cfg, model, tokenizer, ctx, step, metrics)
+    final = out / FINAL_DIR
+    if ctx.is_main:
+        card = _model_card(cfg, model, ctx, step, last, eval_results, base_version)
+        shutil.rmtree(final, ignore_errors=True)
+        if cfg.lora_r > 0:
+            from ..modeling import lora
+
+            lora.save_adapter(model, final / ADAPTER_SUBDIR, cfg.lora_name)
+            (final / "README.md").write_text(card)
+        else:
+            from ..checkpoint import save_pretrained
+
+            save_pretrained(model, tokenizer, final, model_card=card,
+                            extra_meta={"train_config": cfg.to_dict(), "step": step, "recipe": cfg.recipe,
+                                        "eval": eval_results or {}})
+    D.barrier(ctx)
+    return final / ADAPTER_SUBDIR if cfg.lora_r > 0 else final
+
+
+def _checkpoint(cfg, ctx, ckpt_dir, model, tokenizer, optimizer, names, step, micro_batches, last, eval_results,
+                base_version) -> None:
+    rng = D.gather_objects(ctx, capture_rng())  # every rank takes part
+    if ctx.is_main:
+        state = TrainingState(step=step, optimizer=optimizer.state_dict(),
+                              data=[{"seed": cfg.seed, "micro_batches": micro_batches}] * ctx.world_size,
+                              rng=rng, param_names=names,
+                              meta={"recipe": cfg.recipe, "world_size": ctx.world_size, "train_config": cfg.to_dict()})
+        card = _model_card(cfg, model, ctx, step, last, eval_results, base_version)
+        _save_checkpoint(ckpt_dir, cfg, model, tokenizer, card, state)
+    D.barrier(ctx)
+
+
+def _evaluate(cfg, model, tokenizer, ctx, step, metrics) -> dict | None:
+    """Rank 0 evaluates the in-memory model on ``eval_split``; the others wait."""
+    results = None
+    if ctx.is_main:
+        from ..data.formats import SyntheticDataset
+        from ..evaluation.evaluate import evaluate
+        from ..inference.predictor import Predictor
+
+        if not SyntheticDataset.at(cfg.data_dir, cfg.eval_split).refcoco.exists() and "refer" in cfg.eval_tasks:
+            log.warning("no %s split in %s: skipping evaluation", cfg.eval_split, cfg.data_dir)
+        else:
+            rng = capture_rng()  # evaluation must not shift the training random streams
+            predictor = Predictor(model, tokenizer=tokenizer, model_version=f"{cfg.recipe}-step{step}",
+                                  device=ctx.device, dtype=torch.float32)
+            results = evaluate(predictor, cfg.data_dir, cfg.eval_split, tasks=cfg.eval_tasks, limit=cfg.eval_limit,
+                               progress=False)
+            restore_rng(rng)
+            model.train()
+            metrics.write({"step": step, "eval": results})
+    D.barrier(ctx)
+    return results
