@@ -17,4 +17,5 @@ if [ -f scripts/ensure_label_studio.sh ]; then
 fi
 . .venv/bin/activate
 ruff check .
+export PIXELLLM_TEST_METEOR=1  # Java METEOR is part of the suite (needs java on PATH)
 python -m pytest -q -p no:cacheprovider "$@"
