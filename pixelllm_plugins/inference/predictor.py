@@ -119,6 +119,19 @@ class Predictor:
             self._adapter_paths[name] = str(path)
         return name
 
+    def unload_adapter(self, name: str) -> None:
+        """Remove a loaded adapter and free its weights (the worker's adapter LRU calls this)."""
+        from ..modeling import lora
+
+        with self._lock:
+            if name not in self._adapter_paths:
+                raise PixelLLMError(f"adapter {name!r} is not loaded (loaded: {sorted(self._adapter_paths) or 'none'})")
+            if self._adapter == name:
+                self._use_adapter(None)
+            lora.delete_adapter(self.model, name)
+            del self._adapter_paths[name]
+            self._cache = OrderedDict((k, v) for k, v in self._cache.items() if not k.endswith(f":{name}"))
+
     def _use_adapter(self, adapter: str | None) -> None:
         if adapter == self._adapter:
             return

@@ -113,3 +113,26 @@ def test_inference_mode_no_grad(tiny_predictor, scene_files):
     tiny_predictor.clear_cache()
     tiny_predictor.set_image(scene_files[0])
     assert tiny_predictor._cache and all(not t.requires_grad for t in tiny_predictor._cache.values())
+
+
+def test_adapter_load_use_unload(tiny_checkpoint, scene_files, tmp_path):
+    from pixelllm_plugins.checkpoint import load_pretrained
+    from pixelllm_plugins.errors import PixelLLMError
+    from pixelllm_plugins.inference.predictor import Predictor
+    from pixelllm_plugins.modeling import lora
+
+    model, _, _ = load_pretrained(str(tiny_checkpoint))
+    lora.add_lora(model, "proj", r=2)
+    for p in lora.trainable_parameters(model).values():
+        p.data.add_(0.5)  # make the adapter change the output
+    lora.save_adapter(model, tmp_path / "proj", "proj")
+    pred = Predictor(tiny_checkpoint, device="cpu")
+    base = pred.refer([scene_files[0]], [["the red circle"]])[0][0][0]
+    name = pred.load_adapter(tmp_path / "proj")
+    adapted = pred.refer([scene_files[0]], [["the red circle"]], adapter=name)[0][0][0]
+    assert adapted.model_version.endswith("+proj") and adapted.box_xyxy != base.box_xyxy
+    pred.unload_adapter(name)
+    again = pred.refer([scene_files[0]], [["the red circle"]])[0][0][0]
+    assert again.box_xyxy == pytest.approx(base.box_xyxy, abs=1e-3)
+    with pytest.raises(PixelLLMError, match="unknown adapter"):
+        pred.refer([scene_files[0]], [["x"]], adapter="proj")

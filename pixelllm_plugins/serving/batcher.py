@@ -1,0 +1,264 @@
+"""Dynamic batching: concurrent requests of the same task, adapter and options become one Predictor call.
+
+One model per process, driven by one inference thread. HTTP handlers (asyncio) ``submit`` a ``Job`` and
+await its future; the thread takes the oldest waiting job, gathers the other waiting jobs with the same
+key (up to ``max_batch_size`` images), waits at most ``max_wait_ms`` after the oldest job arrived for
+more, then calls the Predictor once with the combined lists and hands each job its own result. If the
+combined call fails, each job is retried alone so one bad request cannot fail its neighbours.
+
+``run_jobs`` (grouped execution with that fallback) is shared with the Ray Serve deployment, which
+batches with ``@serve.batch`` instead of this thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import PixelLLMError
+from .adapters import AdapterLRU
+
+log = logging.getLogger(__name__)
+
+TASKS = ("refer", "caption_regions", "caption", "dense_caption")
+
+
+@dataclass(eq=False)
+class Job:
+    """One image's worth of work. ``arg``: texts (refer) or boxes (caption_regions); ``options``: keyword
+    arguments of the Predictor call as sorted (name, value) pairs (they must match to share a batch)."""
+
+    task: str
+    image: Any
+    arg: Any = None
+    adapter: str | None = None
+    options: tuple = ()
+    enqueued: float = field(default_factory=time.monotonic)
+
+    @property
+    def key(self) -> tuple:
+        return (self.task, self.adapter, self.options)
+
+
+def call_predictor(predictor, task: str, adapter: str | None, options: tuple, images: list,
+                   args: list) -> list:
+    """One Predictor call for a group of jobs sharing (task, adapter, options); one result per image."""
+    kwargs = dict(options)
+    if task == "refer":
+        out = predictor.refer(images, args, adapter=adapter)
+    elif task == "caption_regions":
+        out = predictor.caption_regions(images, args, adapter=adapter, **kwargs)
+    elif task == "caption":
+        out = predictor.caption(images, adapter=adapter, **kwargs)
+    elif task == "dense_caption":
+        out = predictor.dense_caption(images, adapter=adapter, **kwargs)
+    else:  # pragma: no cover - the app only builds known tasks
+        raise ValueError(f"unknown task {task!r}")
+    out = list(out)
+    if len(out) != len(images):
+        raise RuntimeError(f"predictor.{task} returned {len(out)} results for {len(images)} images")
+    return out
+
+
+def run_jobs(predictor, jobs: list[Job], adapters: AdapterLRU | None = None,
+             observe: Callable[[str, int, float], None] | None = None) -> list:
+    """Run jobs that share one key as one call; per job its result or the exception it raised."""
+    if not jobs:
+        return []
+    task, adapter, options = jobs[0].key
+    try:
+        if adapters is not None:
+            adapters.activate(adapter)
+        start = time.perf_counter()
+        results = call_predictor(predictor, task, adapter, options, [j.image for j in jobs],
+                                 [j.arg for j in jobs])
+        if observe is not None:
+            observe(task, len(jobs), time.perf_counter() - start)
+        return results
+    except Exception as exc:  # noqa: BLE001 - reported per job
+        if len(jobs) == 1:
+            if not isinstance(exc, PixelLLMError):
+                log.exception("%s failed", task)
+            return [exc]
+        log.info("%s batch of %d failed (%s); running its jobs one by one", task, len(jobs), exc)
+        return [run_jobs(predictor, [j], adapters, observe)[0] for j in jobs]
+
+
+def group_jobs(jobs: list[Job]) -> list[list[int]]:
+    """Indices of jobs grouped by key, in order of first appearance."""
+    groups: dict[tuple, list[int]] = {}
+    for i, job in enumerate(jobs):
+        groups.setdefault(job.key, []).append(i)
+    return list(groups.values())
+
+
+def set_torch_threads(n: int | None) -> None:
+    """Limit torch's intra-op CPU threads (process-wide); None leaves torch's default."""
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+class ShuttingDown(PixelLLMError):
+    """The worker is stopping; the request was not run."""
+
+
+class DynamicBatcher:
+    """The single-process engine: a bounded wait list and one inference thread that owns the model."""
+
+    def __init__(self, factory: Callable[[], Any], *, max_batch_size: int = 8, max_wait_ms: float = 5.0,
+                 adapter_roots: list | None = None, max_adapters: int = 4, metrics=None,
+                 torch_threads: int | None = None):
+        self.factory = factory
+        self.torch_threads = torch_threads
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.adapter_roots = adapter_roots or []
+        self.max_adapters = max_adapters
+        self.metrics = metrics
+        self.predictor = None
+        self.adapters: AdapterLRU | None = None
+        self.error: str | None = None
+        self._ready = threading.Event()
+        self._cond = threading.Condition()
+        self._queue: deque[tuple[Job, concurrent.futures.Future]] = deque()
+        self._stop = False
+        self._incoming = 0  # admitted requests still preparing their job (see expect)
+        self._thread: threading.Thread | None = None
+        self.batches = 0  # model calls made (for tests and /ready)
+
+    # ---- lifecycle ---------------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    @property
+    def model_version(self) -> str:
+        p = self.predictor
+        return str(getattr(p, "base_version", None) or getattr(p, "model_version", "")) if p else ""
+
+    def info(self) -> dict:
+        p = self.predictor
+        info = p.info() if p is not None and callable(getattr(p, "info", None)) else {}
+        return {"model_version": self.model_version, **info,
+                "adapters_loaded": self.adapters.loaded if self.adapters else []}
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._main, name="pixelllm-inference", daemon=True)
+            self._thread.start()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return self._ready.wait(timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stop = True
+            pending = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        for _, fut in pending:
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(ShuttingDown("the worker is shutting down; retry on another worker"))
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    # ---- submitting --------------------------------------------------------------------------------
+    def expect(self) -> None:
+        """A request was admitted and will submit a job soon (its image is being decoded): a waiting
+        batch may wait for it. Balanced by ``submit(..., announced=True)`` or ``unexpect()``."""
+        with self._cond:
+            self._incoming += 1
+
+    def unexpect(self) -> None:
+        with self._cond:
+            self._incoming -= 1
+            self._cond.notify_all()
+
+    def submit_threadsafe(self, job: Job, announced: bool = False) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if announced:
+                self._incoming -= 1
+            if self._stop:
+                raise ShuttingDown("the worker is shutting down; retry on another worker")
+            self._queue.append((job, fut))
+            self._cond.notify_all()
+        self._gauge()
+        return fut
+
+    async def submit(self, job: Job, announced: bool = False):
+        """Await the job's result; cancelling the await drops a job that has not started yet."""
+        return await asyncio.wrap_future(self.submit_threadsafe(job, announced))
+
+    # ---- the inference thread ----------------------------------------------------------------------
+    def _gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(len(self._queue))
+
+    def _main(self) -> None:
+        try:
+            set_torch_threads(self.torch_threads)
+            self.predictor = self.factory()
+            self.adapters = AdapterLRU(self.predictor, self.adapter_roots, self.max_adapters)
+        except Exception as exc:  # noqa: BLE001 - reported on /ready and to every request
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.exception("model failed to load")
+            return
+        self._ready.set()
+        log.info("model %s ready (max batch %d, max wait %.1f ms)", self.model_version, self.max_batch_size,
+                 self.max_wait_s * 1000)
+        observe = self.metrics.observe_batch if self.metrics is not None else None
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self._gauge()
+            live = [(job, fut) for job, fut in batch if fut.set_running_or_notify_cancel()]
+            if not live:
+                continue
+            self.batches += 1
+            outcomes = run_jobs(self.predictor, [job for job, _ in live], self.adapters, observe)
+            for (_, fut), outcome in zip(live, outcomes):
+                if isinstance(outcome, BaseException):
+                    fut.set_exception(outcome)
+                else:
+                    fut.set_result(outcome)
+
+    def _next_batch(self) -> list[tuple[Job, concurrent.futures.Future]] | None:
+        with self._cond:
+            while True:
+                while not self._queue and not self._stop:
+                    self._cond.wait()
+                if self._stop:
+                    return None
+                # drop jobs whose requests gave up while waiting
+                self._queue = deque(item for item in self._queue if not item[1].cancelled())
+                if not self._queue:
+                    continue
+                first = self._queue[0][0]
+                deadline = first.enqueued + self.max_wait_s
+                while True:
+                    same = [item for item in self._queue if item[0].key == first.key][:self.max_batch_size]
+                    remaining = deadline - time.monotonic()
+                    # wait for company only while more requests are on their way: a lone request
+                    # (interactive use) goes at once, under load the batch fills while the model runs
+                    if len(same) >= self.max_batch_size or remaining <= 0 or self._stop or self._incoming <= 0:
+                        break
+                    self._cond.wait(remaining)
+                if self._stop:
+                    return None
+                taken = {id(item[1]) for item in same}
+                self._queue = deque(item for item in self._queue if id(item[1]) not in taken)
+                return same

@@ -1,0 +1,145 @@
+"""Worker settings: one dataclass, filled from ``PIXELLLM_*`` environment variables or keyword overrides.
+
+The bearer token is kept out of ``repr`` so it never reaches a log line.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+
+from ..io import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageLimits
+
+# environment variable -> settings field
+ENV_VARS: dict[str, str] = {
+    "PIXELLLM_WORKER_TOKEN": "token",
+    "PIXELLLM_WORKER_MAX_BATCH": "max_batch_size",
+    "PIXELLLM_WORKER_MAX_WAIT_MS": "max_wait_ms",
+    "PIXELLLM_WORKER_MAX_QUEUE": "max_queue",
+    "PIXELLLM_WORKER_TIMEOUT_S": "request_timeout_s",
+    "PIXELLLM_WORKER_RETRY_AFTER_S": "retry_after_s",
+    "PIXELLLM_WORKER_MAX_REQUEST_BYTES": "max_request_bytes",
+    "PIXELLLM_MAX_IMAGE_BYTES": "max_image_bytes",
+    "PIXELLLM_MAX_PIXELS": "max_pixels",
+    "PIXELLLM_WORKER_ALLOWED_HOSTS": "allowed_hosts",
+    "PIXELLLM_WORKER_URL_TIMEOUT_S": "url_timeout_s",
+    "PIXELLLM_WORKER_MAX_ADAPTERS": "max_adapters",
+    "PIXELLLM_WORKER_ADAPTER_DIR": "adapter_dir",
+    "PIXELLLM_WORKER_DEVICE": "device",
+    "PIXELLLM_WORKER_TORCH_THREADS": "torch_threads",
+}
+
+
+@dataclass
+class WorkerSettings:
+    """Everything the worker can be tuned with. Defaults suit one GPU behind a few annotation tools."""
+
+    # dynamic batching: a batch closes when it holds max_batch_size images or its oldest request has
+    # waited max_wait_ms; max_batch_size=1 turns batching off
+    max_batch_size: int = 8
+    max_wait_ms: float = 5.0
+    # admission: requests admitted but not yet answered (decoding, queued or running); beyond -> 503
+    max_queue: int = 64
+    retry_after_s: int = 1
+    # per-request deadline (image decode + queue + inference); a request may ask for less, never more
+    request_timeout_s: float = 60.0
+    # bearer auth on /v1/* and /metrics when set (compared in constant time, never logged)
+    token: str | None = field(default=None, repr=False)
+    # limits on what a request may carry
+    max_request_bytes: int = 32 * 1024 * 1024
+    max_image_bytes: int = DEFAULT_MAX_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_texts: int = 32
+    max_text_chars: int = 512
+    max_boxes: int = 128
+    max_new_tokens: int = 128
+    max_beams: int = 8
+    max_regions: int = 256
+    # image URLs are fetched only from these hosts ("host", "host:port" or "*.domain"); empty = never
+    allowed_hosts: tuple[str, ...] = ()
+    url_timeout_s: float = 10.0
+    # LoRA adapters kept loaded at once (least recently used is unloaded first)
+    max_adapters: int = 4
+    # folder of peft adapters, one sub-folder per name (the checkpoint's own adapters/ is searched too)
+    adapter_dir: str | None = None
+    # torch device for the model (None: the Predictor's default, cuda when available)
+    device: str | None = None
+    # torch intra-op CPU threads (None: torch's default, one per core); 1 is best on a shared CPU box
+    torch_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.allowed_hosts, str):
+            self.allowed_hosts = _split_hosts(self.allowed_hosts)
+        self.allowed_hosts = tuple(h.strip().lower() for h in self.allowed_hosts if h.strip())
+        if self.token == "":
+            self.token = None
+        checks = {
+            "max_batch_size": self.max_batch_size >= 1,
+            "max_wait_ms": self.max_wait_ms >= 0,
+            "max_queue": self.max_queue >= 1,
+            "retry_after_s": self.retry_after_s >= 0,
+            "request_timeout_s": self.request_timeout_s > 0,
+            "max_request_bytes": self.max_request_bytes > 0,
+            "max_image_bytes": self.max_image_bytes > 0,
+            "max_pixels": self.max_pixels > 0,
+            "url_timeout_s": self.url_timeout_s > 0,
+            "max_adapters": self.max_adapters >= 1,
+            "torch_threads": self.torch_threads is None or self.torch_threads >= 1,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"invalid worker settings: {', '.join(f'{b}={getattr(self, b)!r}' for b in bad)}"
+                             "; sizes and counts must be positive, waits non-negative")
+
+    @property
+    def batching(self) -> bool:
+        return self.max_batch_size > 1
+
+    @property
+    def image_limits(self) -> ImageLimits:
+        return ImageLimits(max_pixels=self.max_pixels, max_bytes=min(self.max_image_bytes, self.max_request_bytes))
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> WorkerSettings:
+        """Settings from ``PIXELLLM_*`` variables (see ``ENV_VARS``); keyword overrides win (None is ignored)."""
+        env = os.environ if env is None else env
+        types = {f.name: f.type for f in fields(cls)}
+        values: dict = {}
+        for var, name in ENV_VARS.items():
+            raw = env.get(var)
+            if raw is None or raw.strip() == "":
+                continue
+            values[name] = _parse(var, raw.strip(), types[name])
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = set(values) - set(types)
+        if unknown:
+            raise TypeError(f"unknown worker setting(s): {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+    def replace(self, **changes) -> WorkerSettings:
+        return replace(self, **changes)
+
+    def public_dict(self) -> dict:
+        """Settings safe to show (``/ready``, logs): the token is reduced to whether one is set."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "token"}
+        out["allowed_hosts"] = list(self.allowed_hosts)
+        out["auth"] = self.token is not None
+        return out
+
+
+def _split_hosts(raw: str) -> tuple[str, ...]:
+    return tuple(h for h in (p.strip() for p in raw.replace(";", ",").split(",")) if h)
+
+
+def _parse(var: str, raw: str, type_name: str):
+    try:
+        if type_name.startswith("int"):
+            return int(raw)
+        if type_name.startswith("float"):
+            return float(raw)
+        if type_name.startswith("tuple"):
+            return _split_hosts(raw)
+        return raw
+    except ValueError:
+        raise ValueError(f"environment variable {var}={raw!r} is not a valid {type_name.split()[0]}") from None
