@@ -1,0 +1,106 @@
+"""Backend settings, read from the environment (same variable names as the upstream ML backends)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from pixelllm_plugins.io import ImageLimits
+
+
+def _env(name: str, *fallbacks: str, default: str = "") -> str:
+    for key in (name, *fallbacks):
+        value = os.environ.get(key)
+        if value:
+            return value
+    return default
+
+
+def _float(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+def _int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+def _default_model_dir() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return str(Path(base) / "pixelllm" / "label-studio")
+
+
+@dataclass
+class Settings:
+    """Everything the backend reads from its environment. ``Settings.from_env(**overrides)``."""
+
+    label_studio_url: str = ""  # LABEL_STUDIO_URL (or LABEL_STUDIO_HOST)
+    label_studio_api_key: str = field(default="", repr=False)  # LABEL_STUDIO_API_KEY (legacy token or PAT)
+    basic_auth_user: str = ""  # BASIC_AUTH_USER
+    basic_auth_pass: str = field(default="", repr=False)  # BASIC_AUTH_PASS
+    model_dir: str = ""  # MODEL_DIR: sqlite cache, per-project data and adapters
+    model: str | None = None  # PIXELLLM_MODEL: checkpoint path or preset; None = the embedded model
+    device: str | None = None  # PIXELLLM_DEVICE
+    allowed_hosts: tuple[str, ...] = ()  # PIXELLLM_LS_ALLOWED_HOSTS: extra image hosts ("*.example.com")
+    local_roots: tuple[str, ...] = ()  # PIXELLLM_LS_LOCAL_ROOTS + LOCAL_FILES_DOCUMENT_ROOT
+    fetch_timeout_s: float = 15.0  # PIXELLLM_LS_FETCH_TIMEOUT: per image download
+    predict_budget_s: float = 80.0  # PIXELLLM_LS_PREDICT_BUDGET: keep under LS's ML_TIMEOUT_PREDICT (100 s)
+    batch_size: int = 8  # PIXELLLM_LS_BATCH_SIZE: images per model call
+    fetch_workers: int = 4  # PIXELLLM_LS_FETCH_WORKERS: parallel image downloads
+    train_steps: int = 200  # PIXELLLM_LS_TRAIN_STEPS: LoRA fine-tune steps per round
+    train_min_annotations: int = 1  # PIXELLLM_LS_TRAIN_MIN_ANNOTATIONS: new annotations before a round
+    max_request_bytes: int = 32 * 1024 * 1024  # PIXELLLM_LS_MAX_REQUEST_BYTES
+    max_prompt_chars: int = 1000  # PIXELLLM_LS_MAX_PROMPT_CHARS: longer prompts are refused per task
+    log_level: str = "INFO"  # LOG_LEVEL
+    image_limits: ImageLimits = field(default_factory=ImageLimits)
+
+    @classmethod
+    def from_env(cls, **overrides) -> Settings:
+        roots = [r for r in os.environ.get("PIXELLLM_LS_LOCAL_ROOTS", "").split(os.pathsep) if r]
+        if os.environ.get("LOCAL_FILES_DOCUMENT_ROOT"):
+            roots.append(os.environ["LOCAL_FILES_DOCUMENT_ROOT"])
+        values = dict(
+            label_studio_url=_env("LABEL_STUDIO_URL", "LABEL_STUDIO_HOST").rstrip("/"),
+            label_studio_api_key=_env("LABEL_STUDIO_API_KEY", "LABEL_STUDIO_ACCESS_TOKEN"),
+            basic_auth_user=_env("BASIC_AUTH_USER"),
+            basic_auth_pass=_env("BASIC_AUTH_PASS"),
+            model_dir=_env("MODEL_DIR", default=_default_model_dir()),
+            model=_env("PIXELLLM_MODEL") or None,
+            device=_env("PIXELLLM_DEVICE") or None,
+            allowed_hosts=tuple(h.strip().lower() for h in os.environ.get("PIXELLLM_LS_ALLOWED_HOSTS", "")
+                                .split(",") if h.strip()),
+            local_roots=tuple(roots),
+            fetch_timeout_s=_float("PIXELLLM_LS_FETCH_TIMEOUT", 15.0),
+            predict_budget_s=_float("PIXELLLM_LS_PREDICT_BUDGET", 80.0),
+            batch_size=max(1, _int("PIXELLLM_LS_BATCH_SIZE", 8)),
+            fetch_workers=max(1, _int("PIXELLLM_LS_FETCH_WORKERS", 4)),
+            train_steps=max(1, _int("PIXELLLM_LS_TRAIN_STEPS", 200)),
+            train_min_annotations=max(1, _int("PIXELLLM_LS_TRAIN_MIN_ANNOTATIONS", 1)),
+            max_request_bytes=max(1024, _int("PIXELLLM_LS_MAX_REQUEST_BYTES", 32 * 1024 * 1024)),
+            max_prompt_chars=max(1, _int("PIXELLLM_LS_MAX_PROMPT_CHARS", 1000)),
+            log_level=_env("LOG_LEVEL", default="INFO").upper(),
+        )
+        known = {f.name for f in fields(cls)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise TypeError(f"unknown backend settings {sorted(unknown)}; known: {sorted(known)}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if isinstance(values.get("allowed_hosts"), str):
+            values["allowed_hosts"] = tuple(h.strip().lower() for h in values["allowed_hosts"].split(",")
+                                            if h.strip())
+        if isinstance(values.get("local_roots"), (str, os.PathLike)):
+            values["local_roots"] = (str(values["local_roots"]),)
+        values["local_roots"] = tuple(str(r) for r in values["local_roots"])
+        values["model_dir"] = str(values["model_dir"])
+        values["label_studio_url"] = str(values["label_studio_url"]).rstrip("/")
+        return cls(**values)
+
+    @property
+    def basic_auth_enabled(self) -> bool:
+        return bool(self.basic_auth_user or self.basic_auth_pass)

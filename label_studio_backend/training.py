@@ -1,0 +1,449 @@
+"""Learning from annotations: a background fine-tune queue with per-project LoRA adapters.
+
+``fit()`` only records annotations and enqueues; one worker thread does the slow part:
+
+1. (``START_TRAINING``) pull the project's labeled tasks through the Label Studio API;
+2. convert every stored annotation into the project's data formats, in
+   ``MODEL_DIR/projects/<id>/datasets/<adapter>/``:
+   ``refcoco_train.json`` (MDETR-style RefCOCO: text -> box) and ``vg_train.json`` (GRiT / Visual Genome:
+   box -> caption), images under ``images/train/`` (the layout ``pixelllm_plugins`` trains from);
+3. call the trainer (default ``pixelllm_plugins.training.finetune.finetune``) to write a LoRA adapter to
+   ``MODEL_DIR/adapters/ls-p<id>-ft<N>/`` (a flat folder, so a GPU worker can share it as
+   ``PIXELLLM_WORKER_ADAPTER_DIR``);
+4. record the new adapter in ``projects/<id>/state.json``: the project's ``model_version`` becomes
+   ``<base>+ls-p<id>-ft<N>`` and Label Studio re-predicts.
+
+Failures are logged and kept in the state (``/health`` shows them); they never reach the server.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import queue
+import shutil
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from .convert import regions_from_results, texts_from_results
+from .label_config import LabelConfigError, parse_label_config
+
+log = logging.getLogger(__name__)
+
+Trainer = Callable[..., object]
+SPLIT = "train"  # datasets/<adapter>/{refcoco,vg}_train.json + images/train/, the trainer's layout
+ImageLoader = Callable[..., Image.Image]
+
+_ANN_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
+_DEL_EVENTS = ("ANNOTATION_DELETED", "ANNOTATIONS_DELETED")
+
+
+def default_trainer(*, from_model, data_dir, out_adapter, steps, **kwargs):
+    """The project's LoRA fine-tune, ``pixelllm_plugins.training.finetune.finetune`` (imported lazily:
+    training code is heavy). ``from_model=None`` means the embedded default checkpoint."""
+    from pixelllm_plugins.training.finetune import finetune
+
+    if from_model is None:
+        from pixelllm_plugins.checkpoint import DEFAULT_MODEL_DIR
+
+        from_model = DEFAULT_MODEL_DIR
+    params = inspect.signature(finetune).parameters
+    # the run folder (checkpoints, metrics) stays with the dataset, not among the adapters a worker scans
+    defaults = {"progress": False, "split": SPLIT, "work_dir": Path(data_dir) / "run"}
+    extra = {k: v for k, v in {**defaults, **kwargs}.items() if k in params}
+    return finetune(from_model, data_dir, out_adapter, steps=steps, **extra)
+
+
+def adapter_name(project_id: str, round_: int) -> str:
+    return f"ls-p{project_id}-ft{round_}"
+
+
+@dataclass
+class Example:
+    """One image with boxes and texts, from one annotation."""
+
+    file_name: str
+    width: int
+    height: int
+    refer: list[tuple[str, tuple[float, float, float, float]]]  # (expression, box xyxy)
+    captions: list[tuple[str, tuple[float, float, float, float]]]  # (caption, box xyxy)
+
+
+def _xywh(box) -> list[float]:
+    x1, y1, x2, y2 = box
+    return [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)]
+
+
+def write_datasets(examples: list[Example], data_dir: Path) -> dict[str, int]:
+    """MDETR-style RefCOCO json (one image record per expression) and GRiT/VG json, as
+    ``refcoco_train.json`` / ``vg_train.json`` next to ``images/train/`` (files with no annotation are not
+    written: the trainer skips missing sources)."""
+    ref_images, ref_anns, vg_images, vg_anns = [], [], [], []
+    for i, ex in enumerate(examples, start=1):
+        entry = {"file_name": ex.file_name, "width": ex.width, "height": ex.height}
+        for k, (text, box) in enumerate(ex.refer):
+            rid = i * 1000 + k
+            ref_images.append(entry | {"id": rid, "caption": text, "original_img_id": i,
+                                       "dataset_name": "label_studio", "sentence_id": k, "tokens_negative": []})
+            x, y, w, h = _xywh(box)
+            ref_anns.append({"id": rid, "image_id": rid, "bbox": [x, y, w, h], "area": round(w * h, 2),
+                             "iscrowd": 0, "category_id": 1, "original_id": rid,
+                             "tokens_positive": [[0, len(text)]]})
+        if ex.captions:
+            vg_images.append(entry | {"id": i})
+            for k, (text, box) in enumerate(ex.captions):
+                x, y, w, h = _xywh(box)
+                vg_anns.append({"id": i * 1000 + k, "image_id": i, "bbox": [x, y, w, h], "area": round(w * h, 2),
+                                "caption": text, "category_id": 1, "iscrowd": 0})
+    categories = [{"id": 1, "name": "object", "supercategory": "object"}]
+    if ref_anns:
+        (data_dir / f"refcoco_{SPLIT}.json").write_text(json.dumps(
+            {"images": ref_images, "annotations": ref_anns, "categories": categories}))
+    if vg_anns:
+        (data_dir / f"vg_{SPLIT}.json").write_text(json.dumps(
+            {"images": vg_images, "annotations": vg_anns, "categories": categories}))
+    return {"refer": len(ref_anns), "captions": len(vg_anns), "images": len(examples)}
+
+
+def examples_from_annotation(record: dict) -> tuple[dict, list[tuple[str, list]], list[tuple[str, list]]]:
+    """(task, refer pairs, caption pairs) of one stored annotation, boxes in pixels of the image as
+    Label Studio saw it (``original_width/height``). The referring text of a box is its per-region
+    caption, else the task's ``<Text>`` expression / the typed prompt when the annotation has one box."""
+    task = record.get("task") or {}
+    annotation = record.get("annotation") or {}
+    results = annotation.get("result") or []
+    regions = regions_from_results(results)
+    expression_texts: list[str] = []
+    try:
+        cfg = parse_label_config(record.get("label_config"))
+    except LabelConfigError:
+        cfg = None
+    if cfg is not None:
+        obj = cfg.expression_object
+        data = task.get("data") if isinstance(task.get("data"), dict) else {}
+        if obj is not None and isinstance(data.get(obj.value), str) and data[obj.value].strip():
+            expression_texts.append(data[obj.value].strip())
+        prompt = cfg.prompt_control
+        if prompt is not None:
+            expression_texts += texts_from_results(results, [prompt.name])
+    refer, captions = [], []
+    for r in regions:
+        if r.caption:
+            captions.append((r.caption, r.box_xyxy))
+            refer.append((r.caption, r.box_xyxy))
+        elif expression_texts and len(regions) == 1:
+            refer.append((expression_texts[-1], r.box_xyxy))
+    return task, refer, captions
+
+
+class TrainingManager:
+    """Per-project annotation store, training queue and adapter versions (thread-safe)."""
+
+    def __init__(self, model_dir: str | Path, *, trainer: Trainer | None = None, base_model: str | None = None,
+                 steps: int = 200, min_annotations: int = 1, image_loader: ImageLoader | None = None,
+                 client_factory: Callable[[], object] | None = None, on_new_adapter: Callable | None = None,
+                 validate_adapter: Callable[[str, str], object] | None = None):
+        self.root = Path(model_dir)
+        self.adapters_dir = self.root / "adapters"
+        self.trainer = trainer or default_trainer
+        self.base_model = base_model
+        self.steps = steps
+        self.min_annotations = min_annotations
+        self.image_loader = image_loader
+        self.client_factory = client_factory
+        self.on_new_adapter = on_new_adapter
+        self.validate_adapter = validate_adapter
+        self._lock = threading.RLock()
+        self._idle = threading.Condition(self._lock)
+        self._queue: queue.Queue[tuple[str, bool] | None] = queue.Queue()
+        self._queued: dict[str, bool] = {}  # project -> pull requested
+        self._running: str | None = None
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------------ state
+    def _pdir(self, pid: str) -> Path:
+        return self.root / "projects" / pid
+
+    def state(self, pid: str) -> dict:
+        path = self._pdir(pid) / "state.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {"round": 0, "adapter": None, "status": "idle", "last_error": None, "pending": 0,
+                    "history": []}
+
+    def _save_state(self, pid: str, state: dict) -> None:
+        path = self._pdir(pid) / "state.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        os.replace(tmp, path)
+
+    def _update(self, pid: str, **changes) -> dict:
+        with self._lock:
+            state = self.state(pid)
+            state.update(changes)
+            self._save_state(pid, state)
+            return state
+
+    def adapter(self, pid: str | None) -> tuple[str, str] | None:
+        """(name, path) of the project's current adapter, or None for the base model."""
+        if not pid:
+            return None
+        state = self.state(pid)
+        name = state.get("adapter")
+        if not name:
+            return None
+        path = self.adapters_dir / name
+        return (name, str(path)) if path.is_dir() else None
+
+    def versions(self, pid: str | None) -> list[str]:
+        return [h["adapter"] for h in self.state(pid).get("history", []) if h.get("adapter")] if pid else []
+
+    def status(self) -> dict:
+        """Per-project training status for ``/health``."""
+        out = {}
+        projects = self.root / "projects"
+        if projects.is_dir():
+            for p in sorted(projects.iterdir()):
+                if (p / "state.json").is_file():
+                    s = self.state(p.name)
+                    out[p.name] = {k: s.get(k) for k in ("status", "round", "adapter", "last_error", "pending",
+                                                         "examples")}
+        return out
+
+    # ------------------------------------------------------------------ annotations
+    def record(self, pid: str, task: dict, annotation: dict, label_config: str | None) -> bool:
+        """Store (or replace) one annotation; cancelled/empty ones are removed. True if stored."""
+        if not isinstance(annotation, dict) or not isinstance(task, dict):
+            return False
+        ann_id = str(annotation.get("id", ""))
+        if not ann_id.isdigit():
+            return False
+        path = self._pdir(pid) / "annotations" / f"{ann_id}.json"
+        if annotation.get("was_cancelled") or not annotation.get("result"):
+            path.unlink(missing_ok=True)
+            return False
+        path.parent.mkdir(parents=True, exist_ok=True)
+        record = {"task": {"id": task.get("id"), "data": task.get("data")},
+                  "annotation": {"id": annotation.get("id"), "result": annotation.get("result"),
+                                 "updated_at": annotation.get("updated_at")},
+                  "label_config": label_config}
+        with self._lock:
+            path.write_text(json.dumps(record))
+            state = self.state(pid)
+            state["pending"] = int(state.get("pending", 0)) + 1
+            self._save_state(pid, state)
+        return True
+
+    def delete(self, pid: str, annotation_ids) -> int:
+        n = 0
+        for a in annotation_ids or []:
+            ann_id = str(a.get("id") if isinstance(a, dict) else a)
+            if ann_id.isdigit():
+                path = self._pdir(pid) / "annotations" / f"{ann_id}.json"
+                if path.is_file():
+                    path.unlink()
+                    n += 1
+        return n
+
+    def label_config(self, pid: str) -> str | None:
+        try:
+            return (self._pdir(pid) / "label_config.xml").read_text()
+        except OSError:
+            return None
+
+    def handle_event(self, pid: str, event: str, data: dict, label_config: str | None) -> dict:
+        """Apply one webhook event; enqueue training when there is enough new data. Returns at once."""
+        if isinstance(label_config, str) and label_config.strip() and label_config != self.label_config(pid):
+            self._pdir(pid).mkdir(parents=True, exist_ok=True)
+            (self._pdir(pid) / "label_config.xml").write_text(label_config)
+        label_config = label_config or self.label_config(pid)
+        if event in _ANN_EVENTS:
+            anns = data.get("annotation")
+            tasks = data.get("task")
+            pairs = list(zip(anns, tasks)) if isinstance(anns, list) and isinstance(tasks, list) else [(anns, tasks)]
+            stored = sum(self.record(pid, t, a, label_config) for a, t in pairs)
+            pending = int(self.state(pid).get("pending", 0))
+            queued = stored > 0 and pending >= self.min_annotations and self.request(pid)
+            return {"stored": stored, "pending": pending, "queued": bool(queued)}
+        if event in _DEL_EVENTS:
+            return {"deleted": self.delete(pid, data.get("annotations") or [data.get("annotation")])}
+        if event == "START_TRAINING":
+            return {"queued": self.request(pid, pull=True)}
+        return {"ignored": event}
+
+    # ------------------------------------------------------------------ queue
+    def request(self, pid: str, *, pull: bool = False) -> bool:
+        """Enqueue a fine-tune of the project (coalesced: one queued round per project)."""
+        with self._lock:
+            if self._closed:
+                return False
+            self._ensure_thread()
+            if pid in self._queued:
+                self._queued[pid] = self._queued[pid] or pull
+                return True
+            self._queued[pid] = pull
+            state = self.state(pid)
+            if state.get("status") != "running":
+                state["status"] = "queued"
+                self._save_state(pid, state)
+        self._queue.put((pid, pull))
+        return True
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._loop, name="pixelllm-ls-fit", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            pid, _ = item
+            with self._lock:
+                pull = self._queued.pop(pid, False)
+                self._running = pid
+            try:
+                self._train(pid, pull)
+            except BaseException:  # noqa: BLE001 - the server must survive any training failure
+                log.error("training of project %s crashed:\n%s", pid, traceback.format_exc())
+            finally:
+                with self._lock:
+                    self._running = None
+                    self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until nothing is queued or running (tests, shutdown); False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._queued or self._running is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(min(left, 0.5))
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        self._queue.put(None)
+
+    # ------------------------------------------------------------------ one training round
+    def _train(self, pid: str, pull: bool) -> None:
+        started = time.time()
+        state = self._update(pid, status="running", last_error=None, started_at=started)
+        round_ = int(state.get("round", 0)) + 1
+        name = adapter_name(pid, round_)
+        data_dir = self._pdir(pid) / "datasets" / name
+        out_dir = self.adapters_dir / name
+        try:
+            if pull:
+                self._pull(pid)
+            examples = self._build_examples(pid, data_dir)
+            if not examples:
+                raise ValueError("no usable annotations: annotate boxes with a caption, or boxes on tasks with a "
+                                 "referring expression, then train again")
+            counts = write_datasets(examples, data_dir)
+            pending_before = int(self.state(pid).get("pending", 0))
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            log.info("project %s: fine-tuning %s on %s", pid, name, counts)
+            self.trainer(from_model=self.base_model, data_dir=data_dir, out_adapter=out_dir, steps=self.steps,
+                         adapter_name=name)
+            if not out_dir.is_dir():
+                raise RuntimeError(f"the trainer finished but wrote no adapter at {out_dir}")
+            if self.validate_adapter is not None:  # load it now: a broken adapter never becomes the version
+                self.validate_adapter(name, str(out_dir))
+        except Exception as exc:  # noqa: BLE001
+            log.error("project %s: training round %d failed: %s\n%s", pid, round_, exc, traceback.format_exc())
+            self._update(pid, status="failed", last_error=f"{type(exc).__name__}: {exc}", finished_at=time.time())
+            return
+        with self._lock:
+            state = self.state(pid)
+            history = list(state.get("history", [])) + [{"round": round_, "adapter": name, "examples": counts,
+                                                          "seconds": round(time.time() - started, 2)}]
+            state.update(round=round_, adapter=name, status="idle", last_error=None, history=history,
+                         examples=counts, finished_at=time.time(),
+                         pending=max(0, int(state.get("pending", 0)) - pending_before))
+            self._save_state(pid, state)
+        log.info("project %s: adapter %s ready (%.1f s)", pid, name, time.time() - started)
+        if self.on_new_adapter is not None:
+            try:
+                self.on_new_adapter(pid, name, str(out_dir))
+            except Exception:  # noqa: BLE001
+                log.exception("project %s: new-adapter callback failed", pid)
+
+    def _pull(self, pid: str) -> None:
+        if self.client_factory is None:
+            return
+        client = self.client_factory()
+        if client is None:
+            log.warning("project %s: START_TRAINING without LABEL_STUDIO_URL/LABEL_STUDIO_API_KEY: training on "
+                        "the annotations received through webhooks only", pid)
+            return
+        tasks = client.labeled_tasks(pid)
+        label_config = self.label_config(pid)
+        for task in tasks:
+            anns = [a for a in task.get("annotations", []) if isinstance(a, dict) and not a.get("was_cancelled")]
+            if anns:
+                latest = max(anns, key=lambda a: str(a.get("updated_at") or a.get("created_at") or ""))
+                self.record(pid, task, latest, label_config)
+
+    def _build_examples(self, pid: str, data_dir: Path) -> list[Example]:
+        if data_dir.exists():
+            shutil.rmtree(data_dir)
+        (data_dir / "images" / SPLIT).mkdir(parents=True)
+        examples = []
+        for f in sorted((self._pdir(pid) / "annotations").glob("*.json")):
+            try:
+                record = json.loads(f.read_text())
+                task, refer, captions = examples_from_annotation(record)
+                if not refer and not captions:
+                    continue
+                image = self._load_image(record, task)
+            except Exception as exc:  # noqa: BLE001 - one bad annotation must not stop the round
+                log.warning("project %s: skipping annotation %s: %s", pid, f.stem, exc)
+                continue
+            file_name = f"{f.stem}.png"
+            image.save(data_dir / "images" / SPLIT / file_name)
+            w, h = image.size
+            scale = self._scale(record, w, h)
+            examples.append(Example(file_name, w, h, [(t, _scaled(b, scale)) for t, b in refer],
+                                    [(t, _scaled(b, scale)) for t, b in captions]))
+        return examples
+
+    def _load_image(self, record: dict, task: dict) -> Image.Image:
+        if self.image_loader is None:
+            raise RuntimeError("no image loader configured")
+        cfg = parse_label_config(record.get("label_config"))
+        data = task.get("data") or {}
+        ref = data.get(cfg.image.value) if cfg.image is not None else None
+        return self.image_loader(ref, task_id=task.get("id"))
+
+    @staticmethod
+    def _scale(record: dict, w: int, h: int) -> tuple[float, float]:
+        """Boxes were read at ``original_width/height``; rescale if the fetched image differs."""
+        for r in (record.get("annotation") or {}).get("result") or []:
+            if isinstance(r, dict) and r.get("original_width") and r.get("original_height"):
+                try:
+                    return w / float(r["original_width"]), h / float(r["original_height"])
+                except (TypeError, ValueError, ZeroDivisionError):
+                    break
+        return 1.0, 1.0
+
+
+def _scaled(box, scale) -> tuple[float, float, float, float]:
+    sx, sy = scale
+    return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
