@@ -39,8 +39,17 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 @dataclass
+class PreparedInput:
+    """An image already loaded, resized and hashed (``Predictor.prepare``): callers such as the worker's
+    request threads do this work in parallel, outside the inference lock."""
+
+    prepared: PreparedImage
+    digest: str
+
+
+@dataclass
 class _Image:
-    """A loaded image, its preprocessing and its cache key."""
+    """A loaded image, its preprocessing and its cache key (content digest + active adapter)."""
 
     prepared: PreparedImage
     key: str
@@ -147,15 +156,21 @@ class Predictor:
         self._adapter = adapter
 
     # ---- images and the embedding cache ------------------------------------------------------------
-    def _load(self, images: Sequence[ImageInput]) -> list[_Image]:
+    def prepare(self, image: ImageInput | PreparedInput) -> PreparedInput:
+        """Load, resize and hash an image (thread-safe, no model call)."""
+        if isinstance(image, PreparedInput):
+            return image
+        pil = load_image(image, self.limits)
+        return PreparedInput(prepare_image(pil, self.config.vision), image_digest(pil))
+
+    def _load(self, images: Sequence[ImageInput | PreparedInput]) -> list[_Image]:
         out = []
         for i, source in enumerate(images):
             try:
-                pil = load_image(source, self.limits)
+                ready = self.prepare(source)
             except PixelLLMError as exc:
                 raise type(exc)(f"image {i}: {exc}") from exc
-            prepared = prepare_image(pil, self.config.vision)
-            out.append(_Image(prepared, f"{image_digest(pil)}:{self._adapter or ''}"))
+            out.append(_Image(ready.prepared, f"{ready.digest}:{self._adapter or ''}"))
         return out
 
     def set_image(self, image: ImageInput) -> str:

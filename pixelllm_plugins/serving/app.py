@@ -308,7 +308,9 @@ def create_app(model: Any = None, settings: WorkerSettings | None = None, *, eng
         else:
             data = await image_io.fetch_url(ref.url, app.state.http, allowed_hosts=settings.allowed_hosts,
                                             limits=limits, timeout_s=settings.url_timeout_s)
-        return await run_in_threadpool(image_io.decode, data, limits)
+        image = await run_in_threadpool(image_io.decode, data, limits)
+        prepare = getattr(engine.predictor, "prepare", None)  # resize + hash here, off the inference thread
+        return await run_in_threadpool(prepare, image) if prepare is not None else image
 
     def check_limit(name: str, value: int, limit: int) -> None:
         if value > limit:
@@ -355,7 +357,8 @@ def create_app(model: Any = None, settings: WorkerSettings | None = None, *, eng
             state["in_flight"] -= 1
             metrics.in_flight.dec()
         version = engine.model_version + (f"+{req.adapter}" if req.adapter else "")
-        return result, [image.width, image.height], version
+        size = list(image.prepared.original_size) if hasattr(image, "prepared") else [image.width, image.height]
+        return result, size, version
 
     # ---- routes -------------------------------------------------------------------------------------
     @app.post("/v1/refer", responses={200: {"model": ReferResponse}}, dependencies=auth,
