@@ -47,6 +47,10 @@ class PromptConfig:
     attention_downsample: int = 2
     num_queries: int = 32  # visual tokens per prompt handed to the language model
     output_dim: int = 1024  # per-query projection (each query has its own Linear)
+    # Beyond the paper: bilinear samples of the image features on a roi_grid x roi_grid lattice inside the
+    # prompt box join the prompt tokens, so box-local content reaches the queries from the first step.
+    # 0 = paper-exact (no RoI sampling). Small models trained from scratch learn region tasks much faster.
+    roi_grid: int = 0
 
 
 @dataclass
@@ -157,7 +161,7 @@ def _tiny() -> PixelLLMConfig:
         vision=VisionConfig(image_size=64, patch_size=8, hidden_size=32, num_layers=1, num_heads=2,
                             conv_stem=True),
         prompt=PromptConfig(embed_dim=32, hidden_size=32, depth=1, num_heads=2, mlp_dim=64,
-                            attention_downsample=1, num_queries=4, output_dim=32),
+                            attention_downsample=1, num_queries=4, output_dim=32, roi_grid=2),
         language=LanguageConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
                                 max_positions=96, dropout=0.0, max_context_tokens=16, max_text_tokens=24),
         heads=HeadsConfig(point_hidden=32, point_layers=2, proposal_hidden=32, max_proposals=20),
@@ -170,7 +174,7 @@ def _synth_small() -> PixelLLMConfig:
         vision=VisionConfig(image_size=192, patch_size=16, hidden_size=192, num_layers=4, num_heads=3,
                             conv_stem=True),
         prompt=PromptConfig(embed_dim=64, hidden_size=128, depth=2, num_heads=4, mlp_dim=256,
-                            attention_downsample=1, num_queries=8, output_dim=192),
+                            attention_downsample=1, num_queries=8, output_dim=192, roi_grid=3),
         language=LanguageConfig(hidden_size=192, num_layers=3, num_heads=4, intermediate_size=512,
                                 max_positions=128, dropout=0.0, max_context_tokens=24, max_text_tokens=40),
         heads=HeadsConfig(point_hidden=192, point_layers=3, proposal_hidden=128, max_proposals=30),

@@ -62,8 +62,12 @@ class PixelLLM(nn.Module):
     def _visual_flat(self, image_tokens: Tensor, boxes: Tensor, image_index: Tensor) -> Tensor:
         """boxes [M,4] canvas px, image_index [M] -> visual tokens [M,Q,Dv]."""
         pe = self.prompt_encoder
+        roi = None
+        if self.prompt_adapter.roi_grid > 0:
+            boxes01 = (boxes.float() / self.canvas_size).clamp(0, 1)
+            roi = self.prompt_adapter.roi_tokens(image_tokens, self.vision.grid_size, boxes01, image_index, pe.pe)
         return self.prompt_adapter(image_tokens, pe.dense_pe(self.vision.grid_size), pe.dense_embedding(),
-                                   pe.embed_boxes(boxes), image_index)
+                                   pe.embed_boxes(boxes), image_index, roi)
 
     def visual_tokens(self, image_tokens: Tensor, prompt_boxes: Tensor, image_sizes: Tensor | None = None
                       ) -> Tensor:

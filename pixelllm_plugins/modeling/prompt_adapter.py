@@ -103,6 +103,8 @@ class PromptAdapter(nn.Module):
         self.pe_proj = nn.Linear(config.embed_dim, h)
         self.prompt_proj = nn.Linear(config.embed_dim, h)
         self.queries = nn.Parameter(torch.randn(q, h))
+        self.roi_grid = config.roi_grid
+        self.roi_proj = nn.Linear(vision_dim, h) if config.roi_grid > 0 else None
         self.transformer = TwoWayTransformer(config.depth, h, config.num_heads, config.mlp_dim,
                                              config.attention_downsample)
         # Q independent Linear(h -> output_dim), stored stacked so they run as one einsum.
@@ -112,14 +114,32 @@ class PromptAdapter(nn.Module):
         nn.init.uniform_(self.out_weight, -bound, bound)
         nn.init.uniform_(self.out_bias, -bound, bound)
 
+    def roi_tokens(self, image_tokens: Tensor, grid_size: tuple[int, int], boxes01: Tensor,
+                   image_index: Tensor, pe) -> Tensor:
+        """Bilinear samples of the image features at a g x g lattice inside each box (+ their PE).
+
+        boxes01 [M,4] are x1,y1,x2,y2 normalised to the canvas -> [M,g*g,hidden]."""
+        g, (gh, gw) = self.roi_grid, grid_size
+        fmap = image_tokens.transpose(1, 2).reshape(image_tokens.shape[0], -1, gh, gw)
+        fmap = fmap.index_select(0, image_index)
+        steps = (torch.arange(g, device=boxes01.device, dtype=boxes01.dtype) + 0.5) / g
+        xs = boxes01[:, 0:1] + steps * (boxes01[:, 2:3] - boxes01[:, 0:1])  # [M,g]
+        ys = boxes01[:, 1:2] + steps * (boxes01[:, 3:4] - boxes01[:, 1:2])
+        points = torch.stack([xs[:, None, :].expand(-1, g, -1), ys[:, :, None].expand(-1, -1, g)], -1)  # [M,g,g,2]
+        sampled = F.grid_sample(fmap, (2 * points - 1).to(fmap.dtype), mode="bilinear", align_corners=False)
+        sampled = sampled.flatten(2).transpose(1, 2)  # [M,g*g,Cv]
+        return self.roi_proj(sampled) + self.pe_proj(pe.encode(points.reshape(len(points), -1, 2)).to(sampled.dtype))
+
     def forward(self, image_tokens: Tensor, image_pe: Tensor, dense_embedding: Tensor, prompt_tokens: Tensor,
-                image_index: Tensor) -> Tensor:
+                image_index: Tensor, roi: Tensor | None = None) -> Tensor:
         """image_tokens [B,L,Cv], image_pe [L,E], dense_embedding [1,E], prompt_tokens [M,P,E],
-        image_index [M] (the image of each prompt) -> visual tokens [M,Q,output_dim]."""
+        image_index [M] (the image of each prompt), roi [M,R,hidden] (optional RoI tokens)
+        -> visual tokens [M,Q,output_dim]."""
         src = self.image_proj(image_tokens) + self.dense_proj(dense_embedding)  # projected once per image
         src = src.index_select(0, image_index)
         pe = self.pe_proj(image_pe).unsqueeze(0)
         m = prompt_tokens.shape[0]
-        tokens = torch.cat([self.queries.unsqueeze(0).expand(m, -1, -1), self.prompt_proj(prompt_tokens)], 1)
+        parts = [self.queries.unsqueeze(0).expand(m, -1, -1), self.prompt_proj(prompt_tokens)]
+        tokens = torch.cat(parts + ([roi] if roi is not None else []), 1)
         out = self.transformer(src, pe, tokens)[:, : self.num_queries]
         return torch.einsum("mqh,qho->mqo", out, self.out_weight) + self.out_bias

@@ -81,6 +81,8 @@ class TrainConfig:
     lora_name: str = "default"
     lora_target_modules: list[str] | None = None
     lora_modules_to_save: list[str] | None = None
+    # learning-rate multipliers by parameter-name prefix (first match wins), e.g. {"vision.": 0.2}
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
     # testing aid: stop (as if killed) once this many steps are done, without the final save
     stop_after: int | None = None
 
@@ -126,19 +128,21 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.optim.AdamW, list[str]]:
     """AdamW over the parameters with ``requires_grad`` (frozen parts and the base under LoRA are left
     out); weight decay only on >= 2-d weights. Returns the optimizer and the parameter names in order."""
-    decay, no_decay, names = [], [], []
+    buckets: dict[tuple[bool, float], list[tuple[str, torch.nn.Parameter]]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 and not name.endswith(".bias") else no_decay).append((name, p))
-    if not decay and not no_decay:
+        decays = p.ndim >= 2 and not name.endswith(".bias")
+        scale = next((m for prefix, m in cfg.lr_multipliers.items() if name.startswith(prefix)), 1.0)
+        buckets.setdefault((decays, scale), []).append((name, p))
+    if not buckets:
         raise TrainingError("the model has no trainable parameters (everything is frozen); unfreeze a part "
                             "or add a LoRA adapter (lora_r > 0)")
-    groups = []
-    for params, wd in ((decay, cfg.weight_decay), (no_decay, 0.0)):
-        if params:
-            groups.append({"params": [p for _, p in params], "weight_decay": wd})
-            names += [n for n, _ in params]
+    groups, names = [], []
+    for (decays, scale), params in sorted(buckets.items(), key=lambda kv: (not kv[0][0], kv[0][1])):
+        groups.append({"params": [p for _, p in params], "weight_decay": cfg.weight_decay if decays else 0.0,
+                       "lr_scale": scale})
+        names += [n for n, _ in params]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=1e-8, foreach=False), names
 
 
@@ -395,7 +399,7 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> Path:
     while step < cfg.steps:
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         totals: dict[str, float] = {}
         tasks = []
         for micro in range(cfg.grad_accum):
