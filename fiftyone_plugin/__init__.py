@@ -1,0 +1,256 @@
+"""``@pixelllm/pixelllm``: PixelLLM operators for the FiftyOne App and SDK.
+
+Operators: ``refer``, ``caption_regions``, ``dense_caption``, ``caption_with_trace`` and ``free_model``.
+This module only adapts FiftyOne forms and contexts: inference, batching, label conversion and the model
+cache live in ``pixelllm_plugins.integrations.fiftyone`` (FiftyOne re-imports this file on every run).
+
+SDK use (parameter names are stable)::
+
+    import fiftyone.operators as foo
+    foo.execute_operator("@pixelllm/pixelllm/refer", ctx=dict(dataset=ds, params={"prompt": "the red circle"}))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import fiftyone.operators as foo
+import fiftyone.operators.types as types
+
+from pixelllm_plugins.integrations import fiftyone as pxfo
+
+PLUGIN = "@pixelllm/pixelllm"
+
+
+# ---- shared form pieces ------------------------------------------------------------------------------
+
+
+def _field_choices(ctx, kinds: tuple[str, ...]) -> list[str]:
+    """Names of the dataset's fields whose type name (or label document type) is in ``kinds``."""
+    if ctx.dataset is None:
+        return []
+    names = []
+    for name, f in ctx.dataset.get_field_schema().items():
+        doc = getattr(f, "document_type", None)
+        kind = doc.__name__ if doc is not None else type(f).__name__
+        if kind == "ListField":
+            sub = getattr(f, "field", None)
+            kind = f"ListField[{type(sub).__name__}]" if sub is not None else kind
+        if kind in kinds:
+            names.append(name)
+    return names
+
+
+def _autocomplete(choices: list[str]):
+    return types.AutocompleteView(choices=[types.Choice(c, label=c) for c in choices])
+
+
+def _target(ctx) -> None:
+    # resolving the target during resolve_input adds FiftyOne's dataset / view / selection chooser
+    with contextlib.suppress(Exception):  # no dataset yet (e.g. listing operators)
+        ctx.target_view(require_flat=True)
+
+
+def _common_inputs(ctx, inputs) -> None:
+    inputs.str("model", default="", required=False, label="Model",
+               description="Checkpoint folder or preset name; empty = the embedded default model")
+    inputs.int("batch_size", default=pxfo.DEFAULT_BATCH_SIZE, min=1, required=False, label="Batch size",
+               description="Images per inference call; results are saved after every batch")
+    inputs.bool("overwrite", default=False, required=False, label="Overwrite",
+                description="Recompute samples already labeled by this model version")
+    worker = os.environ.get("PIXELLLM_WORKER_URL", "")
+    where = f"the GPU worker at {worker}" if worker else "this process (set PIXELLLM_WORKER_URL for a GPU worker)"
+    inputs.view("pixelllm_mode", types.Notice(label=f"Inference runs on {where}."))
+    inputs.bool("delegate", default=False, required=False, label="Delegate execution?",
+                description="Queue the run for `fiftyone delegated launch` (recommended beyond a few hundred "
+                            "samples: immediate runs time out after 10 minutes)")
+    if ctx.params.get("delegate", False):
+        inputs.view("pixelllm_delegate_notice", types.Notice(
+            label="Start a worker with `fiftyone delegated launch` so that queued runs execute."))
+
+
+def _params(ctx) -> dict:
+    p = ctx.params
+    return {"model": p.get("model") or None, "batch_size": int(p.get("batch_size") or pxfo.DEFAULT_BATCH_SIZE),
+            "overwrite": bool(p.get("overwrite", False))}
+
+
+def _progress(ctx):
+    def report(done: int, total: int, summary) -> None:
+        label = f"{done}/{total} samples" + (f", {summary.failed} failed" if summary.failed else "")
+        ctx.set_progress(progress=(done / total) if total else 1.0, label=label)
+
+    return report
+
+
+def _finish(ctx, summary) -> dict:
+    if not ctx.delegated and (summary.processed or summary.failed):
+        ctx.trigger("reload_dataset")
+    return summary.to_dict()
+
+
+def _summary_output(ctx):
+    outputs = types.Object()
+    outputs.int("processed", label="Samples labeled")
+    outputs.int("skipped", label="Skipped (already labeled by this model version)")
+    outputs.int("failed", label="Failed (see the pixelllm_error field)")
+    outputs.str("message", label="Message")
+    return types.Property(outputs, view=types.View(label="PixelLLM"))
+
+
+class _PixelLLMOperator(foo.Operator):
+    name = ""
+    label = ""
+    description = ""
+
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name=self.name,
+            label=self.label,
+            description=self.description,
+            dynamic=True,
+            allow_immediate_execution=True,
+            allow_delegated_execution=True,
+            default_choice_to_delegated=False,
+        )
+
+    def resolve_delegation(self, ctx):
+        return True if ctx.params.get("delegate", False) else None
+
+    def resolve_output(self, ctx):
+        return _summary_output(ctx)
+
+
+# ---- operators -------------------------------------------------------------------------------------------
+
+
+class Refer(_PixelLLMOperator):
+    name = "refer"
+    label = "PixelLLM: find a referring expression"
+    description = "Text -> box: the box a referring expression names, on every sample"
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        _target(ctx)
+        inputs.str("prompt", default="", required=False, allow_empty=True, label="Referring expression",
+                   description="e.g. 'the person holding an umbrella'; leave empty to read prompt_field")
+        inputs.str("prompt_field", default="", required=False, allow_empty=True, label="Prompt field",
+                   description="A text field holding each sample's expression (used when prompt is empty)",
+                   view=_autocomplete(_field_choices(
+                       ctx, ("StringField", "ListField[StringField]", "Classification", "Classifications"))))
+        inputs.str("label_field", default=pxfo.DEFAULT_REFER_FIELD, required=False, label="Output field")
+        _common_inputs(ctx, inputs)
+        return types.Property(inputs, view=types.View(label=self.label))
+
+    def execute(self, ctx):
+        p = ctx.params
+        summary = pxfo.run_refer(ctx.target_view(require_flat=True), prompt=p.get("prompt") or None,
+                                 prompt_field=p.get("prompt_field") or None,
+                                 label_field=p.get("label_field") or pxfo.DEFAULT_REFER_FIELD,
+                                 progress=_progress(ctx), **_params(ctx))
+        return _finish(ctx, summary)
+
+
+class CaptionRegions(_PixelLLMOperator):
+    name = "caption_regions"
+    label = "PixelLLM: caption boxes"
+    description = "Box -> text: a caption attribute on each selected box, or every box of a field"
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        _target(ctx)
+        selected = ctx.selected_labels or []
+        choices = _field_choices(ctx, ("Detections",))
+        if selected:
+            inputs.view("pixelllm_selected", types.Notice(
+                label=f"Captioning the {len(selected)} selected label(s)."))
+        inputs.str("boxes_field", default=choices[0] if choices else "", required=False, allow_empty=True,
+                   label="Boxes field", description="The Detections field whose boxes get captions",
+                   view=_autocomplete(choices))
+        inputs.str("caption_attribute", default=pxfo.DEFAULT_CAPTION_ATTRIBUTE, required=False,
+                   label="Caption attribute", description="Attribute set on each box (ids are kept)")
+        _common_inputs(ctx, inputs)
+        return types.Property(inputs, view=types.View(label=self.label))
+
+    def execute(self, ctx):
+        p = ctx.params
+        summary = pxfo.run_caption_regions(
+            ctx.target_view(require_flat=True), boxes_field=p.get("boxes_field") or None,
+            caption_attribute=p.get("caption_attribute") or pxfo.DEFAULT_CAPTION_ATTRIBUTE,
+            selected_labels=ctx.selected_labels or None, progress=_progress(ctx), **_params(ctx))
+        return _finish(ctx, summary)
+
+
+class DenseCaption(_PixelLLMOperator):
+    name = "dense_caption"
+    label = "PixelLLM: dense captioning"
+    description = "Propose regions and caption each: boxes with a short label and a full caption"
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        _target(ctx)
+        inputs.str("label_field", default=pxfo.DEFAULT_DENSE_FIELD, required=False, label="Output field")
+        inputs.int("max_regions", default=20, min=1, required=False, label="Max regions per image")
+        inputs.float("min_score", default=0.3, min=0.0, max=1.0, required=False, label="Min proposal score")
+        _common_inputs(ctx, inputs)
+        return types.Property(inputs, view=types.View(label=self.label))
+
+    def execute(self, ctx):
+        p = ctx.params
+        summary = pxfo.run_dense_caption(
+            ctx.target_view(require_flat=True), label_field=p.get("label_field") or pxfo.DEFAULT_DENSE_FIELD,
+            max_regions=int(p.get("max_regions", 20)), min_score=float(p.get("min_score", 0.3)),
+            progress=_progress(ctx), **_params(ctx))
+        return _finish(ctx, summary)
+
+
+class CaptionWithTrace(_PixelLLMOperator):
+    name = "caption_with_trace"
+    label = "PixelLLM: caption with word trace"
+    description = "A whole-image caption; every word points somewhere (Keypoints + a Polyline path)"
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        _target(ctx)
+        inputs.str("caption_field", default=pxfo.DEFAULT_CAPTION_FIELD, required=False, label="Caption field")
+        inputs.str("trace_field", default=pxfo.DEFAULT_TRACE_FIELD, required=False, label="Trace field",
+                   description="One Keypoint per word; the path goes to <trace_field>_path")
+        _common_inputs(ctx, inputs)
+        return types.Property(inputs, view=types.View(label=self.label))
+
+    def execute(self, ctx):
+        p = ctx.params
+        summary = pxfo.run_caption_with_trace(
+            ctx.target_view(require_flat=True), caption_field=p.get("caption_field") or pxfo.DEFAULT_CAPTION_FIELD,
+            trace_field=p.get("trace_field") or pxfo.DEFAULT_TRACE_FIELD, progress=_progress(ctx),
+            **_params(ctx))
+        return _finish(ctx, summary)
+
+
+class FreeModel(foo.Operator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(name="free_model", label="PixelLLM: free model memory",
+                                  description="Release the models this process holds (frees GPU memory)",
+                                  allow_immediate_execution=True, allow_delegated_execution=True,
+                                  view_target=False)
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        inputs.view("pixelllm_free", types.Notice(
+            label="Releases the PixelLLM models cached by the process that runs this operator; the next "
+                  "run loads them again."))
+        return types.Property(inputs, view=types.View(label="PixelLLM: free model memory"))
+
+    def execute(self, ctx):
+        return {"released": pxfo.free_model()}
+
+
+OPERATORS = (Refer, CaptionRegions, DenseCaption, CaptionWithTrace, FreeModel)
+
+
+def register(p):
+    for op in OPERATORS:
+        p.register(op)
