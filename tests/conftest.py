@@ -26,6 +26,7 @@ def make_scene(path=None, size=(160, 120), seed=0) -> Image.Image:
 def tiny_checkpoint(tmp_path_factory):
     """A saved random `tiny` checkpoint folder (seeded), shared by the session."""
     import torch
+
     from pixelllm_plugins.checkpoint import load_pretrained, save_pretrained
 
     torch.manual_seed(0)
