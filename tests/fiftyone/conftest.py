@@ -21,6 +21,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from polling import wait_until
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -191,18 +192,6 @@ def oracle(monkeypatch, scenes):
 def fo_subprocess_env():
     """``fo_subprocess_env(**extra)``: the environment for FiftyOne subprocesses of this session."""
     return subprocess_env
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
-    """Poll ``predicate`` until truthy or the deadline passes (then fail); returns its value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
 
 
 @pytest.fixture(scope="session")

@@ -13,12 +13,12 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
 from fakes import FakePredictor
 from PIL import Image, ImageDraw
+from polling import wait_until  # noqa: F401  (re-exported for the serving tests)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,18 +39,6 @@ def b64(data: bytes) -> str:
 
 def image_field(w: int = 64, h: int = 48, seed: int = 0) -> dict:
     return {"b64": b64(png_bytes(w, h, seed))}
-
-
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.01, what: str = "condition"):
-    """Poll ``predicate`` until it returns a truthy value or the deadline passes (then fail)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
 
 
 def free_port() -> int:
@@ -172,7 +160,7 @@ class WorkerProcess:
                 raise AssertionError(f"worker exited with {self.proc.returncode}; log: {self.log_path}")
             return _ready(self.url)
 
-        wait_until(up, timeout, 0.05, "the worker subprocess to be ready")
+        wait_until(up, timeout, "the worker subprocess to be ready")
         return self
 
     def kill(self) -> None:

@@ -119,7 +119,7 @@ def test_worker_killed_mid_load_and_restarted_clients_recover(tmp_path):
         remote = _remote(first.url)
         done, errors = [], []
         threads = _run_clients(remote, 600, 32, done, errors)
-        wait_until(lambda: len(done) >= 150, 120, 0.01, "150 answers before the kill")
+        wait_until(lambda: len(done) >= 150, 120, "150 answers before the kill", interval=0.01)
         first.kill()
         at_kill = len(done)
         assert at_kill < 600, "the load finished before the kill; raise the request count"

@@ -37,7 +37,7 @@ def ray_worker():
         run("127.0.0.1", port, factory="fakes:FakePredictor", replicas=2, num_cpus=0.5, blocking=False,
             token=TOKEN, max_batch_size=8, max_wait_ms=5)
         url = f"http://127.0.0.1:{port}"
-        wait_until(lambda: _status(url + "/ready") == 200, 90, 0.2, "the Ray Serve deployment")
+        wait_until(lambda: _status(url + "/ready") == 200, 90, "the Ray Serve deployment", interval=0.2)
         yield url
     finally:
         serve.shutdown()
@@ -59,7 +59,7 @@ def test_two_replicas_serve_the_same_app_with_batching(ray_worker):
         replicas.add(httpx.get(url + "/ready", timeout=10).json()["info"]["replica"])
         return len(replicas) == 2
 
-    wait_until(replica, 60, 0.05, "both replicas to answer /ready")
+    wait_until(replica, 60, "both replicas to answer /ready")
     with RemotePredictor(url, token=TOKEN, concurrency=16) as remote:
         images = [png_bytes(64, 48, seed=i) for i in range(48)]
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
