@@ -16,14 +16,6 @@ def tiny_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_base(tmp_path_factory):
-    """A saved random `tiny` checkpoint (the base model for fine-tuning)."""
-    import torch
-
-    from pixelllm_plugins.checkpoint import load_pretrained, save_pretrained
-
-    torch.manual_seed(0)
-    model, tokenizer, _ = load_pretrained("tiny")
-    path = tmp_path_factory.mktemp("tiny-base")
-    save_pretrained(model, tokenizer, path)
-    return path
+def tiny_base(tiny_checkpoint):
+    """A saved random `tiny` checkpoint (the base model for fine-tuning): the session's shared one."""
+    return tiny_checkpoint
