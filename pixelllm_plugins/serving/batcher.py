@@ -111,7 +111,26 @@ class ShuttingDown(PixelLLMError):
     """The worker is stopping; the request was not run."""
 
 
-class DynamicBatcher:
+class EngineInfo:
+    """``model_version`` and ``info()`` of an engine holding ``self.predictor`` and ``self.adapters``
+    (shared by the thread batcher and the Ray Serve deployment)."""
+
+    predictor: Any
+    adapters: AdapterLRU | None
+
+    @property
+    def model_version(self) -> str:
+        p = self.predictor
+        return str(getattr(p, "base_version", None) or getattr(p, "model_version", "")) if p else ""
+
+    def info(self) -> dict:
+        p = self.predictor
+        info = p.info() if p is not None and callable(getattr(p, "info", None)) else {}
+        return {"model_version": self.model_version, **info,
+                "adapters_loaded": self.adapters.loaded if self.adapters else []}
+
+
+class DynamicBatcher(EngineInfo):
     """The single-process engine: a bounded wait list and one inference thread that owns the model."""
 
     def __init__(self, factory: Callable[[], Any], *, max_batch_size: int = 8, max_wait_ms: float = 5.0,
@@ -140,16 +159,6 @@ class DynamicBatcher:
     def ready(self) -> bool:
         return self._ready.is_set()
 
-    @property
-    def model_version(self) -> str:
-        p = self.predictor
-        return str(getattr(p, "base_version", None) or getattr(p, "model_version", "")) if p else ""
-
-    def info(self) -> dict:
-        p = self.predictor
-        info = p.info() if p is not None and callable(getattr(p, "info", None)) else {}
-        return {"model_version": self.model_version, **info,
-                "adapters_loaded": self.adapters.loaded if self.adapters else []}
 
     def start(self) -> None:
         if self._thread is None:

@@ -22,7 +22,7 @@ from typing import Any
 from ray import serve
 
 from .app import adapter_roots, create_app, load_factory, predictor_factory
-from .batcher import Job, group_jobs, run_jobs, set_torch_threads
+from .batcher import EngineInfo, Job, group_jobs, run_jobs, set_torch_threads
 from .metrics import WorkerMetrics
 from .settings import WorkerSettings
 
@@ -33,7 +33,7 @@ APP_NAME = "pixelllm"
 
 @serve.deployment(name="PixelLLMWorker", max_ongoing_requests=256, health_check_period_s=10)
 @serve.ingress()
-class PixelLLMDeployment:
+class PixelLLMDeployment(EngineInfo):
     """A Serve replica: one model, one inference thread, the shared FastAPI app as its ingress."""
 
     async def __init__(self, model: str | None = None, settings: dict | None = None,
@@ -76,20 +76,12 @@ class PixelLLMDeployment:
     def ready(self) -> bool:
         return self.predictor is not None
 
-    @property
-    def model_version(self) -> str:
-        p = self.predictor
-        return str(getattr(p, "base_version", None) or getattr(p, "model_version", "")) if p else ""
-
     def info(self) -> dict:
-        p = self.predictor
-        info = p.info() if p is not None and callable(getattr(p, "info", None)) else {}
         from ray import get_runtime_context
 
         ctx = serve.get_replica_context()
-        return {"model_version": self.model_version, **info, "engine": "ray-serve",
-                "replica": ctx.replica_tag if ctx else None, "node": get_runtime_context().get_node_id(),
-                "adapters_loaded": self.adapters.loaded if self.adapters else []}
+        return {**super().info(), "engine": "ray-serve", "replica": ctx.replica_tag if ctx else None,
+                "node": get_runtime_context().get_node_id()}
 
     def start(self) -> None:  # the model was loaded by the constructor
         pass
