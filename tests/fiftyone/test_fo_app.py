@@ -74,16 +74,28 @@ def _answers(url: str) -> bool:
         return False
 
 
-def _screenshot(url: str, out: Path, tmp: Path, timeout: float = 180) -> Path:
+def _screenshot(url: str, out: Path, tmp: Path, timeout: float = 180, budget_ms: int = 20000) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.unlink(missing_ok=True)
     cmd = [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
            f"--user-data-dir={tmp / 'chromium-profile'}", "--window-size=1400,900",
-           "--virtual-time-budget=20000", "--hide-scrollbars", f"--screenshot={out}", url]
+           f"--virtual-time-budget={budget_ms}", "--hide-scrollbars", f"--screenshot={out}", url]
     env = dict(os.environ, HOME=str(tmp))
     proc = subprocess.run(cmd, env=env, capture_output=True, timeout=timeout)
     assert out.is_file(), proc.stderr.decode()[-2000:]
     return out
+
+
+def _rendered_screenshot(url: str, out: Path, tmp: Path, poll) -> Path:
+    """Screenshots with a growing virtual-time budget until the App has rendered (a loaded App has
+    hundreds of colours; "Pixelating..." on a dark page has a few dozen). Bounded by the deadline."""
+    budgets = iter([20000, 40000, 80000])
+
+    def attempt():
+        shot = _screenshot(url, out, tmp, budget_ms=next(budgets, 120000))
+        return shot if _distinct_colors(shot) > 200 else None
+
+    return poll(attempt, 900, f"the App to render {url}")
 
 
 def _distinct_colors(path: Path) -> int:
@@ -109,10 +121,11 @@ def test_app_serves_the_operators_and_shows_boxes_captions_and_trace(app, datase
     if CHROMIUM is None:
         pytest.skip("chromium is not installed (apt-get install chromium): no screenshot")
     # the grid, then one sample in the modal: boxes, the caption, the word keypoints and the trace path
-    grid = _screenshot(f"{url}/datasets/{dataset.name}", ARTIFACTS / "grid.png", tmp_path)
+    grid = _rendered_screenshot(f"{url}/datasets/{dataset.name}", ARTIFACTS / "grid.png", tmp_path, poll)
     sample = dataset.first()
     poll(lambda: _open_modal(session, sample.id), 60, "the session to open the sample")
-    modal = _screenshot(f"{url}/datasets/{dataset.name}?id={sample.id}", ARTIFACTS / "modal.png", tmp_path)
+    modal = _rendered_screenshot(f"{url}/datasets/{dataset.name}?id={sample.id}", ARTIFACTS / "modal.png",
+                                 tmp_path, poll)
     for shot in (grid, modal):
         with Image.open(shot) as im:
             assert im.size == (1400, 900)
