@@ -1,0 +1,39 @@
+"""The embedded default model ships inside the package and loads offline."""
+
+import pytest
+
+from pixelllm_plugins.checkpoint import DEFAULT_MODEL_DIR, load_pretrained
+from pixelllm_plugins.data.formats import demo_scene
+from pixelllm_plugins.inference.predictor import Predictor
+
+
+@pytest.fixture(scope="module")
+def default_predictor():
+    return Predictor(device="cpu")
+
+
+def test_checkpoint_folder_is_complete_and_small():
+    names = {p.name for p in DEFAULT_MODEL_DIR.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", "meta.json"} <= names
+    assert not any(n.endswith((".bin", ".pt", ".pth", ".pkl")) for n in names)
+    assert (DEFAULT_MODEL_DIR / "model.safetensors").stat().st_size <= 25 * 2**20
+
+
+def test_loads_by_default(default_predictor):
+    model, tokenizer, version = load_pretrained(None)
+    assert version == default_predictor.model_version and version.startswith("synth-small-")
+    assert model.config.preset == "synth-small" and tokenizer.vocab_size == model.language.vocab_size
+
+
+def test_every_task_runs_on_a_generated_scene(default_predictor):
+    image, expressions = demo_scene(7)
+    w, h = image.size
+    [[dets]] = default_predictor.refer([image], [[expressions[0]]])
+    x1, y1, x2, y2 = dets[0].box_xyxy
+    assert 0 <= x1 <= x2 <= w and 0 <= y1 <= y2 <= h and 0 <= dets[0].score <= 1
+    (regions,) = default_predictor.caption_regions([image], [[(0, 0, w / 2, h / 2)]])
+    assert regions[0].text
+    (cap,) = default_predictor.caption([image], trace=True)
+    assert len(cap.words) >= 1
+    (dense,) = default_predictor.dense_caption([image], max_regions=5, min_score=0.0)
+    assert len(dense) <= 5
