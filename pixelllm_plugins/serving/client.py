@@ -87,6 +87,8 @@ def _error_class(name: str) -> type[PixelLLMError]:
 class RemotePredictor:
     """Implements ``PredictorProtocol`` by calling a worker over HTTP. Thread-safe; reuse one per process."""
 
+    _sleep = staticmethod(time.sleep)  # the backoff wait (tests record it instead of sleeping)
+
     def __init__(self, url: str, *, token: str | None = None, model: str | None = None,
                  timeout: float = 60.0, connect_timeout: float = 5.0, max_retries: int = 8,
                  retry_deadline_s: float = 120.0, backoff_s: float = 0.1, max_backoff_s: float = 10.0,
@@ -183,7 +185,7 @@ class RemotePredictor:
                                   "(pixelllm serve) and PIXELLLM_WORKER_URL")
             self._count("retries")
             log.debug("%s %s: %s; retrying in %.2f s", method, path, problem, delay)
-            time.sleep(delay)
+            self._sleep(delay)
 
     def _count(self, key: str) -> None:
         with self._stats_lock:

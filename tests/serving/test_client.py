@@ -15,7 +15,6 @@ from serving_helpers import GateFake, ThreadedServer, free_port, png_bytes, wait
 from pixelllm_plugins.errors import ImageFetchError, InvalidBoxError, InvalidImageError, RemoteError
 from pixelllm_plugins.inference import get_predictor, release_predictors
 from pixelllm_plugins.inference.protocol import PredictorProtocol
-from pixelllm_plugins.serving import client as client_module
 from pixelllm_plugins.serving.app import create_app
 from pixelllm_plugins.serving.client import RemotePredictor
 from pixelllm_plugins.serving.settings import WorkerSettings
@@ -27,7 +26,7 @@ TOKEN = "client-test-token"
 def no_sleep(monkeypatch):
     """Record the client's backoff delays instead of sleeping them."""
     delays: list[float] = []
-    monkeypatch.setattr(client_module.time, "sleep", delays.append)
+    monkeypatch.setattr(RemotePredictor, "_sleep", staticmethod(delays.append))
     return delays
 
 
