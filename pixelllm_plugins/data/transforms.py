@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from ..config import VisionConfig
+from ..inference.preprocess import normalise_and_pad, resize_longer_side
 from .types import Box, GroundedSample, PromptRecord
 
 
@@ -160,13 +161,7 @@ def _annotation_scale(sample: GroundedSample, W: int, H: int) -> tuple[list[Prom
 
 
 def _to_tensor(image: Image.Image, size: int, vision: VisionConfig) -> torch.Tensor:
-    # numpy: much cheaper than torch ops on small arrays inside data workers
-    arr = np.asarray(image, dtype=np.float32)
-    mean = np.asarray(vision.pixel_mean, dtype=np.float32) * 255.0
-    inv_std = 1.0 / (np.asarray(vision.pixel_std, dtype=np.float32) * 255.0)
-    out = np.zeros((size, size, 3), dtype=np.float32)
-    out[: arr.shape[0], : arr.shape[1]] = (arr - mean) * inv_std
-    return torch.from_numpy(out.transpose(2, 0, 1).copy())
+    return normalise_and_pad(image, size, vision)  # the same pixels the Predictor feeds the model
 
 
 _SIDES = re.compile(r"\b(left|right)", re.IGNORECASE)
@@ -178,11 +173,7 @@ def _mentions_sides(prompts: list[PromptRecord]) -> bool:
 
 
 def _resize(image: Image.Image, longer: int) -> tuple[Image.Image, float, float]:
-    W, H = image.size
-    f = longer / max(W, H)
-    nw, nh = max(1, round(W * f)), max(1, round(H * f))
-    resized = image if (nw, nh) == (W, H) else image.resize((nw, nh), Image.BILINEAR)
-    return resized, nw / W, nh / H
+    return resize_longer_side(image, longer)
 
 
 def eval_transform(sample: GroundedSample, vision: VisionConfig, image: Image.Image | None = None) -> TransformedSample:

@@ -28,23 +28,25 @@ class PreparedImage:
         return xy * factors
 
 
-def resize_longer_side(image: Image.Image, size: int) -> tuple[Image.Image, float]:
+def resize_longer_side(image: Image.Image, size: int) -> tuple[Image.Image, float, float]:
+    """Resize so the longer side is ``size`` -> (image, x scale, y scale). Training and inference share it."""
     w, h = image.size
-    scale = size / max(w, h)
-    new = (max(1, round(w * scale)), max(1, round(h * scale)))
-    if new != image.size:
-        image = image.resize(new, Image.BILINEAR)
-    return image, scale
+    f = size / max(w, h)
+    new = (max(1, round(w * f)), max(1, round(h * f)))
+    resized = image if new == image.size else image.resize(new, Image.BILINEAR)
+    return resized, new[0] / w, new[1] / h
+
+
+def normalise_and_pad(image: Image.Image, size: int, vision: VisionConfig) -> torch.Tensor:
+    """RGB image (already resized) -> [3,size,size] normalised tensor, zero padding right/bottom."""
+    arr = np.asarray(image, dtype=np.float32)  # numpy: cheaper than torch ops on small arrays
+    mean = np.asarray(vision.pixel_mean, dtype=np.float32) * 255.0
+    inv_std = 1.0 / (np.asarray(vision.pixel_std, dtype=np.float32) * 255.0)
+    out = np.zeros((size, size, 3), dtype=np.float32)
+    out[: arr.shape[0], : arr.shape[1]] = (arr - mean) * inv_std
+    return torch.from_numpy(out.transpose(2, 0, 1).copy())
 
 
 def prepare_image(image: Image.Image, vision: VisionConfig) -> PreparedImage:
-    size = vision.image_size
-    resized, scale = resize_longer_side(image, size)
-    array = np.asarray(resized, dtype=np.float32) / 255.0
-    mean = np.asarray(vision.pixel_mean, dtype=np.float32)
-    std = np.asarray(vision.pixel_std, dtype=np.float32)
-    array = (array - mean) / std
-    canvas = torch.zeros(3, size, size)
-    h, w = array.shape[:2]
-    canvas[:, :h, :w] = torch.from_numpy(array).permute(2, 0, 1)
-    return PreparedImage(canvas, image.size, (w, h), scale)
+    resized, sx, _ = resize_longer_side(image, vision.image_size)
+    return PreparedImage(normalise_and_pad(resized, vision.image_size, vision), image.size, resized.size, sx)
