@@ -67,19 +67,12 @@ def box_with_caption(cfg: LabelConfig, box_xyxy, width: int, height: int, *, cap
     return out
 
 
-def detections_to_results(cfg: LabelConfig, detections: Iterable[Detection], width: int, height: int
-                          ) -> list[dict]:
+def boxes_to_results(cfg: LabelConfig, items: Iterable[Detection | RegionCaption], width: int, height: int
+                     ) -> list[dict]:
+    """Detections (text -> box) or region captions: each a rectangle with its text as the caption."""
     results = []
-    for d in detections:
-        results += box_with_caption(cfg, d.box_xyxy, width, height, caption=d.text, score=d.score)
-    return results
-
-
-def regions_to_results(cfg: LabelConfig, regions: Iterable[RegionCaption], width: int, height: int
-                       ) -> list[dict]:
-    results = []
-    for r in regions:
-        results += box_with_caption(cfg, r.box_xyxy, width, height, caption=r.text, score=r.score)
+    for item in items:
+        results += box_with_caption(cfg, item.box_xyxy, width, height, caption=item.text, score=item.score)
     return results
 
 

@@ -245,16 +245,16 @@ class PixelLLMBackend(LabelStudioMLBase):
             for j, per_text in zip(jobs, found):
                 dets = [d for dets in per_text for d in dets[:max_boxes]
                         if threshold is None or d.score >= threshold]
-                j.results = convert.detections_to_results(cfg, dets, *j.image.size)
+                j.results = convert.boxes_to_results(cfg, dets, *j.image.size)
         elif op == "caption_regions":
             caps = p.caption_regions(images, [j.boxes for j in jobs], **kw)
             for j, regions in zip(jobs, caps):
-                j.results = convert.regions_to_results(cfg, regions, *j.image.size)
+                j.results = convert.boxes_to_results(cfg, regions, *j.image.size)
         elif op == "dense_caption":
             regions = p.dense_caption(images, max_regions=_int_attr(box, "model_max_regions", 20),
                                       min_score=0.3 if threshold is None else threshold, **kw)
             for j, r in zip(jobs, regions):
-                j.results = convert.regions_to_results(cfg, r, *j.image.size)
+                j.results = convert.boxes_to_results(cfg, r, *j.image.size)
         elif op == "caption_trace":
             caps = p.caption(images, trace=True, **kw)
             for j, c in zip(jobs, caps):
@@ -309,7 +309,7 @@ class PixelLLMBackend(LabelStudioMLBase):
         if texts:
             max_boxes = _int_attr(cfg.box_control, "model_max_boxes", 1)
             found = p.refer([image], [texts], **kw)[0]
-            out += convert.detections_to_results(cfg, [d for dets in found for d in dets[:max_boxes]], w, h)
+            out += convert.boxes_to_results(cfg, [d for dets in found for d in dets[:max_boxes]], w, h)
         if drawn:
             pairs = [(src, convert.regions_from_results([src], w, h)) for src in drawn]
             pairs = [(src, found[0]) for src, found in pairs if found]
