@@ -55,7 +55,11 @@ class Runtime:
                         from pixelllm_plugins.inference import get_predictor
 
                         self._predictor = get_predictor(self.settings.model, device=self.settings.device)
-                    log.info("predictor %s ready in %.1f s", self.base_version, time.monotonic() - started)
+                    # no worker call here: a RemotePredictor's model_version asks the worker's /ready, and a
+                    # worker still loading (or not up yet) must not make the backend's startup fail
+                    p = self._predictor
+                    log.info("predictor %s ready in %.1f s", getattr(p, "base_version", None) or repr(p),
+                             time.monotonic() - started)
         return self._predictor
 
     @property
