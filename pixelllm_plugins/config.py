@@ -28,6 +28,7 @@ class VisionConfig:
     num_heads: int = 12
     mlp_ratio: float = 4.0
     conv_stem: bool = False  # a small conv stem before patchify: learns much faster from scratch
+    stem_blocks: int = 0  # residual conv blocks after each stride-2 stem conv (needs conv_stem)
     drop_path: float = 0.0
     hf_name_or_path: str | None = None
     freeze: bool = False
@@ -51,6 +52,11 @@ class PromptConfig:
     # prompt box join the prompt tokens, so box-local content reaches the queries from the first step.
     # 0 = paper-exact (no RoI sampling). Small models trained from scratch learn region tasks much faster.
     roi_grid: int = 0
+    # Beyond the paper: g x g bilinear samples of the proposal head's feature map inside the prompt box,
+    # projected, join the LM's visual tokens directly (g*g more tokens). Needs heads.proposals. The map
+    # is finer than the image tokens and, with the grid point head, learns object attributes early, so
+    # region captions read them in one hop. 0 = paper-exact.
+    map_tokens: int = 0
 
 
 @dataclass
@@ -79,6 +85,14 @@ class HeadsConfig:
     point_hidden: int = 512
     point_layers: int = 3
     num_points: int = 2  # per token: box corners (x0, y0), (x1, y1)
+    # "mlp": the paper's MLP on the token's hidden state. "grid" (ours): the token points at a cell of
+    # the proposal map and takes the box that cell proposes (modeling/heads.py::GridPointHead); needs
+    # proposals and num_points 2. Small models trained from scratch localise far sooner with it.
+    point_mode: str = "mlp"
+    # Ours: a linear word head on the proposal features inside a target box, trained to predict the words
+    # of that box's region caption or referring expression (losses.box_words_loss). Needs proposals. It
+    # teaches the features object attributes directly, which the grid point head and map tokens read.
+    box_words: bool = False
     confidence: bool = True  # per-token head predicting the IoU of the token's box (our addition)
     proposals: bool = True  # CenterNet-style class-agnostic proposal head for dense captioning
     proposal_hidden: int = 256
@@ -92,6 +106,8 @@ class LossConfig:
     point_weight: float = 5.0  # L1 on points normalised by the un-padded image size
     confidence_weight: float = 1.0
     detection_weight: float = 1.0
+    pointer_weight: float = 1.0  # grid point head only: cross-entropy toward the best-matching candidate
+    box_words_weight: float = 1.0  # heads.box_words only
 
 
 @dataclass
@@ -174,10 +190,11 @@ def _synth_small() -> PixelLLMConfig:
         vision=VisionConfig(image_size=192, patch_size=16, hidden_size=192, num_layers=4, num_heads=3,
                             conv_stem=True),
         prompt=PromptConfig(embed_dim=64, hidden_size=128, depth=2, num_heads=4, mlp_dim=256,
-                            attention_downsample=1, num_queries=8, output_dim=192, roi_grid=3),
+                            attention_downsample=1, num_queries=8, output_dim=192, roi_grid=3, map_tokens=2),
         language=LanguageConfig(hidden_size=192, num_layers=3, num_heads=4, intermediate_size=512,
                                 max_positions=128, dropout=0.0, max_context_tokens=24, max_text_tokens=40),
-        heads=HeadsConfig(point_hidden=192, point_layers=3, proposal_hidden=128, max_proposals=30),
+        heads=HeadsConfig(point_hidden=192, point_layers=3, proposal_hidden=128, max_proposals=30,
+                          point_mode="grid", box_words=True),
     )
 
 

@@ -244,28 +244,31 @@ class Predictor:
         return ids.to(self.device), mask.to(self.device)
 
     # ---- model calls over prompt rows --------------------------------------------------------------
-    def _visual(self, tokens: torch.Tensor, images: list[_Image], rows: list[_Row]) -> torch.Tensor:
+    def _visual(self, tokens: torch.Tensor, rows: list[_Row], maps) -> torch.Tensor:
         index = torch.tensor([r.image for r in rows], device=self.device)
         boxes = torch.tensor([r.box for r in rows], dtype=torch.float32, device=self.device)
-        sizes = torch.tensor([images[r.image].prepared.resized_size for r in rows], dtype=torch.float32,
-                             device=self.device)
-        visual = self.model.visual_tokens(tokens.index_select(0, index), boxes[:, None].to(self.dtype),
-                                          sizes)
-        return visual[:, 0]
+        return self.model.visual_tokens_flat(tokens, boxes.to(self.dtype), index, maps)
 
     def _teacher_forced(self, tokens, images, rows) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hidden states and points at every text position: ([R,T,H], points [R,T,4], conf [R,T])."""
-        visual = self._visual(tokens, images, rows)
+        """Points and confidence logits at every text position: (points [R,T,4], conf [R,T])."""
+        maps = self.model.proposal_maps(tokens)
+        visual = self._visual(tokens, rows, maps)
         ctx, ctx_mask = self._pad([r.context for r in rows])
         txt, txt_mask = self._pad([r.text for r in rows])
         _, hidden = self.model.language(visual, ctx, ctx_mask, txt, txt_mask)
-        points, conf = self.model.predict_points(hidden)
+        if self.model.points_need_maps:
+            index = torch.tensor([r.image for r in rows], device=self.device)
+            sizes = torch.tensor([image.prepared.resized_size for image in images], dtype=torch.float32,
+                                 device=self.device)
+            points, conf = self.model.predict_points(hidden, maps, index, sizes)
+        else:
+            points, conf = self.model.predict_points(hidden)
         return points.float(), conf.float()
 
     def _generate(self, tokens, images, rows, max_new_tokens, num_beams):
         from .decoding import generate
 
-        visual = self._visual(tokens, images, rows)
+        visual = self._visual(tokens, rows, self.model.proposal_maps(tokens))
         ctx, ctx_mask = self._pad([r.context for r in rows])
         tok = self.tokenizer
         return generate(self.model.language, visual, ctx, ctx_mask, bos_id=tok.bos_id, eos_id=tok.eos_id,

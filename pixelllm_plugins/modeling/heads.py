@@ -82,13 +82,33 @@ class ProposalHead(nn.Module):
         nn.init.constant_(self.size.bias, 0.1)
         nn.init.constant_(self.offset.bias, 0.5)
         self.map_size = (grid_size[0] * upsample, grid_size[1] * upsample)
+        self.feature_dim = hidden + in_dim  # maps["features"]: body output + the upsampled image tokens
 
     def forward(self, image_tokens: Tensor) -> dict[str, Tensor]:
-        """image_tokens [B,gh*gw,C] -> {"heatmap": [B,1,h,w] logits, "size": [B,2,h,w], "offset": [B,2,h,w]}."""
+        """image_tokens [B,gh*gw,C] -> {"heatmap": [B,1,h,w] logits, "size": [B,2,h,w], "offset": [B,2,h,w],
+        "features": [B,feature_dim,h,w]}."""
         b, n, c = image_tokens.shape
         gh, gw = self.grid_size
-        x = self.body(image_tokens.transpose(1, 2).reshape(b, c, gh, gw))
-        return {"heatmap": self.heatmap(x), "size": self.size(x), "offset": self.offset(x)}
+        grid = image_tokens.transpose(1, 2).reshape(b, c, gh, gw)
+        x = self.body(grid)
+        # "features" serve the grid point head, map tokens and box words: the detection body alone
+        # learns to ignore colour and shape (objectness needs neither), the image tokens keep them
+        up = F.interpolate(grid, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return {"heatmap": self.heatmap(x), "size": self.size(x), "offset": self.offset(x),
+                "features": torch.cat([x, up.to(x.dtype)], 1)}
+
+    @staticmethod
+    def cell_boxes(maps: dict[str, Tensor], canvas_size: int) -> Tensor:
+        """The box each map cell proposes, [B,h*w,4] xyxy in canvas pixels (unclipped)."""
+        b, _, h, w = maps["heatmap"].shape
+        stride_x, stride_y = canvas_size / w, canvas_size / h
+        ys, xs = torch.meshgrid(torch.arange(h, device=maps["heatmap"].device),
+                                torch.arange(w, device=maps["heatmap"].device), indexing="ij")
+        offset, size = maps["offset"].float().flatten(2), maps["size"].float().flatten(2).clamp(min=0)
+        cx = (xs.flatten()[None] + offset[:, 0]) * stride_x
+        cy = (ys.flatten()[None] + offset[:, 1]) * stride_y
+        bw, bh = size[:, 0] * canvas_size, size[:, 1] * canvas_size
+        return torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], dim=-1)
 
     @staticmethod
     def encode_targets(gt_boxes: Tensor, gt_mask: Tensor, image_sizes: Tensor, canvas_size: int,
@@ -141,3 +161,60 @@ class ProposalHead(nn.Module):
             scores = F.pad(scores, (0, k - kk))
             boxes = F.pad(boxes, (0, 0, 0, k - kk))
         return boxes, scores
+
+
+class GridPointHead(nn.Module):
+    """Points by pointing (ours; ``heads.point_mode = "grid"``): a token's box is the box its query picks.
+
+    Candidates are the peaks of the proposal heatmap (3x3 max-pool, inside the image), i.e. the objects
+    the proposal head sees. The token's hidden state becomes a query that scores each candidate's map
+    features (plus a learned position embedding), with the detached log detection score as a prior. The
+    output is the softmax-weighted average of the candidates' boxes. Training adds a pointer loss
+    (cross-entropy toward the candidate whose box matches the target best, ``losses.pointer_loss``).
+    Compared with the paper's MLP on the hidden state, localisation becomes a choice among detected
+    objects, which a small model trained from scratch learns quickly instead of collapsing to the
+    image centre. In eval mode the output is the best candidate's box rather than the blend. Output
+    frame and shape match :class:`PointHead` (``num_points`` 2).
+    """
+
+    def __init__(self, in_dim: int, feature_dim: int, hidden: int, map_size: tuple[int, int], canvas_size: int):
+        super().__init__()
+        self.canvas_size = canvas_size
+        self.query = nn.Sequential(nn.LayerNorm(in_dim, eps=1e-6), nn.Linear(in_dim, hidden), nn.GELU(),
+                                   nn.Linear(hidden, hidden))
+        self.key = nn.Sequential(nn.LayerNorm(feature_dim, eps=1e-6), nn.Linear(feature_dim, hidden))
+        self.key_position = nn.Parameter(torch.randn(map_size[0] * map_size[1], hidden) * 0.02)
+        self.scale = hidden ** -0.5
+
+    def candidates(self, maps: dict[str, Tensor], image_sizes: Tensor) -> Tensor:
+        """Log-prior per map cell [B,L]: the detached log detection score at heatmap peaks inside the
+        image, -inf elsewhere (the strongest cell always stays a candidate)."""
+        heat = maps["heatmap"].detach().float()
+        b, _, h, w = heat.shape
+        xs = (torch.arange(w, device=heat.device) + 0.5) * (self.canvas_size / w)
+        ys = (torch.arange(h, device=heat.device) + 0.5) * (self.canvas_size / h)
+        inside = ((xs[None, None, :] < image_sizes[:, 0, None, None])
+                  & (ys[None, :, None] < image_sizes[:, 1, None, None]))  # [B,h,w]
+        masked = heat[:, 0].masked_fill(~inside, float("-inf"))
+        peak = (masked == F.max_pool2d(masked[:, None], 3, stride=1, padding=1)[:, 0]) & inside
+        peak = peak.flatten(1)
+        peak[torch.arange(b, device=heat.device), masked.flatten(1).argmax(1)] = True
+        return F.logsigmoid(heat.flatten(1)).masked_fill(~peak, float("-inf"))
+
+    def forward(self, hidden: Tensor, maps: dict[str, Tensor], image_index: Tensor, image_sizes: Tensor,
+                *, with_choices: bool = False):
+        """hidden [M,T,H], proposal maps of B images, image_index [M], image_sizes [B,2] (w,h canvas px)
+        -> points [M,T,4] as x0,y0,x1,y1 normalised to each row's image; with ``with_choices`` also
+        (cell logits [M,T,L], cell boxes [M,L,4] in the same frame) for the pointer loss."""
+        features = maps["features"].flatten(2).transpose(1, 2)  # [B,L,C]
+        keys = (self.key(features) + self.key_position).index_select(0, image_index)  # [M,L,h]
+        logits = torch.einsum("mtd,mld->mtl", self.query(hidden).to(keys.dtype), keys).float() * self.scale
+        logits = logits + self.candidates(maps, image_sizes).index_select(0, image_index)[:, None, :]
+        size = image_sizes.float().index_select(0, image_index).repeat(1, 2)[:, None, :]
+        boxes = ProposalHead.cell_boxes(maps, self.canvas_size).index_select(0, image_index) / size  # [M,L,4]
+        if self.training:
+            points = torch.bmm(logits.softmax(-1), boxes)
+        else:  # at inference a token points at one object: the box of its best candidate, not a blend
+            points = boxes.gather(1, logits.argmax(-1)[..., None].expand(-1, -1, 4))
+        points = points.to(hidden.dtype)
+        return (points, logits, boxes) if with_choices else points

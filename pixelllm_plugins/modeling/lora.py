@@ -46,7 +46,7 @@ _LORA_CONTAINERS = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", 
 _LM_QV = ("q", "v", "q_proj", "v_proj", "query", "value")
 _LM_FUSED = ("c_attn", "qkv", "query_key_value", "Wqkv", "qkv_proj", "in_proj")
 _ADAPTER_QV = ("q_proj", "v_proj")
-_HEAD_CLASSES = {"PointHead", "ConfidenceHead", "PointPredictor", "ConfidencePredictor"}
+_HEAD_CLASSES = {"PointHead", "GridPointHead", "ConfidenceHead", "PointPredictor", "ConfidencePredictor"}
 
 
 # ---- discovery --------------------------------------------------------------------------------------

@@ -66,6 +66,45 @@ def confidence_loss(logits: Tensor, points: Tensor, target: Tensor, mask: Tensor
     return F.binary_cross_entropy_with_logits(logits[mask].float(), iou)
 
 
+def pointer_loss(cell_logits: Tensor, cell_boxes: Tensor, target: Tensor, mask: Tensor,
+                 min_iou: float = 0.3) -> Tensor:
+    """Cross-entropy of a grid point head's cell logits [M,T,L] toward the candidate cell whose box
+    (cell_boxes [M,L,4]) overlaps the target box [M,T,4] most, at ``mask`` [M,T] positions where that
+    overlap reaches ``min_iou`` (a target no candidate covers teaches nothing about the choice)."""
+    mask = mask.bool()
+    nothing = cell_boxes.sum() * 0.0  # (the logits hold -inf at non-candidates: 0 * -inf is nan)
+    if not mask.any():
+        return nothing
+    rows = mask.nonzero(as_tuple=True)[0]
+    logits = cell_logits[mask].float()  # [R,L]
+    iou = box_iou(cell_boxes[rows].detach().float(), target[mask].float()[:, None, :])  # [R,L]
+    iou = iou.masked_fill(~torch.isfinite(logits), -1.0)
+    best_iou, best = iou.max(-1)
+    keep = best_iou >= min_iou
+    if not keep.any():
+        return nothing
+    return F.cross_entropy(logits[keep], best[keep])
+
+
+def box_words_loss(word_logits: Tensor, text_ids: Tensor, text_mask: Tensor) -> Tensor:
+    """Cross-entropy of word logits [R,V] against the uniform distribution over each row's words
+    (text_ids [R,T] without the first (BOS) and last valid (EOS) token; text_mask [R,T])."""
+    mask = text_mask.bool().clone()
+    if not mask.any():
+        return word_logits.sum() * 0.0
+    last = mask.sum(1) - 1
+    mask[:, 0] = False
+    mask[torch.arange(len(mask), device=mask.device), last.clamp(min=0)] = False
+    target = torch.zeros_like(word_logits, dtype=torch.float32)
+    target.scatter_add_(1, text_ids.long(), mask.float())
+    target = (target > 0).float()
+    rows = target.sum(1) > 0
+    if not rows.any():
+        return word_logits.sum() * 0.0
+    target = target[rows] / target[rows].sum(1, keepdim=True)
+    return -(target * F.log_softmax(word_logits[rows].float(), -1)).sum(1).mean()
+
+
 def focal_heatmap_loss(logits: Tensor, target: Tensor, alpha: float = 2.0, beta: float = 4.0) -> Tensor:
     """CenterNet penalty-reduced focal loss over Gaussian heatmap targets, per positive."""
     logits, target = logits.float(), target.float()
@@ -99,7 +138,10 @@ def detection_loss(maps: dict[str, Tensor], gt_boxes: Tensor, gt_mask: Tensor, i
 def combine_losses(config: LossConfig, *, logits: Tensor | None = None, text_ids: Tensor | None = None,
                    text_mask: Tensor | None = None, points: Tensor | None = None,
                    confidence: Tensor | None = None, target_points: Tensor | None = None,
-                   point_mask: Tensor | None = None, maps: dict[str, Tensor] | None = None,
+                   point_mask: Tensor | None = None, cell_logits: Tensor | None = None,
+                   cell_boxes: Tensor | None = None, word_logits: Tensor | None = None,
+                   word_text_ids: Tensor | None = None, word_text_mask: Tensor | None = None,
+                   maps: dict[str, Tensor] | None = None,
                    gt_boxes: Tensor | None = None, gt_mask: Tensor | None = None,
                    image_sizes: Tensor | None = None, canvas_size: int = 0) -> tuple[Tensor, dict[str, float]]:
     """Weighted sum of the terms whose targets are given -> (total, {name: float}).
@@ -118,8 +160,15 @@ def combine_losses(config: LossConfig, *, logits: Tensor | None = None, text_ids
         if confidence is not None:
             terms["confidence"] = config.confidence_weight * confidence_loss(
                 confidence, points, target_points, point_mask)
+        if cell_logits is not None and cell_boxes is not None:
+            terms["pointer"] = config.pointer_weight * pointer_loss(cell_logits, cell_boxes, target_points,
+                                                                    point_mask)
     else:
         zero_terms += [x.sum() for x in (points, confidence) if x is not None]
+    if word_logits is not None and word_text_ids is not None and word_text_mask is not None:
+        terms["box_words"] = config.box_words_weight * box_words_loss(word_logits, word_text_ids, word_text_mask)
+    elif word_logits is not None:
+        zero_terms.append(word_logits.sum())
     if maps and gt_boxes is not None and gt_mask is not None and image_sizes is not None:
         det = detection_loss(maps, gt_boxes, gt_mask, image_sizes, canvas_size)
         terms["det_heatmap"] = config.detection_weight * det["det_heatmap"]

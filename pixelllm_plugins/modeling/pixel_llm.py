@@ -13,11 +13,11 @@ from torch import Tensor, nn
 
 from ..config import PixelLLMConfig
 from ..errors import PixelLLMError
-from .heads import ConfidenceHead, PointHead, ProposalHead
+from .heads import ConfidenceHead, GridPointHead, PointHead, ProposalHead
 from .inputs import ModelInputs, ModelOutput
 from .language import build_language_model
 from .losses import combine_losses
-from .prompt_adapter import PromptAdapter
+from .prompt_adapter import PromptAdapter, sample_lattice
 from .prompt_encoder import PromptEncoder
 from .vision import build_vision_encoder
 
@@ -49,25 +49,68 @@ class PixelLLM(nn.Module):
         if config.language.freeze and config.language.kind == "git":
             self.language.requires_grad_(False)
         h, heads = self.language.hidden_size, config.heads
-        self.point_head = PointHead(h, heads.point_hidden, heads.point_layers, heads.num_points)
         self.confidence_head = ConfidenceHead(h, heads.point_hidden) if heads.confidence else None
         self.proposal_head = (ProposalHead(self.vision.out_dim, heads.proposal_hidden, self.vision.grid_size)
                               if heads.proposals else None)
+        self.map_token_proj = None
+        if config.prompt.map_tokens > 0:
+            if self.proposal_head is None:
+                raise PixelLLMError("prompt.map_tokens samples the proposal head's features: it needs "
+                                    "heads.proposals true")
+            self.map_token_proj = nn.Linear(self.proposal_head.feature_dim, config.prompt.output_dim)
+            self.map_token_pe = nn.Linear(config.prompt.embed_dim, config.prompt.output_dim)
+        self.word_head = None
+        if heads.box_words:
+            if self.proposal_head is None:
+                raise PixelLLMError("heads.box_words reads the proposal head's features: it needs heads.proposals")
+            dim = self.proposal_head.feature_dim
+            self.word_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, vocab_size))
+        if heads.point_mode == "grid":
+            if self.proposal_head is None or heads.num_points != 2:
+                raise PixelLLMError("heads.point_mode 'grid' points at proposal-map cells: it needs "
+                                    "heads.proposals true and heads.num_points 2")
+            self.point_head = GridPointHead(h, self.proposal_head.feature_dim, heads.point_hidden,
+                                            self.proposal_head.map_size, self.canvas_size)
+        elif heads.point_mode == "mlp":
+            self.point_head = PointHead(h, heads.point_hidden, heads.point_layers, heads.num_points)
+        else:
+            raise PixelLLMError(f"unknown heads.point_mode {heads.point_mode!r}; use 'mlp' or 'grid'")
 
     # ---- pieces --------------------------------------------------------------------------------------
     def encode_images(self, pixel_values: Tensor) -> Tensor:
         """[B,3,S,S] normalised canvas -> image tokens [B,L,C] (the part worth caching per image)."""
         return self.vision(pixel_values)
 
-    def _visual_flat(self, image_tokens: Tensor, boxes: Tensor, image_index: Tensor) -> Tensor:
-        """boxes [M,4] canvas px, image_index [M] -> visual tokens [M,Q,Dv]."""
+    @property
+    def needs_maps(self) -> bool:
+        """Whether visual tokens or points read the proposal maps (see :meth:`proposal_maps`)."""
+        return self.points_need_maps or self.map_token_proj is not None
+
+    def proposal_maps(self, image_tokens: Tensor) -> dict[str, Tensor] | None:
+        """The proposal head's maps when this model's visual tokens or points need them, else None."""
+        return self.proposal_head(image_tokens) if self.needs_maps else None
+
+    def visual_tokens_flat(self, image_tokens: Tensor, boxes: Tensor, image_index: Tensor,
+                           maps: dict[str, Tensor] | None = None) -> Tensor:
+        """image_tokens [B,L,C], boxes [M,4] canvas px, image_index [M] -> visual tokens [M,Q(+g*g),Dv].
+
+        ``maps`` (from :meth:`proposal_maps` of the same image tokens) is computed when needed and absent.
+        """
         pe = self.prompt_encoder
+        boxes01 = (boxes.float() / self.canvas_size).clamp(0, 1)
         roi = None
         if self.prompt_adapter.roi_grid > 0:
-            boxes01 = (boxes.float() / self.canvas_size).clamp(0, 1)
             roi = self.prompt_adapter.roi_tokens(image_tokens, self.vision.grid_size, boxes01, image_index, pe.pe)
-        return self.prompt_adapter(image_tokens, pe.dense_pe(self.vision.grid_size), pe.dense_embedding(),
-                                   pe.embed_boxes(boxes), image_index, roi)
+        visual = self.prompt_adapter(image_tokens, pe.dense_pe(self.vision.grid_size), pe.dense_embedding(),
+                                     pe.embed_boxes(boxes), image_index, roi)
+        if self.map_token_proj is None:
+            return visual
+        if maps is None:
+            maps = self.proposal_head(image_tokens)
+        sampled, points = sample_lattice(maps["features"], boxes01.to(maps["features"].dtype), image_index,
+                                         self.config.prompt.map_tokens)
+        extra = self.map_token_proj(sampled) + self.map_token_pe(pe.pe.encode(points).to(sampled.dtype))
+        return torch.cat([visual, extra.to(visual.dtype)], dim=1)
 
     def visual_tokens(self, image_tokens: Tensor, prompt_boxes: Tensor, image_sizes: Tensor | None = None
                       ) -> Tensor:
@@ -77,15 +120,32 @@ class PixelLLM(nn.Module):
         """
         b, n = prompt_boxes.shape[:2]
         index = torch.arange(b, device=prompt_boxes.device).repeat_interleave(n)
-        flat = self._visual_flat(image_tokens, prompt_boxes.reshape(b * n, 4), index)
+        flat = self.visual_tokens_flat(image_tokens, prompt_boxes.reshape(b * n, 4), index)
         return flat.view(b, n, *flat.shape[1:])
 
-    def predict_points(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
-        """hidden [...,H] -> (points [...,4] normalised x0,y0,x1,y1, confidence logits [...]).
+    @property
+    def points_need_maps(self) -> bool:
+        return self.config.heads.point_mode == "grid"  # (the head may sit inside a peft wrapper)
 
-        Without a confidence head the logits are 0 (score 0.5).
+    def predict_points(self, hidden: Tensor, maps: dict[str, Tensor] | None = None,
+                       image_index: Tensor | None = None, image_sizes: Tensor | None = None,
+                       choices: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """hidden [M,T,H] -> (points [M,T,4] normalised x0,y0,x1,y1, confidence logits [M,T]).
+
+        A grid point head also needs the proposal ``maps`` of the images, each row's ``image_index`` and
+        the images' ``image_sizes`` [B,2]; pass a dict as ``choices`` to receive its cell logits and cell
+        boxes (for the pointer loss). Without a confidence head the logits are 0 (score 0.5).
         """
-        points = self.point_head(hidden)
+        if self.points_need_maps:
+            if maps is None or image_index is None or image_sizes is None:
+                raise PixelLLMError("this model's grid point head needs the proposal maps, image index and "
+                                    "image sizes (PixelLLM.predict_points)")
+            points, cell_logits, cell_boxes = self.point_head(hidden, maps, image_index, image_sizes,
+                                                              with_choices=True)
+            if choices is not None:
+                choices.update(cell_logits=cell_logits, cell_boxes=cell_boxes)
+        else:
+            points = self.point_head(hidden)
         if self.confidence_head is None:
             return points, hidden.new_zeros(hidden.shape[:-1])
         return points, self.confidence_head(hidden)
@@ -106,7 +166,8 @@ class PixelLLM(nn.Module):
         if image_tokens is None:
             image_tokens = self.encode_images(inputs.pixel_values)
         out = ModelOutput()
-        if self.proposal_head is not None and (self.training or inputs.gt_boxes is not None):
+        if self.proposal_head is not None and (self.training or inputs.gt_boxes is not None
+                                               or (self.needs_maps and inputs.text_ids is not None)):
             out.proposals = self.proposal_head(image_tokens)  # at inference ``propose`` is the entry point
         valid = inputs.prompt_mask.bool()
         flat: dict[str, Tensor] = {}
@@ -115,13 +176,17 @@ class PixelLLM(nn.Module):
                                                                                             dtype=torch.bool)
             b_idx = valid.nonzero(as_tuple=True)[0]
             if b_idx.numel():
-                visual = self._visual_flat(image_tokens, inputs.prompt_boxes[valid], b_idx)
+                visual = self.visual_tokens_flat(image_tokens, inputs.prompt_boxes[valid], b_idx,
+                                                 out.proposals or None)
                 logits, hidden = self.language(visual, inputs.context_ids[valid], inputs.context_mask[valid],
                                                inputs.text_ids[valid], text_mask[valid])
-                points, confidence = self.predict_points(hidden)
+                choices: dict[str, Tensor] = {}
+                points, confidence = self.predict_points(hidden, out.proposals or None, b_idx,
+                                                         inputs.image_sizes, choices)
                 flat = {"logits": logits, "hidden": hidden, "points": points, "confidence": confidence}
                 for name, value in flat.items():
                     setattr(out, name, _scatter(value, valid))
+                flat.update(choices)
             else:
                 b, n, t = inputs.text_ids.shape
                 z = image_tokens.new_zeros
@@ -131,12 +196,43 @@ class PixelLLM(nn.Module):
             out.loss, out.losses = self._loss(inputs, valid, flat, out.proposals)
         return out
 
+    BOX_WORD_TASKS = ("region", "refer")  # sources whose text describes the object in the target box
+
+    def box_word_logits(self, maps: dict[str, Tensor], boxes: Tensor, image_index: Tensor,
+                        image_sizes: Tensor) -> Tensor:
+        """Word logits [R,V] from the proposal features inside boxes [R,4] (normalised to each image)."""
+        scale = (image_sizes.float().index_select(0, image_index) / self.canvas_size).repeat(1, 2)
+        boxes01 = (boxes.float() * scale).clamp(0, 1)
+        sampled, _ = sample_lattice(maps["features"], boxes01.to(maps["features"].dtype), image_index, 2)
+        return self.word_head(sampled.mean(1))
+
+    def _box_words(self, inputs: ModelInputs, valid: Tensor, maps: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Inputs of the box-words loss for region/refer batches: each prompt's text against its target box."""
+        if self.word_head is None or not maps:
+            return {}
+        # the head joins every graph (with weight 0 when unused), as DDP expects of every parameter
+        unused = {"word_logits": self.word_head(maps["features"].flatten(2).mean(-1))}
+        if (inputs.task not in self.BOX_WORD_TASKS or inputs.target_points is None or inputs.point_mask is None
+                or inputs.text_ids is None):
+            return unused
+        pm = inputs.point_mask.bool() & valid[..., None]
+        has = pm.any(-1)  # [B,N]
+        if not has.any():
+            return unused
+        first = pm.float().argmax(-1)  # [B,N] first position with a target
+        boxes = inputs.target_points.gather(2, first[..., None, None].expand(-1, -1, 1, 4))[:, :, 0][has]
+        b_idx = has.nonzero(as_tuple=True)[0]
+        text_mask = inputs.text_mask if inputs.text_mask is not None else torch.ones_like(inputs.text_ids, dtype=torch.bool)
+        return {"word_logits": self.box_word_logits(maps, boxes, b_idx, inputs.image_sizes),
+                "word_text_ids": inputs.text_ids[has], "word_text_mask": text_mask[has]}
+
     def _loss(self, inputs: ModelInputs, valid: Tensor, flat: dict[str, Tensor],
               maps: dict[str, Tensor]) -> tuple[Tensor | None, dict[str, float]]:
-        kw: dict = {}
+        kw: dict = self._box_words(inputs, valid, maps)
         if flat:
             kw.update(logits=flat["logits"], points=flat["points"],
-                      confidence=flat["confidence"] if self.confidence_head is not None else None)
+                      confidence=flat["confidence"] if self.confidence_head is not None else None,
+                      cell_logits=flat.get("cell_logits"), cell_boxes=flat.get("cell_boxes"))
             if inputs.text_loss_mask is not None:
                 rows = inputs.text_loss_mask.bool()[valid]
                 mask = inputs.text_mask[valid] if inputs.text_mask is not None else torch.ones_like(rows[:, None])

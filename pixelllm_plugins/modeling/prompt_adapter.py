@@ -91,6 +91,19 @@ class TwoWayTransformer(nn.Module):
         return self.norm_final_attn(queries + out)
 
 
+def sample_lattice(fmap: Tensor, boxes01: Tensor, image_index: Tensor, g: int) -> tuple[Tensor, Tensor]:
+    """Bilinear samples of feature maps [B,C,H,W] (covering the canvas) at the centres of a g x g
+    lattice inside each box. boxes01 [M,4] x1,y1,x2,y2 normalised to the canvas, image_index [M]
+    -> (features [M,g*g,C], lattice points [M,g*g,2] normalised to the canvas)."""
+    steps = (torch.arange(g, device=boxes01.device, dtype=boxes01.dtype) + 0.5) / g
+    xs = boxes01[:, 0:1] + steps * (boxes01[:, 2:3] - boxes01[:, 0:1])  # [M,g]
+    ys = boxes01[:, 1:2] + steps * (boxes01[:, 3:4] - boxes01[:, 1:2])
+    points = torch.stack([xs[:, None, :].expand(-1, g, -1), ys[:, :, None].expand(-1, -1, g)], -1)  # [M,g,g,2]
+    fmap = fmap.index_select(0, image_index)
+    sampled = F.grid_sample(fmap, (2 * points - 1).to(fmap.dtype), mode="bilinear", align_corners=False)
+    return sampled.flatten(2).transpose(1, 2), points.reshape(len(points), -1, 2)
+
+
 class PromptAdapter(nn.Module):
     """``[Q learned queries | prompt tokens] <-> image tokens`` -> Q visual tokens per prompt."""
 
@@ -119,16 +132,10 @@ class PromptAdapter(nn.Module):
         """Bilinear samples of the image features at a g x g lattice inside each box (+ their PE).
 
         boxes01 [M,4] are x1,y1,x2,y2 normalised to the canvas -> [M,g*g,hidden]."""
-        g, (gh, gw) = self.roi_grid, grid_size
+        gh, gw = grid_size
         fmap = image_tokens.transpose(1, 2).reshape(image_tokens.shape[0], -1, gh, gw)
-        fmap = fmap.index_select(0, image_index)
-        steps = (torch.arange(g, device=boxes01.device, dtype=boxes01.dtype) + 0.5) / g
-        xs = boxes01[:, 0:1] + steps * (boxes01[:, 2:3] - boxes01[:, 0:1])  # [M,g]
-        ys = boxes01[:, 1:2] + steps * (boxes01[:, 3:4] - boxes01[:, 1:2])
-        points = torch.stack([xs[:, None, :].expand(-1, g, -1), ys[:, :, None].expand(-1, -1, g)], -1)  # [M,g,g,2]
-        sampled = F.grid_sample(fmap, (2 * points - 1).to(fmap.dtype), mode="bilinear", align_corners=False)
-        sampled = sampled.flatten(2).transpose(1, 2)  # [M,g*g,Cv]
-        return self.roi_proj(sampled) + self.pe_proj(pe.encode(points.reshape(len(points), -1, 2)).to(sampled.dtype))
+        sampled, points = sample_lattice(fmap, boxes01, image_index, self.roi_grid)
+        return self.roi_proj(sampled) + self.pe_proj(pe.encode(points).to(sampled.dtype))
 
     def forward(self, image_tokens: Tensor, image_pe: Tensor, dense_embedding: Tensor, prompt_tokens: Tensor,
                 image_index: Tensor, roi: Tensor | None = None) -> Tensor:

@@ -68,13 +68,31 @@ def _stem_plan(patch_size: int) -> tuple[int, int]:
     return k, patch_size // (2**k)
 
 
+class ResidualConvBlock(nn.Module):
+    """Two 3x3 convs with GroupNorm and a skip connection (a ResNet basic block)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        groups = min(8, channels)
+        self.body = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+                                  nn.GroupNorm(groups, channels), nn.GELU(),
+                                  nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+                                  nn.GroupNorm(groups, channels))
+        self.act = nn.GELU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(x + self.body(x))
+
+
 class ConvStem(nn.Module):
     """Strided 3x3 convs (Xiao et al. 2021, "Early convolutions help transformers see better").
 
-    Widths grow dim/8 -> dim/4 -> dim/2; GroupNorm keeps it batch-size independent.
+    Widths grow dim/8 -> dim/4 -> dim/2; GroupNorm keeps it batch-size independent. ``blocks`` residual
+    conv blocks after each strided conv turn it into a small ResNet (a hybrid ViT): local shape
+    features then come from convolutions, which small models trained from scratch learn far sooner.
     """
 
-    def __init__(self, dim: int, num_convs: int):
+    def __init__(self, dim: int, num_convs: int, blocks: int = 0):
         super().__init__()
         layers: list[nn.Module] = []
         c_in = 3
@@ -82,6 +100,7 @@ class ConvStem(nn.Module):
             c_out = max(8, dim // (2 ** (num_convs - i)))
             layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False),
                        nn.GroupNorm(min(8, c_out), c_out), nn.GELU()]
+            layers += [ResidualConvBlock(c_out) for _ in range(blocks)]
             c_in = c_out
         self.layers = nn.Sequential(*layers)
         self.out_channels = c_in
@@ -98,7 +117,7 @@ class ViT(nn.Module):
         dim, size = config.hidden_size, config.image_size
         if config.conv_stem:
             num_convs, proj = _stem_plan(config.patch_size)
-            self.stem: nn.Module = ConvStem(dim, num_convs)
+            self.stem: nn.Module = ConvStem(dim, num_convs, config.stem_blocks)
             in_ch = self.stem.out_channels
             n = size
             for _ in range(num_convs):

@@ -8,7 +8,7 @@ import torch
 from pixelllm_plugins.config import LanguageConfig, LossConfig, PromptConfig, VisionConfig, get_preset
 from pixelllm_plugins.errors import CheckpointError, PixelLLMError
 from pixelllm_plugins.modeling import losses as L
-from pixelllm_plugins.modeling.heads import ConfidenceHead, PointHead, ProposalHead
+from pixelllm_plugins.modeling.heads import ConfidenceHead, GridPointHead, PointHead, ProposalHead
 from pixelllm_plugins.modeling.inputs import ModelInputs
 from pixelllm_plugins.modeling.language_git import GitDecoder
 from pixelllm_plugins.modeling.pixel_llm import PixelLLM
@@ -54,11 +54,12 @@ def tiny():
 
 # ---- vision ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("conv_stem", [True, False])
-def test_vit_shapes_and_grad(conv_stem):
+@pytest.mark.parametrize("conv_stem,stem_blocks", [(True, 0), (True, 1), (False, 0)])
+def test_vit_shapes_and_grad(conv_stem, stem_blocks):
     cfg = VisionConfig(image_size=64, patch_size=16, hidden_size=32, num_layers=2, num_heads=2,
-                       conv_stem=conv_stem, drop_path=0.1)
+                       conv_stem=conv_stem, stem_blocks=stem_blocks, drop_path=0.1)
     vit = build_vision_encoder(cfg)
+    assert sum(type(m).__name__ == "ResidualConvBlock" for m in vit.modules()) == 3 * stem_blocks
     assert vit.grid_size == (4, 4) and vit.out_dim == 32
     out = vit(torch.randn(2, 3, 64, 64))
     assert out.shape == (2, 16, 32)
@@ -223,7 +224,133 @@ def test_proposal_planted_peak_decodes_to_box():
     assert det["det_heatmap"] < random["det_heatmap"]
 
 
+def test_grid_point_head_picks_the_proposed_box_of_the_detected_object():
+    canvas = 64
+    sizes = torch.tensor([[64.0, 48.0], [32.0, 64.0]])
+    gt = torch.tensor([[[0.1, 0.2, 0.5, 0.7], [0.6, 0.1, 0.9, 0.4]], [[0.2, 0.2, 0.8, 0.5], [0, 0, 0, 0]]])
+    mask = torch.tensor([[True, True], [True, False]])
+    maps, t = _perfect_maps((8, 8), gt, mask, sizes, canvas)
+    maps["features"] = torch.zeros(2, 8, 8, 8)
+    head = GridPointHead(16, 8, 12, (8, 8), canvas)
+    # image 1 has one detected object: whatever the query, the detection prior picks its box
+    points = head(torch.randn(3, 5, 16), maps, torch.tensor([1, 1, 0]), sizes)
+    assert points.shape == (3, 5, 4)
+    torch.testing.assert_close(points[:2], gt[1, 0].expand(2, 5, 4), atol=1e-4, rtol=0)
+    # image 0 has two: the query decides. Mark object 1's cell in the features; a query on that feature
+    # direction picks object 1's box, a query against it picks object 0's box
+    maps["features"].view(2, 8, 64)[0, 0, t["index"][0, 1]] = 1.0
+    with torch.no_grad():
+        head.key_position.zero_()
+        head.key[0].weight.fill_(1.0)
+    for sign, want in ((1.0, gt[0, 1]), (-1.0, gt[0, 0])):
+        keys = head.key(maps["features"].flatten(2).transpose(1, 2))[0]
+        key_dir = keys[t["index"][0, 1]] - keys[t["index"][0, 0]]
+        with torch.no_grad():  # steer the query's last layer so that q . (k1 - k0) is large with the sign
+            last = head.query[-1]
+            last.weight.zero_()
+            last.bias.copy_(sign * 50 * key_dir / key_dir.norm() ** 2)
+        points = head(torch.randn(1, 1, 16), maps, torch.tensor([0]), sizes)
+        torch.testing.assert_close(points[0, 0], want, atol=1e-3, rtol=0)
+    # a weak preference: training blends the candidates' boxes, inference returns the preferred box itself
+    with torch.no_grad():
+        head.query[-1].bias.mul_(0.002)
+    blended = head.train()(torch.randn(1, 1, 16), maps, torch.tensor([0]), sizes)[0, 0]
+    picked = head.eval()(torch.randn(1, 1, 16), maps, torch.tensor([0]), sizes)[0, 0]
+    assert (blended - gt[0, 0]).abs().max() > 0.01
+    torch.testing.assert_close(picked, gt[0, 0], atol=1e-4, rtol=0)
+
+
+def test_grid_point_mode_model_needs_maps_and_proposals(tiny):
+    cfg = get_preset("tiny")
+    cfg.heads.point_mode = "grid"
+    model = PixelLLM(cfg, V)
+    inputs = make_inputs(cfg)
+    out = model(inputs)
+    assert out.points.shape == (2, 2, 7, 4) and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert "pointer" in out.losses
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    model.eval()
+    with torch.no_grad():  # no targets: maps are still computed for the points
+        inputs = make_inputs(cfg, targets=False)
+        assert model(inputs).points.shape == (2, 2, 7, 4)
+    with pytest.raises(PixelLLMError, match="grid point head needs"):
+        model.predict_points(torch.randn(1, 2, cfg.language.hidden_size))
+    cfg.heads.proposals = False
+    with pytest.raises(PixelLLMError, match="needs heads.proposals"):
+        PixelLLM(cfg, V)
+    cfg.heads.point_mode = "nope"
+    with pytest.raises(PixelLLMError, match="unknown heads.point_mode"):
+        PixelLLM(cfg, V)
+
+
+def test_map_tokens_join_the_visual_tokens_and_depend_on_the_box():
+    cfg = get_preset("tiny")
+    cfg.prompt.map_tokens = 2
+    torch.manual_seed(0)
+    model = PixelLLM(cfg, V).eval()
+    inputs = make_inputs(cfg, targets=False)
+    with torch.no_grad():
+        tokens = model.encode_images(inputs.pixel_values)
+        vis = model.visual_tokens(tokens, inputs.prompt_boxes)
+        assert vis.shape == (2, 2, cfg.prompt.num_queries + 4, cfg.prompt.output_dim)
+        moved = inputs.prompt_boxes.clone()
+        moved[:, 1] = torch.tensor([0.5, 0.5, 0.9, 0.9]) * cfg.vision.image_size
+        vis2 = model.visual_tokens(tokens, moved)
+        assert not torch.allclose(vis[:, 1, -4:], vis2[:, 1, -4:]) and torch.allclose(vis[:, 0], vis2[:, 0])
+        assert model(inputs).logits.shape[:3] == (2, 2, 7)
+    cfg.heads.proposals = False
+    with pytest.raises(PixelLLMError, match="map_tokens"):
+        PixelLLM(cfg, V)
+
+
 # ---- losses ------------------------------------------------------------------------------------------
+
+def test_box_words_loss_spreads_over_the_words_between_bos_and_eos():
+    ids = torch.tensor([[1, 5, 6, 5, 2, 0], [1, 2, 0, 0, 0, 0]])  # BOS w w w EOS PAD; BOS EOS (no words)
+    mask = ids != 0
+    logits = torch.zeros(2, 8)
+    logits[0, 5] = logits[0, 6] = 10.0
+    low = L.box_words_loss(logits, ids, mask)
+    torch.testing.assert_close(low, torch.log(torch.tensor(2.0)), atol=1e-3, rtol=0)  # the best is ln(#words)
+    high = L.box_words_loss(torch.zeros(2, 8), ids, mask)
+    torch.testing.assert_close(high, torch.log(torch.tensor(8.0)))
+
+
+def test_box_words_head_trains_on_region_batches_only():
+    cfg = get_preset("tiny")
+    cfg.heads.box_words = True
+    torch.manual_seed(0)
+    model = PixelLLM(cfg, V)
+    inputs = make_inputs(cfg)
+    inputs.task = "region"
+    out = model(inputs)
+    assert out.losses["box_words"] > 0
+    out.loss.backward()
+    assert model.word_head[1].weight.grad.abs().sum() > 0
+    model.zero_grad()
+    inputs.task = "trace"
+    out = model(inputs)
+    assert "box_words" not in out.losses
+    out.loss.backward()  # the head still joins the graph (DDP), with a zero gradient
+    assert model.word_head[1].weight.grad is not None and model.word_head[1].weight.grad.abs().sum() == 0
+
+
+def test_pointer_loss_targets_the_best_matching_candidate():
+    boxes = torch.tensor([[[0.0, 0.0, 0.2, 0.2], [0.5, 0.5, 0.9, 0.9], [0.1, 0.1, 0.3, 0.3]]])  # [1,3,4]
+    target = torch.tensor([[[0.5, 0.5, 0.9, 0.8], [0.0, 0.0, 0.2, 0.2], [0.6, 0.0, 0.7, 0.1]]])  # [1,3,4]
+    mask = torch.tensor([[True, True, True]])
+    logits = torch.zeros(1, 3, 3, requires_grad=True)
+    with torch.no_grad():
+        logits[0, 1, 2] = float("-inf")  # cell 2 is not a candidate for token 1
+    loss = L.pointer_loss(logits, boxes, target, mask)
+    # token 0 -> cell 1; token 1 -> cell 0 (of two candidates); token 2 matches nothing (IoU < 0.3): skipped
+    expected = (torch.log(torch.tensor(3.0)) + torch.log(torch.tensor(2.0))) / 2
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert logits.grad[0, 0, 1] < 0 and logits.grad[0, 1, 0] < 0 and (logits.grad[0, 2] == 0).all()
+    assert L.pointer_loss(logits, boxes, target, torch.zeros(1, 3, dtype=torch.bool)) == 0
+
 
 def test_text_loss_matches_smoothed_ce_and_ignores_bos_and_pad():
     torch.manual_seed(0)
