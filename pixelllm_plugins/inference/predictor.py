@@ -142,6 +142,9 @@ class Predictor:
             self._cache = OrderedDict((k, v) for k, v in self._cache.items() if not k.endswith(f":{name}"))
 
     def _use_adapter(self, adapter: str | None) -> None:
+        if adapter is not None and adapter not in self._adapter_paths:
+            by_path = {v: k for k, v in self._adapter_paths.items()}
+            adapter = by_path.get(str(adapter), adapter)  # a folder given again: the name it was loaded as
         if adapter == self._adapter:
             return
         from ..modeling import lora

@@ -48,7 +48,7 @@ def add_training_parsers(sub) -> None:
 
     p = sub.add_parser("finetune", help="train a LoRA adapter over a checkpoint on your annotations",
                        description="LoRA fine-tuning; writes a peft adapter folder usable with --adapter.")
-    p.add_argument("--model", required=True, help="base checkpoint folder")
+    p.add_argument("--model", "--from", dest="model", required=True, help="base checkpoint folder")
     p.add_argument("--data", required=True, help="annotations in the training formats")
     p.add_argument("--out", required=True, help="adapter folder to write")
     p.add_argument("--split", default="train")

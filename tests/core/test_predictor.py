@@ -136,3 +136,7 @@ def test_adapter_load_use_unload(tiny_checkpoint, scene_files, tmp_path):
     assert again.box_xyxy == pytest.approx(base.box_xyxy, abs=1e-3)
     with pytest.raises(PixelLLMError, match="unknown adapter"):
         pred.refer([scene_files[0]], [["x"]], adapter="proj")
+    # an adapter folder can be passed by path on every call (pixelllm eval --adapter does): loaded once
+    by_path = [pred.refer([scene_files[0]], [["the red circle"]], adapter=str(tmp_path / "proj"))[0][0][0]
+               for _ in range(2)]
+    assert by_path[0].box_xyxy == by_path[1].box_xyxy == pytest.approx(adapted.box_xyxy, abs=1e-4)

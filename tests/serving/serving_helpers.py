@@ -136,6 +136,17 @@ def tiny_available() -> bool:
                for m in ("pixelllm_plugins.inference.predictor", "pixelllm_plugins.checkpoint"))
 
 
+def stop_process(proc: subprocess.Popen | None, timeout: float = 15) -> None:
+    """Terminate a subprocess if it still runs (kill it when it ignores SIGTERM) and reap it."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+
+
 class WorkerProcess:
     """``python -m pixelllm_plugins.serving`` as a subprocess on 127.0.0.1 (can be killed and restarted)."""
 
@@ -169,13 +180,7 @@ class WorkerProcess:
             self.proc.wait(15)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(15)
+        stop_process(self.proc)
 
     def __enter__(self) -> WorkerProcess:
         return self.start()

@@ -29,7 +29,15 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from serving_helpers import ROOT, WorkerProcess, free_port, png_bytes, tiny_available, wait_until
+from serving_helpers import (
+    ROOT,
+    WorkerProcess,
+    free_port,
+    png_bytes,
+    stop_process,
+    tiny_available,
+    wait_until,
+)
 
 from label_studio_backend import labeling_config
 from pixelllm_plugins.geometry import ls_percent_to_xyxy
@@ -96,13 +104,7 @@ class BackendProcess:
         return httpx.post(self.url + path, json=body, timeout=60)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(15)
+        stop_process(self.proc)
 
 
 @pytest.fixture(scope="module")
