@@ -247,20 +247,24 @@ class Predictor:
         return ids.to(self.device), mask.to(self.device)
 
     # ---- model calls over prompt rows --------------------------------------------------------------
-    def _visual(self, tokens: torch.Tensor, rows: list[_Row], maps) -> torch.Tensor:
-        index = torch.tensor([r.image for r in rows], device=self.device)
+    def _visual(self, tokens: torch.Tensor, maps, rows: list[_Row], index: torch.Tensor) -> torch.Tensor:
         boxes = torch.tensor([r.box for r in rows], dtype=torch.float32, device=self.device)
         return self.model.visual_tokens_flat(tokens, boxes.to(self.dtype), index, maps)
 
-    def _teacher_forced(self, tokens, images, rows) -> tuple[torch.Tensor, torch.Tensor]:
-        """Points and confidence logits at every text position: (points [R,T,4], conf [R,T])."""
-        maps = self.model.proposal_maps(tokens)
-        visual = self._visual(tokens, rows, maps)
+    def _row_index(self, rows: list[_Row]) -> torch.Tensor:
+        return torch.tensor([r.image for r in rows], device=self.device)
+
+    def _teacher_forced(self, tokens, maps, images, rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """Points and confidence logits at every text position: (points [R,T,4], conf [R,T]).
+
+        ``maps``: ``model.proposal_maps(tokens)``, computed once per call (None when the model needs none).
+        """
+        index = self._row_index(rows)
+        visual = self._visual(tokens, maps, rows, index)
         ctx, ctx_mask = self._pad([r.context for r in rows])
         txt, txt_mask = self._pad([r.text for r in rows])
         _, hidden = self.model.language(visual, ctx, ctx_mask, txt, txt_mask)
         if self.model.points_need_maps:
-            index = torch.tensor([r.image for r in rows], device=self.device)
             sizes = torch.tensor([image.prepared.resized_size for image in images], dtype=torch.float32,
                                  device=self.device)
             points, conf = self.model.predict_points(hidden, maps, index, sizes)
@@ -268,10 +272,10 @@ class Predictor:
             points, conf = self.model.predict_points(hidden)
         return points.float(), conf.float()
 
-    def _generate(self, tokens, images, rows, max_new_tokens, num_beams):
+    def _generate(self, tokens, maps, rows, max_new_tokens, num_beams):
         from .decoding import generate
 
-        visual = self._visual(tokens, rows, self.model.proposal_maps(tokens))
+        visual = self._visual(tokens, maps, rows, self._row_index(rows))
         ctx, ctx_mask = self._pad([r.context for r in rows])
         tok = self.tokenizer
         return generate(self.model.language, visual, ctx, ctx_mask, bos_id=tok.bos_id, eos_id=tok.eos_id,
@@ -319,9 +323,10 @@ class Predictor:
                     target = self._encode(text, lang.max_text_tokens, add_bos=True, what=f"image {i} text {j}")
                     rows.append(_Row(i, self._global_box(loaded[i]), context, target))
             tokens = self._embed(loaded)
+            maps = self.model.proposal_maps(tokens)
             boxes, scores = [], []
             for chunk in self._chunks(rows):
-                points, conf = self._teacher_forced(tokens, loaded, chunk)
+                points, conf = self._teacher_forced(tokens, maps, loaded, chunk)
                 last = torch.tensor([len(r.text) - 2 for r in chunk], device=points.device)
                 ar = torch.arange(len(chunk), device=points.device)
                 boxes.append(points[ar, last])
@@ -349,16 +354,17 @@ class Predictor:
             loaded = self._load(images)
             rows, originals = self._region_rows(loaded, boxes)
             tokens = self._embed(loaded)
-            texts, scores = self._captions(tokens, loaded, rows, max_new_tokens, num_beams)
+            texts, scores = self._captions(tokens, self.model.proposal_maps(tokens), rows, max_new_tokens,
+                                           num_beams)
             out: list[list[RegionCaption]] = [[] for _ in images]
             for row, original, text, score in zip(rows, originals, texts, scores):
                 out[row.image].append(RegionCaption(original, text, score, self.model_version))
             return out
 
-    def _captions(self, tokens, images, rows, max_new_tokens, num_beams) -> tuple[list[str], list[float]]:
+    def _captions(self, tokens, maps, rows, max_new_tokens, num_beams) -> tuple[list[str], list[float]]:
         texts, scores = [], []
         for chunk in self._chunks(rows):
-            result = self._generate(tokens, images, chunk, max_new_tokens, num_beams)
+            result = self._generate(tokens, maps, chunk, max_new_tokens, num_beams)
             texts += [self.tokenizer.decode(t) for t in result.tokens]
             scores += [round(float(torch.tensor(s).exp().clamp(0, 1)), 4) for s in result.scores]
         return texts, scores
@@ -374,12 +380,13 @@ class Predictor:
                                    add_bos=False, what="caption prompt")
             rows = [_Row(i, self._global_box(im), context) for i, im in enumerate(loaded)]
             tokens = self._embed(loaded)
+            maps = self.model.proposal_maps(tokens)
             out = []
             for chunk in self._chunks(rows):
-                result = self._generate(tokens, loaded, chunk, max_new_tokens, num_beams)
+                result = self._generate(tokens, maps, chunk, max_new_tokens, num_beams)
                 for row, ids in zip(chunk, result.tokens):
                     row.text = list(ids)
-                points = self._teacher_forced(tokens, loaded, chunk)[0].cpu() if trace else None
+                points = self._teacher_forced(tokens, maps, loaded, chunk)[0].cpu() if trace else None
                 for k, (row, score) in enumerate(zip(chunk, result.scores)):
                     words = self._words(row.text, points[k], loaded[row.image].prepared) if trace else []
                     out.append(TracedCaption(self.tokenizer.decode(row.text), words,
@@ -398,9 +405,10 @@ class Predictor:
                                       what=f"caption {i}"))
                     for i, (im, c) in enumerate(zip(loaded, captions))]
             tokens = self._embed(loaded)
+            maps = self.model.proposal_maps(tokens)
             out = []
             for chunk in self._chunks(rows):
-                points = self._teacher_forced(tokens, loaded, chunk)[0].cpu()
+                points = self._teacher_forced(tokens, maps, loaded, chunk)[0].cpu()
                 out += [self._words(r.text, points[k], loaded[r.image].prepared) for k, r in enumerate(chunk)]
             return out
 
@@ -428,7 +436,8 @@ class Predictor:
             tokens = self._embed(loaded)
             sizes = torch.tensor([im.prepared.resized_size for im in loaded], dtype=torch.float32,
                                  device=self.device)
-            boxes, scores = self.model.propose(tokens, sizes, max_regions, min_score)
+            maps = self.model.proposal_head(tokens)  # one pass serves the proposals and the captions
+            boxes, scores = self.model.propose(tokens, sizes, max_regions, min_score, maps=maps)
             boxes, scores = boxes.float().cpu(), scores.float().cpu()
             per_image, proposal_scores = [], []
             for im, b, s in zip(loaded, boxes, scores):
@@ -444,7 +453,7 @@ class Predictor:
                 per_image.append([k[0] for k in kept])
                 proposal_scores.append([k[1] for k in kept])
             rows, originals = self._region_rows(loaded, per_image)
-            texts, _ = self._captions(tokens, loaded, rows, max_new_tokens, 1)
+            texts, _ = self._captions(tokens, maps, rows, max_new_tokens, 1)
             out: list[list[RegionCaption]] = [[] for _ in images]
             flat_scores = [s for ss in proposal_scores for s in ss]
             for row, original, text, score in zip(rows, originals, texts, flat_scores):

@@ -148,12 +148,7 @@ class ProposalHead(nn.Module):
         heat = (heat * peaks * inside[:, None]).flatten(1)
         kk = min(k, h * w)
         scores, index = heat.topk(kk, dim=1)
-        offset = maps["offset"].float().flatten(2).gather(2, index[:, None, :].expand(-1, 2, -1))
-        size = maps["size"].float().flatten(2).gather(2, index[:, None, :].expand(-1, 2, -1)).clamp(min=0)
-        cx = ((index % w).float() + offset[:, 0]) * stride[0]
-        cy = (torch.div(index, w, rounding_mode="floor").float() + offset[:, 1]) * stride[1]
-        bw, bh = size[:, 0] * canvas_size, size[:, 1] * canvas_size
-        boxes = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], dim=-1)
+        boxes = ProposalHead.cell_boxes(maps, canvas_size).gather(1, index[..., None].expand(-1, -1, 4))
         boxes = (boxes / image_sizes.float()[:, None, :].repeat(1, 1, 2)).clamp(0, 1)
         keep = scores >= max(min_score, 1e-12)
         scores, boxes = scores * keep, boxes * keep[..., None]

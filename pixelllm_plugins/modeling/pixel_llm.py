@@ -152,13 +152,14 @@ class PixelLLM(nn.Module):
 
     @torch.no_grad()
     def propose(self, image_tokens: Tensor, image_sizes: Tensor, max_proposals: int | None = None,
-                min_score: float = 0.0) -> tuple[Tensor, Tensor]:
+                min_score: float = 0.0, maps: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """-> (boxes [B,K,4] normalised to the image, scores [B,K]); slots below ``min_score`` are zero."""
         if self.proposal_head is None:
             raise PixelLLMError("this model has no proposal head (heads.proposals is false), so it cannot "
                                 "propose regions for dense captioning; pass boxes or use another checkpoint")
         k = max_proposals or self.config.heads.max_proposals
-        maps = self.proposal_head(image_tokens)
+        if maps is None:
+            maps = self.proposal_head(image_tokens)
         return self.proposal_head.decode(maps, image_sizes, self.canvas_size, k, min_score)
 
     # ---- full pass -----------------------------------------------------------------------------------
@@ -210,15 +211,14 @@ class PixelLLM(nn.Module):
         """Inputs of the box-words loss for region/refer batches: each prompt's text against its target box."""
         if self.word_head is None or not maps:
             return {}
-        # the head joins every graph (with weight 0 when unused), as DDP expects of every parameter
-        unused = {"word_logits": self.word_head(maps["features"].flatten(2).mean(-1))}
-        if (inputs.task not in self.BOX_WORD_TASKS or inputs.target_points is None or inputs.point_mask is None
-                or inputs.text_ids is None):
-            return unused
-        pm = inputs.point_mask.bool() & valid[..., None]
-        has = pm.any(-1)  # [B,N]
-        if not has.any():
-            return unused
+        has = None
+        if (inputs.task in self.BOX_WORD_TASKS and inputs.target_points is not None
+                and inputs.point_mask is not None and inputs.text_ids is not None):
+            pm = inputs.point_mask.bool() & valid[..., None]
+            has = pm.any(-1)  # [B,N]
+        if has is None or not has.any():
+            # the head still joins the graph (with weight 0), as DDP expects of every parameter
+            return {"word_logits": self.word_head(maps["features"].flatten(2).mean(-1))}
         first = pm.float().argmax(-1)  # [B,N] first position with a target
         boxes = inputs.target_points.gather(2, first[..., None, None].expand(-1, -1, 1, 4))[:, :, 0][has]
         b_idx = has.nonzero(as_tuple=True)[0]
