@@ -67,6 +67,24 @@ class Runtime:
         p = self.predictor
         return str(getattr(p, "base_version", None) or p.model_version)
 
+    def health_fields(self) -> dict:
+        """What ``/health`` reports about the model, without waiting on a worker that is down.
+
+        In-process: the loaded model's version. Remote: the worker's version once known, and whether
+        its ``/health`` answers now (quick probes, no retries).
+        """
+        p = self._predictor
+        if p is None:
+            return {"model_loaded": False}
+        probe = getattr(p, "probe_model_version", None)
+        if probe is None:  # in-process predictor
+            return {"model_loaded": True, "model_version": self.base_version}
+        out: dict = {"model_loaded": True, "worker_reachable": bool(p.health())}
+        version = probe() if out["worker_reachable"] else None
+        if version:
+            out["model_version"] = version
+        return out
+
     def adapter_for(self, project_id: str | None) -> str | None:
         """The adapter name to pass to the predictor for this project (loading it once if in-process)."""
         found = self.training.adapter(project_id)

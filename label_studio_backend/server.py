@@ -145,9 +145,8 @@ def create_app(settings: Settings | None = None, *, predictor=None, predictor_fa
     @app.get("/health")
     @app.get("/")
     async def health():
-        out = {"status": "UP", "model_class": model_class.__name__, "model_loaded": runtime.predictor_loaded}
-        if runtime.predictor_loaded:
-            out["model_version"] = runtime.base_version
+        out = {"status": "UP", "model_class": model_class.__name__,
+               **await run_in_threadpool(runtime.health_fields)}
         training = runtime.training.status()
         if training:
             out["training"] = training

@@ -145,6 +145,19 @@ class RemotePredictor:
         except httpx.HTTPError:
             return False
 
+    def probe_model_version(self) -> str | None:
+        """The worker's model_version, asking ``/ready`` once (no retries) when not yet known; None when the
+        worker is down or still loading. For health pages, which must not wait on a worker."""
+        if self._model_version is None:
+            try:
+                resp = self._client.get("/ready", timeout=5.0)
+            except httpx.HTTPError:
+                return None
+            if resp.status_code != 200:
+                return None
+            self._model_version = str(resp.json().get("model_version", ""))
+        return self._model_version
+
     @property
     def model_version(self) -> str:
         if self._model_version is None:
@@ -161,7 +174,8 @@ class RemotePredictor:
         return min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
 
     def _request(self, method: str, path: str, body: dict | None = None) -> dict:
-        deadline = time.monotonic() + self.retry_deadline_s
+        started = time.monotonic()
+        deadline = started + self.retry_deadline_s
         attempt = 0
         while True:
             attempt += 1
@@ -180,8 +194,8 @@ class RemotePredictor:
                 problem = f"HTTP {resp.status_code} ({self._message(resp)})"
             delay = self._delay(attempt, retry_after)
             if attempt >= self.max_retries or time.monotonic() + delay > deadline:
-                raise RemoteError(f"worker at {self.url} did not answer {path} after {attempt} attempt(s) in "
-                                  f"{self.retry_deadline_s:g} s: {problem}; check that it runs "
+                raise RemoteError(f"worker at {self.url} did not answer {path} after {attempt} attempt(s) over "
+                                  f"{time.monotonic() - started:.1f} s: {problem}; check that it runs "
                                   "(pixelllm serve) and PIXELLLM_WORKER_URL")
             self._count("retries")
             log.debug("%s %s: %s; retrying in %.2f s", method, path, problem, delay)
@@ -193,10 +207,16 @@ class RemotePredictor:
 
     @staticmethod
     def _message(resp: httpx.Response) -> str:
+        """The worker's reason: its ``error`` field, else FastAPI's ``detail`` or a ``status``, else the text."""
         try:
-            return str(resp.json().get("error", resp.text[:200]))
+            body = resp.json()
         except ValueError:
-            return resp.text[:200]
+            body = None
+        if isinstance(body, dict):
+            for key in ("error", "detail", "status"):
+                if body.get(key):
+                    return str(body[key])
+        return resp.text[:200] or resp.reason_phrase
 
     def _error(self, resp: httpx.Response) -> PixelLLMError:
         try:

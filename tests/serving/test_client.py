@@ -151,9 +151,23 @@ def test_retry_after_is_capped_and_retries_are_bounded(no_sleep):
     assert len(seen) == 1  # 4xx is not retried
 
 
+@pytest.mark.parametrize("body, reason", [({"error": None, "detail": "model loading"}, "model loading"),
+                                           ({"status": "loading"}, "loading"),
+                                           (None, "Service Unavailable")])
+def test_retry_error_names_the_workers_reason(no_sleep, body, reason):
+    def handler(request: httpx.Request):
+        return httpx.Response(503, json=body) if body is not None else httpx.Response(503)
+
+    remote = RemotePredictor("http://worker.test", transport=httpx.MockTransport(handler), max_retries=2)
+    with pytest.raises(RemoteError) as info:
+        remote.caption([png_bytes()])
+    assert f"HTTP 503 ({reason})" in str(info.value) and "None" not in str(info.value)
+
+
 def test_unreachable_worker_gives_a_clear_error(no_sleep):
     remote = RemotePredictor(f"http://127.0.0.1:{free_port()}", max_retries=4, backoff_s=0.01)
-    with pytest.raises(RemoteError, match="did not answer /v1/caption after 4 attempt.*PIXELLLM_WORKER_URL"):
+    with pytest.raises(RemoteError, match=r"did not answer /v1/caption after 4 attempt\(s\) over [0-9.]+ s.*"
+                                          "PIXELLLM_WORKER_URL"):
         remote.caption([png_bytes()])
     assert len(no_sleep) == 3
     with pytest.raises(RemoteError, match="must start with http"):

@@ -123,6 +123,11 @@ def stack(tiny_checkpoint, tmp_path_factory):
         bad.start()
         good.wait_serving("/metrics")
         bad.wait_serving("/metrics")
+        # /health answers while the worker is down (one quick probe, no retries), without a version
+        down = httpx.get(good.url + "/health", timeout=30)
+        assert down.status_code == 200, down.text
+        assert down.json()["status"] == "UP" and "model_version" not in down.json()
+        assert down.json().get("worker_reachable", False) is False
         worker.start()
         good.wait_serving()
         bad.wait_serving()
@@ -157,7 +162,7 @@ def test_health_and_setup_report_the_workers_model_version(stack):
     good, version = stack["good"], stack["version"]
     health = httpx.get(good.url + "/health", timeout=30).json()
     assert health["status"] == "UP" and health["model_loaded"] is True
-    assert health["model_version"] == version
+    assert health["model_version"] == version and health["worker_reachable"] is True
     r = good.post("/setup", {"project": PROJECT, "schema": REFERRING, "hostname": "http://ls.invalid",
                              "access_token": "ls-token-not-for-the-worker"})
     assert r.status_code == 200 and r.json() == {"model_version": version}
