@@ -29,6 +29,10 @@ class VisionConfig:
     mlp_ratio: float = 4.0
     conv_stem: bool = False  # a small conv stem before patchify: learns much faster from scratch
     stem_blocks: int = 0  # residual conv blocks after each stride-2 stem conv (needs conv_stem)
+    # Beyond the paper: a conv branch on the stem's finest map (stride patch/2) whose d channels travel
+    # inside each image token as its 2x2 sub-patches (4*d more channels per token). Shapes of small objects
+    # live at that resolution; the proposal head unpacks them to its 2x finer map. 0 = plain tokens.
+    detail_channels: int = 0
     drop_path: float = 0.0
     hf_name_or_path: str | None = None
     freeze: bool = False
@@ -89,6 +93,12 @@ class HeadsConfig:
     # the proposal map and takes the box that cell proposes (modeling/heads.py::GridPointHead); needs
     # proposals and num_points 2. Small models trained from scratch localise far sooner with it.
     point_mode: str = "mlp"
+    # Ours, grid point head only: the strongest ``relation_candidates`` candidates of each row pass through
+    # ``relation_layers`` transformer layers (self-attention among candidates with their boxes, cross-
+    # attention to the row's text) before the tokens score them, so "the star above the red square" and
+    # "the leftmost circle" can compare objects. 0 = each candidate is scored on its own.
+    relation_layers: int = 0
+    relation_candidates: int = 8
     # Ours: a linear word head on the proposal features inside a target box, trained to predict the words
     # of that box's region caption or referring expression (losses.box_words_loss). Needs proposals. It
     # teaches the features object attributes directly, which the grid point head and map tokens read.
@@ -188,13 +198,13 @@ def _synth_small() -> PixelLLMConfig:
     return PixelLLMConfig(
         preset="synth-small",
         vision=VisionConfig(image_size=192, patch_size=16, hidden_size=192, num_layers=4, num_heads=3,
-                            conv_stem=True),
+                            conv_stem=True, detail_channels=16),
         prompt=PromptConfig(embed_dim=64, hidden_size=128, depth=2, num_heads=4, mlp_dim=256,
                             attention_downsample=1, num_queries=8, output_dim=192, roi_grid=3, map_tokens=2),
         language=LanguageConfig(hidden_size=192, num_layers=3, num_heads=4, intermediate_size=512,
                                 max_positions=128, dropout=0.0, max_context_tokens=24, max_text_tokens=40),
         heads=HeadsConfig(point_hidden=192, point_layers=3, proposal_hidden=128, max_proposals=30,
-                          point_mode="grid", box_words=True),
+                          point_mode="grid", box_words=True, relation_layers=2),
     )
 
 

@@ -93,7 +93,8 @@ class Predictor:
         self.cache_size = cache_size
         self.batch_size = batch_size
         self.limits = limits or ImageLimits()
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        # content key -> (image tokens [L,C], proposal maps of the image or None)
+        self._cache: OrderedDict[str, tuple[torch.Tensor, dict[str, torch.Tensor] | None]] = OrderedDict()
         self._current: str | None = None
         self._adapter: str | None = None
         self._adapter_paths: dict[str, str] = {}
@@ -190,24 +191,35 @@ class Predictor:
             self._current = None
 
     @torch.inference_mode()
-    def _embed(self, images: list[_Image]) -> torch.Tensor:
-        """Image tokens [B,L,C] for the images, running the vision encoder only on cache misses."""
-        missing = [im for im in dict.fromkeys(im.key for im in images) if im not in self._cache]
+    def _embed(self, images: list[_Image], *, maps: bool | None = None
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """Image tokens [B,L,C] and proposal maps of the images, computing both only on cache misses.
+
+        Maps are computed (and cached with the tokens) when the model's points or visual tokens read them,
+        or when ``maps`` is True (dense captioning proposes from them); otherwise they are None.
+        """
+        want_maps = self.model.needs_maps if maps is None else (maps or self.model.needs_maps)
+        keys = list(dict.fromkeys(im.key for im in images))
+        missing = [k for k in keys if k not in self._cache or (want_maps and self._cache[k][1] is None)]
         by_key = {im.key: im for im in images}
         for start in range(0, len(missing), self.batch_size):
             chunk = missing[start:start + self.batch_size]
             pixels = torch.stack([by_key[k].prepared.pixel_values for k in chunk]).to(self.device, self.dtype)
             tokens = self.model.encode_images(pixels)
             self.stats["vision_calls"] += 1
-            for k, t in zip(chunk, tokens):
-                self._cache[k] = t
+            computed = self.model.proposal_head(tokens) if want_maps else None
+            for i, (k, t) in enumerate(zip(chunk, tokens)):
+                self._cache[k] = (t, None if computed is None else {n: v[i] for n, v in computed.items()})
         self.stats["cache_hits"] += len(images) - len(missing)
-        result = []
+        entries = []
         for im in images:
             self._cache.move_to_end(im.key)
-            result.append(self._cache[im.key])
+            entries.append(self._cache[im.key])
         self._evict()
-        return torch.stack(result)
+        tokens = torch.stack([t for t, _ in entries])
+        if not want_maps:
+            return tokens, None
+        return tokens, {n: torch.stack([m[n] for _, m in entries]) for n in entries[0][1]}
 
     def _evict(self) -> None:
         while len(self._cache) > max(self.cache_size, 1):
@@ -257,7 +269,7 @@ class Predictor:
     def _teacher_forced(self, tokens, maps, images, rows) -> tuple[torch.Tensor, torch.Tensor]:
         """Points and confidence logits at every text position: (points [R,T,4], conf [R,T]).
 
-        ``maps``: ``model.proposal_maps(tokens)``, computed once per call (None when the model needs none).
+        ``maps``: the images' proposal maps from ``_embed`` (cached with the tokens; None when the model needs none).
         """
         index = self._row_index(rows)
         visual = self._visual(tokens, maps, rows, index)
@@ -267,7 +279,7 @@ class Predictor:
         if self.model.points_need_maps:
             sizes = torch.tensor([image.prepared.resized_size for image in images], dtype=torch.float32,
                                  device=self.device)
-            points, conf = self.model.predict_points(hidden, maps, index, sizes)
+            points, conf = self.model.predict_points(hidden, maps, index, sizes, text_mask=txt_mask)
         else:
             points, conf = self.model.predict_points(hidden)
         return points.float(), conf.float()
@@ -322,8 +334,7 @@ class Predictor:
                                            what=f"image {i} text {j}")
                     target = self._encode(text, lang.max_text_tokens, add_bos=True, what=f"image {i} text {j}")
                     rows.append(_Row(i, self._global_box(loaded[i]), context, target))
-            tokens = self._embed(loaded)
-            maps = self.model.proposal_maps(tokens)
+            tokens, maps = self._embed(loaded)
             boxes, scores = [], []
             for chunk in self._chunks(rows):
                 points, conf = self._teacher_forced(tokens, maps, loaded, chunk)
@@ -353,9 +364,8 @@ class Predictor:
             self._use_adapter(adapter)
             loaded = self._load(images)
             rows, originals = self._region_rows(loaded, boxes)
-            tokens = self._embed(loaded)
-            texts, scores = self._captions(tokens, self.model.proposal_maps(tokens), rows, max_new_tokens,
-                                           num_beams)
+            tokens, maps = self._embed(loaded)
+            texts, scores = self._captions(tokens, maps, rows, max_new_tokens, num_beams)
             out: list[list[RegionCaption]] = [[] for _ in images]
             for row, original, text, score in zip(rows, originals, texts, scores):
                 out[row.image].append(RegionCaption(original, text, score, self.model_version))
@@ -379,8 +389,7 @@ class Predictor:
             context = self._encode(self.config.templates.caption_prompt, lang.max_context_tokens,
                                    add_bos=False, what="caption prompt")
             rows = [_Row(i, self._global_box(im), context) for i, im in enumerate(loaded)]
-            tokens = self._embed(loaded)
-            maps = self.model.proposal_maps(tokens)
+            tokens, maps = self._embed(loaded)
             out = []
             for chunk in self._chunks(rows):
                 result = self._generate(tokens, maps, chunk, max_new_tokens, num_beams)
@@ -404,8 +413,7 @@ class Predictor:
                          self._encode(self._clean_text(c, f"caption {i}"), lang.max_text_tokens, add_bos=True,
                                       what=f"caption {i}"))
                     for i, (im, c) in enumerate(zip(loaded, captions))]
-            tokens = self._embed(loaded)
-            maps = self.model.proposal_maps(tokens)
+            tokens, maps = self._embed(loaded)
             out = []
             for chunk in self._chunks(rows):
                 points = self._teacher_forced(tokens, maps, loaded, chunk)[0].cpu()
@@ -433,10 +441,9 @@ class Predictor:
         with self._lock:
             self._use_adapter(adapter)
             loaded = self._load(images)
-            tokens = self._embed(loaded)
+            tokens, maps = self._embed(loaded, maps=True)  # one set of maps: proposals and captions
             sizes = torch.tensor([im.prepared.resized_size for im in loaded], dtype=torch.float32,
                                  device=self.device)
-            maps = self.model.proposal_head(tokens)  # one pass serves the proposals and the captions
             boxes, scores = self.model.propose(tokens, sizes, max_regions, min_score, maps=maps)
             boxes, scores = boxes.float().cpu(), scores.float().cpu()
             per_image, proposal_scores = [], []

@@ -67,9 +67,13 @@ class ProposalHead(nn.Module):
     Sizes are canvas-normalised (``w / S``); offsets are in map cells.
     """
 
-    def __init__(self, in_dim: int, hidden: int, grid_size: tuple[int, int], upsample: int = 2):
+    def __init__(self, in_dim: int, hidden: int, grid_size: tuple[int, int], upsample: int = 2,
+                 detail_dim: int = 0):
         super().__init__()
+        if detail_dim and upsample != 2:
+            raise ValueError("detail channels (2x2 sub-patches) need upsample 2")
         self.grid_size = grid_size
+        self.detail_dim = detail_dim  # the tokens' last channels: 2x2 sub-patch features (vision.detail_channels)
         layers: list[nn.Module] = [nn.Conv2d(in_dim, hidden, 3, padding=1), nn.GELU(),
                                    nn.Conv2d(hidden, hidden, 3, padding=1), nn.GELU()]
         if upsample > 1:  # after the 3x3 convs: they cost upsample**2 times more on the finer map
@@ -82,7 +86,8 @@ class ProposalHead(nn.Module):
         nn.init.constant_(self.size.bias, 0.1)
         nn.init.constant_(self.offset.bias, 0.5)
         self.map_size = (grid_size[0] * upsample, grid_size[1] * upsample)
-        self.feature_dim = hidden + in_dim  # maps["features"]: body output + the upsampled image tokens
+        # maps["features"]: body output + the upsampled image tokens (+ their unpacked sub-patch detail)
+        self.feature_dim = hidden + in_dim - detail_dim + detail_dim // 4
 
     def forward(self, image_tokens: Tensor) -> dict[str, Tensor]:
         """image_tokens [B,gh*gw,C] -> {"heatmap": [B,1,h,w] logits, "size": [B,2,h,w], "offset": [B,2,h,w],
@@ -93,7 +98,10 @@ class ProposalHead(nn.Module):
         x = self.body(grid)
         # "features" serve the grid point head, map tokens and box words: the detection body alone
         # learns to ignore colour and shape (objectness needs neither), the image tokens keep them
-        up = F.interpolate(grid, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        coarse, detail = grid[:, : c - self.detail_dim], grid[:, c - self.detail_dim:]
+        up = F.interpolate(coarse, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        if self.detail_dim:  # sub-patch features back at their own resolution (== the map's)
+            up = torch.cat([up, F.pixel_shuffle(detail, 2)], 1)
         return {"heatmap": self.heatmap(x), "size": self.size(x), "offset": self.offset(x),
                 "features": torch.cat([x, up.to(x.dtype)], 1)}
 
@@ -158,6 +166,37 @@ class ProposalHead(nn.Module):
         return boxes, scores
 
 
+class CandidateRelations(nn.Module):
+    """Transformer decoder layers over one row's candidates: self-attention among them (each with its box),
+    cross-attention to the row's text. Relations and ordinals ("above the red square", "leftmost") need
+    candidates that know about each other and about what is asked; a dot product per candidate cannot
+    compare objects. The output only adds to the first-stage scores (zero-initialised), so training
+    starts from the plain grid head."""
+
+    def __init__(self, dim: int, text_dim: int, num_layers: int, num_heads: int = 4):
+        super().__init__()
+        self.box_embed = nn.Sequential(nn.Linear(4, dim), nn.GELU(), nn.Linear(dim, dim))
+        self.text_proj = nn.Sequential(nn.LayerNorm(text_dim, eps=1e-6), nn.Linear(text_dim, dim))
+        self.layers = nn.ModuleList(
+            nn.TransformerDecoderLayer(dim, num_heads, 2 * dim, dropout=0.0, activation="gelu",
+                                       batch_first=True, norm_first=True)
+            for _ in range(num_layers))
+        self.out = nn.Sequential(nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, dim))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, keys: Tensor, boxes: Tensor, valid: Tensor, text: Tensor, text_mask: Tensor | None) -> Tensor:
+        """keys [M,K,d], boxes [M,K,4] (x0,y0,x1,y1 in the image frame), valid [M,K], text [M,T,H],
+        text_mask [M,T] or None -> candidate vectors [M,K,d] for the tokens' queries to score."""
+        centre, size = (boxes[..., :2] + boxes[..., 2:]) / 2, (boxes[..., 2:] - boxes[..., :2])
+        x = keys + self.box_embed(torch.cat([centre, size], -1).clamp(-1, 2).to(keys.dtype))
+        memory = self.text_proj(text).to(x.dtype)
+        text_pad = None if text_mask is None else ~text_mask.bool()
+        for layer in self.layers:
+            x = layer(x, memory, tgt_key_padding_mask=~valid, memory_key_padding_mask=text_pad)
+        return self.out(x)
+
+
 class GridPointHead(nn.Module):
     """Points by pointing (ours; ``heads.point_mode = "grid"``): a token's box is the box its query picks.
 
@@ -172,9 +211,12 @@ class GridPointHead(nn.Module):
     frame and shape match :class:`PointHead` (``num_points`` 2).
     """
 
-    def __init__(self, in_dim: int, feature_dim: int, hidden: int, map_size: tuple[int, int], canvas_size: int):
+    def __init__(self, in_dim: int, feature_dim: int, hidden: int, map_size: tuple[int, int], canvas_size: int,
+                 relation_layers: int = 0, relation_candidates: int = 8):
         super().__init__()
         self.canvas_size = canvas_size
+        self.relation_candidates = relation_candidates
+        self.relations = (CandidateRelations(hidden, in_dim, relation_layers) if relation_layers > 0 else None)
         self.query = nn.Sequential(nn.LayerNorm(in_dim, eps=1e-6), nn.Linear(in_dim, hidden), nn.GELU(),
                                    nn.Linear(hidden, hidden))
         self.key = nn.Sequential(nn.LayerNorm(feature_dim, eps=1e-6), nn.Linear(feature_dim, hidden))
@@ -197,16 +239,28 @@ class GridPointHead(nn.Module):
         return F.logsigmoid(heat.flatten(1)).masked_fill(~peak, float("-inf"))
 
     def forward(self, hidden: Tensor, maps: dict[str, Tensor], image_index: Tensor, image_sizes: Tensor,
-                *, with_choices: bool = False):
+                *, text_mask: Tensor | None = None, with_choices: bool = False):
         """hidden [M,T,H], proposal maps of B images, image_index [M], image_sizes [B,2] (w,h canvas px)
         -> points [M,T,4] as x0,y0,x1,y1 normalised to each row's image; with ``with_choices`` also
-        (cell logits [M,T,L], cell boxes [M,L,4] in the same frame) for the pointer loss."""
+        (cell logits [M,T,L], cell boxes [M,L,4] in the same frame) for the pointer loss. ``text_mask``
+        [M,T] marks real tokens for the relation layers (all tokens count when None)."""
         features = maps["features"].flatten(2).transpose(1, 2)  # [B,L,C]
         keys = (self.key(features) + self.key_position).index_select(0, image_index)  # [M,L,h]
-        logits = torch.einsum("mtd,mld->mtl", self.query(hidden).to(keys.dtype), keys).float() * self.scale
-        logits = logits + self.candidates(maps, image_sizes).index_select(0, image_index)[:, None, :]
+        query = self.query(hidden).to(keys.dtype)
+        logits = torch.einsum("mtd,mld->mtl", query, keys).float() * self.scale
+        prior = self.candidates(maps, image_sizes).index_select(0, image_index)  # [M,L]
+        logits = logits + prior[:, None, :]
         size = image_sizes.float().index_select(0, image_index).repeat(1, 2)[:, None, :]
         boxes = ProposalHead.cell_boxes(maps, self.canvas_size).index_select(0, image_index) / size  # [M,L,4]
+        if self.relations is not None:
+            top, cells = prior.topk(min(self.relation_candidates, prior.shape[1]), dim=1)  # [M,K]
+            valid = torch.isfinite(top)
+            picked = keys.gather(1, cells[..., None].expand(-1, -1, keys.shape[-1]))
+            cand_boxes = boxes.gather(1, cells[..., None].expand(-1, -1, 4))
+            related = self.relations(picked, cand_boxes, valid, hidden, text_mask)  # [M,K,h]
+            delta = torch.einsum("mtd,mkd->mtk", query, related).float() * self.scale
+            delta = delta.masked_fill(~valid[:, None, :], 0.0)
+            logits = logits.scatter_add(2, cells[:, None, :].expand(-1, logits.shape[1], -1), delta)
         if self.training:
             points = torch.bmm(logits.softmax(-1), boxes)
         else:  # at inference a token points at one object: the box of its best candidate, not a blend

@@ -50,7 +50,8 @@ class PixelLLM(nn.Module):
             self.language.requires_grad_(False)
         h, heads = self.language.hidden_size, config.heads
         self.confidence_head = ConfidenceHead(h, heads.point_hidden) if heads.confidence else None
-        self.proposal_head = (ProposalHead(self.vision.out_dim, heads.proposal_hidden, self.vision.grid_size)
+        self.proposal_head = (ProposalHead(self.vision.out_dim, heads.proposal_hidden, self.vision.grid_size,
+                                           detail_dim=getattr(self.vision, "detail_dim", 0))
                               if heads.proposals else None)
         self.map_token_proj = None
         if config.prompt.map_tokens > 0:
@@ -70,7 +71,8 @@ class PixelLLM(nn.Module):
                 raise PixelLLMError("heads.point_mode 'grid' points at proposal-map cells: it needs "
                                     "heads.proposals true and heads.num_points 2")
             self.point_head = GridPointHead(h, self.proposal_head.feature_dim, heads.point_hidden,
-                                            self.proposal_head.map_size, self.canvas_size)
+                                            self.proposal_head.map_size, self.canvas_size,
+                                            heads.relation_layers, heads.relation_candidates)
         elif heads.point_mode == "mlp":
             self.point_head = PointHead(h, heads.point_hidden, heads.point_layers, heads.num_points)
         else:
@@ -129,19 +131,21 @@ class PixelLLM(nn.Module):
 
     def predict_points(self, hidden: Tensor, maps: dict[str, Tensor] | None = None,
                        image_index: Tensor | None = None, image_sizes: Tensor | None = None,
-                       choices: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+                       choices: dict[str, Tensor] | None = None, text_mask: Tensor | None = None
+                       ) -> tuple[Tensor, Tensor]:
         """hidden [M,T,H] -> (points [M,T,4] normalised x0,y0,x1,y1, confidence logits [M,T]).
 
         A grid point head also needs the proposal ``maps`` of the images, each row's ``image_index`` and
         the images' ``image_sizes`` [B,2]; pass a dict as ``choices`` to receive its cell logits and cell
-        boxes (for the pointer loss). Without a confidence head the logits are 0 (score 0.5).
+        boxes (for the pointer loss), and ``text_mask`` [M,T] (real tokens) when rows are padded. Without a
+        confidence head the logits are 0 (score 0.5).
         """
         if self.points_need_maps:
             if maps is None or image_index is None or image_sizes is None:
                 raise PixelLLMError("this model's grid point head needs the proposal maps, image index and "
                                     "image sizes (PixelLLM.predict_points)")
             points, cell_logits, cell_boxes = self.point_head(hidden, maps, image_index, image_sizes,
-                                                              with_choices=True)
+                                                              text_mask=text_mask, with_choices=True)
             if choices is not None:
                 choices.update(cell_logits=cell_logits, cell_boxes=cell_boxes)
         else:
@@ -183,7 +187,7 @@ class PixelLLM(nn.Module):
                                                inputs.text_ids[valid], text_mask[valid])
                 choices: dict[str, Tensor] = {}
                 points, confidence = self.predict_points(hidden, out.proposals or None, b_idx,
-                                                         inputs.image_sizes, choices)
+                                                         inputs.image_sizes, choices, text_mask[valid])
                 flat = {"logits": logits, "hidden": hidden, "points": points, "confidence": confidence}
                 for name, value in flat.items():
                     setattr(out, name, _scatter(value, valid))

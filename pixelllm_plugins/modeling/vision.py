@@ -109,8 +109,32 @@ class ConvStem(nn.Module):
         return self.layers(x)
 
 
+class DetailBranch(nn.Module):
+    """Conv features at half the patch stride, packed into the tokens as 2x2 sub-patches (space-to-depth).
+
+    A 3x3 conv and one residual block on the stem's last map (receptive field about 60 px at patch 16):
+    enough to tell a small hexagon from a circle, which a 16 px patch token learns only slowly.
+    """
+
+    def __init__(self, in_channels: int, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(in_channels, channels, 3, padding=1, bias=False),
+                                  nn.GroupNorm(min(8, channels), channels), nn.GELU(),
+                                  ResidualConvBlock(channels))
+        self.out_dim = 4 * channels
+
+    def forward(self, stem_map: Tensor, grid_size: tuple[int, int]) -> Tensor:
+        """stem map [B,C,h,w] -> [B,gh*gw,4*channels] (channel-major blocks of each token's 2x2 cells)."""
+        gh, gw = grid_size
+        x = self.body(stem_map)[..., : 2 * gh, : 2 * gw]
+        return F.pixel_unshuffle(x, 2).flatten(2).transpose(1, 2)
+
+
 class ViT(nn.Module):
-    """Plain ViT: (optional conv stem) -> patch projection -> learned abs pos-embed -> pre-LN blocks -> LN."""
+    """Plain ViT: (optional conv stem) -> patch projection -> learned abs pos-embed -> pre-LN blocks -> LN.
+
+    With ``detail_channels`` the tokens end with :class:`DetailBranch` channels (``detail_dim`` of them).
+    """
 
     def __init__(self, config: VisionConfig):
         super().__init__()
@@ -127,7 +151,16 @@ class ViT(nn.Module):
         self.patch_embed = nn.Conv2d(in_ch, dim, kernel_size=proj, stride=proj)
         g = n // proj
         self.grid_size: tuple[int, int] = (g, g)
-        self.out_dim: int = dim
+        self.detail = None
+        if config.detail_channels > 0:
+            if not config.conv_stem or proj != 2:
+                from ..errors import CheckpointError
+
+                raise CheckpointError("vision.detail_channels needs vision.conv_stem and patch_size 16 "
+                                      "(the stem ends at stride 8, half the token stride)")
+            self.detail = DetailBranch(in_ch, config.detail_channels)
+        self.detail_dim: int = self.detail.out_dim if self.detail is not None else 0
+        self.out_dim: int = dim + self.detail_dim
         self.pos_embed = nn.Parameter(torch.zeros(1, g * g, dim))
         rates = torch.linspace(0, config.drop_path, config.num_layers).tolist()
         self.blocks = nn.ModuleList(Block(dim, config.num_heads, config.mlp_ratio, r) for r in rates)
@@ -142,11 +175,15 @@ class ViT(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
-        x = self.patch_embed(self.stem(pixel_values)).flatten(2).transpose(1, 2)
+        stem = self.stem(pixel_values)
+        x = self.patch_embed(stem).flatten(2).transpose(1, 2)
         x = x + self.pos_embed
         for block in self.blocks:
             x = block(x)
-        return self.norm(x)
+        x = self.norm(x)
+        if self.detail is None:
+            return x
+        return torch.cat([x, self.detail(stem, self.grid_size).to(x.dtype)], dim=-1)
 
 
 def build_vision_encoder(config: VisionConfig) -> nn.Module:

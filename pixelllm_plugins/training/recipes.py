@@ -43,7 +43,7 @@ RECIPES: dict[str, Recipe] = {
         "synth-small", "the default model: synth-small preset from scratch on synthetic scenes "
                        "(target: RefCOCO-style P@0.5 >= 0.85 on the synthetic val split)",
         {"init": "synth-small", "sources": {"refer": 4.0, "region": 4.0, "trace": 1.5, "caption": 0.5},
-         "steps": 2200, "batch_size": 12, "grad_accum": 1, "lr": 8e-4, "min_lr_ratio": 0.05,
+         "steps": 5200, "batch_size": 12, "grad_accum": 1, "lr": 8e-4, "min_lr_ratio": 0.05,
          "warmup_steps": 100, "weight_decay": 0.05, "checkpoint_every": 200, "eval_every": 0,
          "eval_tasks": ("refer",), "eval_limit": 100, "num_threads": 2, "out_dir": "runs/synth-small"},
     ),

@@ -67,6 +67,26 @@ def test_vit_shapes_and_grad(conv_stem, stem_blocks):
     assert all(p.grad is not None for p in vit.parameters())
 
 
+def test_detail_channels_travel_in_the_tokens_and_unpack_in_the_proposal_features():
+    cfg = VisionConfig(image_size=64, patch_size=16, hidden_size=32, num_layers=1, num_heads=2, conv_stem=True,
+                       detail_channels=4)
+    vit = build_vision_encoder(cfg)
+    x = torch.randn(2, 3, 64, 64)
+    tokens = vit(x)
+    assert vit.detail_dim == 16 and vit.out_dim == 48 and tokens.shape == (2, 16, 48)
+    head = ProposalHead(vit.out_dim, 8, vit.grid_size, detail_dim=vit.detail_dim)
+    features = head(tokens)["features"]
+    assert features.shape == (2, head.feature_dim, 8, 8) and head.feature_dim == 8 + 32 + 4
+    # the last channels are the detail branch's own stride-8 map, cell for cell (no interpolation)
+    detail_map = vit.detail.body(vit.stem(x))
+    torch.testing.assert_close(features[:, -4:], detail_map, atol=1e-5, rtol=0)
+    tokens.square().mean().backward()
+    assert all(p.grad is not None for p in vit.detail.parameters())
+    with pytest.raises(CheckpointError, match="detail_channels needs vision.conv_stem"):
+        build_vision_encoder(VisionConfig(image_size=64, patch_size=16, hidden_size=32, num_layers=1,
+                                          num_heads=2, detail_channels=4))
+
+
 def test_unknown_vision_kind():
     with pytest.raises(CheckpointError, match="vit"):
         build_vision_encoder(VisionConfig(kind="nope"))
@@ -258,6 +278,31 @@ def test_grid_point_head_picks_the_proposed_box_of_the_detected_object():
     picked = head.eval()(torch.randn(1, 1, 16), maps, torch.tensor([0]), sizes)[0, 0]
     assert (blended - gt[0, 0]).abs().max() > 0.01
     torch.testing.assert_close(picked, gt[0, 0], atol=1e-4, rtol=0)
+
+
+def test_relation_layers_start_as_the_plain_grid_head_and_ignore_padding():
+    canvas = 64
+    sizes = torch.tensor([[64.0, 48.0], [32.0, 64.0]])
+    gt = torch.tensor([[[0.1, 0.2, 0.5, 0.7], [0.6, 0.1, 0.9, 0.4]], [[0.2, 0.2, 0.8, 0.5], [0, 0, 0, 0]]])
+    maps, _ = _perfect_maps((8, 8), gt, torch.tensor([[True, True], [True, False]]), sizes, canvas)
+    maps["features"] = torch.randn(2, 8, 8, 8)
+    torch.manual_seed(0)
+    plain = GridPointHead(16, 8, 12, (8, 8), canvas).eval()
+    related = GridPointHead(16, 8, 12, (8, 8), canvas, relation_layers=1, relation_candidates=3).eval()
+    related.load_state_dict(plain.state_dict(), strict=False)
+    hidden, index = torch.randn(3, 5, 16), torch.tensor([0, 1, 0])
+    _, want, _ = plain(hidden, maps, index, sizes, with_choices=True)
+    _, got, _ = related(hidden, maps, index, sizes, with_choices=True)
+    torch.testing.assert_close(got, want)  # zero-initialised output: the same scores at the start
+    torch.nn.init.normal_(related.relations.out[-1].weight, std=1.0)
+    _, moved, _ = related(hidden, maps, index, sizes, with_choices=True)
+    changed = (moved != want) & torch.isfinite(want)
+    assert changed.any() and torch.equal(torch.isfinite(moved), torch.isfinite(want))
+    # padding tokens marked in text_mask do not change the real tokens' scores
+    padded = torch.cat([hidden, torch.randn(3, 2, 16)], 1)
+    mask = torch.tensor([True] * 5 + [False] * 2).expand(3, -1)
+    _, again, _ = related(padded, maps, index, sizes, text_mask=mask, with_choices=True)
+    torch.testing.assert_close(again[:, :5], moved, atol=1e-5, rtol=0)
 
 
 def test_grid_point_mode_model_needs_maps_and_proposals(tiny):

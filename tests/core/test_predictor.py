@@ -112,7 +112,56 @@ def test_bad_inputs(tiny_predictor, scene_files, tmp_path):
 def test_inference_mode_no_grad(tiny_predictor, scene_files):
     tiny_predictor.clear_cache()
     tiny_predictor.set_image(scene_files[0])
-    assert tiny_predictor._cache and all(not t.requires_grad for t in tiny_predictor._cache.values())
+    assert tiny_predictor._cache and all(not t.requires_grad for t, _ in tiny_predictor._cache.values())
+
+
+@pytest.fixture(scope="module")
+def grid_predictor():
+    """A random ``tiny`` with the synth-small heads: grid points with relations, map tokens, detail tokens."""
+    import torch
+
+    from pixelllm_plugins.config import get_preset
+    from pixelllm_plugins.inference.predictor import Predictor
+    from pixelllm_plugins.modeling.pixel_llm import PixelLLM
+    from pixelllm_plugins.tokenizer import PixelTokenizer
+
+    cfg = get_preset("tiny")
+    cfg.vision.patch_size, cfg.vision.detail_channels = 16, 4
+    cfg.heads.point_mode, cfg.heads.relation_layers, cfg.prompt.map_tokens = "grid", 1, 2
+    tokenizer = PixelTokenizer.default()
+    torch.manual_seed(0)
+    model = PixelLLM(cfg, tokenizer.vocab_size)
+    torch.nn.init.normal_(model.point_head.relations.out[-1].weight, std=0.5)  # make the relations count
+    return Predictor(model, tokenizer=tokenizer, device="cpu", dtype=torch.float32)
+
+
+def test_proposal_maps_are_cached_with_the_image_tokens(grid_predictor, scene_files):
+    calls = []
+    hook = grid_predictor.model.proposal_head.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        grid_predictor.clear_cache()
+        first = grid_predictor.refer([scene_files[0]], [["the red circle"]])[0][0][0]
+        grid_predictor.caption_regions([scene_files[0]], [[(10, 10, 50, 50)]])
+        grid_predictor.dense_caption([scene_files[0]], max_regions=2, min_score=0.0)
+        again = grid_predictor.refer([scene_files[0]], [["the red circle"]])[0][0][0]
+        assert len(calls) == 1  # one image, one proposal pass, whatever is asked of it afterwards
+        grid_predictor.clear_cache()
+        fresh = grid_predictor.refer([scene_files[0]], [["the red circle"]])[0][0][0]
+        assert len(calls) == 2
+    finally:
+        hook.remove()
+    assert first.box_xyxy == again.box_xyxy
+    assert fresh.box_xyxy == pytest.approx(first.box_xyxy, abs=1e-3) and fresh.score == pytest.approx(first.score)
+
+
+def test_grid_model_batched_equals_one_by_one(grid_predictor, scene_files):
+    texts = [["the red circle"], ["the blue square", "a long expression about the thing on the left"]]
+    batched = grid_predictor.refer(scene_files[:2], texts)
+    grid_predictor.clear_cache()
+    for path, t, b in zip(scene_files, texts, batched):
+        for s, bb in zip(grid_predictor.refer([path], [t])[0], b):
+            assert s[0].box_xyxy == pytest.approx(bb[0].box_xyxy, abs=1e-2)
+            assert s[0].score == pytest.approx(bb[0].score, abs=1e-3)
 
 
 def test_adapter_load_use_unload(tiny_checkpoint, scene_files, tmp_path):
