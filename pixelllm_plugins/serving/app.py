@@ -308,9 +308,13 @@ def create_app(model: Any = None, settings: WorkerSettings | None = None, *, eng
         else:
             data = await image_io.fetch_url(ref.url, app.state.http, allowed_hosts=settings.allowed_hosts,
                                             limits=limits, timeout_s=settings.url_timeout_s)
-        image = await run_in_threadpool(image_io.decode, data, limits)
         prepare = getattr(engine.predictor, "prepare", None)  # resize + hash here, off the inference thread
-        return await run_in_threadpool(prepare, image) if prepare is not None else image
+
+        def decode_and_prepare():  # one thread hop per image: decode, then resize and hash
+            image = image_io.decode(data, limits)
+            return prepare(image) if prepare is not None else image
+
+        return await run_in_threadpool(decode_and_prepare)
 
     def check_limit(name: str, value: int, limit: int) -> None:
         if value > limit:
