@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine: install, make a scene, find an object in it with the embedded
-# default model, and draw the result. Output: artifacts/demo/{scene.png,refer.png,caption.png}.
+# The main job on a fresh machine: install, make a scene, find the objects its expressions describe with the embedded
+# default model, and draw the results. Output: artifacts/demo/{scene.png,refer.png,caption.png}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -15,7 +15,7 @@ image.save(f"{sys.argv[1]}/scene.png")
 json.dump(expressions, open(f"{sys.argv[1]}/expressions.json", "w"))
 print("scene:", f"{sys.argv[1]}/scene.png", "objects:", "; ".join(expressions))
 PY
-expr=$(python -c "import json;print(json.load(open('$out/expressions.json'))[0])")
-pixelllm refer "$out/scene.png" "$expr" --json --draw "$out/refer.png"
+mapfile -t exprs < <(python -c "import json;print('\n'.join(json.load(open('$out/expressions.json'))))")
+pixelllm refer "$out/scene.png" "${exprs[@]}" --json --draw "$out/refer.png"  # every expression of the scene
 pixelllm caption "$out/scene.png" --trace --draw "$out/caption.png"
 echo "pictures: $out/refer.png $out/caption.png"
