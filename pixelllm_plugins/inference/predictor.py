@@ -191,14 +191,14 @@ class Predictor:
             self._current = None
 
     @torch.inference_mode()
-    def _embed(self, images: list[_Image], *, maps: bool | None = None
+    def _embed(self, images: list[_Image], *, maps: bool = False
                ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         """Image tokens [B,L,C] and proposal maps of the images, computing both only on cache misses.
 
         Maps are computed (and cached with the tokens) when the model's points or visual tokens read them,
         or when ``maps`` is True (dense captioning proposes from them); otherwise they are None.
         """
-        want_maps = self.model.needs_maps if maps is None else (maps or self.model.needs_maps)
+        want_maps = maps or self.model.needs_maps
         keys = list(dict.fromkeys(im.key for im in images))
         missing = [k for k in keys if k not in self._cache or (want_maps and self._cache[k][1] is None)]
         by_key = {im.key: im for im in images}

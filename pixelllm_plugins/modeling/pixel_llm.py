@@ -85,18 +85,14 @@ class PixelLLM(nn.Module):
 
     @property
     def needs_maps(self) -> bool:
-        """Whether visual tokens or points read the proposal maps (see :meth:`proposal_maps`)."""
+        """Whether visual tokens or points read the proposal head's maps (``proposal_head(image_tokens)``)."""
         return self.points_need_maps or self.map_token_proj is not None
-
-    def proposal_maps(self, image_tokens: Tensor) -> dict[str, Tensor] | None:
-        """The proposal head's maps when this model's visual tokens or points need them, else None."""
-        return self.proposal_head(image_tokens) if self.needs_maps else None
 
     def visual_tokens_flat(self, image_tokens: Tensor, boxes: Tensor, image_index: Tensor,
                            maps: dict[str, Tensor] | None = None) -> Tensor:
         """image_tokens [B,L,C], boxes [M,4] canvas px, image_index [M] -> visual tokens [M,Q(+g*g),Dv].
 
-        ``maps`` (from :meth:`proposal_maps` of the same image tokens) is computed when needed and absent.
+        ``maps`` (``proposal_head`` of the same image tokens) is computed when needed and absent.
         """
         pe = self.prompt_encoder
         boxes01 = (boxes.float() / self.canvas_size).clamp(0, 1)

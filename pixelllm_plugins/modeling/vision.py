@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import VisionConfig
+from ..errors import CheckpointError
 
 
 class DropPath(nn.Module):
@@ -154,8 +155,6 @@ class ViT(nn.Module):
         self.detail = None
         if config.detail_channels > 0:
             if not config.conv_stem or proj != 2:
-                from ..errors import CheckpointError
-
                 raise CheckpointError("vision.detail_channels needs vision.conv_stem and patch_size 16 "
                                       "(the stem ends at stride 8, half the token stride)")
             self.detail = DetailBranch(in_ch, config.detail_channels)
@@ -194,6 +193,4 @@ def build_vision_encoder(config: VisionConfig) -> nn.Module:
         from .vision_hf import HFVisionEncoder
 
         return HFVisionEncoder(config)
-    from ..errors import CheckpointError
-
     raise CheckpointError(f"unknown vision encoder kind {config.kind!r}; use 'vit' or 'hf'")
