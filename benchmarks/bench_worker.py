@@ -102,7 +102,8 @@ class Worker:
             cmd += ["--device", args.device]
         if args.torch_threads:
             cmd += ["--torch-threads", str(args.torch_threads)]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+                   [str(ROOT), str(ROOT / "tests"), *filter(None, [os.environ.get("PYTHONPATH")])]),
                "PIXELLLM_WORKER_TOKEN": ""}
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 300

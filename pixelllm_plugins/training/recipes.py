@@ -4,6 +4,9 @@
 - ``synth-small``: the embedded default model. The ``synth-small`` preset from scratch on the synthetic
   mixture; sized for about 90 minutes on 2 CPU cores (also fine on one GPU, in minutes).
   Data: ``pixelllm synth --out DATA --split train val --num-images 4000``.
+- ``synth-small-gpu``: the same model and data mixture, trained longer on one GPU in a prepared run of at
+  most 8 minutes (``scripts/gpu_train.sh``: 16,000 scenes, batch 48); from scratch, or ``--init`` the
+  embedded CPU-trained default to continue it.
 - ``finetune``: a LoRA adapter (rank 8, alpha 16: the paper's scale 2) over a trained checkpoint, e.g. on
   annotations exported from Label Studio / FiftyOne in the same formats (see ``finetune.py``).
 """
@@ -46,6 +49,15 @@ RECIPES: dict[str, Recipe] = {
          "steps": 5200, "batch_size": 12, "grad_accum": 1, "lr": 8e-4, "min_lr_ratio": 0.05,
          "warmup_steps": 100, "weight_decay": 0.05, "checkpoint_every": 200, "eval_every": 0,
          "eval_tasks": ("refer",), "eval_limit": 100, "num_threads": 2, "out_dir": "runs/synth-small"},
+    ),
+    "synth-small-gpu": Recipe(
+        "synth-small-gpu", "the default model trained longer on one GPU (a prepared run of at most 8 minutes, "
+                           "scripts/gpu_train.sh): batch 48, bf16 autocast, data-loader processes",
+        {"init": "synth-small", "sources": {"refer": 4.0, "region": 4.0, "trace": 1.5, "caption": 0.5},
+         "steps": 6000, "batch_size": 48, "grad_accum": 1, "lr": 1.6e-3, "min_lr_ratio": 0.05,
+         "warmup_steps": 300, "weight_decay": 0.05, "grad_clip": 1.0, "checkpoint_every": 1000, "eval_every": 0,
+         "eval_tasks": ("refer",), "eval_limit": 100, "num_threads": 2, "num_workers": 5,
+         "out_dir": "runs/synth-small-gpu"},
     ),
     "finetune": Recipe(
         "finetune", "LoRA adapter (r 8, alpha 16) plus point/confidence heads over a trained checkpoint",
