@@ -43,7 +43,7 @@ run() {  # run NAME STEPS [train options]
 
 both() {  # both STEPS_A STEPS_B
   run A "$1" &
-  run B "$2" --init "$EMBEDDED" --lr 5e-4 --warmup-steps 100 &
+  run B "$2" --init "${INIT_B:-$EMBEDDED}" --lr "${LR_B:-5e-4}" --warmup-steps 100 &
   wait
   for r in A B; do stamp "$r: $(tail -1 "$W/$r.log")"; tail -3 "$W/$r/metrics.jsonl" 2>/dev/null | cut -c1-300; done
 }
