@@ -3,7 +3,8 @@
 Starts one worker (``python -m pixelllm_plugins.serving``) per mode as subprocesses on 127.0.0.1, warms them
 up, then drives them from this process with asyncio clients in a closed loop (each client sends its next
 request when the previous one is answered), alternating the modes round by round so that background load
-affects both alike. Images are distinct (the Predictor's embedding cache does not
+affects both alike. Each level starts with an unmeasured run at its concurrency (first batches of a new
+size load GPU kernels). Images are distinct (the Predictor's embedding cache does not
 help), PNG-encoded once up front. Prints a Markdown table with the machine named.
 
     python benchmarks/bench_worker.py                       # tiny preset, refer, CPU
@@ -235,6 +236,8 @@ def main(argv=None) -> int:
             n = args.requests or max(100, 8 * clients)
             acc = {m: {"latencies": [], "seconds": 0.0, "requests": 0, "failures": 0, "calls": 0.0,
                        "images": 0.0, "loads": []} for m in modes}
+            for mode in modes:  # unmeasured: this concurrency's batch sizes run once before timing
+                asyncio.run(drive(workers[mode].url, path, bodies, clients, 2 * clients))
             for r in range(args.rounds):
                 for mode in (modes if r % 2 == 0 else modes[::-1]):
                     worker, a = workers[mode], acc[mode]

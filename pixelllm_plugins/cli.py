@@ -292,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--ray", action="store_true", help="deploy on Ray Serve instead of a single process")
     p.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (one per GPU)")
+    p.add_argument("--warmup", choices=["auto", "on", "off"], default=None,
+                   help="run each batch size once before reporting ready (auto: on CUDA only; "
+                        "env PIXELLLM_WORKER_WARMUP)")
     p.set_defaults(handler=_serve)
 
     p = sub.add_parser("ls-backend", help="run the Label Studio ML backend",
@@ -313,7 +316,7 @@ def _serve(args) -> int:
     else:
         from .serving.app import run
 
-        run(args.host, args.port, model=args.model, device=args.device)
+        run(args.host, args.port, model=args.model, device=args.device, warmup=args.warmup)
     return 0
 
 

@@ -234,7 +234,7 @@ def create_app(model: Any = None, settings: WorkerSettings | None = None, *, eng
                                 max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms,
                                 adapter_roots=adapter_roots(model, settings),
                                 max_adapters=settings.max_adapters, metrics=metrics,
-                                torch_threads=settings.torch_threads)
+                                torch_threads=settings.torch_threads, warmup=settings.warmup)
     state = {"in_flight": 0}
     limits = settings.image_limits
     announce = getattr(engine, "expect", None)

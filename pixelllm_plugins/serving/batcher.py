@@ -107,6 +107,43 @@ def set_torch_threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
+def warmup_sizes(max_batch_size: int) -> list[int]:
+    """Batch sizes a warm-up runs: the powers of two below ``max_batch_size``, then the maximum itself."""
+    sizes, n = [], 1
+    while n < max_batch_size:
+        sizes.append(n)
+        n *= 2
+    return [*sizes, max_batch_size]
+
+
+def wants_warmup(mode: str, predictor) -> bool:
+    """``"on"``/``"off"``, or ``"auto"``: only for a predictor on a CUDA device (kernels load lazily there)."""
+    if mode != "auto":
+        return mode == "on"
+    device = getattr(predictor, "device", None)
+    return getattr(device, "type", str(device)) == "cuda"
+
+
+def warm_up(predictor, max_batch_size: int) -> list[int]:
+    """Run ``refer`` once per warm-up batch size on distinct synthetic images (so the embedding cache does
+    not shrink the batch), then drop them from the cache. Failures are logged: a cold worker still serves."""
+    from PIL import Image
+
+    done = []
+    try:
+        for n in warmup_sizes(max_batch_size):
+            images = [Image.new("RGB", (256, 192), (i * 37 % 256, i * 91 % 256, 128)) for i in range(n)]
+            predictor.refer(images, [["the object"]] * n)
+            done.append(n)
+    except Exception:  # noqa: BLE001
+        log.warning("warm-up stopped after batch sizes %s", done, exc_info=True)
+    clear = getattr(predictor, "clear_cache", None)
+    if callable(clear):
+        clear()
+    log.info("warmed up batch sizes %s", done)
+    return done
+
+
 class ShuttingDown(PixelLLMError):
     """The worker is stopping; the request was not run."""
 
@@ -135,9 +172,10 @@ class DynamicBatcher(EngineInfo):
 
     def __init__(self, factory: Callable[[], Any], *, max_batch_size: int = 8, max_wait_ms: float = 5.0,
                  adapter_roots: list | None = None, max_adapters: int = 4, metrics=None,
-                 torch_threads: int | None = None):
+                 torch_threads: int | None = None, warmup: str = "auto"):
         self.factory = factory
         self.torch_threads = torch_threads
+        self.warmup = warmup
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
         self.adapter_roots = adapter_roots or []
@@ -225,6 +263,8 @@ class DynamicBatcher(EngineInfo):
             self.error = f"{type(exc).__name__}: {exc}"
             log.exception("model failed to load")
             return
+        if wants_warmup(self.warmup, self.predictor):
+            warm_up(self.predictor, self.max_batch_size)
         self._ready.set()
         log.info("model %s ready (max batch %d, max wait %.1f ms)", self.model_version, self.max_batch_size,
                  self.max_wait_s * 1000)

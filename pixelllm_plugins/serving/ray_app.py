@@ -22,7 +22,7 @@ from typing import Any
 from ray import serve
 
 from .app import adapter_roots, create_app, load_factory, predictor_factory
-from .batcher import EngineInfo, Job, group_jobs, run_jobs, set_torch_threads
+from .batcher import EngineInfo, Job, group_jobs, run_jobs, set_torch_threads, wants_warmup, warm_up
 from .metrics import WorkerMetrics
 from .settings import WorkerSettings
 
@@ -60,6 +60,8 @@ class PixelLLMDeployment(EngineInfo):
             set_torch_threads(self.settings.torch_threads)
             self.predictor = make()
             self.adapters = AdapterLRU(self.predictor, roots, self.settings.max_adapters)
+            if wants_warmup(self.settings.warmup, self.predictor):
+                warm_up(self.predictor, self.settings.max_batch_size)
         except Exception as exc:  # noqa: BLE001 - reported by /ready and check_health
             self.error = f"{type(exc).__name__}: {exc}"
             log.exception("model failed to load")

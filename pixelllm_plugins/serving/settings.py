@@ -28,6 +28,7 @@ ENV_VARS: dict[str, str] = {
     "PIXELLLM_WORKER_ADAPTER_DIR": "adapter_dir",
     "PIXELLLM_WORKER_DEVICE": "device",
     "PIXELLLM_WORKER_TORCH_THREADS": "torch_threads",
+    "PIXELLLM_WORKER_WARMUP": "warmup",
 }
 
 
@@ -67,6 +68,9 @@ class WorkerSettings:
     device: str | None = None
     # torch intra-op CPU threads (None: torch's default, one per core); 1 is best on a shared CPU box
     torch_threads: int | None = None
+    # run every batch size once before reporting ready, so that the first real batches of each size don't
+    # pay for loading GPU kernels and growing the allocator: "auto" (on CUDA only), "on" or "off"
+    warmup: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.allowed_hosts, str):
@@ -86,11 +90,12 @@ class WorkerSettings:
             "url_timeout_s": self.url_timeout_s > 0,
             "max_adapters": self.max_adapters >= 1,
             "torch_threads": self.torch_threads is None or self.torch_threads >= 1,
+            "warmup": self.warmup in ("auto", "on", "off"),
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"invalid worker settings: {', '.join(f'{b}={getattr(self, b)!r}' for b in bad)}"
-                             "; sizes and counts must be positive, waits non-negative")
+                             "; sizes and counts must be positive, waits non-negative, warmup auto|on|off")
 
     @property
     def batching(self) -> bool:

@@ -202,3 +202,77 @@ def test_a_lone_request_goes_at_once_but_waits_for_announced_company():
         assert third.result(20)[0][0].text == "c" and fake.calls[-1] == ("refer", 1)
     finally:
         batcher.stop()
+
+
+def test_warmup_sizes_cover_every_power_of_two_and_the_maximum():
+    from pixelllm_plugins.serving.batcher import warmup_sizes
+
+    assert warmup_sizes(1) == [1]
+    assert warmup_sizes(8) == [1, 2, 4, 8]
+    assert warmup_sizes(12) == [1, 2, 4, 8, 12]
+
+
+def test_warmup_auto_only_on_cuda():
+    import torch
+
+    from pixelllm_plugins.serving.batcher import wants_warmup
+
+    class OnDevice(FakePredictor):
+        def __init__(self, device):
+            super().__init__()
+            self.device = torch.device(device)
+
+    assert wants_warmup("auto", OnDevice("cuda")) and not wants_warmup("auto", OnDevice("cpu"))
+    assert not wants_warmup("auto", FakePredictor())  # remote or fake predictors have no device
+    assert wants_warmup("on", FakePredictor()) and not wants_warmup("off", OnDevice("cuda"))
+    with pytest.raises(ValueError, match="warmup"):
+        WorkerSettings(warmup="sometimes")
+    assert WorkerSettings.from_env({"PIXELLLM_WORKER_WARMUP": "off"}).warmup == "off"
+
+
+def test_warmup_runs_each_batch_size_on_distinct_images_before_ready():
+    class Recording(GateFake):
+        def __init__(self):
+            super().__init__()
+            self.gate.set()
+            self.distinct: list[int] = []
+            self.cleared = 0
+
+        def refer(self, images, texts, *, adapter=None):
+            self.distinct.append(len({im.tobytes() for im in images}))
+            return super().refer(images, texts, adapter=adapter)
+
+        def clear_cache(self):
+            self.cleared += 1
+
+    fake = Recording()
+    batcher = DynamicBatcher(lambda: fake, max_batch_size=6, max_wait_ms=0, warmup="on")
+    batcher.start()
+    try:
+        assert batcher.wait_ready(10)
+        # ready only after the warm-up: every size ran once, each image different, the cache dropped
+        assert fake.batches == [("refer", n, None) for n in (1, 2, 4, 6)]
+        assert fake.distinct == [1, 2, 4, 6] and fake.cleared == 1
+        assert batcher.batches == 0  # warm-up calls are not counted as served batches
+    finally:
+        batcher.stop()
+
+
+def test_a_failing_warmup_still_leaves_the_worker_serving():
+    class Failing(FakePredictor):
+        calls = 0
+
+        def refer(self, images, texts, *, adapter=None):
+            Failing.calls += 1
+            if Failing.calls == 1:
+                raise RuntimeError("out of memory")
+            return super().refer(images, texts, adapter=adapter)
+
+    batcher = DynamicBatcher(Failing, max_batch_size=4, max_wait_ms=0, warmup="on")
+    batcher.start()
+    try:
+        assert batcher.wait_ready(10) and batcher.error is None
+        result = batcher.submit_threadsafe(Job("refer", _img(), ["x"])).result(10)
+        assert result[0][0].text == "x"
+    finally:
+        batcher.stop()
