@@ -123,6 +123,24 @@ def default_modules_to_save(model: nn.Module) -> list[str]:
     return found
 
 
+_WORD_EMBEDDINGS = {"word_embed", "embed_tokens", "wte", "word_embeddings", "shared"}
+
+
+def word_embedding_modules(model: nn.Module) -> list[str]:
+    """Full names of the language model's token-embedding tables: trained as per-adapter copies when an
+    adapter must learn words the base never saw (a new class name is spelled from word pieces whose
+    embeddings were fitted to other words)."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, LanguageModel):
+            found += [f"{name}.{sub}" for sub, m in module.named_modules()
+                      if isinstance(m, nn.Embedding) and sub.rsplit(".", 1)[-1] in _WORD_EMBEDDINGS]
+    if not found:
+        raise TrainingError(f"found no word-embedding table in {type(model).__name__}'s language model; pass "
+                            "modules_to_save=[...] explicitly")
+    return found
+
+
 # ---- bookkeeping ----------------------------------------------------------------------------------
 
 def list_adapters(model: nn.Module) -> list[str]:

@@ -57,6 +57,8 @@ def add_training_parsers(sub) -> None:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--rank", type=int, default=None, help="LoRA rank (alpha = 2 x rank)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-embeddings", action="store_true",
+                   help="also train the word embeddings (adapter copies): for words the base never saw")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=_finetune)
 
@@ -96,5 +98,6 @@ def _finetune(args) -> int:
     from .finetune import finetune
 
     print(finetune(args.model, args.data, args.out, args.steps, split=args.split, batch_size=args.batch_size,
-                   lr=args.lr, r=args.rank, seed=args.seed, progress=not args.no_progress))
+                   lr=args.lr, r=args.rank, seed=args.seed, progress=not args.no_progress,
+                   train_embeddings=args.train_embeddings))
     return 0

@@ -81,6 +81,7 @@ class TrainConfig:
     lora_name: str = "default"
     lora_target_modules: list[str] | None = None
     lora_modules_to_save: list[str] | None = None
+    lora_train_embeddings: bool = False  # also train the word embeddings (new words), as adapter copies
     # learning-rate multipliers by parameter-name prefix (first match wins), e.g. {"vision.": 0.2}
     lr_multipliers: dict[str, float] = field(default_factory=dict)
     # testing aid: stop (as if killed) once this many steps are done, without the final save
@@ -235,8 +236,12 @@ def build_model(cfg: TrainConfig):
     if cfg.lora_r > 0:
         from ..modeling import lora
 
+        mts = cfg.lora_modules_to_save
+        if cfg.lora_train_embeddings:
+            mts = [*(mts if mts is not None else lora.default_modules_to_save(model)),
+                   *lora.word_embedding_modules(model)]
         lora.add_lora(model, cfg.lora_name, r=cfg.lora_r, alpha=cfg.lora_alpha,
-                      target_modules=cfg.lora_target_modules, modules_to_save=cfg.lora_modules_to_save)
+                      target_modules=cfg.lora_target_modules, modules_to_save=mts)
     return model, tokenizer, version
 
 

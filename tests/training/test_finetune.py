@@ -37,3 +37,30 @@ def test_finetune_adapter_loads_on_base(tiny_base, tiny_data, tmp_path):
     # the base checkpoint is untouched
     model, _, _ = load_pretrained(tiny_base)
     assert all(torch.equal(base_before[k], v) for k, v in model.state_dict().items() if k in base_before)
+
+
+def test_finetune_can_carry_its_own_word_embeddings(tiny_base, tiny_data, tmp_path):
+    from pixelllm_plugins.checkpoint import load_pretrained
+    from pixelllm_plugins.inference.predictor import Predictor
+    from pixelllm_plugins.modeling.lora import word_embedding_modules
+
+    model, _, _ = load_pretrained(tiny_base)
+    (embed_name,) = word_embedding_modules(model)
+    assert embed_name.endswith("word_embed")
+    out = finetune(tiny_base, tiny_data, tmp_path / "words", steps=2, batch_size=2, lr=5e-2, progress=False,
+                   train_embeddings=True)
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    copies = [k for k in tensors if embed_name in k]
+    assert copies, sorted(tensors)[:10]
+    base_table = load_file(str(tiny_base / "model.safetensors"))[f"{embed_name}.weight"]
+    assert not torch.equal(tensors[copies[0]].float(), base_table.float())  # the copy trained
+
+    image = str(tiny_data / "images" / "val" / "000000000001.jpg")
+    predictor = Predictor(tiny_base, device="cpu", dtype=torch.float32)
+    plain = predictor.refer([image], [["the red circle"]])[0][0][0]
+    name = predictor.load_adapter(out)
+    adapted = predictor.refer([image], [["the red circle"]], adapter=name)[0][0][0]
+    again = predictor.refer([image], [["the red circle"]])[0][0][0]
+    assert adapted.box_xyxy != plain.box_xyxy or adapted.score != plain.score
+    # without the adapter the base's own embeddings answer, exactly as before it was loaded
+    assert (again.box_xyxy, again.score) == (plain.box_xyxy, plain.score)
