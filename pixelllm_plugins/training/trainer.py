@@ -144,7 +144,10 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.opti
         groups.append({"params": [p for _, p in params], "weight_decay": cfg.weight_decay if decays else 0.0,
                        "lr_scale": scale})
         names += [n for n, _ in params]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=1e-8, foreach=False), names
+    # on CUDA the multi-tensor update: a per-parameter loop would launch ~10 small kernels per tensor, and
+    # a small model's GPU step is bound by launches (docs/training.md); on CPU the plain loop, as before
+    on_cuda = any(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=1e-8, foreach=on_cuda), names
 
 
 # ---- data --------------------------------------------------------------------------------------------
