@@ -3,7 +3,8 @@
 # 8 minutes"), made for the `device` machine (torch preinstalled, no network) but runnable on any CUDA box.
 #
 #   scripts/gpu_train.sh calib              data + a short calibration of both runs + GPU benchmarks
-#   scripts/gpu_train.sh train STEPS_A STEPS_B
+#   scripts/gpu_train.sh train STEPS_A STEPS_B  (0 skips a run; INIT_B / LR_B: run B's start and lr)
+#   scripts/gpu_train.sh profile [BATCH...]    where a training step's time goes, per batch size
 #
 # Run A trains the `synth-small-gpu` recipe from scratch; run B continues the embedded CPU-trained default
 # with the same recipe at a lower learning rate. Both share the GPU (the model is small: one run alone
@@ -36,6 +37,7 @@ data() {
 
 run() {  # run NAME STEPS [train options]
   local name=$1 steps=$2; shift 2
+  [ "$steps" -gt 0 ] || return 0
   $CLI train --recipe synth-small-gpu --data "$W/data" --out "$W/$name" --steps "$steps" --no-resume \
     --no-progress "$@" > "$W/$name.log" 2>&1
   echo "run $name exit $?" >> "$W/$name.log"
@@ -91,5 +93,13 @@ case "${1:-}" in
     tar -C "$W" -cf "$OUT/logs.tar" A.log B.log A/metrics.jsonl B/metrics.jsonl 2>/dev/null
     stamp done
     ;;
-  *) echo "usage: $0 calib | train STEPS_A STEPS_B" >&2; exit 2 ;;
+  profile)
+    data
+    shift
+    for b in ${@:-48 192}; do
+      timeout 120 $PY benchmarks/profile_train_step.py --data "$W/data" --device "$DEV" --batch-size "$b" \
+        --top 20 --out "$OUT/profile_b$b.txt" 2>&1 | head -8
+    done
+    ;;
+  *) echo "usage: $0 calib | train STEPS_A STEPS_B | profile [BATCH...]" >&2; exit 2 ;;
 esac
