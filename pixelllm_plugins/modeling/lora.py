@@ -123,6 +123,20 @@ def default_modules_to_save(model: nn.Module) -> list[str]:
     return found
 
 
+def vision_target_modules(model: nn.Module) -> list[str]:
+    """Full names of the linear layers inside the vision encoder's transformer blocks (attention and MLP):
+    LoRA there lets an adapter change what the image features encode, e.g. a shape the base never had to
+    tell apart from its look-alikes."""
+    vision = getattr(model, "vision", None)
+    if vision is None:
+        raise TrainingError(f"{type(model).__name__} has no vision encoder to adapt")
+    found = [f"vision.{name}" for name, m in vision.named_modules()
+             if isinstance(m, nn.Linear) and any(part.isdigit() for part in name.split("."))]
+    if not found:
+        raise TrainingError("found no linear layers in the vision encoder's blocks; pass target_modules=[...]")
+    return found
+
+
 _WORD_EMBEDDINGS = {"word_embed", "embed_tokens", "wte", "word_embeddings", "shared"}
 
 

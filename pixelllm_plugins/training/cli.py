@@ -59,6 +59,8 @@ def add_training_parsers(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-embeddings", action="store_true",
                    help="also train the word embeddings (adapter copies): for words the base never saw")
+    p.add_argument("--adapt-vision", action="store_true",
+                   help="also put LoRA on the vision encoder: for objects the base never had to tell apart")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=_finetune)
 
@@ -99,5 +101,5 @@ def _finetune(args) -> int:
 
     print(finetune(args.model, args.data, args.out, args.steps, split=args.split, batch_size=args.batch_size,
                    lr=args.lr, r=args.rank, seed=args.seed, progress=not args.no_progress,
-                   train_embeddings=args.train_embeddings))
+                   train_embeddings=args.train_embeddings, adapt_vision=args.adapt_vision))
     return 0

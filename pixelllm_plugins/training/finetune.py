@@ -26,11 +26,12 @@ def finetune(from_model: str | Path, data_dir: str | Path, out_adapter: str | Pa
              split: str = "train", sources: dict[str, float] | None = None, batch_size: int | None = None,
              lr: float | None = None, r: int | None = None, alpha: int | None = None, seed: int = 0,
              work_dir: str | Path | None = None, progress: bool = True, train_embeddings: bool = False,
-             **overrides) -> Path:
+             adapt_vision: bool = False, **overrides) -> Path:
     """Train a LoRA adapter over ``from_model`` and write it to ``out_adapter``; returns that folder.
 
     ``train_embeddings``: the adapter also carries its own copy of the word embeddings, for data with
-    words the base never saw (measured on "pentagon": docs/training.md)."""
+    words the base never saw; ``adapt_vision``: LoRA on the vision encoder too, for things the base never
+    had to see (both measured on "pentagon": docs/training.md)."""
     if not from_model or not Path(from_model).is_dir():
         raise TrainingError(f"fine-tuning needs a trained checkpoint folder, got {str(from_model)!r}; pass the "
                             "folder of `pixelllm train` output (OUT/final) or a downloaded checkpoint")
@@ -39,7 +40,7 @@ def finetune(from_model: str | Path, data_dir: str | Path, out_adapter: str | Pa
     cfg = recipe_config("finetune", init=str(from_model), data_dir=str(data_dir), split=split, out_dir=str(work),
                         steps=steps, sources=sources, batch_size=batch_size, lr=lr, lora_r=r, lora_alpha=alpha,
                         seed=seed, progress=progress, lora_train_embeddings=train_embeddings or None,
-                        **overrides)
+                        lora_adapt_vision=adapt_vision or None, **overrides)
     trained = train(cfg)
     if cfg.stop_after is not None and cfg.stop_after < cfg.steps:
         return trained  # interrupted on purpose (tests): the checkpoint folder

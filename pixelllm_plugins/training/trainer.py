@@ -82,6 +82,7 @@ class TrainConfig:
     lora_target_modules: list[str] | None = None
     lora_modules_to_save: list[str] | None = None
     lora_train_embeddings: bool = False  # also train the word embeddings (new words), as adapter copies
+    lora_adapt_vision: bool = False  # also put LoRA on the vision encoder's blocks
     # learning-rate multipliers by parameter-name prefix (first match wins), e.g. {"vision.": 0.2}
     lr_multipliers: dict[str, float] = field(default_factory=dict)
     # testing aid: stop (as if killed) once this many steps are done, without the final save
@@ -243,8 +244,12 @@ def build_model(cfg: TrainConfig):
         if cfg.lora_train_embeddings:
             mts = [*(mts if mts is not None else lora.default_modules_to_save(model)),
                    *lora.word_embedding_modules(model)]
-        lora.add_lora(model, cfg.lora_name, r=cfg.lora_r, alpha=cfg.lora_alpha,
-                      target_modules=cfg.lora_target_modules, modules_to_save=mts)
+        targets = cfg.lora_target_modules
+        if cfg.lora_adapt_vision:
+            targets = [*(targets if targets is not None else lora.default_target_modules(model)),
+                       *lora.vision_target_modules(model)]
+        lora.add_lora(model, cfg.lora_name, r=cfg.lora_r, alpha=cfg.lora_alpha, target_modules=targets,
+                      modules_to_save=mts)
     return model, tokenizer, version
 
 

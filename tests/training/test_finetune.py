@@ -64,3 +64,23 @@ def test_finetune_can_carry_its_own_word_embeddings(tiny_base, tiny_data, tmp_pa
     assert adapted.box_xyxy != plain.box_xyxy or adapted.score != plain.score
     # without the adapter the base's own embeddings answer, exactly as before it was loaded
     assert (again.box_xyxy, again.score) == (plain.box_xyxy, plain.score)
+
+
+def test_finetune_can_adapt_the_vision_encoder(tiny_base, tiny_data, tmp_path):
+    from pixelllm_plugins.inference.predictor import Predictor
+
+    out = finetune(tiny_base, tiny_data, tmp_path / "eyes", steps=2, batch_size=2, lr=5e-2, progress=False,
+                   adapt_vision=True)
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    vision_b = {k: v for k, v in tensors.items() if ".vision." in k and "lora_B" in k}
+    assert vision_b and any(v.abs().sum() > 0 for v in vision_b.values())  # B starts at zero: it trained
+
+    image = str(tiny_data / "images" / "val" / "000000000001.jpg")
+    predictor = Predictor(tiny_base, device="cpu", dtype=torch.float32)
+    plain = predictor.refer([image], [["the red circle"]])[0][0][0]
+    name = predictor.load_adapter(out)
+    adapted = predictor.refer([image], [["the red circle"]], adapter=name)[0][0][0]
+    again = predictor.refer([image], [["the red circle"]])[0][0][0]
+    assert adapted.box_xyxy != plain.box_xyxy or adapted.score != plain.score
+    # the image embedding is cached per adapter: the base's cached features stay the base's
+    assert (again.box_xyxy, again.score) == (plain.box_xyxy, plain.score)
