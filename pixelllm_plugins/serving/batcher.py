@@ -121,7 +121,7 @@ def wants_warmup(mode: str, predictor) -> bool:
     if mode != "auto":
         return mode == "on"
     device = getattr(predictor, "device", None)
-    return getattr(device, "type", str(device)) == "cuda"
+    return str(getattr(device, "type", device)).split(":")[0] == "cuda"
 
 
 def warm_up(predictor, max_batch_size: int) -> list[int]:
