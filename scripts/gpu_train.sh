@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# The prepared GPU run for the default model (issue #3: "train longer there in one prepared run of at most
-# 8 minutes"), made for the `device` machine (torch preinstalled, no network) but runnable on any CUDA box.
+# The prepared GPU runs for the default model (issue #3: "train longer there in one prepared run of at most
+# 8 minutes") and the GPU benchmarks (issues #2, #6). Made for the `device` machine (torch preinstalled, no
+# network; the serving extra's wheels travel in .whl/) but runnable on any CUDA box. Results go to $OUT.
 #
-#   scripts/gpu_train.sh calib              data + a short calibration of both runs + GPU benchmarks
-#   scripts/gpu_train.sh train STEPS_A STEPS_B  (0 skips a run; INIT_B / LR_B: run B's start and lr)
-#   scripts/gpu_train.sh profile [BATCH...]    where a training step's time goes, per batch size
+#   scripts/gpu_train.sh timed SECONDS        continue the embedded default for SECONDS of training:
+#                                             calibrate 40 steps, then as many steps as fit, export, evaluate
+#   scripts/gpu_train.sh bench                worker (batching on/off, 3 rounds) and core benchmarks
+#   scripts/gpu_train.sh profile [BATCH...]   where a training step's time goes, per batch size
+#   scripts/gpu_train.sh calib                session 4's first call: data, two runs side by side, benchmarks
+#   scripts/gpu_train.sh train STEPS_A STEPS_B   run A from scratch and run B continuing (0 skips a run)
 #
-# Run A trains the `synth-small-gpu` recipe from scratch; run B continues the embedded CPU-trained default
-# with the same recipe at a lower learning rate. Both share the GPU (the model is small: one run alone
-# leaves it mostly idle). Results go to $OUT: each final model as an fp16 tar, logs and evaluations.
+# Knobs (environment): INIT_B (run B's start, default the embedded model), LR_B (5e-4), BATCH_B (48),
+# N_TRAIN (16000 scenes), DEV (cuda). Session 4 made the shipped model with `train 0 600`, then
+# `INIT_B=<that export> LR_B=3e-4 train 0 850` (docs/training.md).
 set -u
 PY=${PYTHON:-python3}
 OUT=${OUT:-$PWD/.gpu/out}
@@ -41,13 +45,12 @@ run() {  # run NAME STEPS [train options]
   $CLI train --recipe synth-small-gpu --data "$W/data" --out "$W/$name" --steps "$steps" --no-resume \
     --no-progress "$@" > "$W/$name.log" 2>&1
   echo "run $name exit $?" >> "$W/$name.log"
+  stamp "$name: $(tail -1 "$W/$name.log")"
+  tail -2 "$W/$name/metrics.jsonl" 2>/dev/null | cut -c1-300
 }
 
-both() {  # both STEPS_A STEPS_B
-  run A "$1" &
-  run B "$2" --init "${INIT_B:-$EMBEDDED}" --lr "${LR_B:-5e-4}" --warmup-steps 100 &
-  wait
-  for r in A B; do stamp "$r: $(tail -1 "$W/$r.log")"; tail -3 "$W/$r/metrics.jsonl" 2>/dev/null | cut -c1-300; done
+run_b() {  # run_b NAME STEPS: run B's settings
+  run "$1" "$2" --init "${INIT_B:-$EMBEDDED}" --lr "${LR_B:-5e-4}" --warmup-steps 100 --batch-size "${BATCH_B:-48}"
 }
 
 step_time() {  # seconds per step between the 40% and the last logged step of a run
@@ -59,38 +62,37 @@ print(f"{(b['elapsed_s'] - a['elapsed_s']) / max(1, b['step'] - a['step']):.4f}"
 PYEOF
 }
 
+finish() {  # finish NAME: fp16 export into $OUT, evaluation on the test split
+  [ -d "$W/$1/final" ] || return 0
+  $PY scripts/export_model.py "$W/$1/final" "$W/export-$1" && tar -C "$W" -cf "$OUT/model-$1.tar" "export-$1"
+  stamp "$1 on the test split (GPU):"
+  $CLI eval --model "$W/export-$1" --device "$DEV" --data "$W/data" --split test --tasks refer trace \
+    --limit 300 2>&1 | grep -v WARN | tail -6
+  tar -C "$W" -rf "$OUT/logs.tar" "$1.log" "$1/metrics.jsonl" 2>/dev/null
+}
+
 case "${1:-}" in
-  calib)
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-    $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+  timed)
+    budget=${2:?seconds of training}
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
     data
-    stamp "calibration: $CAL_STEPS steps of A and B together"
-    both "$CAL_STEPS" "$CAL_STEPS"
-    for r in A B; do stamp "$r seconds/step: $(step_time "$W/$r")"; done
-    stamp "refer on the GPU (embedded model)"
-    $CLI eval --model "$EMBEDDED" --device "$DEV" --data "$W/data" --split test --tasks refer --limit 100 \
-      2>&1 | grep -v WARN | tail -4
-    stamp "core benchmark"
-    timeout 120 $PY benchmarks/bench_core.py --presets synth-small --device "$DEV" --batches 1 16 \
-      --out "$OUT/bench_core_gpu.json" 2>&1 | tail -12
-    stamp "worker benchmark"
-    timeout 150 $PY benchmarks/bench_worker.py --model "$EMBEDDED" --device "$DEV" --rounds 1 \
-      --json "$OUT/bench_worker_gpu.json" 2>&1 | tail -14
+    stamp "calibration: 40 steps of run B (batch ${BATCH_B:-48})"
+    run_b cal 40
+    per_step=$(step_time "$W/cal")
+    steps=$($PY -c "print(max(50, int($budget / $per_step)))")
+    stamp "$per_step s/step -> $steps steps in $budget s"
+    run_b B "$steps"
+    finish B
     stamp done
     ;;
-  train)
-    data
-    stamp "training A ($2 steps) and B ($3 steps)"
-    both "$2" "$3"
-    for r in A B; do
-      if [ -d "$W/$r/final" ]; then
-        $PY scripts/export_model.py "$W/$r/final" "$W/export-$r" && tar -C "$W" -cf "$OUT/model-$r.tar" "export-$r"
-        stamp "$r on the test split (GPU):"
-        $CLI eval --model "$W/export-$r" --device "$DEV" --data "$W/data" --split test --tasks refer trace \
-          --limit 300 2>&1 | grep -v WARN | tail -6
-      fi
-    done
-    tar -C "$W" -cf "$OUT/logs.tar" A.log B.log A/metrics.jsonl B/metrics.jsonl 2>/dev/null
+  bench)
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+    stamp "worker benchmark"
+    timeout 240 $PY benchmarks/bench_worker.py --model "$EMBEDDED" --device "$DEV" --rounds 3 \
+      --json "$OUT/bench_worker_gpu.json" 2>&1 | tail -14
+    stamp "core benchmark"
+    timeout 240 $PY benchmarks/bench_core.py --presets tiny synth-small base --batches 1 16 64 --repeat 10 \
+      --florence --device "$DEV" --out "$OUT/bench_core_gpu.json" 2>&1 | tail -8
     stamp done
     ;;
   profile)
@@ -101,5 +103,25 @@ case "${1:-}" in
         --top 20 --out "$OUT/profile_b$b.txt" 2>&1 | head -8
     done
     ;;
-  *) echo "usage: $0 calib | train STEPS_A STEPS_B | profile [BATCH...]" >&2; exit 2 ;;
+  calib)
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    data
+    stamp "calibration: $CAL_STEPS steps of A and B together"
+    run A "$CAL_STEPS" & run_b B "$CAL_STEPS" & wait
+    for r in A B; do stamp "$r seconds/step: $(step_time "$W/$r")"; done
+    timeout 120 $PY benchmarks/bench_core.py --presets synth-small --device "$DEV" --batches 1 16 \
+      --out "$OUT/bench_core_gpu.json" 2>&1 | tail -4
+    timeout 150 $PY benchmarks/bench_worker.py --model "$EMBEDDED" --device "$DEV" --rounds 1 \
+      --json "$OUT/bench_worker_gpu.json" 2>&1 | tail -14
+    stamp done
+    ;;
+  train)
+    data
+    stamp "training A ($2 steps) and B ($3 steps)"
+    run A "$2" & run_b B "$3" & wait
+    finish A
+    finish B
+    stamp done
+    ;;
+  *) echo "usage: $0 timed SECONDS | bench | profile [BATCH...] | calib | train STEPS_A STEPS_B" >&2; exit 2 ;;
 esac
