@@ -41,7 +41,6 @@ def test_finetune_adapter_loads_on_base(tiny_base, tiny_data, tmp_path):
 
 def test_finetune_can_carry_its_own_word_embeddings(tiny_base, tiny_data, tmp_path):
     from pixelllm_plugins.checkpoint import load_pretrained
-    from pixelllm_plugins.inference.predictor import Predictor
     from pixelllm_plugins.modeling.lora import word_embedding_modules
 
     model, _, _ = load_pretrained(tiny_base)
@@ -55,32 +54,29 @@ def test_finetune_can_carry_its_own_word_embeddings(tiny_base, tiny_data, tmp_pa
     base_table = load_file(str(tiny_base / "model.safetensors"))[f"{embed_name}.weight"]
     assert not torch.equal(tensors[copies[0]].float(), base_table.float())  # the copy trained
 
-    image = str(tiny_data / "images" / "val" / "000000000001.jpg")
-    predictor = Predictor(tiny_base, device="cpu", dtype=torch.float32)
-    plain = predictor.refer([image], [["the red circle"]])[0][0][0]
-    name = predictor.load_adapter(out)
-    adapted = predictor.refer([image], [["the red circle"]], adapter=name)[0][0][0]
-    again = predictor.refer([image], [["the red circle"]])[0][0][0]
-    assert adapted.box_xyxy != plain.box_xyxy or adapted.score != plain.score
-    # without the adapter the base's own embeddings answer, exactly as before it was loaded
-    assert (again.box_xyxy, again.score) == (plain.box_xyxy, plain.score)
+    _assert_adapter_acts_only_when_named(tiny_base, tiny_data, out)
 
 
 def test_finetune_can_adapt_the_vision_encoder(tiny_base, tiny_data, tmp_path):
-    from pixelllm_plugins.inference.predictor import Predictor
-
     out = finetune(tiny_base, tiny_data, tmp_path / "eyes", steps=2, batch_size=2, lr=5e-2, progress=False,
                    adapt_vision=True)
     tensors = load_file(str(out / "adapter_model.safetensors"))
     vision_b = {k: v for k, v in tensors.items() if ".vision." in k and "lora_B" in k}
     assert vision_b and any(v.abs().sum() > 0 for v in vision_b.values())  # B starts at zero: it trained
 
-    image = str(tiny_data / "images" / "val" / "000000000001.jpg")
-    predictor = Predictor(tiny_base, device="cpu", dtype=torch.float32)
+    _assert_adapter_acts_only_when_named(tiny_base, tiny_data, out)
+
+
+def _assert_adapter_acts_only_when_named(base, data, adapter_dir) -> None:
+    """The adapter changes the answer when a request names it; without it the base answers exactly as before
+    the adapter was loaded (its embedding copies and vision features are cached per adapter)."""
+    from pixelllm_plugins.inference.predictor import Predictor
+
+    image = str(data / "images" / "val" / "000000000001.jpg")
+    predictor = Predictor(base, device="cpu", dtype=torch.float32)
     plain = predictor.refer([image], [["the red circle"]])[0][0][0]
-    name = predictor.load_adapter(out)
+    name = predictor.load_adapter(adapter_dir)
     adapted = predictor.refer([image], [["the red circle"]], adapter=name)[0][0][0]
     again = predictor.refer([image], [["the red circle"]])[0][0][0]
     assert adapted.box_xyxy != plain.box_xyxy or adapted.score != plain.score
-    # the image embedding is cached per adapter: the base's cached features stay the base's
     assert (again.box_xyxy, again.score) == (plain.box_xyxy, plain.score)
