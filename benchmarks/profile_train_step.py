@@ -11,7 +11,6 @@ and prints the wall time per step and the top operators by self time.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
 
 import torch
@@ -29,10 +28,12 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when present)")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=5, help="profiled steps (at least 1)")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--out", default=None, help="also write the report here")
     args = p.parse_args(argv)
+    if args.steps < 1:
+        p.error("--steps must be at least 1")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = recipe_config(args.recipe, data_dir=args.data, batch_size=args.batch_size)
     model, tokenizer, _ = build_model(cfg)
@@ -59,15 +60,15 @@ def main(argv=None) -> int:
     sync()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     start = time.perf_counter()
-    with profile(activities=activities) if args.steps else contextlib.nullcontext() as prof:
+    with profile(activities=activities) as prof:
         for batch in batches[args.warmup:]:
             step(batch)
         sync()
-    per_step = (time.perf_counter() - start) / max(1, args.steps)
+    per_step = (time.perf_counter() - start) / args.steps
     events = prof.key_averages()
-    aten = sum(e.count for e in events if e.key.startswith("aten::")) / max(1, args.steps)
+    aten = sum(e.count for e in events if e.key.startswith("aten::")) / args.steps
     kernels = sum(e.count for e in events if getattr(e, "device_type", None) is not None
-                  and "CUDA" in str(e.device_type)) / max(1, args.steps)
+                  and "CUDA" in str(e.device_type)) / args.steps
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     report = (f"recipe {cfg.recipe}, batch {cfg.batch_size}, device {device} "
               f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), torch {torch.__version__}\n"

@@ -24,8 +24,8 @@ def main(argv: list[str]) -> int:
     meta = json.loads((src / "meta.json").read_text())
     extra = {k: meta[k] for k in ("step", "train_config", "eval") if k in meta}
     extra.update(status="trained", trained_from=version)
-    card = Path(argv[2]).read_text() if len(argv) == 3 else (src / "README.md").read_text() \
-        if (src / "README.md").exists() else None
+    card_file = Path(argv[2]) if len(argv) == 3 else src / "README.md"
+    card = card_file.read_text() if card_file.is_file() else None
     shutil.rmtree(dst, ignore_errors=True)
     new = save_pretrained(model, tokenizer, dst, dtype=torch.float16, extra_meta=extra, model_card=card)
     print(f"{new}: {(dst / 'model.safetensors').stat().st_size / 1e6:.1f} MB in {dst}")

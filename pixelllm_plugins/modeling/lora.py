@@ -276,12 +276,14 @@ def _set_adapter_trainable(model: nn.Module, name: str | None) -> None:
 
 def add_lora(model: nn.Module, name: str = "default", r: int = 8, alpha: int | None = None,
              target_modules: Sequence[str] | None = None, modules_to_save: Sequence[str] | None = None,
-             dropout: float = 0.0):
+             dropout: float = 0.0, *, adapt_vision: bool = False, train_embeddings: bool = False):
     """Add a trainable adapter ``name`` and make it the active one; everything else is frozen.
 
     ``target_modules``: module names for LoRA (full dotted names or name suffixes, as in peft); default
     ``default_target_modules(model)``. ``modules_to_save``: modules trained as full per-adapter copies;
-    default ``default_modules_to_save(model)`` (point + confidence heads). Returns the peft ``LoraConfig``.
+    default ``default_modules_to_save(model)`` (point + confidence heads). ``adapt_vision`` adds
+    ``vision_target_modules(model)`` to the targets, ``train_embeddings`` adds ``word_embedding_modules(model)``
+    to the copies. Returns the peft ``LoraConfig``.
     """
     from peft import LoraConfig
 
@@ -289,6 +291,10 @@ def add_lora(model: nn.Module, name: str = "default", r: int = 8, alpha: int | N
         raise TrainingError(f"LoRA rank must be positive, got r={r}")
     targets = list(target_modules) if target_modules is not None else default_target_modules(model)
     mts = list(modules_to_save) if modules_to_save is not None else default_modules_to_save(model)
+    if adapt_vision:
+        targets += vision_target_modules(model)
+    if train_embeddings:
+        mts += word_embedding_modules(model)
     config = LoraConfig(r=r, lora_alpha=alpha if alpha else 2 * r, lora_dropout=dropout,
                         target_modules=targets, modules_to_save=mts or None, bias="none")
     _inject(model, name, config)

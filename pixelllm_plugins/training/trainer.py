@@ -240,16 +240,9 @@ def build_model(cfg: TrainConfig):
     if cfg.lora_r > 0:
         from ..modeling import lora
 
-        mts = cfg.lora_modules_to_save
-        if cfg.lora_train_embeddings:
-            mts = [*(mts if mts is not None else lora.default_modules_to_save(model)),
-                   *lora.word_embedding_modules(model)]
-        targets = cfg.lora_target_modules
-        if cfg.lora_adapt_vision:
-            targets = [*(targets if targets is not None else lora.default_target_modules(model)),
-                       *lora.vision_target_modules(model)]
-        lora.add_lora(model, cfg.lora_name, r=cfg.lora_r, alpha=cfg.lora_alpha, target_modules=targets,
-                      modules_to_save=mts)
+        lora.add_lora(model, cfg.lora_name, r=cfg.lora_r, alpha=cfg.lora_alpha,
+                      target_modules=cfg.lora_target_modules, modules_to_save=cfg.lora_modules_to_save,
+                      adapt_vision=cfg.lora_adapt_vision, train_embeddings=cfg.lora_train_embeddings)
     return model, tokenizer, version
 
 
