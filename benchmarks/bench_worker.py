@@ -103,6 +103,8 @@ class Worker:
             cmd += ["--device", args.device]
         if args.torch_threads:
             cmd += ["--torch-threads", str(args.torch_threads)]
+        if args.engine:
+            cmd += ["--engine", args.engine]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
                    [str(ROOT), str(ROOT / "tests"), *filter(None, [os.environ.get("PYTHONPATH")])]),
                "PIXELLLM_WORKER_TOKEN": ""}
@@ -216,6 +218,8 @@ def main(argv=None) -> int:
     p.add_argument("--image-size", default="256x192")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch CPU threads in the worker (default: one per core; 1 on a busy shared machine)")
+    p.add_argument("--engine", choices=["process", "thread"], default=None,
+                   help="where the worker runs its model (default: the worker's default, a child process)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     size = tuple(int(v) for v in args.image_size.lower().split("x"))
@@ -272,7 +276,7 @@ def main(argv=None) -> int:
     loads = [r["load_avg"] for r in rows]
     print(f"\nWorker benchmark: task {args.task}, model {model}, images {args.image_size}, "
           f"max batch {args.max_batch_size}, max wait {args.max_wait_ms:g} ms, "
-          f"torch threads {args.torch_threads or 'default'}, {args.rounds} alternating rounds per level; "
+          f"torch threads {args.torch_threads or 'default'}, engine {args.engine or 'default (process)'}, {args.rounds} alternating rounds per level; "
           f"machine: {desc}; 1-min load average during the run {min(loads):.1f}-{max(loads):.1f}\n")
     print("| clients | batching | req/s | p50 ms | p99 ms | p99/p50 | mean batch | throughput vs off |")
     print("|---|---|---|---|---|---|---|---|")

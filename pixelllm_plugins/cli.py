@@ -295,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", choices=["auto", "on", "off"], default=None,
                    help="run each batch size once before reporting ready (auto: on CUDA only; "
                         "env PIXELLLM_WORKER_WARMUP)")
+    p.add_argument("--engine", choices=["process", "thread"], default=None,
+                   help="run the model in a child process (default: HTTP work and the model then do not "
+                        "share one GIL) or on a thread of the worker's process (env PIXELLLM_WORKER_ENGINE)")
     p.set_defaults(handler=_serve)
 
     p = sub.add_parser("ls-backend", help="run the Label Studio ML backend",
@@ -316,7 +319,7 @@ def _serve(args) -> int:
     else:
         from .serving.app import run
 
-        run(args.host, args.port, model=args.model, device=args.device, warmup=args.warmup)
+        run(args.host, args.port, model=args.model, device=args.device, warmup=args.warmup, engine=args.engine)
     return 0
 
 

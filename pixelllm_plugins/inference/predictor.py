@@ -17,15 +17,17 @@ from pathlib import Path
 
 import torch
 
+from ..config import VisionConfig
 from ..errors import InvalidPromptError, PixelLLMError
 from ..geometry import clip_box
-from ..io import ImageInput, ImageLimits, image_digest, load_image
-from .preprocess import PreparedImage, prepare_image
+from ..io import ImageInput, ImageLimits, load_image
+from .preprocess import PreparedImage, prepare_image_keyed
 from .results import Detection, RegionCaption, TracedCaption, Word
 
 log = logging.getLogger(__name__)
 
 MAX_PROMPT_CHARS = 2000
+TEXT_CACHE_SIZE = 4096  # prompts whose token ids are kept
 
 
 def default_device() -> torch.device:
@@ -45,6 +47,14 @@ class PreparedInput:
 
     prepared: PreparedImage
     digest: str
+
+
+def prepare_input(image: ImageInput | PreparedInput, vision: VisionConfig,
+                  limits: ImageLimits | None = None) -> PreparedInput:
+    """Load, resize and hash an image for a model with this vision config (no model needed)."""
+    if isinstance(image, PreparedInput):
+        return image
+    return PreparedInput(*prepare_image_keyed(load_image(image, limits), vision))
 
 
 @dataclass
@@ -98,6 +108,7 @@ class Predictor:
         self._current: str | None = None
         self._adapter: str | None = None
         self._adapter_paths: dict[str, str] = {}
+        self._text_cache: OrderedDict[tuple, list[int]] = OrderedDict()  # see _encode
         self._lock = threading.RLock()  # one forward at a time per model
         self.stats = {"vision_calls": 0, "cache_hits": 0}
 
@@ -162,10 +173,7 @@ class Predictor:
     # ---- images and the embedding cache ------------------------------------------------------------
     def prepare(self, image: ImageInput | PreparedInput) -> PreparedInput:
         """Load, resize and hash an image (thread-safe, no model call)."""
-        if isinstance(image, PreparedInput):
-            return image
-        pil = load_image(image, self.limits)
-        return PreparedInput(prepare_image(pil, self.config.vision), image_digest(pil))
+        return prepare_input(image, self.config.vision, self.limits)
 
     def _load(self, images: Sequence[ImageInput | PreparedInput]) -> list[_Image]:
         out = []
@@ -242,11 +250,21 @@ class Predictor:
         return text
 
     def _encode(self, text: str, max_len: int, *, add_bos: bool, what: str) -> list[int]:
+        """Token ids (shared, do not modify); cached, as annotation tools send the same prompts again and
+        again and tokenizing is a real share of a batched call's time on a small model."""
+        key = (text, max_len, add_bos)
+        ids = self._text_cache.get(key)
+        if ids is not None:
+            self._text_cache.move_to_end(key)
+            return ids
         ids = self.tokenizer.encode(text, max_len=None, add_bos=add_bos, add_eos=True)
         if len(ids) > max_len:
             warnings.warn(f"{what}: prompt is {len(ids)} tokens; truncated to the model's {max_len}",
                           stacklevel=3)
             ids = self.tokenizer.encode(text, max_len=max_len, add_bos=add_bos, add_eos=True)
+        self._text_cache[key] = ids
+        if len(self._text_cache) > TEXT_CACHE_SIZE:
+            self._text_cache.popitem(last=False)
         return ids
 
     def _pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -344,14 +362,17 @@ class Predictor:
                 scores.append(torch.sigmoid(conf[ar, last]))
             out: list[list[list[Detection]]] = [[] for _ in images]
             if rows:
-                all_boxes, all_scores = torch.cat(boxes).cpu(), torch.cat(scores).cpu()
-                for row, nb, score in zip(rows, all_boxes, all_scores):
-                    prepared = loaded[row.image].prepared
-                    w, h = prepared.original_size
-                    x0, y0, x1, y1 = prepared.normalised_to_original(nb).tolist()
+                sizes = torch.tensor([loaded[r.image].prepared.original_size for r in rows], dtype=torch.float32)
+                all_boxes = (torch.cat(boxes).float().cpu() * sizes.repeat(1, 2)).tolist()  # to original pixels
+                all_scores = torch.cat(scores).float().cpu().tolist()
+                labels: dict[tuple, str] = {}
+                for row, (x0, y0, x1, y1), score in zip(rows, all_boxes, all_scores):
+                    w, h = loaded[row.image].prepared.original_size
                     box = _clip_soft((min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)), w, h)
-                    text = self.tokenizer.decode(row.text)
-                    out[row.image].append([Detection(box, round(float(score), 4), text, self.model_version)])
+                    key = tuple(row.text)
+                    if key not in labels:
+                        labels[key] = self.tokenizer.decode(row.text)
+                    out[row.image].append([Detection(box, round(score, 4), labels[key], self.model_version)])
             return out
 
     @torch.inference_mode()

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from ..config import VisionConfig
+from ..io import image_digest
 
 
 @dataclass
@@ -18,6 +19,11 @@ class PreparedImage:
     resized_size: tuple[int, int]  # (w, h) of the image inside the canvas
     scale: float  # canvas pixels per original pixel
 
+    def __reduce__(self):
+        # pickled as numpy (raw bytes): a torch tensor pickles through torch.save, far slower, and the
+        # worker sends every prepared image to its model process
+        return _prepared_from_numpy, (self.pixel_values.numpy(), self.original_size, self.resized_size, self.scale)
+
     def to_canvas(self, box_xyxy) -> list[float]:
         return [float(v) * self.scale for v in box_xyxy]
 
@@ -26,6 +32,10 @@ class PreparedImage:
         w, h = self.original_size
         factors = torch.tensor([w, h], dtype=xy.dtype, device=xy.device).repeat(xy.shape[-1] // 2)
         return xy * factors
+
+
+def _prepared_from_numpy(pixels: np.ndarray, original_size, resized_size, scale) -> PreparedImage:
+    return PreparedImage(torch.from_numpy(pixels), tuple(original_size), tuple(resized_size), scale)
 
 
 def resize_longer_side(image: Image.Image, size: int) -> tuple[Image.Image, float, float]:
@@ -48,5 +58,14 @@ def normalise_and_pad(image: Image.Image, size: int, vision: VisionConfig) -> to
 
 
 def prepare_image(image: Image.Image, vision: VisionConfig) -> PreparedImage:
+    return prepare_image_keyed(image, vision, key=False)[0]
+
+
+def prepare_image_keyed(image: Image.Image, vision: VisionConfig, *, key: bool = True
+                        ) -> tuple[PreparedImage, str | None]:
+    """``prepare_image`` and a content key of what the model will see (the resized pixels): the same model
+    input gets the same key, and hashing it is cheaper than hashing the original (for a 12-megapixel photo,
+    about 1/100 of the bytes)."""
     resized, sx, _ = resize_longer_side(image, vision.image_size)
-    return PreparedImage(normalise_and_pad(resized, vision.image_size, vision), image.size, resized.size, sx)
+    prepared = PreparedImage(normalise_and_pad(resized, vision.image_size, vision), image.size, resized.size, sx)
+    return prepared, image_digest(resized) if key else None

@@ -12,6 +12,7 @@ adapter or route, 413 body or image too large, 422 schema, 500 model failure, 50
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hmac
 import importlib
 import json
@@ -218,24 +219,41 @@ class _Guard:
 
 # ---- the app -------------------------------------------------------------------------------------------
 
+def build_engine(model: Any, settings: WorkerSettings, metrics: WorkerMetrics | None = None, *,
+                 factory: str | None = None):
+    """The worker's engine: a ``ProcessEngine`` (model in a child process) when the model is named (folder,
+    preset, None for the embedded one, or a ``"module:callable"`` factory) and ``settings.engine`` is
+    ``"process"``; else a ``DynamicBatcher`` on a thread of this process (always for predictor instances)."""
+    batching = {"max_batch_size": settings.max_batch_size, "max_wait_ms": settings.max_wait_ms,
+                "adapter_roots": adapter_roots(model, settings), "max_adapters": settings.max_adapters,
+                "metrics": metrics, "torch_threads": settings.torch_threads, "warmup": settings.warmup}
+    named = factory is not None or model is None or isinstance(model, (str, Path))
+    if settings.engine == "process" and named:
+        from .process_engine import ProcessEngine
+
+        return ProcessEngine(None if model is None else str(model), factory=factory, device=settings.device,
+                             log_level=logging.getLogger().getEffectiveLevel(), **batching)
+    source = load_factory(factory) if factory else model
+    return DynamicBatcher(predictor_factory(source, settings.device), **batching)
+
+
 def create_app(model: Any = None, settings: WorkerSettings | None = None, *, engine: Any = None,
-               metrics: WorkerMetrics | None = None) -> FastAPI:
+               metrics: WorkerMetrics | None = None, factory: str | None = None) -> FastAPI:
     """Build the worker app.
 
     ``model``: a checkpoint folder or preset name (None: the embedded model), a zero-argument factory
-    returning a predictor, or a predictor instance. ``engine``: replaces the in-process ``DynamicBatcher``
-    (the Ray deployment passes itself). The model is loaded on the inference thread at startup;
-    ``/ready`` answers 200 once it is loaded.
+    returning a predictor, or a predictor instance; ``factory``: ``"module:callable"`` instead of ``model``.
+    ``engine``: replaces the one ``build_engine`` picks (the Ray deployment passes itself). The model is
+    loaded in the background at startup; ``/ready`` answers 200 once it is loaded.
     """
     settings = settings or WorkerSettings.from_env()
     metrics = metrics or WorkerMetrics()
     if engine is None:
-        engine = DynamicBatcher(predictor_factory(model, settings.device),
-                                max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms,
-                                adapter_roots=adapter_roots(model, settings),
-                                max_adapters=settings.max_adapters, metrics=metrics,
-                                torch_threads=settings.torch_threads, warmup=settings.warmup)
+        engine = build_engine(model, settings, metrics, factory=factory)
     state = {"in_flight": 0}
+    # decoding threads: an executor's C-level queue wakes a thread for less than anyio's worker pool,
+    # which showed up in profiles of the event loop under load
+    decode_pool = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="pixelllm-decode")
     limits = settings.image_limits
     announce = getattr(engine, "expect", None)
 
@@ -249,6 +267,7 @@ def create_app(model: Any = None, settings: WorkerSettings | None = None, *, eng
         finally:
             await app.state.http.aclose()
             await run_in_threadpool(engine.stop)
+            decode_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title="pixelllm worker",
@@ -314,7 +333,7 @@ def create_app(model: Any = None, settings: WorkerSettings | None = None, *, eng
             image = image_io.decode(data, limits)
             return prepare(image) if prepare is not None else image
 
-        return await run_in_threadpool(decode_and_prepare)
+        return await asyncio.get_running_loop().run_in_executor(decode_pool, decode_and_prepare)
 
     def check_limit(name: str, value: int, limit: int) -> None:
         if value > limit:
@@ -453,7 +472,8 @@ def _version(results, fallback: str) -> str:
 
 def run(host: str = "127.0.0.1", port: int = 8000, model: str | None = None, *, factory: str | None = None,
         log_level: str = "info", **opts) -> None:
-    """Serve the worker with uvicorn (one process, one model, one inference thread).
+    """Serve the worker with uvicorn (one model, one inference thread; the model runs in a child process
+    unless ``engine="thread"``).
 
     ``opts`` are ``WorkerSettings`` fields (``device``, ``max_batch_size``, ``max_wait_ms``, ``max_queue``,
     ``request_timeout_s``, ...; None means "from the environment"). ``factory``: ``"module:callable"``
@@ -462,8 +482,7 @@ def run(host: str = "127.0.0.1", port: int = 8000, model: str | None = None, *, 
     import uvicorn
 
     settings = WorkerSettings.from_env(**opts)
-    source: Any = load_factory(factory) if factory else model
-    app = create_app(source, settings)
+    app = create_app(model, settings, factory=factory)
     if settings.token is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without PIXELLLM_WORKER_TOKEN: anyone who can reach it can use it", host)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)

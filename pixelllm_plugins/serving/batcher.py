@@ -185,6 +185,7 @@ class DynamicBatcher(EngineInfo):
         self.adapters: AdapterLRU | None = None
         self.error: str | None = None
         self._ready = threading.Event()
+        self._settled = threading.Event()  # ready, or the model failed to load
         self._cond = threading.Condition()
         self._queue: deque[tuple[Job, concurrent.futures.Future]] = deque()
         self._stop = False
@@ -205,6 +206,10 @@ class DynamicBatcher(EngineInfo):
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         return self._ready.wait(timeout)
+
+    def wait_settled(self, timeout: float | None = None) -> bool:
+        """Wait until the model is ready or failed to load (``error`` says which)."""
+        return self._settled.wait(timeout)
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._cond:
@@ -233,10 +238,15 @@ class DynamicBatcher(EngineInfo):
             self._incoming -= 1
             self._cond.notify_all()
 
-    def submit_threadsafe(self, job: Job, announced: bool = False) -> concurrent.futures.Future:
+    def submit_threadsafe(self, job: Job, announced: bool = False,
+                          incoming: int | None = None) -> concurrent.futures.Future:
+        """Queue a job. ``incoming``: how many more requests are being prepared right now, replacing the
+        count kept by ``expect``/``unexpect`` (the process engine sends it along with each job)."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self._cond:
-            if announced:
+            if incoming is not None:
+                self._incoming = incoming
+            elif announced:
                 self._incoming -= 1
             if self._stop:
                 raise ShuttingDown("the worker is shutting down; retry on another worker")
@@ -262,10 +272,12 @@ class DynamicBatcher(EngineInfo):
         except Exception as exc:  # noqa: BLE001 - reported on /ready and to every request
             self.error = f"{type(exc).__name__}: {exc}"
             log.exception("model failed to load")
+            self._settled.set()
             return
         if wants_warmup(self.warmup, self.predictor):
             warm_up(self.predictor, self.max_batch_size)
         self._ready.set()
+        self._settled.set()
         log.info("model %s ready (max batch %d, max wait %.1f ms)", self.model_version, self.max_batch_size,
                  self.max_wait_s * 1000)
         observe = self.metrics.observe_batch if self.metrics is not None else None

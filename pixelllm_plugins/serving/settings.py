@@ -29,6 +29,7 @@ ENV_VARS: dict[str, str] = {
     "PIXELLLM_WORKER_DEVICE": "device",
     "PIXELLLM_WORKER_TORCH_THREADS": "torch_threads",
     "PIXELLLM_WORKER_WARMUP": "warmup",
+    "PIXELLLM_WORKER_ENGINE": "engine",
 }
 
 
@@ -71,6 +72,9 @@ class WorkerSettings:
     # run every batch size once before reporting ready, so that the first real batches of each size don't
     # pay for loading GPU kernels and growing the allocator: "auto" (on CUDA only), "on" or "off"
     warmup: str = "auto"
+    # where the model runs: "process" (a child process, so HTTP work and the model do not share one GIL)
+    # or "thread" (in the worker's process); predictor instances always run on a thread
+    engine: str = "process"
 
     def __post_init__(self) -> None:
         if isinstance(self.allowed_hosts, str):
@@ -91,11 +95,12 @@ class WorkerSettings:
             "max_adapters": self.max_adapters >= 1,
             "torch_threads": self.torch_threads is None or self.torch_threads >= 1,
             "warmup": self.warmup in ("auto", "on", "off"),
+            "engine": self.engine in ("process", "thread"),
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"invalid worker settings: {', '.join(f'{b}={getattr(self, b)!r}' for b in bad)}"
-                             "; sizes and counts must be positive, waits non-negative, warmup auto|on|off")
+                             "; sizes and counts must be positive, waits non-negative, warmup auto|on|off, engine process|thread")
 
     @property
     def batching(self) -> bool:

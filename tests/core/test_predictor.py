@@ -189,3 +189,36 @@ def test_adapter_load_use_unload(tiny_checkpoint, scene_files, tmp_path):
     by_path = [pred.refer([scene_files[0]], [["the red circle"]], adapter=str(tmp_path / "proj"))[0][0][0]
                for _ in range(2)]
     assert by_path[0].box_xyxy == by_path[1].box_xyxy == pytest.approx(adapted.box_xyxy, abs=1e-4)
+
+
+def test_a_repeated_prompt_is_tokenized_once(tiny_predictor, scene_files, monkeypatch):
+    calls = []
+    encode = tiny_predictor.tokenizer.encode
+    monkeypatch.setattr(tiny_predictor.tokenizer, "encode", lambda *a, **k: calls.append(a) or encode(*a, **k))
+    text = "the prompt no other test sends"
+    first = tiny_predictor.refer([scene_files[0]], [[text]])
+    n = len(calls)
+    assert n >= 1
+    second = tiny_predictor.refer([scene_files[0]], [[text]])
+    assert len(calls) == n  # served from the prompt cache
+    assert first[0][0][0].text == second[0][0][0].text == text
+    assert first[0][0][0].box_xyxy == second[0][0][0].box_xyxy
+
+
+def test_prepared_images_pickle_as_numpy_and_keep_their_key(tiny_predictor, scene_files):
+    import pickle
+
+    from PIL import Image
+
+    prepared = tiny_predictor.prepare(scene_files[0])
+    back = pickle.loads(pickle.dumps(prepared))
+    assert back.digest == prepared.digest
+    assert (back.prepared.pixel_values == prepared.prepared.pixel_values).all()
+    assert (back.prepared.original_size, back.prepared.resized_size, back.prepared.scale) == (
+        prepared.prepared.original_size, prepared.prepared.resized_size, prepared.prepared.scale)
+    assert tiny_predictor.refer([back], [["a shape"]]) == tiny_predictor.refer([prepared], [["a shape"]])
+    # the key is of what the model sees: same pixels -> same key; changed pixels -> another key
+    image = Image.open(scene_files[0]).convert("RGB")
+    assert tiny_predictor.prepare(image.copy()).digest == prepared.digest
+    image.paste((255, 0, 255), (0, 0, image.width // 2, image.height // 2))
+    assert tiny_predictor.prepare(image).digest != prepared.digest
