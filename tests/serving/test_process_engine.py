@@ -14,11 +14,12 @@ import httpx
 import pytest
 from fakes import FakePredictor
 from PIL import Image
-from serving_helpers import WorkerProcess, image_field, tiny_available, wait_until
+from serving_helpers import WorkerProcess, image_field, png_bytes, tiny_available, wait_until
 
 from pixelllm_plugins.errors import InvalidPromptError
 from pixelllm_plugins.serving.app import build_engine
 from pixelllm_plugins.serving.batcher import DynamicBatcher, Job, ShuttingDown
+from pixelllm_plugins.serving.client import RemotePredictor
 from pixelllm_plugins.serving.process_engine import ModelProcessError, ProcessEngine
 from pixelllm_plugins.serving.settings import WorkerSettings
 
@@ -166,3 +167,38 @@ def test_worker_over_http_with_the_tiny_model_and_no_orphan_after_a_kill(tmp_pat
         worker.proc.send_signal(signal.SIGKILL)
         worker.proc.wait(15)
         wait_until(lambda: not _alive(info["model_pid"]), 30, what="the model process to exit with its worker")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not tiny_available(), reason="needs the core Predictor")
+def test_results_through_the_model_process_equal_direct_calls_with_and_without_an_adapter(tiny_checkpoint,
+                                                                                          tmp_path):
+    from pixelllm_plugins.inference.predictor import Predictor
+    from pixelllm_plugins.modeling import lora
+
+    direct = Predictor(tiny_checkpoint, device="cpu")
+    lora.add_lora(direct.model, "proj-a", r=4)
+    lora.save_adapter(direct.model, tmp_path / "adapters" / "proj-a", "proj-a")
+    lora.delete_adapter(direct.model, "proj-a")
+    images = [png_bytes(96, 72, seed=i) for i in range(4)]
+    texts = [["the red circle", "the blue square"]] * len(images)
+    env = {"PIXELLLM_WORKER_ADAPTER_DIR": str(tmp_path / "adapters")}
+    with WorkerProcess("--model", str(tiny_checkpoint), "--torch-threads", "1", "--max-batch-size", "8",
+                       env=env, log_path=tmp_path / "worker.log") as worker, \
+            RemotePredictor(worker.url, concurrency=4) as remote:
+        assert remote.model_version == direct.model_version
+        for adapter in (None, "proj-a"):
+            if adapter:
+                direct.load_adapter(tmp_path / "adapters" / adapter, adapter)
+            got, want = remote.refer(images, texts, adapter=adapter), direct.refer(images, texts, adapter=adapter)
+            for g_img, w_img in zip(got, want):
+                for g, w in zip(g_img, w_img):
+                    assert g[0].text == w[0].text
+                    assert g[0].box_xyxy == pytest.approx(w[0].box_xyxy, abs=1e-3)
+                    assert g[0].score == pytest.approx(w[0].score, abs=1e-4)
+        assert got[0][0][0].model_version.endswith("+proj-a")  # the child loaded and used the adapter
+        regions = remote.caption_regions(images[:1], [[[5, 5, 60, 50]]], max_new_tokens=5)
+        assert regions[0][0].text == direct.caption_regions(images[:1], [[[5, 5, 60, 50]]], max_new_tokens=5)[0][0].text
+        missing = httpx.post(worker.url + "/v1/refer", json={"image": image_field(), "text": "x",
+                                                            "adapter": "nope"}, timeout=60)
+        assert missing.status_code == 404 and missing.json()["type"] == "AdapterNotFoundError"
