@@ -98,7 +98,7 @@ def decode_image_bytes(data: bytes, limits: ImageLimits, what: str = "image") ->
         raise InvalidImageError(f"{what}: not a readable image (PNG, JPEG, WebP, BMP, TIFF, GIF)") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise InvalidImageError(f"{what}: image is truncated or corrupt ({exc})") from exc
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")  # convert() would copy an RGB image
 
 
 def image_digest(image: Image.Image) -> str:

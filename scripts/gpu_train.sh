@@ -5,7 +5,7 @@
 #
 #   scripts/gpu_train.sh timed SECONDS        continue the embedded default for SECONDS of training:
 #                                             calibrate 40 steps, then as many steps as fit, export, evaluate
-#   scripts/gpu_train.sh bench                worker (batching on/off, 3 rounds) and core benchmarks
+#   scripts/gpu_train.sh bench                worker (batching on/off, 3 rounds, both engines) and core benchmarks
 #   scripts/gpu_train.sh profile [BATCH...]   where a training step's time goes, per batch size
 #   scripts/gpu_train.sh calib                session 4's first call: data, two runs side by side, benchmarks
 #   scripts/gpu_train.sh train STEPS_A STEPS_B   run A from scratch and run B continuing (0 skips a run)
@@ -87,11 +87,13 @@ case "${1:-}" in
     ;;
   bench)
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-    stamp "worker benchmark"
-    timeout 240 $PY benchmarks/bench_worker.py --model "$EMBEDDED" --device "$DEV" --rounds 3 \
-      --json "$OUT/bench_worker_gpu.json" 2>&1 | tail -14
+    for engine in process thread; do  # the model in its own process (the default) or on a thread
+      stamp "worker benchmark, engine $engine"
+      timeout 150 $PY benchmarks/bench_worker.py --model "$EMBEDDED" --device "$DEV" --rounds 3 \
+        --engine "$engine" --clients 1,4,16,32 --json "$OUT/bench_worker_gpu_$engine.json" 2>&1 | tail -12
+    done
     stamp "core benchmark"
-    timeout 240 $PY benchmarks/bench_core.py --presets tiny synth-small base --batches 1 16 64 --repeat 10 \
+    timeout 180 $PY benchmarks/bench_core.py --presets tiny synth-small base --batches 1 16 64 --repeat 10 \
       --florence --device "$DEV" --out "$OUT/bench_core_gpu.json" 2>&1 | tail -8
     stamp done
     ;;
