@@ -190,6 +190,11 @@ class ProcessEngine:
                     self.error = fields[0]
         except (EOFError, OSError):
             pass
+        except Exception:  # noqa: BLE001 - a message that cannot be read: fail loudly, not hang requests
+            log.exception("lost the link to the model process")
+            self.error = "lost the link to the model process; see the worker's log and restart the worker"
+            if self._proc is not None:
+                self._proc.kill()
         self._ready.clear()
         if not self._stopping:
             self._proc.join(5)
