@@ -155,6 +155,18 @@ def word_embedding_modules(model: nn.Module) -> list[str]:
     return found
 
 
+def _existing_modules(model: nn.Module, names: Sequence[str]) -> list[str]:
+    """``names`` after checking that each is a module of ``model`` (peft would silently ignore a typo)."""
+    known = {name for name, _ in model.named_modules() if name}
+    missing = [n for n in names if n not in known]
+    if missing:
+        top = sorted({name.split(".")[0] for name in known})
+        hint = sorted(n for n in known if n.count(".") == 1 and n.split(".")[0] in {m.split(".")[0] for m in missing})
+        raise TrainingError(f"no module named {', '.join(map(repr, missing))} in {type(model).__name__}; "
+                            f"use full dotted names such as {', '.join(hint[:8]) or ', '.join(top[:8])}")
+    return list(names)
+
+
 # ---- bookkeeping ----------------------------------------------------------------------------------
 
 def list_adapters(model: nn.Module) -> list[str]:
@@ -276,14 +288,16 @@ def _set_adapter_trainable(model: nn.Module, name: str | None) -> None:
 
 def add_lora(model: nn.Module, name: str = "default", r: int = 8, alpha: int | None = None,
              target_modules: Sequence[str] | None = None, modules_to_save: Sequence[str] | None = None,
-             dropout: float = 0.0, *, adapt_vision: bool = False, train_embeddings: bool = False):
+             dropout: float = 0.0, *, adapt_vision: bool = False, train_embeddings: bool = False,
+             extra_modules_to_save: Sequence[str] = ()):
     """Add a trainable adapter ``name`` and make it the active one; everything else is frozen.
 
     ``target_modules``: module names for LoRA (full dotted names or name suffixes, as in peft); default
     ``default_target_modules(model)``. ``modules_to_save``: modules trained as full per-adapter copies;
     default ``default_modules_to_save(model)`` (point + confidence heads). ``adapt_vision`` adds
     ``vision_target_modules(model)`` to the targets, ``train_embeddings`` adds ``word_embedding_modules(model)``
-    to the copies. Returns the peft ``LoraConfig``.
+    to the copies, and ``extra_modules_to_save`` (module names, e.g. ``vision.stem``) adds to them too.
+    Returns the peft ``LoraConfig``.
     """
     from peft import LoraConfig
 
@@ -295,6 +309,7 @@ def add_lora(model: nn.Module, name: str = "default", r: int = 8, alpha: int | N
         targets += vision_target_modules(model)
     if train_embeddings:
         mts += word_embedding_modules(model)
+    mts += _existing_modules(model, extra_modules_to_save)
     config = LoraConfig(r=r, lora_alpha=alpha if alpha else 2 * r, lora_dropout=dropout,
                         target_modules=targets, modules_to_save=mts or None, bias="none")
     _inject(model, name, config)

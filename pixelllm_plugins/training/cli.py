@@ -61,6 +61,10 @@ def add_training_parsers(sub) -> None:
                    help="also train the word embeddings (adapter copies): for words the base never saw")
     p.add_argument("--adapt-vision", action="store_true",
                    help="also put LoRA on the vision encoder: for objects the base never had to tell apart")
+    p.add_argument("--modules-to-save", nargs="+", default=None, metavar="MODULE",
+                   help="more modules trained as full adapter copies (peft's modules_to_save), by full dotted "
+                        "name, e.g. vision.stem vision.detail: the layers that see a shape's corners at full "
+                        "resolution")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=_finetune)
 
@@ -101,5 +105,6 @@ def _finetune(args) -> int:
 
     print(finetune(args.model, args.data, args.out, args.steps, split=args.split, batch_size=args.batch_size,
                    lr=args.lr, r=args.rank, seed=args.seed, progress=not args.no_progress,
-                   train_embeddings=args.train_embeddings, adapt_vision=args.adapt_vision))
+                   train_embeddings=args.train_embeddings, adapt_vision=args.adapt_vision,
+                   modules_to_save=args.modules_to_save))
     return 0

@@ -26,12 +26,14 @@ def finetune(from_model: str | Path, data_dir: str | Path, out_adapter: str | Pa
              split: str = "train", sources: dict[str, float] | None = None, batch_size: int | None = None,
              lr: float | None = None, r: int | None = None, alpha: int | None = None, seed: int = 0,
              work_dir: str | Path | None = None, progress: bool = True, train_embeddings: bool = False,
-             adapt_vision: bool = False, **overrides) -> Path:
+             adapt_vision: bool = False, modules_to_save: list[str] | None = None, **overrides) -> Path:
     """Train a LoRA adapter over ``from_model`` and write it to ``out_adapter``; returns that folder.
 
     ``train_embeddings``: the adapter also carries its own copy of the word embeddings, for data with
     words the base never saw; ``adapt_vision``: LoRA on the vision encoder too, for things the base never
-    had to see (both measured on "pentagon": docs/training.md)."""
+    had to see; ``modules_to_save``: more modules trained as full per-adapter copies, on top of the point
+    and confidence heads (peft's term), e.g. ``["vision.stem", "vision.detail"]`` (all measured on
+    "pentagon": docs/training.md)."""
     if not from_model or not Path(from_model).is_dir():
         raise TrainingError(f"fine-tuning needs a trained checkpoint folder, got {str(from_model)!r}; pass the "
                             "folder of `pixelllm train` output (OUT/final) or a downloaded checkpoint")
@@ -40,7 +42,8 @@ def finetune(from_model: str | Path, data_dir: str | Path, out_adapter: str | Pa
     cfg = recipe_config("finetune", init=str(from_model), data_dir=str(data_dir), split=split, out_dir=str(work),
                         steps=steps, sources=sources, batch_size=batch_size, lr=lr, lora_r=r, lora_alpha=alpha,
                         seed=seed, progress=progress, lora_train_embeddings=train_embeddings or None,
-                        lora_adapt_vision=adapt_vision or None, **overrides)
+                        lora_adapt_vision=adapt_vision or None,
+                        lora_extra_modules_to_save=list(modules_to_save) if modules_to_save else None, **overrides)
     trained = train(cfg)
     if cfg.stop_after is not None and cfg.stop_after < cfg.steps:
         return trained  # interrupted on purpose (tests): the checkpoint folder

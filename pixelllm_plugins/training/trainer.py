@@ -83,6 +83,7 @@ class TrainConfig:
     lora_modules_to_save: list[str] | None = None
     lora_train_embeddings: bool = False  # also train the word embeddings (new words), as adapter copies
     lora_adapt_vision: bool = False  # also put LoRA on the vision encoder's blocks
+    lora_extra_modules_to_save: list[str] | None = None  # more full per-adapter copies (e.g. vision.stem)
     # learning-rate multipliers by parameter-name prefix (first match wins), e.g. {"vision.": 0.2}
     lr_multipliers: dict[str, float] = field(default_factory=dict)
     # testing aid: stop (as if killed) once this many steps are done, without the final save
@@ -242,7 +243,8 @@ def build_model(cfg: TrainConfig):
 
         lora.add_lora(model, cfg.lora_name, r=cfg.lora_r, alpha=cfg.lora_alpha,
                       target_modules=cfg.lora_target_modules, modules_to_save=cfg.lora_modules_to_save,
-                      adapt_vision=cfg.lora_adapt_vision, train_embeddings=cfg.lora_train_embeddings)
+                      adapt_vision=cfg.lora_adapt_vision, train_embeddings=cfg.lora_train_embeddings,
+                      extra_modules_to_save=cfg.lora_extra_modules_to_save or ())
     return model, tokenizer, version
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
+from pixelllm_plugins.errors import TrainingError
 from pixelllm_plugins.training.finetune import finetune
 
 
@@ -65,6 +67,26 @@ def test_finetune_can_adapt_the_vision_encoder(tiny_base, tiny_data, tmp_path):
     assert vision_b and any(v.abs().sum() > 0 for v in vision_b.values())  # B starts at zero: it trained
 
     _assert_adapter_acts_only_when_named(tiny_base, tiny_data, out)
+
+
+def test_finetune_can_retrain_named_modules_as_adapter_copies(tiny_base, tiny_data, tmp_path):
+    out = finetune(tiny_base, tiny_data, tmp_path / "stem", steps=2, batch_size=2, lr=5e-2, progress=False,
+                   modules_to_save=["vision.stem"])
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    copies = {k: v for k, v in tensors.items() if "vision.stem" in k}
+    assert copies, sorted(tensors)[:10]
+    base = load_file(str(tiny_base / "model.safetensors"))
+    stem = {k: v for k, v in base.items() if k.startswith("vision.stem.")}
+    assert len(copies) == len(stem)  # one copy per stem tensor
+    trained = [k for k, v in copies.items() if not any(torch.equal(v.float(), b.float()) for b in stem.values())]
+    assert trained  # the copies moved away from the base's stem
+    _assert_adapter_acts_only_when_named(tiny_base, tiny_data, out)
+
+
+def test_finetune_refuses_a_module_name_that_is_not_in_the_model(tiny_base, tiny_data, tmp_path):
+    with pytest.raises(TrainingError, match=r"no module named 'vision\.stemm'.*vision\.stem"):
+        finetune(tiny_base, tiny_data, tmp_path / "typo", steps=1, batch_size=2, progress=False,
+                 modules_to_save=["vision.stemm"])
 
 
 def _assert_adapter_acts_only_when_named(base, data, adapter_dir) -> None:
