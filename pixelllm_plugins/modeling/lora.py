@@ -160,10 +160,10 @@ def _existing_modules(model: nn.Module, names: Sequence[str]) -> list[str]:
     known = {name for name, _ in model.named_modules() if name}
     missing = [n for n in names if n not in known]
     if missing:
-        top = sorted({name.split(".")[0] for name in known})
-        hint = sorted(n for n in known if n.count(".") == 1 and n.split(".")[0] in {m.split(".")[0] for m in missing})
+        parent = missing[0].rpartition(".")[0]  # suggest the siblings of the first unknown name
+        siblings = sorted(n for n in known if n.rpartition(".")[0] == (parent if parent in known else ""))
         raise TrainingError(f"no module named {', '.join(map(repr, missing))} in {type(model).__name__}; "
-                            f"use full dotted names such as {', '.join(hint[:8]) or ', '.join(top[:8])}")
+                            f"use full dotted names such as {', '.join(siblings[:8])}")
     return list(names)
 
 

@@ -14,12 +14,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import hmac
-import importlib
 import json
 import logging
 import math
 import time
-from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -44,7 +42,7 @@ from ..errors import (
 from ..geometry import as_box
 from . import images as image_io
 from .adapters import AdapterNotFoundError
-from .batcher import DynamicBatcher, Job, ShuttingDown
+from .batcher import DynamicBatcher, Job, ShuttingDown, make_factory
 from .metrics import CONTENT_TYPE_LATEST, WorkerMetrics
 from .schemas import (
     CaptionRegionsRequest,
@@ -102,29 +100,6 @@ def _json_error(status: int, type_: str, message: str, headers: dict | None = No
 
 
 # ---- the engine seam -----------------------------------------------------------------------------------
-
-def predictor_factory(model: Any = None, device: str | None = None) -> Callable[[], Any]:
-    """A zero-argument callable that builds the predictor: from a factory, an instance, or a model name."""
-    if model is not None and not isinstance(model, (str, Path)):
-        if isinstance(model, type) or not hasattr(model, "refer"):  # a class or a factory function
-            return model
-        return lambda: model  # a predictor instance
-
-    def make():
-        from ..inference.predictor import Predictor
-
-        return Predictor(model, device=device)
-
-    return make
-
-
-def load_factory(spec: str) -> Callable[[], Any]:
-    """``"package.module:callable"`` -> the callable (for custom predictors and tests)."""
-    module, _, attr = spec.partition(":")
-    if not module or not attr:
-        raise ValueError(f"factory {spec!r} must look like 'package.module:callable'")
-    return getattr(importlib.import_module(module), attr)
-
 
 def adapter_roots(model: Any, settings: WorkerSettings) -> list[Path]:
     roots = [Path(settings.adapter_dir)] if settings.adapter_dir else []
@@ -233,8 +208,7 @@ def build_engine(model: Any, settings: WorkerSettings, metrics: WorkerMetrics | 
 
         return ProcessEngine(None if model is None else str(model), factory=factory, device=settings.device,
                              log_level=logging.getLogger().getEffectiveLevel(), **batching)
-    source = load_factory(factory) if factory else model
-    return DynamicBatcher(predictor_factory(source, settings.device), **batching)
+    return DynamicBatcher(make_factory(model, factory, settings.device), **batching)
 
 
 def create_app(model: Any = None, settings: WorkerSettings | None = None, *, engine: Any = None,

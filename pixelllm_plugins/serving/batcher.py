@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import importlib
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..errors import PixelLLMError
@@ -65,6 +67,34 @@ def call_predictor(predictor, task: str, adapter: str | None, options: tuple, im
     if len(out) != len(images):
         raise RuntimeError(f"predictor.{task} returned {len(out)} results for {len(images)} images")
     return out
+
+
+def predictor_factory(model: Any = None, device: str | None = None) -> Callable[[], Any]:
+    """A zero-argument callable that builds the predictor: from a factory, an instance, or a model name."""
+    if model is not None and not isinstance(model, (str, Path)):
+        if isinstance(model, type) or not hasattr(model, "refer"):  # a class or a factory function
+            return model
+        return lambda: model  # a predictor instance
+
+    def make():
+        from ..inference.predictor import Predictor
+
+        return Predictor(model, device=device)
+
+    return make
+
+
+def load_factory(spec: str) -> Callable[[], Any]:
+    """``"package.module:callable"`` -> the callable (for custom predictors and tests)."""
+    module, _, attr = spec.partition(":")
+    if not module or not attr:
+        raise ValueError(f"factory {spec!r} must look like 'package.module:callable'")
+    return getattr(importlib.import_module(module), attr)
+
+
+def make_factory(model: Any = None, factory: str | None = None, device: str | None = None) -> Callable[[], Any]:
+    """The predictor builder of a worker: ``factory`` (``"module:callable"``) when given, else ``model``."""
+    return predictor_factory(load_factory(factory) if factory else model, device)
 
 
 def run_jobs(predictor, jobs: list[Job], adapters: AdapterLRU | None = None,

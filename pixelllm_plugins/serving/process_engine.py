@@ -24,7 +24,7 @@ import signal
 import threading
 
 from ..errors import PixelLLMError
-from .batcher import DynamicBatcher, Job, ShuttingDown
+from .batcher import DynamicBatcher, Job, ShuttingDown, make_factory
 
 log = logging.getLogger(__name__)
 
@@ -248,9 +248,7 @@ def child_main(conn, spec: dict) -> None:
         with send_lock:
             conn.send(message)
 
-    from .app import load_factory, predictor_factory
-
-    factory = load_factory(spec["factory"]) if spec["factory"] else predictor_factory(spec["model"], spec["device"])
+    factory = make_factory(spec["model"], spec["factory"], spec["device"])  # imported without the HTTP app
     batcher = DynamicBatcher(factory, metrics=_ReportBatches(send), **spec["batcher"])
     batcher.start()
     batcher.wait_settled()

@@ -21,8 +21,17 @@ from typing import Any
 
 from ray import serve
 
-from .app import adapter_roots, create_app, load_factory, predictor_factory
-from .batcher import EngineInfo, Job, group_jobs, run_jobs, set_torch_threads, wants_warmup, warm_up
+from .app import adapter_roots, create_app
+from .batcher import (
+    EngineInfo,
+    Job,
+    group_jobs,
+    make_factory,
+    run_jobs,
+    set_torch_threads,
+    wants_warmup,
+    warm_up,
+)
 from .metrics import WorkerMetrics
 from .settings import WorkerSettings
 
@@ -47,7 +56,7 @@ class PixelLLMDeployment(EngineInfo):
         self._waiting = 0
         self._batched.set_max_batch_size(self.settings.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.settings.max_wait_ms / 1000.0)
-        make = predictor_factory(load_factory(factory) if factory else model, self.settings.device)
+        make = make_factory(model, factory, self.settings.device)
         roots = adapter_roots(model, self.settings)
         loop = asyncio.get_running_loop()
         # load before taking traffic: Serve routes to a replica only once its constructor has returned
