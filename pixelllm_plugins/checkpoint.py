@@ -230,3 +230,36 @@ def load_pretrained(name_or_path: str | Path | None = None, *, device: torch.dev
                               f"({_CONTENTS})")
     raise CheckpointError(f"{name!r} is neither a checkpoint folder nor a preset name. Presets: "
                           f"{', '.join(sorted(PRESETS))} or 'hf:VISION+LM' (random weights); {_CONTENTS}")
+
+
+def grow_pretrained(name_or_path: str | Path, directory: str | Path, changes: dict[str, object]) -> str:
+    """Copy a checkpoint into a model with a changed config and return the new ``model_version``.
+
+    ``changes`` maps ``"section.field"`` (e.g. ``"heads.point_context_layers"``) to a value. Weights present
+    in both models keep their values and new modules keep their initialisation; a change that would drop
+    or reshape existing weights is refused. The grid point head's additions start at zero, so the grown
+    model answers as the source until it is trained (``pixelllm train --init DIRECTORY``).
+    """
+    import dataclasses
+
+    model, tokenizer, version = load_pretrained(name_or_path, dtype=torch.float32)
+    config = model.config
+    for key, value in changes.items():
+        section, _, name = key.partition(".")
+        part = getattr(config, section, None)
+        if not name or not dataclasses.is_dataclass(part) or name not in {f.name for f in dataclasses.fields(part)}:
+            raise CheckpointError(f"cannot change {key!r}: name a config field as section.field, e.g. "
+                                  "heads.point_context_layers")
+        config = dataclasses.replace(config, **{section: dataclasses.replace(part, **{name: value})})
+    torch.manual_seed(0)
+    grown = PixelLLM(config, vocab_size=tokenizer.vocab_size)
+    source = model.state_dict()
+    target = grown.state_dict()
+    dropped = sorted(set(source) - set(target))
+    reshaped = [k for k in source if k in target and source[k].shape != target[k].shape]
+    if dropped or reshaped:
+        raise CheckpointError(f"the changed config would drop or reshape weights of {name_or_path} "
+                              f"(e.g. {(dropped + reshaped)[:4]}); only changes that add modules can grow a model")
+    grown.load_state_dict(source, strict=False)
+    return save_pretrained(grown, tokenizer, directory,
+                           extra_meta={"grown_from": version, "grown_with": {k: v for k, v in changes.items()}})

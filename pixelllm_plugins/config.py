@@ -99,6 +99,15 @@ class HeadsConfig:
     # "the leftmost circle" can compare objects. 0 = each candidate is scored on its own.
     relation_layers: int = 0
     relation_candidates: int = 8
+    # Ours, grid point head only: ``point_context_layers`` bidirectional self-attention layers over the
+    # row's token states form the pointing queries, so a word's point may depend on the words after it
+    # (a trace puts "a small" on the object the phrase goes on to name; the causal LM cannot know it yet).
+    # ``point_refine``: a per-token correction of the picked box (a trace loop is smaller than its object).
+    # ``point_coords``: a token may also score candidates linearly by their centre's x and y, which is
+    # what "the leftmost ..." asks of the candidates that match the rest of the phrase.
+    point_context_layers: int = 0
+    point_refine: bool = False
+    point_coords: bool = False
     # Ours: a linear word head on the proposal features inside a target box, trained to predict the words
     # of that box's region caption or referring expression (losses.box_words_loss). Needs proposals. It
     # teaches the features object attributes directly, which the grid point head and map tokens read.

@@ -197,6 +197,38 @@ class CandidateRelations(nn.Module):
         return self.out(x)
 
 
+class PointContext(nn.Module):
+    """Bidirectional self-attention over one row's token states, used only to form the pointing queries.
+
+    The language model is causal, so in "a small red circle" the state of "a" or "small" cannot know which
+    object the phrase is about, yet a trace puts those words on it. Points are read from a finished text
+    (teacher-forced, also after generation, ``Predictor.caption``), so the query of each token may look at
+    the words after it. The output only adds to the hidden state (zero-initialised): training starts from
+    the causal head."""
+
+    def __init__(self, dim: int, num_layers: int, max_positions: int, num_heads: int = 4):
+        super().__init__()
+        self.position = nn.Parameter(torch.randn(max_positions, dim) * 0.02)
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(dim, num_heads, 2 * dim, dropout=0.0, activation="gelu", batch_first=True,
+                                       norm_first=True)
+            for _ in range(num_layers))
+        self.out = nn.Sequential(nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, dim))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, hidden: Tensor, text_mask: Tensor | None) -> Tensor:
+        """hidden [M,T,H], text_mask [M,T] (real tokens; None = all) -> hidden [M,T,H] with context added."""
+        t = hidden.shape[1]
+        if t > self.position.shape[0]:
+            raise ValueError(f"{t} text tokens exceed the point context's {self.position.shape[0]} positions")
+        x = hidden + self.position[:t].to(hidden.dtype)
+        pad = None if text_mask is None else ~text_mask.bool()
+        for layer in self.layers:
+            x = layer(x, src_key_padding_mask=pad)
+        return hidden + self.out(x).to(hidden.dtype)
+
+
 class GridPointHead(nn.Module):
     """Points by pointing (ours; ``heads.point_mode = "grid"``): a token's box is the box its query picks.
 
@@ -212,9 +244,22 @@ class GridPointHead(nn.Module):
     """
 
     def __init__(self, in_dim: int, feature_dim: int, hidden: int, map_size: tuple[int, int], canvas_size: int,
-                 relation_layers: int = 0, relation_candidates: int = 8):
+                 relation_layers: int = 0, relation_candidates: int = 8, context_layers: int = 0,
+                 max_positions: int = 128, refine: bool = False, coords: bool = False):
         super().__init__()
         self.canvas_size = canvas_size
+        # coords: each token may prefer candidates linearly along x and y ("the rightmost ..." = the largest
+        # x among the candidates its content scores favour), a score a learned position table cannot give
+        self.coords = nn.Linear(hidden, 2) if coords else None
+        if self.coords is not None:
+            nn.init.zeros_(self.coords.weight)
+            nn.init.zeros_(self.coords.bias)
+        self.context = PointContext(in_dim, context_layers, max_positions) if context_layers > 0 else None
+        # refine: a per-token correction of the picked box, in units of its size (zero at the start)
+        self.refine = nn.Linear(hidden, 4) if refine else None
+        if self.refine is not None:
+            nn.init.zeros_(self.refine.weight)
+            nn.init.zeros_(self.refine.bias)
         self.relation_candidates = relation_candidates
         self.relations = (CandidateRelations(hidden, in_dim, relation_layers) if relation_layers > 0 else None)
         self.query = nn.Sequential(nn.LayerNorm(in_dim, eps=1e-6), nn.Linear(in_dim, hidden), nn.GELU(),
@@ -222,6 +267,8 @@ class GridPointHead(nn.Module):
         self.key = nn.Sequential(nn.LayerNorm(feature_dim, eps=1e-6), nn.Linear(feature_dim, hidden))
         self.key_position = nn.Parameter(torch.randn(map_size[0] * map_size[1], hidden) * 0.02)
         self.scale = hidden ** -0.5
+
+    COORD_GAIN = 8.0  # so that a modest weight can separate neighbours a tenth of the image apart
 
     def candidates(self, maps: dict[str, Tensor], image_sizes: Tensor) -> Tensor:
         """Log-prior per map cell [B,L]: the detached log detection score at heatmap peaks inside the
@@ -243,15 +290,18 @@ class GridPointHead(nn.Module):
         """hidden [M,T,H], proposal maps of B images, image_index [M], image_sizes [B,2] (w,h canvas px)
         -> points [M,T,4] as x0,y0,x1,y1 normalised to each row's image; with ``with_choices`` also
         (cell logits [M,T,L], cell boxes [M,L,4] in the same frame) for the pointer loss. ``text_mask``
-        [M,T] marks real tokens for the relation layers (all tokens count when None)."""
+        [M,T] marks real tokens for the relation layers and the point context (all tokens count when None)."""
         features = maps["features"].flatten(2).transpose(1, 2)  # [B,L,C]
         keys = (self.key(features) + self.key_position).index_select(0, image_index)  # [M,L,h]
-        query = self.query(hidden).to(keys.dtype)
+        query = self.query(hidden if self.context is None else self.context(hidden, text_mask)).to(keys.dtype)
         logits = torch.einsum("mtd,mld->mtl", query, keys).float() * self.scale
         prior = self.candidates(maps, image_sizes).index_select(0, image_index)  # [M,L]
         logits = logits + prior[:, None, :]
         size = image_sizes.float().index_select(0, image_index).repeat(1, 2)[:, None, :]
         boxes = ProposalHead.cell_boxes(maps, self.canvas_size).index_select(0, image_index) / size  # [M,L,4]
+        if self.coords is not None:  # candidates' box centres, about -0.5 .. 0.5 across the image
+            centres = ((boxes[..., :2] + boxes[..., 2:]) / 2 - 0.5).clamp(-1, 1)
+            logits = logits + self.COORD_GAIN * torch.einsum("mtc,mlc->mtl", self.coords(query).float(), centres)
         if self.relations is not None:
             top, cells = prior.topk(min(self.relation_candidates, prior.shape[1]), dim=1)  # [M,K]
             valid = torch.isfinite(top)
@@ -265,5 +315,8 @@ class GridPointHead(nn.Module):
             points = torch.bmm(logits.softmax(-1), boxes)
         else:  # at inference a token points at one object: the box of its best candidate, not a blend
             points = boxes.gather(1, logits.argmax(-1)[..., None].expand(-1, -1, 4))
+        if self.refine is not None:
+            size = (points[..., 2:] - points[..., :2]).detach().clamp(min=0).repeat(1, 1, 2)
+            points = points + torch.tanh(self.refine(query).float()) * size
         points = points.to(hidden.dtype)
         return (points, logits, boxes) if with_choices else points

@@ -72,8 +72,13 @@ class PixelLLM(nn.Module):
                                     "heads.proposals true and heads.num_points 2")
             self.point_head = GridPointHead(h, self.proposal_head.feature_dim, heads.point_hidden,
                                             self.proposal_head.map_size, self.canvas_size,
-                                            heads.relation_layers, heads.relation_candidates)
+                                            heads.relation_layers, heads.relation_candidates,
+                                            heads.point_context_layers, config.language.max_positions,
+                                            heads.point_refine, heads.point_coords)
         elif heads.point_mode == "mlp":
+            if heads.point_context_layers or heads.point_refine or heads.point_coords:
+                raise PixelLLMError("heads.point_context_layers, point_refine and point_coords belong to the grid "
+                                    "point head: set heads.point_mode 'grid' or leave them at 0 / false")
             self.point_head = PointHead(h, heads.point_hidden, heads.point_layers, heads.num_points)
         else:
             raise PixelLLMError(f"unknown heads.point_mode {heads.point_mode!r}; use 'mlp' or 'grid'")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import sys
 
+from ..errors import TrainingError
+
 
 def add_training_parsers(sub) -> None:
     p = sub.add_parser("train", help="train a model with a named recipe (resumes OUT/checkpoint-last)",
@@ -24,6 +26,12 @@ def add_training_parsers(sub) -> None:
                        ("--checkpoint-every", int), ("--eval-every", int), ("--num-threads", int),
                        ("--num-workers", int)):
         p.add_argument(flag, type=kind, default=None)
+    p.add_argument("--sources", nargs="+", default=None, metavar="NAME=WEIGHT",
+                   help="source weights of the mixture, e.g. refer=4 region=3 trace=4 caption=0.5 (replaces the "
+                        "recipe's; a source left out is not used)")
+    p.add_argument("--lr-multiplier", nargs="+", default=None, metavar="PREFIX=FACTOR",
+                   help="learning-rate factor by parameter-name prefix (first match wins), e.g. "
+                        "point_head.context.=5 for modules just added with scripts/grow_model.py")
     p.add_argument("--device", default=None, help="auto | cpu | cuda")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT/checkpoint-last exists")
     p.add_argument("--no-progress", action="store_true")
@@ -78,12 +86,30 @@ def _train(args) -> int:
                  "warmup_steps": args.warmup_steps, "weight_decay": args.weight_decay, "seed": args.seed,
                  "checkpoint_every": args.checkpoint_every, "eval_every": args.eval_every,
                  "num_threads": args.num_threads, "num_workers": args.num_workers, "device": args.device}
+    if args.sources:
+        overrides["sources"] = _weights(args.sources, "--sources", "refer=4")
+    if args.lr_multiplier:
+        overrides["lr_multipliers"] = _weights(args.lr_multiplier, "--lr-multiplier", "point_head.context.=5")
     if args.no_resume:
         overrides["resume"] = False
     if args.no_progress:
         overrides["progress"] = False
     print(train(recipe_config(args.recipe, **overrides)))
     return 0
+
+
+def _weights(items: list[str], flag: str, example: str) -> dict[str, float]:
+    """["refer=4", "trace=1.5"] -> {"refer": 4.0, "trace": 1.5}, with a usable error for anything else."""
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.rpartition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            out[name] = float(value)
+        except ValueError:
+            raise TrainingError(f"{flag} takes NAME=NUMBER items like {example}; got {item!r}") from None
+    return out
 
 
 def _eval(args) -> int:

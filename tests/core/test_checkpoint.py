@@ -135,3 +135,29 @@ def test_load_never_unpickles(random_tiny, tmp_path, monkeypatch):
         monkeypatch.setattr(target, name, refuse)
     loaded = PixelLLM.from_pretrained(str(tmp_path), dtype=torch.float32)
     assert loaded.model_version == version
+
+
+def test_grow_adds_zero_started_point_modules_and_refuses_what_would_drop_weights(tmp_path):
+    torch.manual_seed(0)
+    model, tokenizer, _ = load_pretrained("tiny")
+    model.config.heads.point_mode = "grid"  # the grid head is the one that grows
+    grid = PixelLLM(model.config, tokenizer.vocab_size).eval()
+    save_pretrained(grid, tokenizer, tmp_path / "src")
+    version = ckpt.grow_pretrained(tmp_path / "src", tmp_path / "grown",
+                                   {"heads.point_context_layers": 1, "heads.point_refine": True,
+                                    "heads.point_coords": True})
+    grown, _, loaded_version = load_pretrained(tmp_path / "grown")
+    assert loaded_version == version and grown.config.heads.point_context_layers == 1
+    assert None not in (grown.point_head.context, grown.point_head.refine, grown.point_head.coords)
+    meta = json.loads((tmp_path / "grown" / "meta.json").read_text())
+    assert meta["grown_with"] == {"heads.point_context_layers": 1, "heads.point_refine": True,
+                                  "heads.point_coords": True}
+    with torch.no_grad():
+        want, got = grid(_inputs(grid, tokenizer)), grown(_inputs(grown, tokenizer))
+    torch.testing.assert_close(got.points, want.points)
+    torch.testing.assert_close(got.logits, want.logits)
+    with pytest.raises(CheckpointError, match="drop or reshape"):
+        ckpt.grow_pretrained(tmp_path / "src", tmp_path / "bad", {"language.hidden_size": 48})
+    with pytest.raises(CheckpointError, match="section.field"):
+        ckpt.grow_pretrained(tmp_path / "src", tmp_path / "bad", {"heads.no_such_field": 1})
+    assert not (tmp_path / "bad").exists()

@@ -305,6 +305,81 @@ def test_relation_layers_start_as_the_plain_grid_head_and_ignore_padding():
     torch.testing.assert_close(again[:, :5], moved, atol=1e-5, rtol=0)
 
 
+def test_point_context_lets_a_word_point_where_later_words_say_and_starts_as_the_causal_head():
+    canvas = 64
+    sizes = torch.tensor([[64.0, 48.0], [32.0, 64.0]])
+    gt = torch.tensor([[[0.1, 0.2, 0.5, 0.7], [0.6, 0.1, 0.9, 0.4]], [[0.2, 0.2, 0.8, 0.5], [0, 0, 0, 0]]])
+    maps, _ = _perfect_maps((8, 8), gt, torch.tensor([[True, True], [True, False]]), sizes, canvas)
+    maps["features"] = torch.randn(2, 8, 8, 8)
+    torch.manual_seed(0)
+    plain = GridPointHead(16, 8, 12, (8, 8), canvas).train()
+    grown = GridPointHead(16, 8, 12, (8, 8), canvas, context_layers=1, max_positions=10, refine=True).train()
+    missing = grown.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith(("context.", "refine.")) for k in missing)
+    hidden, index = torch.randn(3, 5, 16), torch.tensor([0, 1, 0])
+    want, want_logits, _ = plain(hidden, maps, index, sizes, with_choices=True)
+    got, got_logits, _ = grown(hidden, maps, index, sizes, with_choices=True)
+    torch.testing.assert_close(got_logits, want_logits)  # zero-initialised additions: the causal head
+    torch.testing.assert_close(got, want)
+    # with weights, an early token's choice depends on a later token (the causal head's cannot)
+    torch.nn.init.normal_(grown.context.out[-1].weight, std=1.0)
+    later = hidden.clone()
+    later[:, 4] = torch.randn(3, 16)
+    _, plain_later, _ = plain(later, maps, index, sizes, with_choices=True)
+    _, base, _ = grown(hidden, maps, index, sizes, with_choices=True)
+    _, moved, _ = grown(later, maps, index, sizes, with_choices=True)
+    finite = torch.isfinite(base[:, 0])
+    torch.testing.assert_close(plain_later[:, 0], want_logits[:, 0])
+    assert not torch.allclose(moved[:, 0][finite], base[:, 0][finite])
+    # padding marked in text_mask changes nothing for the real tokens
+    padded = torch.cat([hidden, torch.randn(3, 2, 16)], 1)
+    mask = torch.tensor([True] * 5 + [False] * 2).expand(3, -1)
+    _, again, _ = grown(padded, maps, index, sizes, text_mask=mask, with_choices=True)
+    _, unpadded, _ = grown(hidden, maps, index, sizes, text_mask=mask[:, :5], with_choices=True)
+    torch.testing.assert_close(again[:, :5], unpadded, atol=1e-5, rtol=0)
+    # the refinement moves the picked box by a fraction of its size, never more than its size
+    grown.eval()
+    picked = grown(hidden, maps, index, sizes)
+    torch.nn.init.normal_(grown.refine.weight, std=1.0)
+    refined = grown(hidden, maps, index, sizes)
+    size = (picked[..., 2:] - picked[..., :2]).repeat(1, 1, 2)
+    assert not torch.allclose(refined, picked)
+    assert ((refined - picked).abs() <= size + 1e-6).all()
+    with pytest.raises(ValueError, match="exceed the point context"):
+        grown(torch.randn(1, 11, 16), maps, torch.tensor([0]), sizes)
+
+
+def test_point_coords_prefer_candidates_along_x_and_y():
+    canvas = 64
+    sizes = torch.tensor([[64.0, 64.0]])
+    gt = torch.tensor([[[0.1, 0.6, 0.3, 0.9], [0.6, 0.1, 0.9, 0.4]]])  # bottom-left and top-right
+    maps, _ = _perfect_maps((8, 8), gt, torch.tensor([[True, True]]), sizes, canvas)
+    maps["features"] = torch.zeros(1, 8, 8, 8)  # content cannot tell them apart
+    torch.manual_seed(0)
+    plain = GridPointHead(16, 8, 12, (8, 8), canvas).eval()
+    head = GridPointHead(16, 8, 12, (8, 8), canvas, coords=True).eval()
+    head.load_state_dict(plain.state_dict(), strict=False)
+    hidden, index = torch.randn(1, 1, 16), torch.tensor([0])
+    torch.testing.assert_close(head(hidden, maps, index, sizes), plain(hidden, maps, index, sizes))
+    picks = {}
+    for name, bias in {"rightmost": (3.0, 0.0), "leftmost": (-3.0, 0.0), "topmost": (0.0, -3.0),
+                       "bottom-most": (0.0, 3.0)}.items():
+        with torch.no_grad():
+            head.coords.bias.copy_(torch.tensor(bias))
+        picks[name] = head(hidden, maps, index, sizes)[0, 0]
+    torch.testing.assert_close(picks["rightmost"], gt[0, 1], atol=1e-4, rtol=0)
+    torch.testing.assert_close(picks["topmost"], gt[0, 1], atol=1e-4, rtol=0)
+    torch.testing.assert_close(picks["leftmost"], gt[0, 0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(picks["bottom-most"], gt[0, 0], atol=1e-4, rtol=0)
+
+
+def test_point_context_belongs_to_the_grid_head():
+    cfg = get_preset("tiny")
+    cfg.heads.point_context_layers = 1
+    with pytest.raises(PixelLLMError, match="point_mode 'grid'"):
+        PixelLLM(cfg, V)
+
+
 def test_grid_point_mode_model_needs_maps_and_proposals(tiny):
     cfg = get_preset("tiny")
     cfg.heads.point_mode = "grid"

@@ -133,3 +133,21 @@ def test_actionable_errors(tmp_path):
     empty.mkdir()
     with pytest.raises(TrainingError, match="no training data"):
         train(recipe_config("tiny-smoke", data_dir=str(empty), out_dir=str(tmp_path / "o"), progress=False))
+
+
+def test_train_command_takes_source_weights_and_lr_multipliers(tiny_data, tmp_path, capsys):
+    from pixelllm_plugins.cli import main
+
+    out = tmp_path / "cli"
+    rc = main(["train", "--recipe", "tiny-smoke", "--data", str(tiny_data), "--out", str(out), "--steps", "1",
+               "--sources", "refer=2", "trace=0.5", "--lr-multiplier", "point_head.=5", "vision.=0",
+               "--no-progress"])
+    assert rc == 0
+    saved = json.loads((out / "final" / "meta.json").read_text())["train_config"]
+    assert saved["sources"] == {"refer": 2.0, "trace": 0.5}
+    assert saved["lr_multipliers"] == {"point_head.": 5.0, "vision.": 0.0}
+    capsys.readouterr()
+    rc = main(["train", "--recipe", "tiny-smoke", "--data", str(tiny_data), "--out", str(tmp_path / "x"),
+               "--sources", "refer", "--no-progress"])
+    assert rc != 0 and "NAME=NUMBER items like refer=4; got 'refer'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,28 @@
+"""Copy a checkpoint into a model with more modules: config changes given as SECTION.FIELD=VALUE (JSON).
+
+Weights that exist in both keep their values; new modules keep their initialisation. The grid point
+head's additions (``heads.point_context_layers``, ``heads.point_refine``) start at zero, so the grown
+model answers exactly as the source until it is trained (``pixelllm train --init DST``).
+
+    python scripts/grow_model.py SRC DST heads.point_context_layers=1 heads.point_refine=true
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from pixelllm_plugins.checkpoint import grow_pretrained
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 3 or any("=" not in a for a in argv[2:]):
+        print(__doc__, file=sys.stderr)
+        return 2
+    changes = {key: json.loads(value) for key, _, value in (a.partition("=") for a in argv[2:])}
+    print(f"{grow_pretrained(argv[0], argv[1], changes)} in {argv[1]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
