@@ -280,13 +280,19 @@ def test_grid_point_head_picks_the_proposed_box_of_the_detected_object():
     torch.testing.assert_close(picked, gt[0, 0], atol=1e-4, rtol=0)
 
 
-def test_relation_layers_start_as_the_plain_grid_head_and_ignore_padding():
+def _two_image_scene():
+    """(canvas, image sizes, proposal maps) of two images with 2 and 1 objects and random features."""
     canvas = 64
     sizes = torch.tensor([[64.0, 48.0], [32.0, 64.0]])
     gt = torch.tensor([[[0.1, 0.2, 0.5, 0.7], [0.6, 0.1, 0.9, 0.4]], [[0.2, 0.2, 0.8, 0.5], [0, 0, 0, 0]]])
     maps, _ = _perfect_maps((8, 8), gt, torch.tensor([[True, True], [True, False]]), sizes, canvas)
     maps["features"] = torch.randn(2, 8, 8, 8)
     torch.manual_seed(0)
+    return canvas, sizes, maps
+
+
+def test_relation_layers_start_as_the_plain_grid_head_and_ignore_padding():
+    canvas, sizes, maps = _two_image_scene()
     plain = GridPointHead(16, 8, 12, (8, 8), canvas).eval()
     related = GridPointHead(16, 8, 12, (8, 8), canvas, relation_layers=1, relation_candidates=3).eval()
     related.load_state_dict(plain.state_dict(), strict=False)
@@ -306,12 +312,7 @@ def test_relation_layers_start_as_the_plain_grid_head_and_ignore_padding():
 
 
 def test_point_context_lets_a_word_point_where_later_words_say_and_starts_as_the_causal_head():
-    canvas = 64
-    sizes = torch.tensor([[64.0, 48.0], [32.0, 64.0]])
-    gt = torch.tensor([[[0.1, 0.2, 0.5, 0.7], [0.6, 0.1, 0.9, 0.4]], [[0.2, 0.2, 0.8, 0.5], [0, 0, 0, 0]]])
-    maps, _ = _perfect_maps((8, 8), gt, torch.tensor([[True, True], [True, False]]), sizes, canvas)
-    maps["features"] = torch.randn(2, 8, 8, 8)
-    torch.manual_seed(0)
+    canvas, sizes, maps = _two_image_scene()
     plain = GridPointHead(16, 8, 12, (8, 8), canvas).train()
     grown = GridPointHead(16, 8, 12, (8, 8), canvas, context_layers=1, max_positions=10, refine=True).train()
     missing = grown.load_state_dict(plain.state_dict(), strict=False).missing_keys
