@@ -213,7 +213,8 @@ def _synth_small() -> PixelLLMConfig:
         language=LanguageConfig(hidden_size=192, num_layers=3, num_heads=4, intermediate_size=512,
                                 max_positions=128, dropout=0.0, max_context_tokens=24, max_text_tokens=40),
         heads=HeadsConfig(point_hidden=192, point_layers=3, proposal_hidden=128, max_proposals=30,
-                          point_mode="grid", box_words=True, relation_layers=2),
+                          point_mode="grid", box_words=True, relation_layers=2, point_context_layers=1,
+                          point_refine=True, point_coords=True),
     )
 
 

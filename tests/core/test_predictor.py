@@ -117,7 +117,8 @@ def test_inference_mode_no_grad(tiny_predictor, scene_files):
 
 @pytest.fixture(scope="module")
 def grid_predictor():
-    """A random ``tiny`` with the synth-small heads: grid points with relations, map tokens, detail tokens."""
+    """A random ``tiny`` with the synth-small heads: grid points with relations, point context, box refinement
+    and x/y preference, map tokens, detail tokens."""
     import torch
 
     from pixelllm_plugins.config import get_preset
@@ -128,10 +129,13 @@ def grid_predictor():
     cfg = get_preset("tiny")
     cfg.vision.patch_size, cfg.vision.detail_channels = 16, 4
     cfg.heads.point_mode, cfg.heads.relation_layers, cfg.prompt.map_tokens = "grid", 1, 2
+    cfg.heads.point_context_layers, cfg.heads.point_refine, cfg.heads.point_coords = 1, True, True
     tokenizer = PixelTokenizer.default()
     torch.manual_seed(0)
     model = PixelLLM(cfg, tokenizer.vocab_size)
-    torch.nn.init.normal_(model.point_head.relations.out[-1].weight, std=0.5)  # make the relations count
+    head = model.point_head  # make the zero-started parts count
+    for layer in (head.relations.out[-1], head.context.out[-1], head.refine, head.coords):
+        torch.nn.init.normal_(layer.weight, std=0.5)
     return Predictor(model, tokenizer=tokenizer, device="cpu", dtype=torch.float32)
 
 
@@ -162,6 +166,16 @@ def test_grid_model_batched_equals_one_by_one(grid_predictor, scene_files):
         for s, bb in zip(grid_predictor.refer([path], [t])[0], b):
             assert s[0].box_xyxy == pytest.approx(bb[0].box_xyxy, abs=1e-2)
             assert s[0].score == pytest.approx(bb[0].score, abs=1e-3)
+
+
+def test_grid_model_word_boxes_do_not_depend_on_the_batch(grid_predictor, scene_files):
+    captions = ["a red circle", "in this image there is a small blue square and a large red circle"]
+    batched = grid_predictor.trace_points(scene_files[:2], captions)
+    for path, caption, words in zip(scene_files, captions, batched):
+        alone = grid_predictor.trace_points([path], [caption])[0]
+        assert [w.text for w in alone] == [w.text for w in words] and len(words) == len(caption.split())
+        for a, b in zip(alone, words):
+            assert a.box_xyxy == pytest.approx(b.box_xyxy, abs=1e-2)
 
 
 def test_adapter_load_use_unload(tiny_checkpoint, scene_files, tmp_path):
