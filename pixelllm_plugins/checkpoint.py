@@ -6,6 +6,7 @@ weights) are stored once and re-linked on load via the ``aliases`` entry of the 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -240,8 +241,6 @@ def grow_pretrained(name_or_path: str | Path, directory: str | Path, changes: di
     or reshape existing weights is refused. The grid point head's additions start at zero, so the grown
     model answers as the source until it is trained (``pixelllm train --init DIRECTORY``).
     """
-    import dataclasses
-
     model, tokenizer, version = load_pretrained(name_or_path, dtype=torch.float32)
     config = model.config
     for key, value in changes.items():
@@ -262,4 +261,4 @@ def grow_pretrained(name_or_path: str | Path, directory: str | Path, changes: di
                               f"(e.g. {(dropped + reshaped)[:4]}); only changes that add modules can grow a model")
     grown.load_state_dict(source, strict=False)
     return save_pretrained(grown, tokenizer, directory,
-                           extra_meta={"grown_from": version, "grown_with": {k: v for k, v in changes.items()}})
+                           extra_meta={"grown_from": version, "grown_with": dict(changes)})
