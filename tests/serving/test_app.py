@@ -193,3 +193,18 @@ def test_settings_from_env():
         WorkerSettings(max_queue=0)
     with pytest.raises(TypeError, match="unknown worker setting"):
         WorkerSettings.from_env({}, colour="red")
+    assert WorkerSettings.from_env({}).otel is False
+    assert WorkerSettings.from_env({"PIXELLLM_WORKER_OTEL": "true"}).otel is True
+    with pytest.raises(ValueError, match="PIXELLLM_WORKER_OTEL='maybe' is not a valid bool"):
+        WorkerSettings.from_env({"PIXELLLM_WORKER_OTEL": "maybe"})
+
+
+def test_fastapi_telemetry_is_off_unless_asked_for():
+    from pixelllm_plugins.serving.app import _telemetry_kwargs
+
+    assert _telemetry_kwargs(True) == {}
+    off = _telemetry_kwargs(False)
+    if off:  # FastAPI with native telemetry
+        assert off["telemetry"] == {"tracing": False, "metrics": False, "logs": False}
+        app = create_app(FakePredictor(), WorkerSettings(otel=False))
+        assert not app._native_telemetry.enabled()
