@@ -55,7 +55,7 @@ def machine() -> str:
     return desc
 
 
-def make_images(n: int, size: tuple[int, int], seed: int = 0) -> list[str]:
+def make_images(n: int, size: tuple[int, int], seed: int = 0, fmt: str = "png") -> list[str]:
     rng = random.Random(seed)
     out = []
     for _ in range(n):
@@ -68,7 +68,7 @@ def make_images(n: int, size: tuple[int, int], seed: int = 0) -> list[str]:
             color = tuple(rng.randrange(256) for _ in range(3))
             (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=color)
         buf = io.BytesIO()
-        image.save(buf, format="PNG")
+        image.save(buf, format="PNG") if fmt == "png" else image.save(buf, format="JPEG", quality=90)
         out.append(base64.b64encode(buf.getvalue()).decode("ascii"))
     return out
 
@@ -216,6 +216,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--modes", default="on,off", help="on = dynamic batching, off = max batch size 1")
     p.add_argument("--image-size", default="256x192")
+    p.add_argument("--format", choices=["png", "jpeg"], default="png",
+                   help="how the images are encoded (JPEG: quality 90, decoded at a reduced scale when larger "
+                        "than twice the model's input)")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch CPU threads in the worker (default: one per core; 1 on a busy shared machine)")
     p.add_argument("--engine", choices=["process", "thread"], default=None,
@@ -225,7 +228,7 @@ def main(argv=None) -> int:
     size = tuple(int(v) for v in args.image_size.lower().split("x"))
     levels = [int(c) for c in args.clients.split(",")]
     modes = args.modes.split(",")
-    images = make_images(256, size)
+    images = make_images(256, size, fmt=args.format)
     bodies = [body_for(args.task, im, i, size) for i, im in enumerate(images)]
     path = f"/v1/{args.task}"
     # both workers stay up (an idle one costs nothing); modes alternate within each round so that changes
@@ -274,7 +277,7 @@ def main(argv=None) -> int:
     desc = machine()
     model = args.factory or args.model
     loads = [r["load_avg"] for r in rows]
-    print(f"\nWorker benchmark: task {args.task}, model {model}, images {args.image_size}, "
+    print(f"\nWorker benchmark: task {args.task}, model {model}, images {args.image_size} {args.format.upper()}, "
           f"max batch {args.max_batch_size}, max wait {args.max_wait_ms:g} ms, "
           f"torch threads {args.torch_threads or 'default'}, engine {args.engine or 'default (process)'}, {args.rounds} alternating rounds per level; "
           f"machine: {desc}; 1-min load average during the run {min(loads):.1f}-{max(loads):.1f}\n")

@@ -20,7 +20,7 @@ import torch
 from ..config import VisionConfig
 from ..errors import InvalidPromptError, PixelLLMError
 from ..geometry import clip_box
-from ..io import ImageInput, ImageLimits, load_image
+from ..io import ImageInput, ImageLimits, load_image_scaled
 from .preprocess import PreparedImage, prepare_image_keyed
 from .results import Detection, RegionCaption, TracedCaption, Word
 
@@ -51,10 +51,12 @@ class PreparedInput:
 
 def prepare_input(image: ImageInput | PreparedInput, vision: VisionConfig,
                   limits: ImageLimits | None = None) -> PreparedInput:
-    """Load, resize and hash an image for a model with this vision config (no model needed)."""
+    """Load, resize and hash an image for a model with this vision config (no model needed). JPEG files
+    and bytes are decoded at a reduced scale when they are far larger than the model's input."""
     if isinstance(image, PreparedInput):
         return image
-    return PreparedInput(*prepare_image_keyed(load_image(image, limits), vision))
+    loaded, original = load_image_scaled(image, limits, vision.image_size)
+    return PreparedInput(*prepare_image_keyed(loaded, vision, original_size=original))
 
 
 @dataclass
@@ -171,9 +173,9 @@ class Predictor:
         self._adapter = adapter
 
     # ---- images and the embedding cache ------------------------------------------------------------
-    def prepare(self, image: ImageInput | PreparedInput) -> PreparedInput:
-        """Load, resize and hash an image (thread-safe, no model call)."""
-        return prepare_input(image, self.config.vision, self.limits)
+    def prepare(self, image: ImageInput | PreparedInput, limits: ImageLimits | None = None) -> PreparedInput:
+        """Load, resize and hash an image (thread-safe, no model call); ``limits`` replace the Predictor's."""
+        return prepare_input(image, self.config.vision, limits or self.limits)
 
     def _load(self, images: Sequence[ImageInput | PreparedInput]) -> list[_Image]:
         out = []
@@ -269,11 +271,10 @@ class Predictor:
 
     def _pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.tokenizer.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.bool)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-            mask[i, : len(s)] = True
+        pad = self.tokenizer.pad_id
+        # two tensors from Python lists: per-row slice assignments cost three torch calls a row
+        ids = torch.tensor([[*s, *[pad] * (width - len(s))] for s in seqs], dtype=torch.long)
+        mask = torch.tensor([[True] * len(s) + [False] * (width - len(s)) for s in seqs], dtype=torch.bool)
         return ids.to(self.device), mask.to(self.device)
 
     # ---- model calls over prompt rows --------------------------------------------------------------

@@ -38,9 +38,14 @@ def _prepared_from_numpy(pixels: np.ndarray, original_size, resized_size, scale)
     return PreparedImage(torch.from_numpy(pixels), tuple(original_size), tuple(resized_size), scale)
 
 
-def resize_longer_side(image: Image.Image, size: int) -> tuple[Image.Image, float, float]:
-    """Resize so the longer side is ``size`` -> (image, x scale, y scale). Training and inference share it."""
-    w, h = image.size
+def resize_longer_side(image: Image.Image, size: int, original_size: tuple[int, int] | None = None
+                       ) -> tuple[Image.Image, float, float]:
+    """Resize so the longer side is ``size`` -> (image, x scale, y scale). Training and inference share it.
+
+    ``original_size``: the size the image had before a reduced decode (``io.load_image_scaled``); the
+    output size and the scales are then those of the original, so boxes keep their meaning.
+    """
+    w, h = original_size or image.size
     f = size / max(w, h)
     new = (max(1, round(w * f)), max(1, round(h * f)))
     resized = image if new == image.size else image.resize(new, Image.BILINEAR)
@@ -61,11 +66,12 @@ def prepare_image(image: Image.Image, vision: VisionConfig) -> PreparedImage:
     return prepare_image_keyed(image, vision, key=False)[0]
 
 
-def prepare_image_keyed(image: Image.Image, vision: VisionConfig, *, key: bool = True
-                        ) -> tuple[PreparedImage, str | None]:
+def prepare_image_keyed(image: Image.Image, vision: VisionConfig, *, key: bool = True,
+                        original_size: tuple[int, int] | None = None) -> tuple[PreparedImage, str | None]:
     """``prepare_image`` and a content key of what the model will see (the resized pixels): the same model
     input gets the same key, and hashing it is cheaper than hashing the original (for a 12-megapixel photo,
-    about 1/100 of the bytes)."""
-    resized, sx, _ = resize_longer_side(image, vision.image_size)
-    prepared = PreparedImage(normalise_and_pad(resized, vision.image_size, vision), image.size, resized.size, sx)
+    about 1/100 of the bytes). ``original_size``: see ``resize_longer_side``."""
+    original = tuple(original_size or image.size)
+    resized, sx, _ = resize_longer_side(image, vision.image_size, original)
+    prepared = PreparedImage(normalise_and_pad(resized, vision.image_size, vision), original, resized.size, sx)
     return prepared, image_digest(resized) if key else None

@@ -42,10 +42,10 @@ class FrontPreparer:
     def __init__(self, vision):
         self.vision = vision
 
-    def prepare(self, image):
+    def prepare(self, image, limits=None):
         from ..inference.predictor import prepare_input
 
-        return prepare_input(image, self.vision)
+        return prepare_input(image, self.vision, limits)
 
 
 class ProcessEngine:

@@ -63,3 +63,32 @@ def test_finds_the_described_object_in_held_out_scenes(default_predictor):
             hits += iou(found[0].box_xyxy, a.scene.objects[e.target].box) > 0.5
     assert total >= 20
     assert hits / total >= MIN_ATTRIBUTE_HIT_RATE, f"{hits}/{total}"
+
+
+def test_finds_objects_in_a_large_jpeg_decoded_at_a_reduced_scale(default_predictor):
+    """A JPEG far larger than the model's input is decoded at 1/2 to 1/8 scale; boxes still come back in
+    the original image's pixels and still land on the objects."""
+    import io
+
+    from pixelllm_plugins.data.formats import annotate_scene
+    from pixelllm_plugins.data.synthetic import render_scene, scene_seed
+    from pixelllm_plugins.geometry import iou
+
+    hits = total = 0
+    for index in range(4):
+        a = annotate_scene(scene_seed(0, "test", index))
+        chosen = [e for e in a.expressions if e.expression.kind == "attribute"]
+        image = render_scene(a.scene)
+        w, h = image.size
+        big = image.resize((w * 4, h * 4))
+        buf = io.BytesIO()
+        big.save(buf, "JPEG", quality=95)
+        prepared = default_predictor.prepare(buf.getvalue())
+        assert prepared.prepared.original_size == (w * 4, h * 4)
+        [dets] = default_predictor.refer([buf.getvalue()], [[e.text for e in chosen]])
+        for e, found in zip(chosen, dets):
+            total += 1
+            box = [v * 4 for v in a.scene.objects[e.target].box]
+            hits += iou(found[0].box_xyxy, box) > 0.5
+    assert total >= 6
+    assert hits / total >= MIN_ATTRIBUTE_HIT_RATE, f"{hits}/{total}"

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from pixelllm_plugins.errors import ImageTooLargeError, InvalidImageError
-from pixelllm_plugins.io import ImageLimits, image_digest, load_image
+from pixelllm_plugins.io import ImageLimits, image_digest, load_image, load_image_scaled
 
 
 def _png_bytes(w=16, h=12, color=(200, 10, 10)) -> bytes:
@@ -79,3 +79,37 @@ def test_digest_depends_on_pixels_only():
     b = load_image(_png_bytes(color=(1, 2, 3)))
     c = load_image(_png_bytes(color=(1, 2, 4)))
     assert image_digest(a) == image_digest(b) != image_digest(c)
+
+
+def _jpeg_bytes(w: int, h: int) -> bytes:
+    image = Image.new("RGB", (w, h), (30, 90, 200))
+    image.paste((220, 40, 40), (w // 4, h // 4, w // 2, h // 2))
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=92)
+    return buf.getvalue()
+
+
+def test_scaled_load_decodes_large_jpegs_at_a_reduced_scale(tmp_path):
+    data = _jpeg_bytes(1024, 768)
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(data)
+    for source in (data, path):
+        image, original = load_image_scaled(source, min_side=128)
+        assert original == (1024, 768) and image.mode == "RGB"
+        assert image.size == (128, 96)  # 1/8 scale still gives the 128 px asked for
+    image, original = load_image_scaled(data, min_side=200)  # 1/8 would be too small: 1/4
+    assert (image.size, original) == ((256, 192), (1024, 768))
+    # the reduced decode is a faithful downscale: the red square is where it was
+    arr = np.asarray(image).astype(int)
+    assert arr[72, 96, 0] > 180 and arr[24, 24, 2] > 160
+    assert load_image_scaled(data)[0].size == (1024, 768)  # no size asked: full decode
+    assert load_image_scaled(data, min_side=600)[0].size == (1024, 768)  # nothing to save
+    png = _png_bytes(1024, 768)
+    assert load_image_scaled(png, min_side=128)[0].size == (1024, 768)  # only JPEG has DCT scaling
+    with pytest.raises(ImageTooLargeError, match="pixels"):  # limits still come from the header
+        load_image_scaled(data, ImageLimits(max_pixels=1000), min_side=128)
+
+
+def test_bytes_errors_name_the_image_size():
+    with pytest.raises(InvalidImageError, match="image of 16 bytes: not a readable image"):
+        load_image(b"hello, not image")
