@@ -105,6 +105,8 @@ class Worker:
             cmd += ["--torch-threads", str(args.torch_threads)]
         if args.engine:
             cmd += ["--engine", args.engine]
+        if args.fronts:
+            cmd += ["--fronts", str(args.fronts)]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
                    [str(ROOT), str(ROOT / "tests"), *filter(None, [os.environ.get("PYTHONPATH")])]),
                "PIXELLLM_WORKER_TOKEN": ""}
@@ -223,6 +225,8 @@ def main(argv=None) -> int:
                    help="torch CPU threads in the worker (default: one per core; 1 on a busy shared machine)")
     p.add_argument("--engine", choices=["process", "thread"], default=None,
                    help="where the worker runs its model (default: the worker's default, a child process)")
+    p.add_argument("--fronts", type=int, default=None,
+                   help="HTTP front processes over the one model process (default: the worker's, 1)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     size = tuple(int(v) for v in args.image_size.lower().split("x"))
@@ -279,7 +283,7 @@ def main(argv=None) -> int:
     loads = [r["load_avg"] for r in rows]
     print(f"\nWorker benchmark: task {args.task}, model {model}, images {args.image_size} {args.format.upper()}, "
           f"max batch {args.max_batch_size}, max wait {args.max_wait_ms:g} ms, "
-          f"torch threads {args.torch_threads or 'default'}, engine {args.engine or 'default (process)'}, {args.rounds} alternating rounds per level; "
+          f"torch threads {args.torch_threads or 'default'}, engine {args.engine or 'default (process)'}, fronts {args.fronts or 1}, {args.rounds} alternating rounds per level; "
           f"machine: {desc}; 1-min load average during the run {min(loads):.1f}-{max(loads):.1f}\n")
     print("| clients | batching | req/s | p50 ms | p99 ms | p99/p50 | mean batch | throughput vs off |")
     print("|---|---|---|---|---|---|---|---|")

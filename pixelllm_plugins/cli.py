@@ -298,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=["process", "thread"], default=None,
                    help="run the model in a child process (default: HTTP work and the model then do not "
                         "share one GIL) or on a thread of the worker's process (env PIXELLLM_WORKER_ENGINE)")
+    p.add_argument("--fronts", type=int, default=None,
+                   help="HTTP front processes on the port, all feeding the one model process (default 1; "
+                        "env PIXELLLM_WORKER_FRONTS): more requests a second on a host with spare cores")
     p.set_defaults(handler=_serve)
 
     p = sub.add_parser("ls-backend", help="run the Label Studio ML backend",
@@ -319,7 +322,8 @@ def _serve(args) -> int:
     else:
         from .serving.app import run
 
-        run(args.host, args.port, model=args.model, device=args.device, warmup=args.warmup, engine=args.engine)
+        run(args.host, args.port, model=args.model, device=args.device, warmup=args.warmup, engine=args.engine,
+            fronts=args.fronts)
     return 0
 
 

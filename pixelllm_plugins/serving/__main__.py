@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="run each batch size once before ready (auto: on CUDA only)")
     p.add_argument("--engine", choices=["process", "thread"], default=None,
                    help="run the model in a child process (default) or on a thread of this process")
+    p.add_argument("--fronts", type=int, default=None,
+                   help="HTTP front processes sharing the one model process (default 1)")
     p.add_argument("--log-level", default="warning")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
@@ -33,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     run(args.host, args.port, model=args.model, factory=args.factory, log_level=args.log_level,
         device=args.device, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue, request_timeout_s=args.request_timeout_s,
-        torch_threads=args.torch_threads, warmup=args.warmup, engine=args.engine)
+        torch_threads=args.torch_threads, warmup=args.warmup, engine=args.engine, fronts=args.fronts)
 
 
 if __name__ == "__main__":

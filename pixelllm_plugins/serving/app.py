@@ -458,7 +458,7 @@ def _version(results, fallback: str) -> str:
 def run(host: str = "127.0.0.1", port: int = 8000, model: str | None = None, *, factory: str | None = None,
         log_level: str = "info", **opts) -> None:
     """Serve the worker with uvicorn (one model, one inference thread; the model runs in a child process
-    unless ``engine="thread"``).
+    unless ``engine="thread"``; ``fronts=N`` runs N HTTP processes over that one model process).
 
     ``opts`` are ``WorkerSettings`` fields (``device``, ``max_batch_size``, ``max_wait_ms``, ``max_queue``,
     ``request_timeout_s``, ...; None means "from the environment"). ``factory``: ``"module:callable"``
@@ -467,7 +467,11 @@ def run(host: str = "127.0.0.1", port: int = 8000, model: str | None = None, *, 
     import uvicorn
 
     settings = WorkerSettings.from_env(**opts)
-    app = create_app(model, settings, factory=factory)
     if settings.token is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without PIXELLLM_WORKER_TOKEN: anyone who can reach it can use it", host)
+    if settings.fronts > 1:
+        from .fronts import run_fronts
+
+        return run_fronts(host, port, model, settings, factory=factory, log_level=log_level)
+    app = create_app(model, settings, factory=factory)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)

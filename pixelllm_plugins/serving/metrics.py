@@ -1,4 +1,6 @@
-"""Prometheus metrics of one worker process (a registry per app, so several apps can live in one process)."""
+"""Prometheus metrics of the worker: a registry per app, so several apps can live in one process; with
+``multiprocess=True`` (the fronts of ``pixelllm serve --fronts N``) values are kept in files under
+``PROMETHEUS_MULTIPROC_DIR`` and ``render`` adds them up over all fronts."""
 
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 class WorkerMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None):
+    def __init__(self, registry: CollectorRegistry | None = None, *, multiprocess: bool = False):
         self.registry = registry or CollectorRegistry()
+        self.multiprocess = multiprocess
         r = self.registry
         self.requests = Counter("pixelllm_requests", "HTTP requests answered, by route and status code",
                                 ["route", "status"], registry=r)
@@ -25,10 +28,13 @@ class WorkerMetrics:
                                     buckets=_BATCH_BUCKETS, registry=r)
         self.inference = Histogram("pixelllm_inference_seconds", "seconds per model call, by task", ["task"],
                                    buckets=_LATENCY_BUCKETS, registry=r)
-        self.in_flight = Gauge("pixelllm_in_flight", "requests admitted and not yet answered", registry=r)
+        # multiprocess_mode: how the fronts' values combine (ignored in one process)
+        self.in_flight = Gauge("pixelllm_in_flight", "requests admitted and not yet answered", registry=r,
+                               multiprocess_mode="livesum")
         self.queue_depth = Gauge("pixelllm_queue_depth", "requests waiting for the inference thread",
-                                 registry=r)
-        self.ready = Gauge("pixelllm_ready", "1 once the model is loaded", registry=r)
+                                 registry=r, multiprocess_mode="livesum")
+        self.ready = Gauge("pixelllm_ready", "1 once the model is loaded", registry=r,
+                           multiprocess_mode="livemax")
         self.adapter_loads = Counter("pixelllm_adapter_loads", "LoRA adapters loaded on demand", registry=r)
 
     def observe_batch(self, task: str, size: int, seconds: float) -> None:
@@ -36,4 +42,10 @@ class WorkerMetrics:
         self.inference.labels(task).observe(seconds)
 
     def render(self) -> bytes:
+        if self.multiprocess:
+            from prometheus_client import multiprocess
+
+            combined = CollectorRegistry()
+            multiprocess.MultiProcessCollector(combined)
+            return generate_latest(combined)
         return generate_latest(self.registry)

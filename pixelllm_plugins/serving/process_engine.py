@@ -19,9 +19,13 @@ import contextlib
 import itertools
 import logging
 import multiprocessing
+import os
 import pickle
 import signal
 import threading
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Client
 
 from ..errors import PixelLLMError
 from .batcher import DynamicBatcher, Job, ShuttingDown, make_factory
@@ -59,12 +63,13 @@ class ProcessEngine:
     def __init__(self, model: str | None = None, *, factory: str | None = None, device: str | None = None,
                  max_batch_size: int = 8, max_wait_ms: float = 5.0, adapter_roots: list | None = None,
                  max_adapters: int = 4, metrics=None, torch_threads: int | None = None, warmup: str = "auto",
-                 log_level: int | str = logging.WARNING):
-        self.spec = {"model": None if model is None else str(model), "factory": factory, "device": device,
-                     "log_level": log_level,
-                     "batcher": {"max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms,
-                                 "adapter_roots": [str(r) for r in adapter_roots or []],
-                                 "max_adapters": max_adapters, "torch_threads": torch_threads, "warmup": warmup}}
+                 log_level: int | str = logging.WARNING, connect: tuple[str, bytes] | None = None):
+        self.spec = engine_spec(model, factory=factory, device=device, max_batch_size=max_batch_size,
+                                max_wait_ms=max_wait_ms, adapter_roots=adapter_roots, max_adapters=max_adapters,
+                                torch_threads=torch_threads, warmup=warmup, log_level=log_level)
+        # (socket path, key): join a model process that serves several fronts (``fronts.py``) instead of
+        # starting one; the model arguments above are then the model process's business
+        self.connect = connect
         self.metrics = metrics
         self.predictor: FrontPreparer | None = None  # what create_app's image loading asks for ``prepare``
         self.error: str | None = None
@@ -89,7 +94,12 @@ class ProcessEngine:
         return self._ready.wait(timeout)
 
     def start(self) -> None:
-        if self._proc is not None:
+        if self._proc is not None or self._reader is not None:
+            return
+        if self.connect is not None:
+            self._reader = threading.Thread(target=self._connect_and_read, name="pixelllm-model-reader",
+                                            daemon=True)
+            self._reader.start()
             return
         ctx = multiprocessing.get_context("spawn")  # no forked copies of the event loop's threads and locks
         self._conn, child_end = ctx.Pipe()
@@ -104,7 +114,10 @@ class ProcessEngine:
         """Let the child fail its queued jobs with ``ShuttingDown`` and exit; kill it if it does not."""
         self._stopping = True
         with contextlib.suppress(OSError, ValueError):
-            self._send(("stop",))
+            self._send(("stop",))  # a shared model process closes only this front's link
+        if self.connect is not None and self._conn is not None:
+            with contextlib.suppress(OSError):
+                self._conn.close()
         if self._proc is not None:
             self._proc.join(timeout)
             if self._proc.is_alive():
@@ -117,7 +130,8 @@ class ProcessEngine:
 
     # ---- what create_app reads ---------------------------------------------------------------------
     def info(self) -> dict:
-        return {**self._info, "engine": "process", "model_pid": self._proc.pid if self._proc else None}
+        pid = self._proc.pid if self._proc else self._info.get("model_pid")
+        return {**self._info, "engine": "process", "model_pid": pid, "front_pid": os.getpid()}
 
     def queue_depth(self) -> int:
         """Jobs sent to the model process and not answered yet."""
@@ -168,6 +182,26 @@ class ProcessEngine:
                 self._conn.send(message)
 
     # ---- answers from the child --------------------------------------------------------------------
+    def _connect_and_read(self, timeout_s: float = 120.0) -> None:
+        """Connect to a shared model process (it may still be starting), then read its answers."""
+        address, authkey = self.connect
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                conn = Client(address, family="AF_UNIX", authkey=authkey)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if self._stopping:
+                    return
+                if time.monotonic() > deadline:
+                    self.error = f"could not reach the model process at {address} in {timeout_s:g} s"
+                    log.error("%s", self.error)
+                    return
+                time.sleep(0.05)  # the model process creates its socket within a second or two
+        with self._lock:
+            self._conn = conn
+        self._read()
+
     def _read(self) -> None:
         try:
             while True:
@@ -197,8 +231,11 @@ class ProcessEngine:
                 self._proc.kill()
         self._ready.clear()
         if not self._stopping:
-            self._proc.join(5)
-            self.error = self.error or (f"the model process exited (code {self._proc.exitcode}); "
+            code = "unknown"
+            if self._proc is not None:
+                self._proc.join(5)
+                code = self._proc.exitcode
+            self.error = self.error or (f"the model process exited (code {code}); "
                                         "see the worker's log and restart the worker")
             log.error("%s", self.error)
             self._fail_all(ModelProcessError(self.error))
@@ -211,7 +248,64 @@ class ProcessEngine:
                 fut.set_exception(exc)
 
 
-# ---- the child -------------------------------------------------------------------------------------
+# ---- the child ----------------------------------------------------------------------------------------
+
+def engine_spec(model: str | None = None, *, factory: str | None = None, device: str | None = None,
+                max_batch_size: int = 8, max_wait_ms: float = 5.0, adapter_roots: list | None = None,
+                max_adapters: int = 4, torch_threads: int | None = None, warmup: str = "auto",
+                log_level: int | str = logging.WARNING) -> dict:
+    """What a model process needs to build its predictor and batcher (plain, picklable values)."""
+    return {"model": None if model is None else str(model), "factory": factory, "device": device,
+            "log_level": log_level,
+            "batcher": {"max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms,
+                        "adapter_roots": [str(r) for r in adapter_roots or []],
+                        "max_adapters": max_adapters, "torch_threads": torch_threads, "warmup": warmup}}
+
+
+class Links:
+    """The fronts connected to a model process: one for ``ProcessEngine``'s own child, N for ``fronts.py``.
+
+    Each front reports how many of its requests are still preparing their image; the batcher waits for
+    the sum of them while a batch forms."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._sends: dict[int, Callable[[Message], None]] = {}
+        self._incoming: dict[int, int] = {}
+        self._ids = itertools.count()
+
+    def add(self, send: Callable[[Message], None]) -> int:
+        with self._lock:
+            link = next(self._ids)
+            self._sends[link], self._incoming[link] = send, 0
+            return link
+
+    def remove(self, link: int) -> None:
+        with self._lock:
+            self._sends.pop(link, None)
+            self._incoming.pop(link, None)
+
+    def incoming(self, link: int, count: int) -> int:
+        """Record one front's count; the total over all fronts."""
+        with self._lock:
+            self._incoming[link] = max(count, 0)
+            return sum(self._incoming.values())
+
+    def send_one(self, message: Message) -> None:
+        """To one front (batch observations: the fronts share their Prometheus metrics)."""
+        with self._lock:
+            sends = list(self._sends.values())[:1]
+        for send in sends:
+            with contextlib.suppress(OSError, ValueError):
+                send(message)
+
+    def send_all(self, message: Message) -> None:
+        with self._lock:
+            sends = list(self._sends.values())
+        for send in sends:
+            with contextlib.suppress(OSError, ValueError):
+                send(message)
+
 
 class _ReportBatches:
     """The child batcher's ``metrics``: batch sizes and times go to the front's Prometheus metrics."""
@@ -238,34 +332,58 @@ def _picklable(exc: BaseException) -> BaseException:
         return family(f"{type(exc).__name__}: {exc}")
 
 
-def child_main(conn, spec: dict) -> None:
-    """Entry point of the model process."""
+def start_batcher(spec: dict, links: Links) -> DynamicBatcher:
+    """Configure logging and start loading the model of a model process (``wait_settled`` to know)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the front stops us
     logging.basicConfig(level=spec["log_level"], format="%(levelname)s %(name)s [model]: %(message)s")
+    factory = make_factory(spec["model"], spec["factory"], spec["device"])  # imported without the HTTP app
+    batcher = DynamicBatcher(factory, metrics=_ReportBatches(links.send_one), **spec["batcher"])
+    batcher.start()
+    return batcher
+
+
+def serve_link(conn, batcher: DynamicBatcher, links: Links, on_end: Callable[[], None] | None = None) -> None:
+    """Serve one front over ``conn`` until it stops or goes away: ready (or the load error), then jobs.
+    ``on_end`` runs before the link closes (a front's own model process stops its batcher there, so the
+    call in progress is still answered)."""
     send_lock = threading.Lock()
 
     def send(message: Message) -> None:
         with send_lock:
             conn.send(message)
 
-    factory = make_factory(spec["model"], spec["factory"], spec["device"])  # imported without the HTTP app
-    batcher = DynamicBatcher(factory, metrics=_ReportBatches(send), **spec["batcher"])
-    batcher.start()
-    batcher.wait_settled()
-    if batcher.error:
-        send(("error", batcher.error))
-        conn.close()
-        return
-    config = getattr(batcher.predictor, "config", None)
-    send(("ready", batcher.model_version, batcher.info(), getattr(config, "vision", None)))
     try:
-        _child_loop(conn, batcher, send)
+        batcher.wait_settled()
+        if batcher.error:
+            send(("error", batcher.error))
+            return
+        link = links.add(send)
+        try:
+            config = getattr(batcher.predictor, "config", None)
+            send(("ready", batcher.model_version, {**batcher.info(), "model_pid": os.getpid()},
+                  getattr(config, "vision", None)))
+            _child_loop(conn, batcher, send, links, link)
+            if on_end is not None:
+                on_end()
+        finally:
+            links.remove(link)
+    except (OSError, ValueError):  # the front went away
+        pass
+    finally:
+        conn.close()
+
+
+def child_main(conn, spec: dict) -> None:
+    """Entry point of the model process of one front."""
+    links = Links()
+    batcher = start_batcher(spec, links)
+    try:
+        serve_link(conn, batcher, links, on_end=batcher.stop)
     finally:
         batcher.stop()
-        conn.close()
 
 
-def _child_loop(conn, batcher: DynamicBatcher, send) -> None:
+def _child_loop(conn, batcher: DynamicBatcher, send, links: Links, link: int) -> None:
     futures: dict[int, concurrent.futures.Future] = {}
     adapters: list[str] = []
 
@@ -283,7 +401,7 @@ def _child_loop(conn, batcher: DynamicBatcher, send) -> None:
         loaded = batcher.adapters.loaded if batcher.adapters else []
         if loaded != adapters:
             adapters[:] = loaded
-            send(("info", batcher.info()))
+            links.send_all(("info", {**batcher.info(), "model_pid": os.getpid()}))
 
     while True:
         try:
@@ -293,7 +411,7 @@ def _child_loop(conn, batcher: DynamicBatcher, send) -> None:
         if kind == "submit":
             job_id, job, incoming = fields
             try:
-                fut = batcher.submit_threadsafe(job, incoming=incoming)
+                fut = batcher.submit_threadsafe(job, incoming=links.incoming(link, incoming))
             except ShuttingDown as exc:
                 send(("done", job_id, False, exc))
                 continue
@@ -307,4 +425,5 @@ def _child_loop(conn, batcher: DynamicBatcher, send) -> None:
             return
 
 
-__all__ = ["ProcessEngine", "ModelProcessError", "FrontPreparer", "child_main"]
+__all__ = ["ProcessEngine", "ModelProcessError", "FrontPreparer", "Links", "child_main", "engine_spec",
+           "serve_link", "start_batcher"]

@@ -31,6 +31,7 @@ ENV_VARS: dict[str, str] = {
     "PIXELLLM_WORKER_WARMUP": "warmup",
     "PIXELLLM_WORKER_ENGINE": "engine",
     "PIXELLLM_WORKER_OTEL": "otel",
+    "PIXELLLM_WORKER_FRONTS": "fronts",
 }
 
 
@@ -79,6 +80,9 @@ class WorkerSettings:
     # FastAPI's native OpenTelemetry (traces and metrics to a configured provider). Off by default: even
     # with no provider it looks one up on every request, about 4 % of the event loop's time under load
     otel: bool = False
+    # HTTP front processes on the one port, all feeding the one model process (engine "process" only):
+    # one front runs on one GIL; a host with cores to spare serves more requests a second with several
+    fronts: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.allowed_hosts, str):
@@ -100,11 +104,12 @@ class WorkerSettings:
             "torch_threads": self.torch_threads is None or self.torch_threads >= 1,
             "warmup": self.warmup in ("auto", "on", "off"),
             "engine": self.engine in ("process", "thread"),
+            "fronts": self.fronts >= 1 and (self.fronts == 1 or self.engine == "process"),
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"invalid worker settings: {', '.join(f'{b}={getattr(self, b)!r}' for b in bad)}"
-                             "; sizes and counts must be positive, waits non-negative, warmup auto|on|off, engine process|thread")
+                             "; sizes and counts must be positive, waits non-negative, warmup auto|on|off, engine process|thread; fronts > 1 needs engine process")
 
     @property
     def batching(self) -> bool:
