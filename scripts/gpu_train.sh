@@ -5,7 +5,7 @@
 #
 #   scripts/gpu_train.sh timed SECONDS        continue the embedded default for SECONDS of training:
 #                                             calibrate 40 steps, then as many steps as fit, export, evaluate
-#   scripts/gpu_train.sh bench                worker (batching on/off, 3 rounds, both engines) and core benchmarks
+#   scripts/gpu_train.sh bench                worker (batching on/off, 3 rounds, 1 and 4 fronts) and core benchmarks
 #   scripts/gpu_train.sh profile [BATCH...]   where a training step's time goes, per batch size
 #   scripts/gpu_train.sh calib                session 4's first call: data, two runs side by side, benchmarks
 #   scripts/gpu_train.sh train STEPS_A STEPS_B   run A from scratch and run B continuing (0 skips a run)
@@ -87,10 +87,11 @@ case "${1:-}" in
     ;;
   bench)
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-    for engine in process thread; do  # the model in its own process (the default) or on a thread
-      stamp "worker benchmark, engine $engine"
+    for fronts in 1 4; do  # one HTTP front, or four over the one model process (16 host cores)
+      stamp "worker benchmark, process engine, $fronts front(s)"
       timeout 150 $PY benchmarks/bench_worker.py --model "$EMBEDDED" --device "$DEV" --rounds 3 \
-        --engine "$engine" --clients 1,4,16,32 --json "$OUT/bench_worker_gpu_$engine.json" 2>&1 | tail -12
+        --fronts "$fronts" --clients 1,4,16,32 --requests 400 \
+        --json "$OUT/bench_worker_gpu_fronts$fronts.json" 2>&1 | tail -12
     done
     stamp "core benchmark"
     timeout 180 $PY benchmarks/bench_core.py --presets tiny synth-small base --batches 1 16 64 --repeat 10 \
