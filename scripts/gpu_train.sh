@@ -90,7 +90,7 @@ case "${1:-}" in
     for fronts in 1 4; do  # one HTTP front, or four over the one model process (16 host cores)
       stamp "worker benchmark, process engine, $fronts front(s)"
       timeout 150 $PY benchmarks/bench_worker.py --model "$EMBEDDED" --device "$DEV" --rounds 3 \
-        --fronts "$fronts" --clients 1,4,16,32 --requests 400 \
+        --fronts "$fronts" --clients 1,4,16,32 \
         --json "$OUT/bench_worker_gpu_fronts$fronts.json" 2>&1 | tail -12
     done
     stamp "core benchmark"
