@@ -8,7 +8,8 @@ API server from its engine core for the same reason.
 
 The pipe links these two processes only and carries pickles of this package's own objects (jobs, prepared
 images, results, errors); no file or request body is ever unpickled. The child exits when the pipe
-closes, so killing the worker also ends its model process.
+closes, so killing the worker also ends its model process. With several fronts (``fronts.py``) one model
+process serves them all over an authenticated Unix socket, with the same messages (``serve_link``).
 """
 
 from __future__ import annotations
