@@ -33,6 +33,10 @@ class VisionConfig:
     # inside each image token as its 2x2 sub-patches (4*d more channels per token). Shapes of small objects
     # live at that resolution; the proposal head unpacks them to its 2x finer map. 0 = plain tokens.
     detail_channels: int = 0
+    # Beyond the paper: a conv branch on the stem's stride-4 map (d channels; needs conv_stem).
+    # It does not join the image tokens: it is cached next to them with the proposal maps, and prompt.fine_grid
+    # samples it inside each prompt box (the shape of an object a dozen pixels wide). 0 = none.
+    fine_channels: int = 0
     drop_path: float = 0.0
     hf_name_or_path: str | None = None
     freeze: bool = False
@@ -61,6 +65,10 @@ class PromptConfig:
     # is finer than the image tokens and, with the grid point head, learns object attributes early, so
     # region captions read them in one hop. 0 = paper-exact.
     map_tokens: int = 0
+    # Beyond the paper: g x g bilinear samples of the vision encoder's stride-4 fine map (vision.fine_channels)
+    # inside the prompt box, projected by a zero-initialised layer and added to the map tokens (needs
+    # map_tokens): adding it to a trained model changes nothing until it is trained. 0 = none.
+    fine_grid: int = 0
 
 
 @dataclass

@@ -215,9 +215,9 @@ class Predictor:
         for start in range(0, len(missing), self.batch_size):
             chunk = missing[start:start + self.batch_size]
             pixels = torch.stack([by_key[k].prepared.pixel_values for k in chunk]).to(self.device, self.dtype)
-            tokens = self.model.encode_images(pixels)
+            tokens, fine = self.model.encode_images_with_fine(pixels)
             self.stats["vision_calls"] += 1
-            computed = self.model.proposal_head(tokens) if want_maps else None
+            computed = self.model.image_maps(tokens, fine) if want_maps else None
             for i, (k, t) in enumerate(zip(chunk, tokens)):
                 self._cache[k] = (t, None if computed is None else {n: v[i] for n, v in computed.items()})
         self.stats["cache_hits"] += len(images) - len(missing)

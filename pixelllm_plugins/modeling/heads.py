@@ -166,7 +166,7 @@ class ProposalHead(nn.Module):
         return boxes, scores
 
 
-def _zero_linear(in_dim: int, out_dim: int) -> nn.Linear:
+def zero_linear(in_dim: int, out_dim: int) -> nn.Linear:
     """A linear layer that outputs zero until trained: an addition that starts as a no-op."""
     layer = nn.Linear(in_dim, out_dim)
     nn.init.zeros_(layer.weight)
@@ -189,7 +189,7 @@ class CandidateRelations(nn.Module):
             nn.TransformerDecoderLayer(dim, num_heads, 2 * dim, dropout=0.0, activation="gelu",
                                        batch_first=True, norm_first=True)
             for _ in range(num_layers))
-        self.out = nn.Sequential(nn.LayerNorm(dim, eps=1e-6), _zero_linear(dim, dim))
+        self.out = nn.Sequential(nn.LayerNorm(dim, eps=1e-6), zero_linear(dim, dim))
 
     def forward(self, keys: Tensor, boxes: Tensor, valid: Tensor, text: Tensor, text_mask: Tensor | None) -> Tensor:
         """keys [M,K,d], boxes [M,K,4] (x0,y0,x1,y1 in the image frame), valid [M,K], text [M,T,H],
@@ -219,7 +219,7 @@ class PointContext(nn.Module):
             nn.TransformerEncoderLayer(dim, num_heads, 2 * dim, dropout=0.0, activation="gelu", batch_first=True,
                                        norm_first=True)
             for _ in range(num_layers))
-        self.out = nn.Sequential(nn.LayerNorm(dim, eps=1e-6), _zero_linear(dim, dim))
+        self.out = nn.Sequential(nn.LayerNorm(dim, eps=1e-6), zero_linear(dim, dim))
 
     def forward(self, hidden: Tensor, text_mask: Tensor | None) -> Tensor:
         """hidden [M,T,H], text_mask [M,T] (real tokens; None = all) -> hidden [M,T,H] with context added."""
@@ -256,10 +256,10 @@ class GridPointHead(nn.Module):
         self.canvas_size = canvas_size
         # coords: each token may prefer candidates linearly along x and y ("the rightmost ..." = the largest
         # x among the candidates its content scores favour), a score a learned position table cannot give
-        self.coords = _zero_linear(hidden, 2) if coords else None
+        self.coords = zero_linear(hidden, 2) if coords else None
         self.context = PointContext(in_dim, context_layers, max_positions) if context_layers > 0 else None
         # refine: a per-token correction of the picked box, in units of its size
-        self.refine = _zero_linear(hidden, 4) if refine else None
+        self.refine = zero_linear(hidden, 4) if refine else None
         self.relation_candidates = relation_candidates
         self.relations = (CandidateRelations(hidden, in_dim, relation_layers) if relation_layers > 0 else None)
         self.query = nn.Sequential(nn.LayerNorm(in_dim, eps=1e-6), nn.Linear(in_dim, hidden), nn.GELU(),

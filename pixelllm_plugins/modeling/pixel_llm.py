@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ..config import PixelLLMConfig
 from ..errors import PixelLLMError
-from .heads import ConfidenceHead, GridPointHead, PointHead, ProposalHead
+from .heads import ConfidenceHead, GridPointHead, PointHead, ProposalHead, zero_linear
 from .inputs import ModelInputs, ModelOutput
 from .language import build_language_model
 from .losses import combine_losses
@@ -60,6 +60,16 @@ class PixelLLM(nn.Module):
                                     "heads.proposals true")
             self.map_token_proj = nn.Linear(self.proposal_head.feature_dim, config.prompt.output_dim)
             self.map_token_pe = nn.Linear(config.prompt.embed_dim, config.prompt.output_dim)
+        fine_dim = getattr(self.vision, "fine_dim", 0)
+        if config.vision.fine_channels and not fine_dim:
+            raise PixelLLMError("vision.fine_channels needs the built-in ViT (vision.kind 'vit')")
+        self.fine_token_proj = None
+        if config.prompt.fine_grid > 0:
+            if not fine_dim or self.map_token_proj is None:
+                raise PixelLLMError("prompt.fine_grid adds samples of the fine map to the map tokens: it needs "
+                                    "vision.fine_channels > 0 and prompt.map_tokens > 0")
+            g, m = config.prompt.fine_grid, config.prompt.map_tokens
+            self.fine_token_proj = zero_linear(g * g * fine_dim, m * m * config.prompt.output_dim)
         self.word_head = None
         if heads.box_words:
             if self.proposal_head is None:
@@ -88,6 +98,20 @@ class PixelLLM(nn.Module):
         """[B,3,S,S] normalised canvas -> image tokens [B,L,C] (the part worth caching per image)."""
         return self.vision(pixel_values)
 
+    def encode_images_with_fine(self, pixel_values: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Image tokens and the vision encoder's fine map (None without ``vision.fine_channels``)."""
+        if getattr(self.vision, "fine", None) is None:
+            return self.vision(pixel_values), None
+        return self.vision.forward_with_fine(pixel_values)
+
+    def image_maps(self, image_tokens: Tensor, fine: Tensor | None = None) -> dict[str, Tensor]:
+        """The proposal head's maps of the images, plus the fine map under ``"fine"`` when there is one:
+        everything per image that prompts read, cached next to the tokens."""
+        maps = self.proposal_head(image_tokens)
+        if fine is not None:
+            maps["fine"] = fine
+        return maps
+
     @property
     def needs_maps(self) -> bool:
         """Whether visual tokens or points read the proposal head's maps (``proposal_head(image_tokens)``)."""
@@ -113,6 +137,13 @@ class PixelLLM(nn.Module):
         sampled, points = sample_lattice(maps["features"], boxes01.to(maps["features"].dtype), image_index,
                                          self.config.prompt.map_tokens)
         extra = self.map_token_proj(sampled) + self.map_token_pe(pe.pe.encode(points).to(sampled.dtype))
+        if self.fine_token_proj is not None:
+            if "fine" not in maps:
+                raise PixelLLMError("this model's prompt.fine_grid reads the fine map: pass maps from "
+                                    "image_maps(*encode_images_with_fine(pixels))")
+            fine, _ = sample_lattice(maps["fine"], boxes01.to(maps["fine"].dtype), image_index,
+                                     self.config.prompt.fine_grid)
+            extra = extra + self.fine_token_proj(fine.flatten(1).to(extra.dtype)).view(extra.shape)
         return torch.cat([visual, extra.to(visual.dtype)], dim=1)
 
     def visual_tokens(self, image_tokens: Tensor, prompt_boxes: Tensor, image_sizes: Tensor | None = None
@@ -169,12 +200,13 @@ class PixelLLM(nn.Module):
 
     # ---- full pass -----------------------------------------------------------------------------------
     def forward(self, inputs: ModelInputs, image_tokens: Tensor | None = None) -> ModelOutput:
+        fine = None
         if image_tokens is None:
-            image_tokens = self.encode_images(inputs.pixel_values)
+            image_tokens, fine = self.encode_images_with_fine(inputs.pixel_values)
         out = ModelOutput()
         if self.proposal_head is not None and (self.training or inputs.gt_boxes is not None
                                                or (self.needs_maps and inputs.text_ids is not None)):
-            out.proposals = self.proposal_head(image_tokens)  # at inference ``propose`` is the entry point
+            out.proposals = self.image_maps(image_tokens, fine)  # at inference ``propose`` is the entry point
         valid = inputs.prompt_mask.bool()
         flat: dict[str, Tensor] = {}
         if inputs.text_ids is not None:

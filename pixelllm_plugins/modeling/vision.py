@@ -97,17 +97,46 @@ class ConvStem(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         c_in = 3
+        self.stage_channels: list[int] = []  # output channels after each stride-2 stage
         for i in range(num_convs):
             c_out = max(8, dim // (2 ** (num_convs - i)))
             layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False),
                        nn.GroupNorm(min(8, c_out), c_out), nn.GELU()]
             layers += [ResidualConvBlock(c_out) for _ in range(blocks)]
             c_in = c_out
+            self.stage_channels.append(c_out)
         self.layers = nn.Sequential(*layers)
         self.out_channels = c_in
+        self._per_stage = 3 + blocks
 
     def forward(self, x: Tensor) -> Tensor:
         return self.layers(x)
+
+    def forward_stages(self, x: Tensor) -> list[Tensor]:
+        """The output of every stage (strides 2, 4, 8, ...); the last one is ``forward``'s."""
+        outs = []
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if (i + 1) % self._per_stage == 0:
+                outs.append(x)
+        return outs
+
+
+class FineBranch(nn.Module):
+    """A 3x3 conv on the stem's stride-4 map: shape features at a quarter of the patch stride.
+
+    Kept out of the image tokens (the prompt adapter samples it inside prompt boxes, see
+    ``PromptConfig.fine_grid``), so adding it to a trained model leaves the tokens as they were.
+    """
+
+    def __init__(self, in_channels: int, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(in_channels, channels, 3, padding=1, bias=False),
+                                  nn.GroupNorm(min(8, channels), channels), nn.GELU())
+        self.out_dim = channels
+
+    def forward(self, stride4_map: Tensor) -> Tensor:
+        return self.body(stride4_map)
 
 
 class DetailBranch(nn.Module):
@@ -159,6 +188,13 @@ class ViT(nn.Module):
                                       "(the stem ends at stride 8, half the token stride)")
             self.detail = DetailBranch(in_ch, config.detail_channels)
         self.detail_dim: int = self.detail.out_dim if self.detail is not None else 0
+        self.fine = None
+        if config.fine_channels > 0:
+            if not config.conv_stem or _stem_plan(config.patch_size)[0] < 2:
+                raise CheckpointError("vision.fine_channels needs vision.conv_stem and a patch_size divisible by "
+                                      "4 (it reads the stem's stride-4 map)")
+            self.fine = FineBranch(self.stem.stage_channels[1], config.fine_channels)
+        self.fine_dim: int = self.fine.out_dim if self.fine is not None else 0
         self.out_dim: int = dim + self.detail_dim
         self.pos_embed = nn.Parameter(torch.zeros(1, g * g, dim))
         rates = torch.linspace(0, config.drop_path, config.num_layers).tolist()
@@ -174,15 +210,24 @@ class ViT(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
-        stem = self.stem(pixel_values)
+        return self.forward_with_fine(pixel_values)[0]
+
+    def forward_with_fine(self, pixel_values: Tensor) -> tuple[Tensor, Tensor | None]:
+        """-> (image tokens [B,L,out_dim], the fine map [B,fine_dim,S/4,S/4] or None)."""
+        fine = None
+        if self.fine is not None:
+            stages = self.stem.forward_stages(pixel_values)
+            stem, fine = stages[-1], self.fine(stages[1])
+        else:
+            stem = self.stem(pixel_values)
         x = self.patch_embed(stem).flatten(2).transpose(1, 2)
         x = x + self.pos_embed
         for block in self.blocks:
             x = block(x)
         x = self.norm(x)
-        if self.detail is None:
-            return x
-        return torch.cat([x, self.detail(stem, self.grid_size).to(x.dtype)], dim=-1)
+        if self.detail is not None:
+            x = torch.cat([x, self.detail(stem, self.grid_size).to(x.dtype)], dim=-1)
+        return x, fine
 
 
 def build_vision_encoder(config: VisionConfig) -> nn.Module:

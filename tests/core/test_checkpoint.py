@@ -156,6 +156,17 @@ def test_grow_adds_zero_started_point_modules_and_refuses_what_would_drop_weight
         want, got = grid(_inputs(grid, tokenizer)), grown(_inputs(grown, tokenizer))
     torch.testing.assert_close(got.points, want.points)
     torch.testing.assert_close(got.logits, want.logits)
+    # the fine map grows the same way: new branch and zero projection, same answers
+    model.config.vision.patch_size, model.config.prompt.map_tokens = 16, 2
+    mapped = PixelLLM(model.config, tokenizer.vocab_size).eval()
+    save_pretrained(mapped, tokenizer, tmp_path / "mapped")
+    ckpt.grow_pretrained(tmp_path / "mapped", tmp_path / "fine", {"vision.fine_channels": 4, "prompt.fine_grid": 2})
+    fine, _, _ = load_pretrained(tmp_path / "fine")
+    assert fine.vision.fine is not None and fine.fine_token_proj is not None
+    with torch.no_grad():
+        want, got = mapped(_inputs(mapped, tokenizer)), fine(_inputs(fine, tokenizer))
+    torch.testing.assert_close(got.points, want.points)
+    torch.testing.assert_close(got.logits, want.logits)
     with pytest.raises(CheckpointError, match="drop or reshape"):
         ckpt.grow_pretrained(tmp_path / "src", tmp_path / "bad", {"language.hidden_size": 48})
     with pytest.raises(CheckpointError, match="section.field"):

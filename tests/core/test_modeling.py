@@ -87,6 +87,56 @@ def test_detail_channels_travel_in_the_tokens_and_unpack_in_the_proposal_feature
                                           num_heads=2, detail_channels=4))
 
 
+def _fine_config(fine_grid: int = 2):
+    cfg = get_preset("tiny")
+    cfg.vision.patch_size, cfg.vision.detail_channels, cfg.vision.fine_channels = 16, 4, 4
+    cfg.heads.point_mode, cfg.prompt.map_tokens, cfg.prompt.fine_grid = "grid", 2, fine_grid
+    return cfg
+
+
+def test_fine_map_reaches_only_the_map_tokens_and_starts_as_a_no_op():
+    torch.manual_seed(0)
+    model = PixelLLM(_fine_config(), V).eval()
+    plain_cfg = _fine_config(0)
+    plain_cfg.vision.fine_channels = 0
+    plain = PixelLLM(plain_cfg, V).eval()
+    missing = plain.load_state_dict(model.state_dict(), strict=False)
+    assert not missing.missing_keys  # the fine branch and its projection are the only additions
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        tokens, fine = model.encode_images_with_fine(x)
+        assert fine.shape == (2, 4, 16, 16)  # the stem's stride-4 map of a 64 px canvas
+        torch.testing.assert_close(tokens, plain.encode_images(x))  # the image tokens are untouched
+        boxes, index = torch.tensor([[4.0, 8.0, 20.0, 24.0], [30.0, 2.0, 60.0, 40.0]]), torch.tensor([0, 1])
+        maps = model.image_maps(tokens, fine)
+        before = model.visual_tokens_flat(tokens, boxes, index, maps)
+        torch.testing.assert_close(before, plain.visual_tokens_flat(tokens, boxes, index))
+        torch.nn.init.normal_(model.fine_token_proj.weight, std=0.5)
+        after = model.visual_tokens_flat(tokens, boxes, index, maps)
+    m = model.config.prompt.map_tokens ** 2
+    assert not torch.allclose(after[:, -m:], before[:, -m:])  # the map tokens now carry the fine samples
+    torch.testing.assert_close(after[:, :-m], before[:, :-m])  # and nothing else changed
+    with pytest.raises(PixelLLMError, match="fine map"):
+        model.visual_tokens_flat(tokens, boxes, index)  # maps without the fine map
+    out = model.train()(make_inputs(model.config))  # trains end to end through the fine branch
+    out.loss.backward()
+    assert model.vision.fine.body[0].weight.grad.abs().sum() > 0
+
+
+def test_fine_map_needs_its_parts():
+    cfg = _fine_config()
+    cfg.prompt.map_tokens = 0
+    with pytest.raises(PixelLLMError, match="map_tokens > 0"):
+        PixelLLM(cfg, V)
+    cfg = _fine_config()
+    cfg.vision.fine_channels = 0
+    with pytest.raises(PixelLLMError, match="fine_channels > 0"):
+        PixelLLM(cfg, V)
+    with pytest.raises(CheckpointError, match="fine_channels needs vision.conv_stem"):
+        build_vision_encoder(VisionConfig(image_size=64, patch_size=8, hidden_size=32, num_layers=1,
+                                          num_heads=2, fine_channels=4))
+
+
 def test_unknown_vision_kind():
     with pytest.raises(CheckpointError, match="vit"):
         build_vision_encoder(VisionConfig(kind="nope"))
