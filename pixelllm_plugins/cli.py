@@ -315,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args) -> int:
+    if args.ray and args.fronts not in (None, 1):
+        raise PixelLLMError("--fronts is for the plain worker; on Ray Serve, scale with --replicas")
     if args.ray:
         from .serving.ray_app import run as run_ray
 

@@ -76,6 +76,7 @@ def test_batch_keeps_order_and_isolates_errors(capsys, tiny_checkpoint, scene_fi
     (["refer", "{tmp}/nope.png", "x", "--model", "tiny"], "not found"),
     (["caption-regions", "{img}", "--box", "1,2,3", "--model", "tiny"], "4 numbers"),
     (["refer", "{img}", "--model", "tiny"], "referring TEXT"),
+    (["serve", "--ray", "--fronts", "2"], "scale with --replicas"),
 ])
 def test_errors_are_messages_not_tracebacks(capsys, scene_files, tmp_path, argv, message):
     argv = [a.format(img=scene_files[0], tmp=tmp_path) for a in argv]
