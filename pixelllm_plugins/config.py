@@ -215,9 +215,10 @@ def _synth_small() -> PixelLLMConfig:
     return PixelLLMConfig(
         preset="synth-small",
         vision=VisionConfig(image_size=192, patch_size=16, hidden_size=192, num_layers=4, num_heads=3,
-                            conv_stem=True, detail_channels=16),
+                            conv_stem=True, detail_channels=16, fine_channels=16),
         prompt=PromptConfig(embed_dim=64, hidden_size=128, depth=2, num_heads=4, mlp_dim=256,
-                            attention_downsample=1, num_queries=8, output_dim=192, roi_grid=3, map_tokens=2),
+                            attention_downsample=1, num_queries=8, output_dim=192, roi_grid=3, map_tokens=2,
+                            fine_grid=4),
         language=LanguageConfig(hidden_size=192, num_layers=3, num_heads=4, intermediate_size=512,
                                 max_positions=128, dropout=0.0, max_context_tokens=24, max_text_tokens=40),
         heads=HeadsConfig(point_hidden=192, point_layers=3, proposal_hidden=128, max_proposals=30,
