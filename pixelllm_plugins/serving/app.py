@@ -195,14 +195,19 @@ class _Guard:
 
 # ---- the app -------------------------------------------------------------------------------------------
 
+def batcher_options(model: Any, settings: WorkerSettings) -> dict:
+    """The ``DynamicBatcher`` arguments of a worker with these settings (whichever process runs it)."""
+    return {"max_batch_size": settings.max_batch_size, "max_wait_ms": settings.max_wait_ms,
+            "adapter_roots": adapter_roots(model, settings), "max_adapters": settings.max_adapters,
+            "torch_threads": settings.torch_threads, "warmup": settings.warmup}
+
+
 def build_engine(model: Any, settings: WorkerSettings, metrics: WorkerMetrics | None = None, *,
                  factory: str | None = None):
     """The worker's engine: a ``ProcessEngine`` (model in a child process) when the model is named (folder,
     preset, None for the embedded one, or a ``"module:callable"`` factory) and ``settings.engine`` is
     ``"process"``; else a ``DynamicBatcher`` on a thread of this process (always for predictor instances)."""
-    batching = {"max_batch_size": settings.max_batch_size, "max_wait_ms": settings.max_wait_ms,
-                "adapter_roots": adapter_roots(model, settings), "max_adapters": settings.max_adapters,
-                "metrics": metrics, "torch_threads": settings.torch_threads, "warmup": settings.warmup}
+    batching = {**batcher_options(model, settings), "metrics": metrics}
     named = factory is not None or model is None or isinstance(model, (str, Path))
     if settings.engine == "process" and named:
         from .process_engine import ProcessEngine

@@ -22,7 +22,6 @@ import shutil
 import tempfile
 import threading
 from multiprocessing.connection import Listener
-from typing import Any
 
 from .process_engine import Links, ProcessEngine, engine_spec, serve_link, start_batcher
 from .settings import WorkerSettings
@@ -82,10 +81,10 @@ def run_fronts(host: str, port: int, model: str | None, settings: WorkerSettings
     address, authkey = os.path.join(folder, "model.sock"), os.urandom(32)
     metrics_dir = os.path.join(folder, "metrics")
     os.mkdir(metrics_dir)
-    spec = engine_spec(model, factory=factory, device=settings.device, max_batch_size=settings.max_batch_size,
-                       max_wait_ms=settings.max_wait_ms, adapter_roots=_adapter_roots(model, settings),
-                       max_adapters=settings.max_adapters, torch_threads=settings.torch_threads,
-                       warmup=settings.warmup, log_level=logging.getLogger().getEffectiveLevel())
+    from .app import batcher_options  # app imports this module lazily in its turn
+
+    spec = engine_spec(model, factory=factory, device=settings.device,
+                       log_level=logging.getLogger().getEffectiveLevel(), **batcher_options(model, settings))
     ctx = multiprocessing.get_context("spawn")
     keep, lifeline = ctx.Pipe()
     server = ctx.Process(target=model_server_main, args=(address, authkey, spec, lifeline),
@@ -115,12 +114,6 @@ def run_fronts(host: str, port: int, model: str | None, settings: WorkerSettings
             else:
                 os.environ[k] = v
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def _adapter_roots(model: Any, settings: WorkerSettings) -> list:
-    from .app import adapter_roots
-
-    return adapter_roots(model, settings)
 
 
 __all__ = ["run_fronts", "front_app", "model_server_main", "FRONT_ENV"]
