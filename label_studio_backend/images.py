@@ -31,7 +31,7 @@ import httpx
 from PIL import Image
 
 from pixelllm_plugins.errors import ImageFetchError, ImageTooLargeError
-from pixelllm_plugins.io import load_image
+from pixelllm_plugins.io import EncodedImage, load_image, open_encoded
 
 from .ls_client import LabelStudioAuth
 from .settings import Settings
@@ -42,7 +42,8 @@ _MAX_REDIRECTS = 5
 
 
 class ImageFetcher:
-    """Resolves a task's image reference to bytes / a PIL image, enforcing the host and folder policy."""
+    """Resolves a task's image reference to bytes, an ``EncodedImage`` or a PIL image, enforcing the host
+    and folder policy."""
 
     def __init__(self, settings: Settings, *, cache_entries: int = 16, cache_ttl_s: float = 300.0):
         self.settings = settings
@@ -65,6 +66,13 @@ class ImageFetcher:
         """The task's image as RGB, or ``ImageFetchError`` / ``InvalidImageError`` with a reason."""
         data = self.fetch(ref, task_id=task_id, login=login, password=password)
         return load_image(data, self.limits)
+
+    def open(self, ref: object, *, task_id: object = None, login: str | None = None,
+             password: str | None = None) -> EncodedImage:
+        """The task's image bytes, header checked but not decoded: the predictor decodes them (a large JPEG
+        at a reduced scale) and a worker gets them as they are, never re-encoded."""
+        data = self.fetch(ref, task_id=task_id, login=login, password=password)
+        return open_encoded(data, self.limits)
 
     def fetch(self, ref: object, *, task_id: object = None, login: str | None = None,
               password: str | None = None) -> bytes:

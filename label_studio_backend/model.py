@@ -26,8 +26,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-
-from PIL import Image
+from typing import TYPE_CHECKING
 
 from pixelllm_plugins.errors import PixelLLMError
 
@@ -36,6 +35,10 @@ from .base import LabelStudioMLBase, ModelResponse
 from .errors import TaskError
 from .label_config import LabelConfig, LabelConfigError
 from .runtime import Runtime
+
+if TYPE_CHECKING:
+    from pixelllm_plugins.inference.predictor import PreparedInput
+    from pixelllm_plugins.io import EncodedImage
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,7 @@ class _Job:
     task_id: object
     op: str = ""  # refer / caption_regions / dense_caption / caption_trace
     ref: object = None
-    image: Image.Image | None = None
+    image: EncodedImage | PreparedInput | None = None  # both have .size, the original (width, height)
     texts: list[str] = field(default_factory=list)
     boxes: list[tuple[float, float, float, float]] = field(default_factory=list)
     boxes_pct: list[dict] = field(default_factory=list)  # boxes_pct[i]: the LS region they came from
@@ -208,15 +211,22 @@ class PixelLLMBackend(LabelStudioMLBase):
             return
         fetcher = self.runtime.fetcher
         login, password = params.get("login"), params.get("password")
+        # An in-process Predictor decodes and resizes here, in the download threads, outside its lock;
+        # a worker's RemotePredictor gets the file's bytes as they are.
+        try:
+            prepare = getattr(self.runtime.predictor, "prepare", None)
+        except Exception:  # noqa: BLE001 - a predictor that fails to load is reported per task by _run
+            prepare = None
 
         def load(job: _Job) -> None:
             if time.monotonic() > deadline:
                 job.error = "image not fetched within this request's time budget; retrieve predictions again"
                 return
             try:
-                job.image = fetcher.load(job.ref, task_id=job.task_id,
-                                         login=login if isinstance(login, str) else None,
-                                         password=password if isinstance(password, str) else None)
+                encoded = fetcher.open(job.ref, task_id=job.task_id,
+                                       login=login if isinstance(login, str) else None,
+                                       password=password if isinstance(password, str) else None)
+                job.image = prepare(encoded) if callable(prepare) else encoded
             except Exception as exc:  # noqa: BLE001
                 job.error = _message(exc)
 

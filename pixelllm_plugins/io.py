@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import math
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +17,33 @@ from PIL import Image, UnidentifiedImageError
 
 from .errors import ImageTooLargeError, InvalidImageError
 
-ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image file's bytes, checked from the header but not decoded (``open_encoded``).
+
+    Whoever needs the pixels decodes them: the Predictor, at a reduced scale for a large JPEG, or a
+    worker, to which ``RemotePredictor`` sends the bytes as they are instead of re-encoding a PNG.
+    """
+
+    data: bytes
+    size: tuple[int, int]  # (width, height), read from the header
+    format: str = ""
+    what: str = "image"
+
+    @property
+    def width(self) -> int:
+        return self.size[0]
+
+    @property
+    def height(self) -> int:
+        return self.size[1]
+
+    def __repr__(self) -> str:  # never dumps the bytes
+        return f"EncodedImage({self.what}, {self.format or '?'} {self.size[0]}x{self.size[1]}, {len(self.data):,} bytes)"
+
+
+ImageInput = str | os.PathLike | bytes | EncodedImage | Image.Image | np.ndarray
 
 DEFAULT_MAX_PIXELS = int(os.environ.get("PIXELLLM_MAX_PIXELS", 64_000_000))
 DEFAULT_MAX_BYTES = int(os.environ.get("PIXELLLM_MAX_IMAGE_BYTES", 50 * 1024 * 1024))
@@ -28,6 +56,8 @@ class ImageLimits:
 
 
 def _describe(source: ImageInput) -> str:
+    if isinstance(source, EncodedImage):
+        return source.what
     if isinstance(source, (str, os.PathLike)):
         return str(source)
     if isinstance(source, bytes):
@@ -73,7 +103,16 @@ def load_image_scaled(source: ImageInput, limits: ImageLimits | None = None,
         if array.dtype != np.uint8:
             array = np.clip(array, 0, 255).astype(np.uint8)
         return Image.fromarray(array[..., :3], "RGB"), (array.shape[1], array.shape[0])
-    if isinstance(source, (str, os.PathLike)):
+    return decode_image_scaled(read_image_bytes(source, limits), limits, what, min_side)
+
+
+def read_image_bytes(source: ImageInput, limits: ImageLimits | None = None) -> bytes:
+    """The bytes of a path, bytes or ``EncodedImage`` input, within the byte limit (nothing decoded)."""
+    limits = limits or ImageLimits()
+    what = _describe(source)
+    if isinstance(source, EncodedImage):
+        data = source.data
+    elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
             raise InvalidImageError(f"{what}: file not found; check the path")
@@ -83,14 +122,27 @@ def load_image_scaled(source: ImageInput, limits: ImageLimits | None = None,
         data = path.read_bytes()
     elif isinstance(source, (bytes, bytearray)):
         data = bytes(source)
-        if len(data) > limits.max_bytes:
-            raise ImageTooLargeError(f"{what}: exceeds the limit of {limits.max_bytes:,} bytes")
     else:
         raise InvalidImageError(f"unsupported image input of type {type(source).__name__}; "
                                 "pass a path, bytes, a PIL image or a numpy array")
+    if len(data) > limits.max_bytes:
+        raise ImageTooLargeError(f"{what}: {len(data):,} bytes exceeds the limit of {limits.max_bytes:,} bytes")
     if not data:
         raise InvalidImageError(f"{what}: empty file")
-    return decode_image_scaled(data, limits, what, min_side)
+    return data
+
+
+def open_encoded(source: str | os.PathLike | bytes, limits: ImageLimits | None = None,
+                 what: str | None = None) -> EncodedImage:
+    """Read an image file's bytes and check its header (a known format, within the pixel limit) without
+    decoding any pixel. A truncated body is found later, by whoever decodes it."""
+    limits = limits or ImageLimits()
+    what = what or _describe(source)
+    data = read_image_bytes(source, limits)
+    with _decoding(what), Image.open(io.BytesIO(data)) as image:
+        size, fmt = image.size, image.format or ""
+        _check_pixels(size[0], size[1], limits, what)
+    return EncodedImage(data, size, fmt, what)
 
 
 def decode_image_bytes(data: bytes, limits: ImageLimits, what: str = "image") -> Image.Image:
@@ -101,16 +153,24 @@ def decode_image_bytes(data: bytes, limits: ImageLimits, what: str = "image") ->
 def decode_image_scaled(data: bytes, limits: ImageLimits, what: str = "image",
                         min_side: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
     """``decode_image_bytes`` with the JPEG scaling of ``load_image_scaled``: (image, original size)."""
+    with _decoding(what):
+        image = Image.open(io.BytesIO(data))
+        original = image.size
+        _check_pixels(image.width, image.height, limits, what)
+        if min_side and image.format == "JPEG" and max(original) > 2 * min_side:
+            f = min_side / max(original)  # draft keeps each side >= the size asked for
+            image.draft(None, (math.ceil(original[0] * f), math.ceil(original[1] * f)))
+        image.load()
+    return (image if image.mode == "RGB" else image.convert("RGB")), original  # convert() copies even RGB
+
+
+@contextlib.contextmanager
+def _decoding(what: str) -> Iterator[None]:
+    """Turn PIL's errors while opening or decoding into the project's, with a message that says what to do."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            original = image.size
-            _check_pixels(image.width, image.height, limits, what)
-            if min_side and image.format == "JPEG" and max(original) > 2 * min_side:
-                f = min_side / max(original)  # draft keeps each side >= the size asked for
-                image.draft(None, (math.ceil(original[0] * f), math.ceil(original[1] * f)))
-            image.load()
+            yield
     except (ImageTooLargeError, InvalidImageError):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -120,7 +180,6 @@ def decode_image_scaled(data: bytes, limits: ImageLimits, what: str = "image",
         raise InvalidImageError(f"{what}: not a readable image (PNG, JPEG, WebP, BMP, TIFF, GIF)") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise InvalidImageError(f"{what}: image is truncated or corrupt ({exc})") from exc
-    return (image if image.mode == "RGB" else image.convert("RGB")), original  # convert() copies even RGB
 
 
 def image_digest(image: Image.Image) -> str:

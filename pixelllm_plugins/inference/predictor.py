@@ -48,6 +48,11 @@ class PreparedInput:
     prepared: PreparedImage
     digest: str
 
+    @property
+    def size(self) -> tuple[int, int]:
+        """The original image's (width, height), the pixels results are given in."""
+        return self.prepared.original_size
+
 
 def prepare_input(image: ImageInput | PreparedInput, vision: VisionConfig,
                   limits: ImageLimits | None = None) -> PreparedInput:

@@ -37,7 +37,7 @@ from ..geometry import clip_box, fo_relative_to_xyxy, point_to_relative, xyxy_to
 from ..inference import get_predictor, release_predictors
 from ..inference.protocol import PredictorProtocol
 from ..inference.results import Detection, RegionCaption, TracedCaption
-from ..io import load_image
+from ..io import load_image, open_encoded
 
 logger = logging.getLogger(__name__)
 
@@ -595,7 +595,7 @@ def _run(task: _Task, samples, *, overwrite: bool, batch_size: int | None,
         todo = [i for i in items if not i.skip and not i.error]
         for item in todo:
             try:
-                item.image = load_image(item.filepath)
+                item.image = open_encoded(item.filepath)  # decoded by the predictor, or sent to a worker as is
             except PixelLLMError as exc:
                 item.error = str(exc)
         todo = [i for i in todo if not i.error]
@@ -767,7 +767,7 @@ class PixelLLMModel(fom.Model, fom.SamplesMixin):
         images, errors = [], []
         for arg in args:
             try:
-                images.append(load_image(arg))
+                images.append(open_encoded(arg) if isinstance(arg, (str, os.PathLike)) else load_image(arg))
                 errors.append(None)
             except PixelLLMError as exc:
                 images.append(None)

@@ -14,12 +14,10 @@ import base64
 import concurrent.futures
 import io
 import logging
-import os
 import random
 import threading
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -28,16 +26,14 @@ from PIL import Image
 
 from .. import errors as errors_module
 from ..errors import (
-    ImageTooLargeError,
     InvalidBoxError,
-    InvalidImageError,
     InvalidPromptError,
     PixelLLMError,
     RemoteError,
 )
 from ..geometry import as_box
 from ..inference.results import Detection, RegionCaption, TracedCaption, Word
-from ..io import ImageInput, ImageLimits, load_image
+from ..io import ImageInput, ImageLimits, load_image, read_image_bytes
 
 log = logging.getLogger(__name__)
 
@@ -47,32 +43,17 @@ RETRY_STATUS = (502, 503, 504)
 def encode_image(image: ImageInput, limits: ImageLimits | None = None) -> dict:
     """An image as the worker's ``image`` field: ``{"url": ...}`` for http(s) URLs, else ``{"b64": ...}``.
 
-    Files and bytes are sent as they are (no re-encoding); PIL images and arrays as PNG.
+    Files, bytes and ``EncodedImage`` are sent as they are (no re-encoding); PIL images and arrays as PNG.
     """
     limits = limits or ImageLimits()
     if isinstance(image, str) and image.startswith(("http://", "https://")):
         return {"url": image}
-    if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        if not path.is_file():
-            raise InvalidImageError(f"{image}: file not found; check the path")
-        if path.stat().st_size > limits.max_bytes:
-            raise ImageTooLargeError(f"{image}: {path.stat().st_size:,} bytes exceeds the limit of "
-                                     f"{limits.max_bytes:,}")
-        data = path.read_bytes()
-    elif isinstance(image, (bytes, bytearray)):
-        data = bytes(image)
-        if len(data) > limits.max_bytes:
-            raise ImageTooLargeError(f"<{len(data)} bytes>: exceeds the limit of {limits.max_bytes:,} bytes")
-    elif isinstance(image, (Image.Image, np.ndarray)):
+    if isinstance(image, (Image.Image, np.ndarray)):
         buf = io.BytesIO()
         load_image(image, limits).save(buf, format="PNG", compress_level=1)
         data = buf.getvalue()
     else:
-        raise InvalidImageError(f"unsupported image input of type {type(image).__name__}; "
-                                "pass a path, a URL, bytes, a PIL image or a numpy array")
-    if not data:
-        raise InvalidImageError("empty image")
+        data = read_image_bytes(image, limits)
     return {"b64": base64.b64encode(data).decode("ascii")}
 
 

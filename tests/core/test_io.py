@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from pixelllm_plugins.errors import ImageTooLargeError, InvalidImageError
-from pixelllm_plugins.io import ImageLimits, image_digest, load_image, load_image_scaled
+from pixelllm_plugins.io import ImageLimits, image_digest, load_image, load_image_scaled, open_encoded
 
 
 def _png_bytes(w=16, h=12, color=(200, 10, 10)) -> bytes:
@@ -113,3 +113,35 @@ def test_scaled_load_decodes_large_jpegs_at_a_reduced_scale(tmp_path):
 def test_bytes_errors_name_the_image_size():
     with pytest.raises(InvalidImageError, match="image of 16 bytes: not a readable image"):
         load_image(b"hello, not image")
+
+
+def test_encoded_image_is_sized_from_the_header_and_decoded_later(tmp_path):
+    data = _jpeg_bytes(1024, 768)
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(data)
+    for source in (data, path, str(path)):
+        encoded = open_encoded(source)
+        assert (encoded.size, encoded.width, encoded.height, encoded.format) == ((1024, 768), 1024, 768, "JPEG")
+        assert encoded.data == data
+        assert "bytes" in repr(encoded) and len(repr(encoded)) < 120  # never dumps the bytes
+    encoded = open_encoded(data)
+    assert np.array_equal(np.asarray(load_image(encoded)), np.asarray(load_image(data)))
+    image, original = load_image_scaled(encoded, min_side=128)  # the reduced JPEG decode still applies
+    assert (image.size, original) == ((128, 96), (1024, 768))
+
+
+def test_encoded_image_errors():
+    data = _jpeg_bytes(640, 480)
+    with pytest.raises(InvalidImageError, match="not a readable image"):
+        open_encoded(b"hello, not image")
+    with pytest.raises(InvalidImageError, match="empty"):
+        open_encoded(b"")
+    with pytest.raises(ImageTooLargeError, match="pixels"):
+        open_encoded(_png_header_only(50_000, 50_000), ImageLimits(max_pixels=1_000_000))
+    with pytest.raises(ImageTooLargeError, match="bytes"):
+        open_encoded(data, ImageLimits(max_bytes=100))
+    # a body cut short passes the header check; decoding it is the clear error
+    cut = open_encoded(data[: len(data) // 2])
+    assert cut.size == (640, 480)
+    with pytest.raises(InvalidImageError, match="truncated or corrupt"):
+        load_image(cut)

@@ -237,3 +237,23 @@ def test_prepared_images_pickle_as_numpy_and_keep_their_key(tiny_predictor, scen
     assert tiny_predictor.prepare(image.copy()).digest == prepared.digest
     image.paste((255, 0, 255), (0, 0, image.width // 2, image.height // 2))
     assert tiny_predictor.prepare(image).digest != prepared.digest
+
+
+def test_encoded_images_and_prepared_inputs_answer_as_the_file_does(tiny_predictor, scene_files):
+    from PIL import Image
+
+    from pixelllm_plugins.io import open_encoded
+
+    path = scene_files[0]
+    encoded = open_encoded(path)
+    prepared = tiny_predictor.prepare(encoded)
+    assert prepared.size == encoded.size == Image.open(path).size  # what plugins scale results by
+    assert prepared.digest == tiny_predictor.prepare(path).digest
+    texts = [["the red circle", "a shape"]]
+    expected = tiny_predictor.refer([path], texts)
+    assert tiny_predictor.refer([encoded], texts) == expected
+    assert tiny_predictor.refer([prepared], texts) == expected
+    cut = open_encoded(path.read_bytes()[:200])  # the header is whole, the body cut short
+    assert cut.size == encoded.size
+    with pytest.raises(InvalidImageError, match="image 1: .*truncated or corrupt"):  # clear, at decode time
+        tiny_predictor.refer([path, cut], [["x"], ["x"]])

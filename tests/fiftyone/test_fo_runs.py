@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import fiftyone as fo
 import pytest
 from fiftyone import ViewField as F
@@ -178,16 +180,22 @@ def test_missing_and_corrupt_images_fail_alone(dataset, fake, tmp_path):
     samples[1].save()
     samples[4].filepath = str(broken)
     samples[4].save()
+    cut = tmp_path / "cut.png"  # the header is whole: only decoding it, inside the batch, finds the fault
+    cut.write_bytes(Path(samples[2].filepath).read_bytes()[:100])
+    samples[2].filepath = str(cut)
+    samples[2].save()
     pxfo.run_caption_with_trace(dataset.select([samples[0].id]))  # written earlier: must survive
     summary = pxfo.run_refer(dataset, prompt="the red circle", batch_size=2)
-    assert (summary.processed, summary.failed) == (4, 2)
+    assert (summary.processed, summary.failed) == (3, 3)
     by_id = {e["sample_id"]: e["error"] for e in summary.errors}
     assert "file not found" in by_id[samples[1].id]
     assert "not a readable image" in by_id[samples[4].id] or "corrupt" in by_id[samples[4].id]
+    assert "truncated or corrupt" in by_id[samples[2].id]
     errors = dict(zip(dataset.values("id"), dataset.values(pxfo.ERROR_FIELD)))
     assert errors[samples[1].id].startswith("refer: ") and errors[samples[0].id] is None
-    assert dataset.count("pixelllm") == 4 and dataset.count("pixelllm_caption") == 1
-    assert "2 of 6 samples failed" in summary.message
+    assert errors[samples[3].id] is None  # its batch partner's fault did not cost it
+    assert dataset.count("pixelllm") == 3 and dataset.count("pixelllm_caption") == 1
+    assert "3 of 6 samples failed" in summary.message
 
 
 def test_empty_prompts_and_wrong_types_are_per_sample_errors(dataset, fake):

@@ -68,11 +68,42 @@ def test_tasks_are_batched_through_the_model(make_client, images_dir, fake_predi
 
 def test_a_bad_task_does_not_cost_the_batch(client, images_dir, fake_predictor):
     (images_dir / "bad.png").write_bytes(b"not an image")
-    tasks = [_task(images_dir, 1), _task(images_dir, 2, "bad.png"), _task(images_dir, 3)]
+    (images_dir / "cut.png").write_bytes((images_dir / "a.png").read_bytes()[:120])  # header whole, body cut
+    tasks = [_task(images_dir, 1), _task(images_dir, 2, "bad.png"), _task(images_dir, 3, "cut.png"),
+             _task(images_dir, 4)]
     results = client.post("/predict", json=predict_body(tasks)).json()["results"]
-    assert [bool(r["result"]) for r in results] == [True, False, True]
-    assert "not a readable image" in results[1]["error"]
+    assert [bool(r["result"]) for r in results] == [True, False, False, True]
+    assert "not a readable image" in results[1]["error"]  # found from the header, before the model
+    assert "truncated or corrupt" in results[2]["error"]  # found where the predictor decodes it
     assert results[1]["model_version"] == "fake-1-failed"  # Label Studio will ask again next time
+
+
+def test_a_local_predictor_prepares_images_in_the_download_threads(make_client, images_dir, tiny_predictor,
+                                                                   monkeypatch):
+    import threading
+
+    from pixelllm_plugins.inference.predictor import PreparedInput
+    from pixelllm_plugins.io import EncodedImage
+
+    seen = []
+    prepare = tiny_predictor.prepare
+
+    def recording_prepare(image, limits=None):
+        seen.append((type(image), threading.current_thread().name))
+        return prepare(image, limits)
+
+    monkeypatch.setattr(tiny_predictor, "prepare", recording_prepare)
+    client = make_client(predictor=tiny_predictor)
+    tasks = [_task(images_dir, 1), _task(images_dir, 2, "b.png", "a dog"), _task(images_dir, 3, "c.png")]
+    results = client.post("/predict", json=predict_body(tasks)).json()["results"]
+    assert all(r["result"] and "error" not in r for r in results)
+    decoded = [name for kind, name in seen if kind is EncodedImage]
+    assert len(decoded) == 3 and all(name.startswith("ls-fetch") for name in decoded)
+    assert all(kind in (EncodedImage, PreparedInput) for kind, _ in seen)  # the model got them prepared
+    rect = results[1]["result"][0]
+    assert (rect["original_width"], rect["original_height"]) == (64, 96)
+    det = tiny_predictor.refer([images_dir / "b.png"], [["a dog"]])[0][0][0]
+    assert ls_percent_to_xyxy(rect["value"], 64, 96) == pytest.approx(det.box_xyxy, abs=0.01)
 
 
 def test_model_failure_is_isolated_to_its_task(make_client, images_dir, fake_predictor):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import http.server
+import io
 import threading
 
 import httpx
@@ -12,11 +14,18 @@ from fakes import FakePredictor
 from PIL import Image
 from serving_helpers import GateFake, ThreadedServer, free_port, png_bytes, wait_until
 
-from pixelllm_plugins.errors import ImageFetchError, InvalidBoxError, InvalidImageError, RemoteError
+from pixelllm_plugins.errors import (
+    ImageFetchError,
+    ImageTooLargeError,
+    InvalidBoxError,
+    InvalidImageError,
+    RemoteError,
+)
 from pixelllm_plugins.inference import get_predictor, release_predictors
 from pixelllm_plugins.inference.protocol import PredictorProtocol
+from pixelllm_plugins.io import ImageLimits, open_encoded
 from pixelllm_plugins.serving.app import create_app
-from pixelllm_plugins.serving.client import RemotePredictor
+from pixelllm_plugins.serving.client import RemotePredictor, encode_image
 from pixelllm_plugins.serving.settings import WorkerSettings
 
 TOKEN = "client-test-token"
@@ -40,7 +49,21 @@ def _inputs(tmp_path):
     path = tmp_path / "img.png"
     path.write_bytes(png_bytes(80, 60, 1))
     pil = Image.open(path).convert("RGB")
-    return [str(path), path.read_bytes(), pil, np.asarray(pil)]
+    return [str(path), path.read_bytes(), open_encoded(path), pil, np.asarray(pil)]
+
+
+def test_files_bytes_and_encoded_images_are_sent_as_they_are(tmp_path):
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 200), (10, 120, 240)).save(buf, "JPEG", quality=90)
+    jpeg = buf.getvalue()
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(jpeg)
+    for source in (path, str(path), jpeg, open_encoded(jpeg)):
+        assert base64.b64decode(encode_image(source)["b64"]) == jpeg  # no PNG re-encode of a JPEG
+    png = base64.b64decode(encode_image(Image.open(path))["b64"])  # decoded pixels go as PNG
+    assert png.startswith(b"\x89PNG") and Image.open(io.BytesIO(png)).size == (300, 200)
+    with pytest.raises(ImageTooLargeError, match="bytes"):
+        encode_image(open_encoded(jpeg), ImageLimits(max_bytes=100))
 
 
 def test_remote_results_equal_local_results_for_every_input_kind(worker, tmp_path):
