@@ -3,7 +3,9 @@
 For each photo size and model input size, the CPU milliseconds (one thread, minimum over repeats) of
 turning the file's bytes into the model's input: PNG, JPEG decoded in full (what the worker did before), and
 JPEG decoded at a reduced DCT scale (``io.load_image_scaled``, what the worker and the Predictor do now).
-Prints a Markdown table with the machine named.
+Then, per photo, what a plugin spends to hand a JPEG to a worker: decode + PNG re-encode (before) against
+a header check and the file's bytes as they are (``io.open_encoded``, now). Prints Markdown tables with the
+machine named.
 
     python benchmarks/bench_decode.py
     python benchmarks/bench_decode.py --sizes 640x480 4000x3000 --inputs 192 384 --repeat 20
@@ -12,6 +14,7 @@ Prints a Markdown table with the machine named.
 from __future__ import annotations
 
 import argparse
+import base64
 import io
 import sys
 import time
@@ -21,7 +24,8 @@ from PIL import Image, ImageDraw
 
 from pixelllm_plugins.config import VisionConfig
 from pixelllm_plugins.inference.preprocess import prepare_image_keyed
-from pixelllm_plugins.io import ImageLimits, load_image_scaled
+from pixelllm_plugins.io import ImageLimits, load_image, load_image_scaled, open_encoded
+from pixelllm_plugins.serving.client import encode_image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_worker import machine  # noqa: E402 - a sibling script, not a package
@@ -89,6 +93,22 @@ def main(argv=None) -> int:
             t_red = cpu_ms(lambda d=jpeg, v=vision: prepare(d, v, True, limits), args.repeat)
             print(f"| {w}x{h} | {side} | {t_png:.2f} | {t_full:.2f} | {t_red:.2f} | {t_full / t_red:.1f}x |",
                   flush=True)
+    print("\nWhat a plugin (Label Studio backend, FiftyOne) spends to hand a JPEG to a worker: before, it decoded\n"
+          "the file and RemotePredictor re-encoded the pixels as PNG; now it checks the header\n"
+          "(`io.open_encoded`) and sends the file's bytes.\n")
+    print("| photo | JPEG bytes | decode + PNG re-encode: CPU ms | bytes sent | open_encoded + send as is: CPU ms "
+          "| bytes sent |")
+    print("|---|---|---|---|---|---|")
+    for size in args.sizes:
+        w, h = (int(v) for v in size.lower().split("x"))
+        jpeg = encode(photo(w, h), "JPEG")
+        before = encode_image(load_image(jpeg, limits), limits)
+        after = encode_image(open_encoded(jpeg, limits), limits)
+        t_before = cpu_ms(lambda d=jpeg: encode_image(load_image(d, limits), limits), args.repeat)
+        t_after = cpu_ms(lambda d=jpeg: encode_image(open_encoded(d, limits), limits), args.repeat)
+        sent_before, sent_after = (len(base64.b64decode(x["b64"])) for x in (before, after))
+        print(f"| {w}x{h} | {len(jpeg):,} | {t_before:.1f} | {sent_before:,} | {t_after:.2f} | {sent_after:,} |",
+              flush=True)
     return 0
 
 
