@@ -7,6 +7,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
 py="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then  # every extra takes 2.7 GB (torch, fiftyone, ray); the tests add 1.2 GB for Label Studio
+  free_kb=$(df -Pk . | awk 'NR==2 {print $4}')
+  if [ -n "$free_kb" ] && [ "$free_kb" -lt 6000000 ]; then
+    echo "warning: only $((free_kb / 1024)) MB free here; the virtualenv with all extras and the tests' Label Studio need about 4 GB" \
+         "(pip fails with 'No space left on device' when it runs out)" >&2
+  fi
+fi
 if [ ! -x .venv/bin/python ]; then
   "$py" -m venv .venv
 fi
