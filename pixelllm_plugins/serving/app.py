@@ -312,9 +312,11 @@ def create_app(model: Any = None, settings: WorkerSettings | None = None, *, eng
                                             limits=limits, timeout_s=settings.url_timeout_s)
         prepare = getattr(engine.predictor, "prepare", None)  # resize + hash here, off the inference thread
 
-        def decode_and_prepare():  # one thread hop per image: decode (JPEG at a reduced scale), resize, hash
+        def decode_and_prepare():  # decode (JPEG at a reduced scale), resize, hash
             return prepare(data, limits) if prepare is not None else image_io.decode(data, limits)
 
+        if len(data) <= settings.inline_decode_bytes:  # a small image: cheaper than the thread hop
+            return decode_and_prepare()
         return await asyncio.get_running_loop().run_in_executor(decode_pool, decode_and_prepare)
 
     def check_limit(name: str, value: int, limit: int) -> None:

@@ -32,6 +32,7 @@ ENV_VARS: dict[str, str] = {
     "PIXELLLM_WORKER_ENGINE": "engine",
     "PIXELLLM_WORKER_OTEL": "otel",
     "PIXELLLM_WORKER_FRONTS": "fronts",
+    "PIXELLLM_WORKER_INLINE_DECODE_BYTES": "inline_decode_bytes",
 }
 
 
@@ -83,6 +84,10 @@ class WorkerSettings:
     # HTTP front processes on the one port, all feeding the one model process (engine "process" only):
     # one front runs on one GIL; a host with cores to spare serves more requests a second with several
     fronts: int = 1
+    # images of at most this many bytes are decoded on the event loop: for them (under about 2 ms of work)
+    # the hop to a decode thread costs more than it saves. Larger ones go to the thread pool, so the loop
+    # keeps answering. 0: every image goes to the pool
+    inline_decode_bytes: int = 64 * 1024
 
     def __post_init__(self) -> None:
         if isinstance(self.allowed_hosts, str):
@@ -105,6 +110,7 @@ class WorkerSettings:
             "warmup": self.warmup in ("auto", "on", "off"),
             "engine": self.engine in ("process", "thread"),
             "fronts": self.fronts >= 1 and (self.fronts == 1 or self.engine == "process"),
+            "inline_decode_bytes": self.inline_decode_bytes >= 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:

@@ -208,3 +208,37 @@ def test_fastapi_telemetry_is_off_unless_asked_for():
         assert off["telemetry"] == {"tracing": False, "metrics": False, "logs": False}
         app = create_app(FakePredictor(), WorkerSettings(otel=False))
         assert not app._native_telemetry.enabled()
+
+
+def test_small_images_are_decoded_on_the_event_loop_large_ones_in_the_pool(make_client):
+    import threading
+
+    from pixelllm_plugins.io import load_image
+
+    class Preparing(FakePredictor):
+        def __init__(self):
+            super().__init__()
+            self.threads: list[tuple[int, str]] = []
+
+        def prepare(self, data, limits=None):
+            self.threads.append((len(data), threading.current_thread().name))
+            return load_image(data, limits)
+
+    fake = Preparing()
+    small, large = png_bytes(16, 12), png_bytes(400, 300)
+    assert len(small) < 1000 < len(large)
+    c = make_client(fake, inline_decode_bytes=1000)
+    for data in (small, large):
+        r = c.post("/v1/refer", json={"image": {"b64": b64(data)}, "text": "the red circle"})
+        assert r.status_code == 200, r.text
+    (n_small, where_small), (n_large, where_large) = fake.threads
+    assert (n_small, n_large) == (len(small), len(large))
+    assert not where_small.startswith("pixelllm-decode") and where_large.startswith("pixelllm-decode")
+    assert r.json()["image_size"] == [400, 300]
+    fake.threads.clear()
+    c = make_client(fake, inline_decode_bytes=0)  # 0: every image goes to the pool
+    c.post("/v1/refer", json={"image": {"b64": b64(small)}, "text": "x"})
+    assert fake.threads[0][1].startswith("pixelllm-decode")
+    with pytest.raises(ValueError, match="inline_decode_bytes=-1"):
+        WorkerSettings(inline_decode_bytes=-1)
+    assert WorkerSettings.from_env({"PIXELLLM_WORKER_INLINE_DECODE_BYTES": "0"}).inline_decode_bytes == 0
