@@ -89,3 +89,45 @@ def test_label_types_declared_in_schema(dataset, fake):
     assert schema["pixelllm_trace_path"].document_type is fo.Polylines
     # dynamic attributes are declared, so the App sidebar can filter on them
     assert dataset.get_field("pixelllm_caption.model_version") is not None
+
+
+def test_apply_model_sends_a_worker_the_file_and_keeps_pixels_for_a_local_model(dataset, monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from fakes import FakePredictor
+    from PIL import Image
+
+    from pixelllm_plugins.io import EncodedImage
+
+    class Recording(FakePredictor):  # no prepare(): stands for RemotePredictor
+        def __init__(self):
+            super().__init__()
+            self.images = []
+
+        def refer(self, images, texts, **kw):
+            self.images.extend(images)
+            return super().refer(images, texts, **kw)
+
+    class Local(Recording):
+        def prepare(self, image, limits=None):  # what an in-process Predictor has
+            raise AssertionError("not called by the wrapper")
+
+    samples = list(dataset)
+    rotated = tmp_path / "rotated.jpg"  # EXIF orientation 6: a reader that honours it turns the picture
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.open(samples[1].filepath).convert("RGB").save(rotated, exif=exif.tobytes())
+    samples[1].filepath = str(rotated)
+    samples[1].save()
+    view = dataset.select([samples[0].id, samples[1].id], ordered=True)
+    remote = Recording()
+    monkeypatch.setattr(pxfo, "get_predictor", lambda model=None, **kw: remote)
+    view.apply_model(pxfo.PixelLLMModel("refer", prompt="the red circle"), label_field="ref", batch_size=2)
+    first, second = remote.images
+    assert isinstance(first, EncodedImage) and first.data == Path(samples[0].filepath).read_bytes()
+    assert isinstance(second, Image.Image)  # an EXIF-rotated file: the pixels FiftyOne read
+    local = Local()
+    monkeypatch.setattr(pxfo, "get_predictor", lambda model=None, **kw: local)
+    view.apply_model(pxfo.PixelLLMModel("refer", prompt="the red circle"), label_field="ref2", batch_size=2)
+    assert all(isinstance(im, Image.Image) for im in local.images)  # FiftyOne's decoded copy, not decoded twice
+    assert view.count("ref.detections") == view.count("ref2.detections") == 2
