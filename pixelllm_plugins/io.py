@@ -30,6 +30,7 @@ class EncodedImage:
     size: tuple[int, int]  # (width, height), read from the header
     format: str = ""
     what: str = "image"
+    orientation: int = 1  # the EXIF orientation tag (1: stored upright); the loader does not apply it
 
     @property
     def width(self) -> int:
@@ -142,7 +143,8 @@ def open_encoded(source: str | os.PathLike | bytes, limits: ImageLimits | None =
     with _decoding(what), Image.open(io.BytesIO(data)) as image:
         size, fmt = image.size, image.format or ""
         _check_pixels(size[0], size[1], limits, what)
-    return EncodedImage(data, size, fmt, what)
+        orientation = image.getexif().get(0x0112, 1)
+    return EncodedImage(data, size, fmt, what, orientation)
 
 
 def decode_image_bytes(data: bytes, limits: ImageLimits, what: str = "image") -> Image.Image:

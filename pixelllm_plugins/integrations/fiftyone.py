@@ -18,7 +18,7 @@ The conversions are the ones in ``pixelllm_plugins.geometry``.
 
 from __future__ import annotations
 
-import io
+import contextlib
 import json
 import logging
 import os
@@ -32,14 +32,13 @@ from typing import Any
 import fiftyone as fo
 import fiftyone.core.labels as fol
 import fiftyone.core.models as fom
-from PIL import Image
 
 from ..errors import InvalidBoxError, InvalidPromptError, PixelLLMError, RemoteError
 from ..geometry import clip_box, fo_relative_to_xyxy, point_to_relative, xyxy_to_fo_relative
 from ..inference import get_predictor, release_predictors
 from ..inference.protocol import PredictorProtocol
 from ..inference.results import Detection, RegionCaption, TracedCaption
-from ..io import EncodedImage, load_image, open_encoded
+from ..io import load_image, open_encoded
 
 logger = logging.getLogger(__name__)
 
@@ -635,12 +634,6 @@ def _run(task: _Task, samples, *, overwrite: bool, batch_size: int | None,
     return summary
 
 
-def _upright(encoded: EncodedImage) -> bool:
-    """No EXIF orientation to apply: decoded as stored, the file shows what a reader that honours it shows."""
-    with Image.open(io.BytesIO(encoded.data)) as im:
-        return im.getexif().get(0x0112, 1) == 1
-
-
 def _predictor(predictor: PredictorProtocol | None, model: str | None) -> PredictorProtocol:
     return predictor if predictor is not None else get_predictor(model or None)
 
@@ -776,14 +769,12 @@ class PixelLLMModel(fom.Model, fom.SamplesMixin):
         if isinstance(arg, (str, os.PathLike)):
             return open_encoded(arg)
         image = load_image(arg)
-        path = getattr(sample, "filepath", None) if sample is not None else None
+        path = getattr(sample, "filepath", None)
         if path and not callable(getattr(self.predictor, "prepare", None)):
-            try:
+            with contextlib.suppress(PixelLLMError):
                 encoded = open_encoded(path)
-            except PixelLLMError:
-                return image
-            if encoded.size == image.size and _upright(encoded):  # the same picture FiftyOne read
-                return encoded
+                if encoded.size == image.size and encoded.orientation == 1:  # the same picture FiftyOne read
+                    return encoded
         return image
 
     def predict_all(self, args, samples=None):

@@ -128,6 +128,12 @@ def test_encoded_image_is_sized_from_the_header_and_decoded_later(tmp_path):
     assert np.array_equal(np.asarray(load_image(encoded)), np.asarray(load_image(data)))
     image, original = load_image_scaled(encoded, min_side=128)  # the reduced JPEG decode still applies
     assert (image.size, original) == ((128, 96), (1024, 768))
+    assert encoded.orientation == 1
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored on its side: a viewer that honours EXIF turns it
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(data)).save(buf, "JPEG", exif=exif.tobytes())
+    assert open_encoded(buf.getvalue()).orientation == 6
 
 
 def test_encoded_image_errors():
