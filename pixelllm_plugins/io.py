@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import math
 import os
+import struct
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,7 +32,16 @@ class EncodedImage:
     size: tuple[int, int]  # (width, height), read from the header
     format: str = ""
     what: str = "image"
-    orientation: int = 1  # the EXIF orientation tag (1: stored upright); the loader does not apply it
+
+    @functools.cached_property
+    def orientation(self) -> int:
+        """The EXIF orientation tag (1: stored upright; 0: unreadable), which the loader does not apply. Read
+        on first use, not by ``open_encoded``: a PNG's EXIF may follow its pixels, so reading it decodes them."""
+        try:
+            with Image.open(io.BytesIO(self.data)) as image:
+                return int(image.getexif().get(0x0112, 1))
+        except (OSError, SyntaxError, ValueError, struct.error):
+            return 0
 
     @property
     def width(self) -> int:
@@ -143,8 +154,7 @@ def open_encoded(source: str | os.PathLike | bytes, limits: ImageLimits | None =
     with _decoding(what), Image.open(io.BytesIO(data)) as image:
         size, fmt = image.size, image.format or ""
         _check_pixels(size[0], size[1], limits, what)
-        orientation = image.getexif().get(0x0112, 1)
-    return EncodedImage(data, size, fmt, what, orientation)
+    return EncodedImage(data, size, fmt, what)
 
 
 def decode_image_bytes(data: bytes, limits: ImageLimits, what: str = "image") -> Image.Image:
