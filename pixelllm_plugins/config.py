@@ -116,6 +116,11 @@ class HeadsConfig:
     point_context_layers: int = 0
     point_refine: bool = False
     point_coords: bool = False
+    # Ours, grid point head with relation layers: a ``candidate_fine_grid`` x ``candidate_fine_grid`` lattice
+    # of the vision encoder's fine map inside each relation candidate's box joins that candidate's key
+    # (through a zero-started projection) before the relation layers, so "the small star" can tell a star
+    # from a hexagon a few pixels wide, as the fine map lets region captions do. Needs vision.fine_channels.
+    candidate_fine_grid: int = 0
     # Ours: a linear word head on the proposal features inside a target box, trained to predict the words
     # of that box's region caption or referring expression (losses.box_words_loss). Needs proposals. It
     # teaches the features object attributes directly, which the grid point head and map tokens read.

@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import PixelLLMError
+from .prompt_adapter import sample_lattice
+
 
 class PointHead(nn.Module):
     """LN -> MLP (GELU) -> ``num_points * 2`` numbers -> points ``(raw + 1) / 2`` (unclipped, as the paper).
@@ -251,9 +254,13 @@ class GridPointHead(nn.Module):
 
     def __init__(self, in_dim: int, feature_dim: int, hidden: int, map_size: tuple[int, int], canvas_size: int,
                  relation_layers: int = 0, relation_candidates: int = 8, context_layers: int = 0,
-                 max_positions: int = 128, refine: bool = False, coords: bool = False):
+                 max_positions: int = 128, refine: bool = False, coords: bool = False,
+                 fine_dim: int = 0, fine_grid: int = 0):
         super().__init__()
         self.canvas_size = canvas_size
+        # fine: samples of the fine map inside each relation candidate's box, added to its key
+        self.fine_grid = fine_grid
+        self.fine_key = zero_linear(fine_grid * fine_grid * fine_dim, hidden) if fine_grid > 0 else None
         # coords: each token may prefer candidates linearly along x and y ("the rightmost ..." = the largest
         # x among the candidates its content scores favour), a score a learned position table cannot give
         self.coords = zero_linear(hidden, 2) if coords else None
@@ -285,6 +292,19 @@ class GridPointHead(nn.Module):
         peak[torch.arange(b, device=heat.device), masked.flatten(1).argmax(1)] = True
         return F.logsigmoid(heat.flatten(1)).masked_fill(~peak, float("-inf"))
 
+    def _fine_keys(self, maps: dict[str, Tensor], cells: Tensor, image_index: Tensor) -> Tensor:
+        """cells [M,K] of the rows' images -> the fine-map term of those candidates' keys [M,K,h]."""
+        if "fine" not in maps:
+            raise PixelLLMError("heads.candidate_fine_grid reads the fine map: pass maps from "
+                             "PixelLLM.image_maps(*encode_images_with_fine(pixels))")
+        canvas = ProposalHead.cell_boxes(maps, self.canvas_size) / self.canvas_size  # [B,L,4] canvas frame
+        m, k = cells.shape
+        picked = canvas.index_select(0, image_index).gather(1, cells[..., None].expand(-1, -1, 4))
+        fine = maps["fine"]
+        samples, _ = sample_lattice(fine, picked.reshape(m * k, 4).clamp(0, 1).to(fine.dtype),
+                                    image_index.repeat_interleave(k), self.fine_grid)
+        return self.fine_key(samples.reshape(m, k, -1).to(self.fine_key.weight.dtype))
+
     def forward(self, hidden: Tensor, maps: dict[str, Tensor], image_index: Tensor, image_sizes: Tensor,
                 *, text_mask: Tensor | None = None, with_choices: bool = False):
         """hidden [M,T,H], proposal maps of B images, image_index [M], image_sizes [B,2] (w,h canvas px)
@@ -307,6 +327,8 @@ class GridPointHead(nn.Module):
             valid = torch.isfinite(top)
             picked = keys.gather(1, cells[..., None].expand(-1, -1, keys.shape[-1]))
             cand_boxes = boxes.gather(1, cells[..., None].expand(-1, -1, 4))
+            if self.fine_key is not None:
+                picked = picked + self._fine_keys(maps, cells, image_index).to(picked.dtype)
             related = self.relations(picked, cand_boxes, valid, hidden, text_mask)  # [M,K,h]
             delta = torch.einsum("mtd,mkd->mtk", query, related).float() * self.scale
             delta = delta.masked_fill(~valid[:, None, :], 0.0)

@@ -76,6 +76,9 @@ class PixelLLM(nn.Module):
                 raise PixelLLMError("heads.box_words reads the proposal head's features: it needs heads.proposals")
             dim = self.proposal_head.feature_dim
             self.word_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, vocab_size))
+        if heads.candidate_fine_grid > 0 and not (fine_dim and heads.relation_layers > 0):
+            raise PixelLLMError("heads.candidate_fine_grid adds fine-map samples to the relation candidates: it "
+                                "needs vision.fine_channels > 0 and heads.relation_layers > 0")
         if heads.point_mode == "grid":
             if self.proposal_head is None or heads.num_points != 2:
                 raise PixelLLMError("heads.point_mode 'grid' points at proposal-map cells: it needs "
@@ -84,11 +87,13 @@ class PixelLLM(nn.Module):
                                             self.proposal_head.map_size, self.canvas_size,
                                             heads.relation_layers, heads.relation_candidates,
                                             heads.point_context_layers, config.language.max_positions,
-                                            heads.point_refine, heads.point_coords)
+                                            heads.point_refine, heads.point_coords,
+                                            fine_dim, heads.candidate_fine_grid)
         elif heads.point_mode == "mlp":
-            if heads.point_context_layers or heads.point_refine or heads.point_coords:
-                raise PixelLLMError("heads.point_context_layers, point_refine and point_coords belong to the grid "
-                                    "point head: set heads.point_mode 'grid' or leave them at 0 / false")
+            if heads.point_context_layers or heads.point_refine or heads.point_coords or heads.candidate_fine_grid:
+                raise PixelLLMError("heads.point_context_layers, point_refine, point_coords and candidate_fine_grid "
+                                    "belong to the grid point head: set heads.point_mode 'grid' or leave them at "
+                                    "0 / false")
             self.point_head = PointHead(h, heads.point_hidden, heads.point_layers, heads.num_points)
         else:
             raise PixelLLMError(f"unknown heads.point_mode {heads.point_mode!r}; use 'mlp' or 'grid'")

@@ -167,6 +167,24 @@ def test_grow_adds_zero_started_point_modules_and_refuses_what_would_drop_weight
         want, got = mapped(_inputs(mapped, tokenizer)), fine(_inputs(fine, tokenizer))
     torch.testing.assert_close(got.points, want.points)
     torch.testing.assert_close(got.logits, want.logits)
+    # and the relation candidates' fine samples: a zero projection, same answers; trained, they move them
+    model.config.vision.fine_channels, model.config.prompt.fine_grid = 4, 2
+    model.config.heads.relation_layers = 1
+    related = PixelLLM(model.config, tokenizer.vocab_size).eval()
+    save_pretrained(related, tokenizer, tmp_path / "related")
+    ckpt.grow_pretrained(tmp_path / "related", tmp_path / "cand", {"heads.candidate_fine_grid": 2})
+    cand, _, _ = load_pretrained(tmp_path / "cand")
+    assert cand.point_head.fine_key is not None and not cand.point_head.fine_key.weight.any()
+    with torch.no_grad():
+        want, got = related(_inputs(related, tokenizer)), cand(_inputs(cand, tokenizer))
+        torch.testing.assert_close(got.points, want.points)
+        torch.testing.assert_close(got.logits, want.logits)
+        # the relation layers start at zero too: give both models the same trained-looking ones
+        for a, b in zip(related.point_head.relations.parameters(), cand.point_head.relations.parameters()):
+            b.copy_(a.normal_(0, 0.5))
+        cand.point_head.fine_key.weight.normal_(0, 1.0)  # in train mode the points blend candidates
+        blend = related.train()(_inputs(related, tokenizer)).points
+        assert not torch.allclose(cand.train()(_inputs(cand, tokenizer)).points, blend)
     with pytest.raises(CheckpointError, match="drop or reshape"):
         ckpt.grow_pretrained(tmp_path / "src", tmp_path / "bad", {"language.hidden_size": 48})
     with pytest.raises(CheckpointError, match="section.field"):
