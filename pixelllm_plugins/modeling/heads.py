@@ -296,7 +296,7 @@ class GridPointHead(nn.Module):
         """cells [M,K] of the rows' images -> the fine-map term of those candidates' keys [M,K,h]."""
         if "fine" not in maps:
             raise PixelLLMError("heads.candidate_fine_grid reads the fine map: pass maps from "
-                             "PixelLLM.image_maps(*encode_images_with_fine(pixels))")
+                                "PixelLLM.image_maps(*encode_images_with_fine(pixels))")
         canvas = ProposalHead.cell_boxes(maps, self.canvas_size) / self.canvas_size  # [B,L,4] canvas frame
         m, k = cells.shape
         picked = canvas.index_select(0, image_index).gather(1, cells[..., None].expand(-1, -1, 4))
