@@ -32,6 +32,8 @@ from typing import Any
 import fiftyone as fo
 import fiftyone.core.labels as fol
 import fiftyone.core.models as fom
+import numpy as np
+from PIL import Image
 
 from ..errors import InvalidBoxError, InvalidPromptError, PixelLLMError, RemoteError
 from ..geometry import clip_box, fo_relative_to_xyxy, point_to_relative, xyxy_to_fo_relative
@@ -768,14 +770,14 @@ class PixelLLMModel(fom.Model, fom.SamplesMixin):
         worker gets the sample's file as it is rather than a PNG re-encoded from them."""
         if isinstance(arg, (str, os.PathLike)):
             return open_encoded(arg)
-        image = load_image(arg)
         path = getattr(sample, "filepath", None)
         if path and not callable(getattr(self.predictor, "prepare", None)):
+            size = arg.size if isinstance(arg, Image.Image) else tuple(np.shape(arg)[1::-1])  # (w, h)
             with contextlib.suppress(PixelLLMError):
                 encoded = open_encoded(path)
-                if encoded.size == image.size and encoded.orientation == 1:  # the same picture FiftyOne read
+                if encoded.size == size and encoded.orientation == 1:  # the same picture FiftyOne read
                     return encoded
-        return image
+        return load_image(arg)
 
     def predict_all(self, args, samples=None):
         samples = list(samples) if samples is not None else [None] * len(args)

@@ -292,16 +292,14 @@ class GridPointHead(nn.Module):
         peak[torch.arange(b, device=heat.device), masked.flatten(1).argmax(1)] = True
         return F.logsigmoid(heat.flatten(1)).masked_fill(~peak, float("-inf"))
 
-    def _fine_keys(self, maps: dict[str, Tensor], cells: Tensor, image_index: Tensor) -> Tensor:
-        """cells [M,K] of the rows' images -> the fine-map term of those candidates' keys [M,K,h]."""
+    def _fine_keys(self, maps: dict[str, Tensor], boxes01: Tensor, image_index: Tensor) -> Tensor:
+        """Candidate boxes [M,K,4] normalised to the canvas -> the fine-map term of their keys [M,K,h]."""
         if "fine" not in maps:
             raise PixelLLMError("heads.candidate_fine_grid reads the fine map: pass maps from "
                                 "PixelLLM.image_maps(*encode_images_with_fine(pixels))")
-        canvas = ProposalHead.cell_boxes(maps, self.canvas_size) / self.canvas_size  # [B,L,4] canvas frame
-        m, k = cells.shape
-        picked = canvas.index_select(0, image_index).gather(1, cells[..., None].expand(-1, -1, 4))
+        m, k, _ = boxes01.shape
         fine = maps["fine"]
-        samples, _ = sample_lattice(fine, picked.reshape(m * k, 4).clamp(0, 1).to(fine.dtype),
+        samples, _ = sample_lattice(fine, boxes01.reshape(m * k, 4).clamp(0, 1).to(fine.dtype),
                                     image_index.repeat_interleave(k), self.fine_grid)
         return self.fine_key(samples.reshape(m, k, -1).to(self.fine_key.weight.dtype))
 
@@ -327,8 +325,9 @@ class GridPointHead(nn.Module):
             valid = torch.isfinite(top)
             picked = keys.gather(1, cells[..., None].expand(-1, -1, keys.shape[-1]))
             cand_boxes = boxes.gather(1, cells[..., None].expand(-1, -1, 4))
-            if self.fine_key is not None:
-                picked = picked + self._fine_keys(maps, cells, image_index).to(picked.dtype)
+            if self.fine_key is not None:  # back from each image's frame to the canvas the maps cover
+                fine = self._fine_keys(maps, cand_boxes * size / self.canvas_size, image_index)
+                picked = picked + fine.to(picked.dtype)
             related = self.relations(picked, cand_boxes, valid, hidden, text_mask)  # [M,K,h]
             delta = torch.einsum("mtd,mkd->mtk", query, related).float() * self.scale
             delta = delta.masked_fill(~valid[:, None, :], 0.0)
