@@ -69,6 +69,11 @@ class PromptConfig:
     # inside the prompt box, projected by a zero-initialised layer and added to the map tokens (needs
     # map_tokens): adding it to a trained model changes nothing until it is trained. 0 = none.
     fine_grid: int = 0
+    # Beyond the paper: the prompt box's place and size relative to the image it lies in (not the padded
+    # canvas), through a zero-initialised MLP added to every visual token. "small" and "large" are relative
+    # to the image, and a non-square image is padded to the square canvas, so neither the box corners
+    # (canvas frame) nor the image tokens say how large the box is for its image. False = paper-exact.
+    box_extent: bool = False
 
 
 @dataclass

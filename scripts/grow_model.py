@@ -2,11 +2,12 @@
 
 Weights that exist in both keep their values; new modules keep their initialisation. The grid point
 head's additions (``heads.point_context_layers``, ``heads.point_refine``) and the fine map's projection
-(``prompt.fine_grid``) start at zero, so the grown model answers exactly as the source until it is trained
+(``prompt.fine_grid``) and the box extent (``prompt.box_extent``) start at zero, so the grown model answers exactly as the source until it is trained
 (``pixelllm train --init DST``).
 
     python scripts/grow_model.py SRC DST heads.point_context_layers=1 heads.point_refine=true
     python scripts/grow_model.py SRC DST vision.fine_channels=16 prompt.fine_grid=4
+    python scripts/grow_model.py SRC DST prompt.box_extent=true
 """
 
 from __future__ import annotations

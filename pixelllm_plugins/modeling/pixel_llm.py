@@ -18,7 +18,7 @@ from .inputs import ModelInputs, ModelOutput
 from .language import build_language_model
 from .losses import combine_losses
 from .prompt_adapter import PromptAdapter, sample_lattice
-from .prompt_encoder import PromptEncoder
+from .prompt_encoder import BoxExtentEncoder, PromptEncoder
 from .vision import build_vision_encoder
 
 
@@ -70,6 +70,8 @@ class PixelLLM(nn.Module):
                                     "vision.fine_channels > 0 and prompt.map_tokens > 0")
             g, m = config.prompt.fine_grid, config.prompt.map_tokens
             self.fine_token_proj = zero_linear(g * g * fine_dim, m * m * config.prompt.output_dim)
+        self.box_extent = (BoxExtentEncoder(config.prompt.output_dim, self.canvas_size)
+                           if config.prompt.box_extent else None)
         self.word_head = None
         if heads.box_words:
             if self.proposal_head is None:
@@ -123,11 +125,23 @@ class PixelLLM(nn.Module):
         return self.points_need_maps or self.map_token_proj is not None
 
     def visual_tokens_flat(self, image_tokens: Tensor, boxes: Tensor, image_index: Tensor,
-                           maps: dict[str, Tensor] | None = None) -> Tensor:
+                           maps: dict[str, Tensor] | None = None, image_sizes: Tensor | None = None) -> Tensor:
         """image_tokens [B,L,C], boxes [M,4] canvas px, image_index [M] -> visual tokens [M,Q(+g*g),Dv].
 
         ``maps`` (``proposal_head`` of the same image tokens) is computed when needed and absent.
+        ``image_sizes`` [B,2] (w,h canvas px of the un-padded images) is needed with ``prompt.box_extent``.
         """
+        visual = self._prompt_tokens(image_tokens, boxes, image_index, maps)
+        if self.box_extent is None:
+            return visual
+        if image_sizes is None:
+            raise PixelLLMError("this model's prompt.box_extent reads each image's size: pass image_sizes [B,2] "
+                                "(w,h of the resized, un-padded images in canvas pixels)")
+        extent = self.box_extent(boxes, image_sizes.index_select(0, image_index))
+        return visual + extent[:, None, :].to(visual.dtype)
+
+    def _prompt_tokens(self, image_tokens: Tensor, boxes: Tensor, image_index: Tensor,
+                       maps: dict[str, Tensor] | None) -> Tensor:
         pe = self.prompt_encoder
         boxes01 = (boxes.float() / self.canvas_size).clamp(0, 1)
         roi = None
@@ -155,11 +169,12 @@ class PixelLLM(nn.Module):
                       ) -> Tensor:
         """image_tokens [B,L,C], prompt_boxes [B,N,4] canvas px -> visual tokens [B,N,Q,Dv].
 
-        ``image_sizes`` is accepted for interface symmetry; prompts are encoded in the canvas frame.
+        ``image_sizes`` [B,2] is needed only with ``prompt.box_extent``; prompts are encoded in the canvas frame.
         """
         b, n = prompt_boxes.shape[:2]
         index = torch.arange(b, device=prompt_boxes.device).repeat_interleave(n)
-        flat = self.visual_tokens_flat(image_tokens, prompt_boxes.reshape(b * n, 4), index)
+        flat = self.visual_tokens_flat(image_tokens, prompt_boxes.reshape(b * n, 4), index,
+                                       image_sizes=image_sizes)
         return flat.view(b, n, *flat.shape[1:])
 
     @property
@@ -220,7 +235,7 @@ class PixelLLM(nn.Module):
             b_idx = valid.nonzero(as_tuple=True)[0]
             if b_idx.numel():
                 visual = self.visual_tokens_flat(image_tokens, inputs.prompt_boxes[valid], b_idx,
-                                                 out.proposals or None)
+                                                 out.proposals or None, inputs.image_sizes)
                 logits, hidden = self.language(visual, inputs.context_ids[valid], inputs.context_mask[valid],
                                                inputs.text_ids[valid], text_mask[valid])
                 choices: dict[str, Tensor] = {}

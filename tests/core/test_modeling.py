@@ -123,6 +123,35 @@ def test_fine_map_reaches_only_the_map_tokens_and_starts_as_a_no_op():
     assert model.vision.fine.body[0].weight.grad.abs().sum() > 0
 
 
+def test_box_extent_starts_as_a_no_op_and_tells_the_images_size():
+    torch.manual_seed(0)
+    cfg = get_preset("tiny")
+    cfg.prompt.box_extent = True
+    model = PixelLLM(cfg, V).eval()
+    plain = PixelLLM(get_preset("tiny"), V).eval()
+    loaded = plain.load_state_dict(model.state_dict(), strict=False)
+    assert loaded.unexpected_keys and all(k.startswith("box_extent.") for k in loaded.unexpected_keys)
+    s = cfg.vision.image_size
+    # one image's tokens twice, the same canvas box in each, but a wide and a tall image around it
+    tokens = model.encode_images(torch.randn(1, 3, s, s)).expand(2, -1, -1)
+    boxes = torch.tensor([[[4.0, 4.0, 20.0, 20.0]]]).expand(2, -1, -1)
+    sizes = torch.tensor([[s, s / 2], [s / 2, s]])
+    with torch.no_grad():
+        before = model.visual_tokens(tokens, boxes, sizes)
+        torch.testing.assert_close(before, plain.visual_tokens(tokens, boxes))
+        torch.testing.assert_close(before[0], before[1])
+        torch.nn.init.normal_(model.box_extent.mlp[-1].weight, std=0.5)
+        after = model.visual_tokens(tokens, boxes, sizes)
+    assert not torch.allclose(after[0], after[1])  # the same box, told apart by its image's shape
+    features = model.box_extent.features(torch.tensor([[8.0, 0.0, 24.0, 8.0]]), torch.tensor([[32.0, 16.0]]))
+    torch.testing.assert_close(features, torch.tensor([[0.25, 0.0, 0.75, 0.5, 1.0, 0.5, 32 / s, 16 / s]]))
+    with pytest.raises(PixelLLMError, match="image_sizes"):
+        model.visual_tokens(tokens, boxes)
+    out = model.train()(make_inputs(cfg))  # forward passes the inputs' image sizes; trains end to end
+    out.loss.backward()
+    assert model.box_extent.mlp[-1].weight.grad.abs().sum() > 0
+
+
 def test_fine_map_needs_its_parts():
     cfg = _fine_config()
     cfg.prompt.map_tokens = 0

@@ -118,7 +118,7 @@ def test_inference_mode_no_grad(tiny_predictor, scene_files):
 @pytest.fixture(scope="module")
 def grid_predictor():
     """A random ``tiny`` with the synth-small heads: grid points with relations, point context, box refinement
-    and x/y preference, map tokens, detail tokens, and the fine map in the map tokens."""
+    and x/y preference, map tokens, detail tokens, the fine map in the map tokens, and the box extent."""
     import torch
 
     from pixelllm_plugins.config import get_preset
@@ -129,13 +129,14 @@ def grid_predictor():
     cfg = get_preset("tiny")
     cfg.vision.patch_size, cfg.vision.detail_channels, cfg.vision.fine_channels = 16, 4, 4
     cfg.heads.point_mode, cfg.heads.relation_layers, cfg.prompt.map_tokens = "grid", 1, 2
-    cfg.prompt.fine_grid = 2
+    cfg.prompt.fine_grid, cfg.prompt.box_extent = 2, True
     cfg.heads.point_context_layers, cfg.heads.point_refine, cfg.heads.point_coords = 1, True, True
     tokenizer = PixelTokenizer.default()
     torch.manual_seed(0)
     model = PixelLLM(cfg, tokenizer.vocab_size)
     head = model.point_head  # make the zero-started parts count
-    for layer in (head.relations.out[-1], head.context.out[-1], head.refine, head.coords, model.fine_token_proj):
+    for layer in (head.relations.out[-1], head.context.out[-1], head.refine, head.coords, model.fine_token_proj,
+                  model.box_extent.mlp[-1]):
         torch.nn.init.normal_(layer.weight, std=0.5)
     return Predictor(model, tokenizer=tokenizer, device="cpu", dtype=torch.float32)
 
