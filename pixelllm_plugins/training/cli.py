@@ -32,6 +32,10 @@ def add_training_parsers(sub) -> None:
     p.add_argument("--lr-multiplier", nargs="+", default=None, metavar="PREFIX=FACTOR",
                    help="learning-rate factor by parameter-name prefix (first match wins), e.g. "
                         "point_head.context.=5 for modules just added with scripts/grow_model.py")
+    p.add_argument("--augment-scale", nargs="+", default=None, metavar="SOURCE=LO,HI",
+                   help="random resize range of the longer side (x canvas) per source, e.g. region=0.6,1.0; "
+                        "above 1 the image is cropped, which makes words relative to the whole image "
+                        "(small, large) untrue for the crop")
     p.add_argument("--device", default=None, help="auto | cpu | cuda")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT/checkpoint-last exists")
     p.add_argument("--no-progress", action="store_true")
@@ -90,6 +94,8 @@ def _train(args) -> int:
         overrides["sources"] = _weights(args.sources, "--sources", "refer=4")
     if args.lr_multiplier:
         overrides["lr_multipliers"] = _weights(args.lr_multiplier, "--lr-multiplier", "point_head.context.=5")
+    if args.augment_scale:
+        overrides["augment_scale"] = _ranges(args.augment_scale, "--augment-scale", "region=0.6,1.0")
     if args.no_resume:
         overrides["resume"] = False
     if args.no_progress:
@@ -109,6 +115,21 @@ def _weights(items: list[str], flag: str, example: str) -> dict[str, float]:
             out[name] = float(value)
         except ValueError:
             raise TrainingError(f"{flag} takes NAME=NUMBER items like {example}; got {item!r}") from None
+    return out
+
+
+def _ranges(items: list[str], flag: str, example: str) -> dict[str, list[float]]:
+    """["region=0.6,1.0"] -> {"region": [0.6, 1.0]}, with a usable error for anything else."""
+    out: dict[str, list[float]] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            lo, hi = (float(v) for v in value.split(","))
+            if not sep or not name:
+                raise ValueError
+        except ValueError:
+            raise TrainingError(f"{flag} takes NAME=LO,HI items like {example}; got {item!r}") from None
+        out[name] = [lo, hi]
     return out
 
 

@@ -51,6 +51,10 @@ class TrainConfig:
     sources: dict[str, float] = field(default_factory=lambda: {"refer": 4.0, "region": 3.0, "trace": 2.0,
                                                                 "caption": 1.0})
     max_prompts: dict[str, int] = field(default_factory=dict)  # per source; default in data.mixture
+    # per source: the random resize range [lo, hi] of the longer side (x canvas); above 1 the image is
+    # cropped. Default: data.transforms.TASK_AUGMENT. Words relative to the whole image ("small", "large")
+    # stay true only when hi <= 1.
+    augment_scale: dict[str, list[float]] = field(default_factory=dict)
     out_dir: str = "runs/train"
     steps: int = 1000  # optimizer steps
     batch_size: int = 8  # images per micro-batch per rank
@@ -113,6 +117,13 @@ class TrainConfig:
                                 f"{self.batch_size}, {self.grad_accum})")
         if self.lr <= 0:
             raise TrainingError(f"lr must be positive, got {self.lr}")
+        strays = sorted(set(self.augment_scale) - {k for k, w in self.sources.items() if w > 0})
+        if strays:
+            raise TrainingError(f"augment_scale names {strays}, which are not sources of this mixture "
+                                f"{sorted(k for k, w in self.sources.items() if w > 0)}")
+        for name, scale in self.augment_scale.items():
+            if len(scale) != 2 or not 0 < scale[0] <= scale[1]:
+                raise TrainingError(f"augment_scale[{name!r}] must be [lo, hi] with 0 < lo <= hi, got {scale}")
         if not self.data_dir or not Path(self.data_dir).is_dir():
             raise TrainingError(f"data_dir {self.data_dir!r} is not a folder; write one with "
                                 "`pixelllm synth --out DIR --split train val` or point at your own data")
@@ -154,10 +165,12 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.opti
 
 # ---- data --------------------------------------------------------------------------------------------
 
-def build_sources(data_dir: str | Path, split: str, weights: dict[str, float], max_prompts: dict[str, int]):
+def build_sources(data_dir: str | Path, split: str, weights: dict[str, float], max_prompts: dict[str, int],
+                  augment_scale: dict[str, list[float]] | None = None):
     """Mixture sources for the files present in ``data_dir`` (a source whose file is missing is dropped)."""
     from ..data.formats import SyntheticDataset
     from ..data.mixture import synthetic_sources
+    from ..data.transforms import TASK_AUGMENT
 
     ds = SyntheticDataset.at(data_dir, split)
     files = {"refer": ds.refcoco, "region": ds.vg, "trace": ds.ln, "caption": ds.coco_captions}
@@ -172,9 +185,14 @@ def build_sources(data_dir: str | Path, split: str, weights: dict[str, float], m
                             "in these formats")
     zeroed = {k: 0.0 for k in files if k not in present}
     try:
-        return synthetic_sources(data_dir, split, {**present, **zeroed}, max_prompts=max_prompts or None)
+        sources = synthetic_sources(data_dir, split, {**present, **zeroed}, max_prompts=max_prompts or None)
     except (ValueError, OSError) as exc:
         raise TrainingError(f"cannot load training data from {data_dir}: {exc}") from exc
+    for source in sources:
+        if source.name in (augment_scale or {}):
+            lo, hi = augment_scale[source.name]
+            source.augment = dataclasses.replace(TASK_AUGMENT[source.name], scale=(float(lo), float(hi)))
+    return sources
 
 
 class RankStream(IterableDataset):
@@ -386,7 +404,7 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> Path:
     if step >= cfg.steps:
         log.info("%s is already at step %d of %d", ckpt_dir, step, cfg.steps)
 
-    sources = build_sources(cfg.data_dir, cfg.split, cfg.sources, cfg.max_prompts)
+    sources = build_sources(cfg.data_dir, cfg.split, cfg.sources, cfg.max_prompts, cfg.augment_scale)
     mixture = MixtureDataset(sources, tokenizer, model.config, cfg.batch_size, seed=cfg.seed)
     loader = DataLoader(RankStream(mixture, micro_batches, ctx.rank, ctx.world_size), batch_size=None,
                         num_workers=cfg.num_workers, collate_fn=_identity)

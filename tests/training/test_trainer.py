@@ -141,13 +141,29 @@ def test_train_command_takes_source_weights_and_lr_multipliers(tiny_data, tmp_pa
     out = tmp_path / "cli"
     rc = main(["train", "--recipe", "tiny-smoke", "--data", str(tiny_data), "--out", str(out), "--steps", "1",
                "--sources", "refer=2", "trace=0.5", "--lr-multiplier", "point_head.=5", "vision.=0",
-               "--no-progress"])
+               "--augment-scale", "refer=0.6,1.0", "--no-progress"])
     assert rc == 0
     saved = json.loads((out / "final" / "meta.json").read_text())["train_config"]
     assert saved["sources"] == {"refer": 2.0, "trace": 0.5}
     assert saved["lr_multipliers"] == {"point_head.": 5.0, "vision.": 0.0}
-    capsys.readouterr()
-    rc = main(["train", "--recipe", "tiny-smoke", "--data", str(tiny_data), "--out", str(tmp_path / "x"),
-               "--sources", "refer", "--no-progress"])
-    assert rc != 0 and "NAME=NUMBER items like refer=4; got 'refer'" in capsys.readouterr().err
-    assert not (tmp_path / "x").exists()
+    assert saved["augment_scale"] == {"refer": [0.6, 1.0]}
+    for bad, message in ((["--sources", "refer"], "NAME=NUMBER items like refer=4; got 'refer'"),
+                         (["--augment-scale", "region=1.2"], "NAME=LO,HI items like region=0.6,1.0; got 'region=1.2'"),
+                         (["--augment-scale", "region=1.2,0.8"], "must be [lo, hi] with 0 < lo <= hi"),
+                         (["--augment-scale", "regoin=0.5,1"], "augment_scale names ['regoin'], which are not sources")):
+        capsys.readouterr()
+        rc = main(["train", "--recipe", "tiny-smoke", "--data", str(tiny_data), "--out", str(tmp_path / "x"),
+                   *bad, "--no-progress"])
+        assert rc != 0 and message in capsys.readouterr().err
+        assert not (tmp_path / "x").exists()
+
+
+def test_augment_scale_replaces_only_the_named_sources_resize_range(tiny_data):
+    from pixelllm_plugins.data.transforms import TASK_AUGMENT
+    from pixelllm_plugins.training.trainer import build_sources
+
+    sources = {s.name: s for s in build_sources(tiny_data, "train", {"refer": 1, "region": 1}, {},
+                                                {"region": [0.6, 1.0]})}
+    assert sources["region"].augment.scale == (0.6, 1.0)
+    assert sources["region"].augment.hflip == TASK_AUGMENT["region"].hflip  # the rest of the task's augment stays
+    assert sources["refer"].augment is None  # by task, as before
