@@ -283,10 +283,10 @@ class Predictor:
         return ids.to(self.device), mask.to(self.device)
 
     # ---- model calls over prompt rows --------------------------------------------------------------
-    def _visual(self, tokens: torch.Tensor, maps, images: list[_Image], rows: list[_Row],
+    def _visual(self, tokens: torch.Tensor, maps, sizes: torch.Tensor, rows: list[_Row],
                 index: torch.Tensor) -> torch.Tensor:
         boxes = torch.tensor([r.box for r in rows], dtype=torch.float32, device=self.device)
-        return self.model.visual_tokens_flat(tokens, boxes.to(self.dtype), index, maps, self._sizes(images))
+        return self.model.visual_tokens_flat(tokens, boxes.to(self.dtype), index, maps, sizes)
 
     def _sizes(self, images: list[_Image]) -> torch.Tensor:
         """[B,2] (w,h) of the resized, un-padded images in canvas pixels."""
@@ -296,26 +296,27 @@ class Predictor:
     def _row_index(self, rows: list[_Row]) -> torch.Tensor:
         return torch.tensor([r.image for r in rows], device=self.device)
 
-    def _teacher_forced(self, tokens, maps, images, rows) -> tuple[torch.Tensor, torch.Tensor]:
+    def _teacher_forced(self, tokens, maps, sizes, rows) -> tuple[torch.Tensor, torch.Tensor]:
         """Points and confidence logits at every text position: (points [R,T,4], conf [R,T]).
 
-        ``maps``: the images' proposal maps from ``_embed`` (cached with the tokens; None when the model needs none).
+        ``maps``: the images' proposal maps from ``_embed`` (cached with the tokens; None when the model needs none);
+        ``sizes``: ``_sizes`` of the images.
         """
         index = self._row_index(rows)
-        visual = self._visual(tokens, maps, images, rows, index)
+        visual = self._visual(tokens, maps, sizes, rows, index)
         ctx, ctx_mask = self._pad([r.context for r in rows])
         txt, txt_mask = self._pad([r.text for r in rows])
         _, hidden = self.model.language(visual, ctx, ctx_mask, txt, txt_mask)
         if self.model.points_need_maps:
-            points, conf = self.model.predict_points(hidden, maps, index, self._sizes(images), text_mask=txt_mask)
+            points, conf = self.model.predict_points(hidden, maps, index, sizes, text_mask=txt_mask)
         else:
             points, conf = self.model.predict_points(hidden)
         return points.float(), conf.float()
 
-    def _generate(self, tokens, maps, images, rows, max_new_tokens, num_beams):
+    def _generate(self, tokens, maps, sizes, rows, max_new_tokens, num_beams):
         from .decoding import generate
 
-        visual = self._visual(tokens, maps, images, rows, self._row_index(rows))
+        visual = self._visual(tokens, maps, sizes, rows, self._row_index(rows))
         ctx, ctx_mask = self._pad([r.context for r in rows])
         tok = self.tokenizer
         return generate(self.model.language, visual, ctx, ctx_mask, bos_id=tok.bos_id, eos_id=tok.eos_id,
@@ -363,9 +364,10 @@ class Predictor:
                     target = self._encode(text, lang.max_text_tokens, add_bos=True, what=f"image {i} text {j}")
                     rows.append(_Row(i, self._global_box(loaded[i]), context, target))
             tokens, maps = self._embed(loaded)
+            sizes = self._sizes(loaded)
             boxes, scores = [], []
             for chunk in self._chunks(rows):
-                points, conf = self._teacher_forced(tokens, maps, loaded, chunk)
+                points, conf = self._teacher_forced(tokens, maps, sizes, chunk)
                 last = torch.tensor([len(r.text) - 2 for r in chunk], device=points.device)
                 ar = torch.arange(len(chunk), device=points.device)
                 boxes.append(points[ar, last])
@@ -396,16 +398,16 @@ class Predictor:
             loaded = self._load(images)
             rows, originals = self._region_rows(loaded, boxes)
             tokens, maps = self._embed(loaded)
-            texts, scores = self._captions(tokens, maps, loaded, rows, max_new_tokens, num_beams)
+            texts, scores = self._captions(tokens, maps, self._sizes(loaded), rows, max_new_tokens, num_beams)
             out: list[list[RegionCaption]] = [[] for _ in images]
             for row, original, text, score in zip(rows, originals, texts, scores):
                 out[row.image].append(RegionCaption(original, text, score, self.model_version))
             return out
 
-    def _captions(self, tokens, maps, images, rows, max_new_tokens, num_beams) -> tuple[list[str], list[float]]:
+    def _captions(self, tokens, maps, sizes, rows, max_new_tokens, num_beams) -> tuple[list[str], list[float]]:
         texts, scores = [], []
         for chunk in self._chunks(rows):
-            result = self._generate(tokens, maps, images, chunk, max_new_tokens, num_beams)
+            result = self._generate(tokens, maps, sizes, chunk, max_new_tokens, num_beams)
             texts += [self.tokenizer.decode(t) for t in result.tokens]
             scores += [round(float(torch.tensor(s).exp().clamp(0, 1)), 4) for s in result.scores]
         return texts, scores
@@ -421,12 +423,13 @@ class Predictor:
                                    add_bos=False, what="caption prompt")
             rows = [_Row(i, self._global_box(im), context) for i, im in enumerate(loaded)]
             tokens, maps = self._embed(loaded)
+            sizes = self._sizes(loaded)
             out = []
             for chunk in self._chunks(rows):
-                result = self._generate(tokens, maps, loaded, chunk, max_new_tokens, num_beams)
+                result = self._generate(tokens, maps, sizes, chunk, max_new_tokens, num_beams)
                 for row, ids in zip(chunk, result.tokens):
                     row.text = list(ids)
-                points = self._teacher_forced(tokens, maps, loaded, chunk)[0].cpu() if trace else None
+                points = self._teacher_forced(tokens, maps, sizes, chunk)[0].cpu() if trace else None
                 for k, (row, score) in enumerate(zip(chunk, result.scores)):
                     words = self._words(row.text, points[k], loaded[row.image].prepared) if trace else []
                     out.append(TracedCaption(self.tokenizer.decode(row.text), words,
@@ -445,9 +448,10 @@ class Predictor:
                                       what=f"caption {i}"))
                     for i, (im, c) in enumerate(zip(loaded, captions))]
             tokens, maps = self._embed(loaded)
+            sizes = self._sizes(loaded)
             out = []
             for chunk in self._chunks(rows):
-                points = self._teacher_forced(tokens, maps, loaded, chunk)[0].cpu()
+                points = self._teacher_forced(tokens, maps, sizes, chunk)[0].cpu()
                 out += [self._words(r.text, points[k], loaded[r.image].prepared) for k, r in enumerate(chunk)]
             return out
 
@@ -473,7 +477,8 @@ class Predictor:
             self._use_adapter(adapter)
             loaded = self._load(images)
             tokens, maps = self._embed(loaded, maps=True)  # one set of maps: proposals and captions
-            boxes, scores = self.model.propose(tokens, self._sizes(loaded), max_regions, min_score, maps=maps)
+            sizes = self._sizes(loaded)
+            boxes, scores = self.model.propose(tokens, sizes, max_regions, min_score, maps=maps)
             boxes, scores = boxes.float().cpu(), scores.float().cpu()
             per_image, proposal_scores = [], []
             for im, b, s in zip(loaded, boxes, scores):
@@ -489,7 +494,7 @@ class Predictor:
                 per_image.append([k[0] for k in kept])
                 proposal_scores.append([k[1] for k in kept])
             rows, originals = self._region_rows(loaded, per_image)
-            texts, _ = self._captions(tokens, maps, loaded, rows, max_new_tokens, 1)
+            texts, _ = self._captions(tokens, maps, sizes, rows, max_new_tokens, 1)
             out: list[list[RegionCaption]] = [[] for _ in images]
             flat_scores = [s for ss in proposal_scores for s in ss]
             for row, original, text, score in zip(rows, originals, texts, flat_scores):
