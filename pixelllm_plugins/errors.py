@@ -41,3 +41,7 @@ class TrainingError(PixelLLMError):
 
 class EvaluationError(PixelLLMError):
     """Evaluation could not run: missing optional dependency, bad data, mismatched inputs."""
+
+
+class InvalidParameterError(PixelLLMError):
+    """A numeric option (a CLI flag, a request field, a config attribute) is not a number or out of range."""

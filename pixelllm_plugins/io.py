@@ -32,16 +32,22 @@ class EncodedImage:
     size: tuple[int, int]  # (width, height), read from the header
     format: str = ""
     what: str = "image"
+    mode: str = ""  # PIL's mode from the header ("RGB", "RGBA", "1", "I;16", ...)
 
     @functools.cached_property
     def orientation(self) -> int:
         """The EXIF orientation tag (1: stored upright; 0: unreadable), which the loader does not apply. Read
         on first use, not by ``open_encoded``: a PNG's EXIF may follow its pixels, so reading it decodes them."""
         try:
-            with Image.open(io.BytesIO(self.data)) as image:
+            with Image.open(io.BytesIO(self.data), formats=IMAGE_FORMATS) as image:
                 return int(image.getexif().get(0x0112, 1))
         except (OSError, SyntaxError, ValueError, struct.error):
             return 0
+
+    @property
+    def decode_bytes(self) -> int:
+        """Memory that decoding it takes at peak: see ``decode_cost``."""
+        return decode_cost(self.size, self.mode)
 
     @property
     def width(self) -> int:
@@ -56,6 +62,9 @@ class EncodedImage:
 
 
 ImageInput = str | os.PathLike | bytes | EncodedImage | Image.Image | np.ndarray
+
+# Formats the loader opens; anything else PIL knows (EPS through Ghostscript, PSD, ICNS, ...) is refused.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
 
 DEFAULT_MAX_PIXELS = int(os.environ.get("PIXELLLM_MAX_PIXELS", 64_000_000))
 DEFAULT_MAX_BYTES = int(os.environ.get("PIXELLLM_MAX_IMAGE_BYTES", 50 * 1024 * 1024))
@@ -126,6 +135,8 @@ def read_image_bytes(source: ImageInput, limits: ImageLimits | None = None) -> b
         data = source.data
     elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
+        if path.is_dir():
+            raise InvalidImageError(f"{what} is a folder, not an image file")
         if not path.is_file():
             raise InvalidImageError(f"{what}: file not found; check the path")
         size = path.stat().st_size
@@ -151,10 +162,23 @@ def open_encoded(source: str | os.PathLike | bytes, limits: ImageLimits | None =
     limits = limits or ImageLimits()
     what = what or _describe(source)
     data = read_image_bytes(source, limits)
-    with _decoding(what), Image.open(io.BytesIO(data)) as image:
-        size, fmt = image.size, image.format or ""
+    with _decoding(what), Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+        size, fmt, mode = image.size, image.format or "", image.mode
         _check_pixels(size[0], size[1], limits, what)
-    return EncodedImage(data, size, fmt, what)
+    return EncodedImage(data, size, fmt, what, mode)
+
+
+def decode_cost(size: tuple[int, int], mode: str = "") -> int:
+    """Bytes of memory decoding an image of this size and PIL mode takes at peak: the decoded pixels in the
+    file's own mode plus the RGB copy the model gets (PIL keeps a 1-bit or 16-bit image at one byte or more
+    per sample, so a tiny PNG of a huge canvas costs as much as a photo of it)."""
+    try:
+        bands = Image.getmodebands(mode) if mode else 3
+        sample = 4 if mode in ("I", "F", "RGBa", "I;32") else 2 if mode.startswith("I;16") else 1
+    except (KeyError, ValueError):
+        bands, sample = 4, 1
+    own = size[0] * size[1] * max(bands * sample, 1)
+    return own + (0 if mode == "RGB" else size[0] * size[1] * 3)
 
 
 def decode_image_bytes(data: bytes, limits: ImageLimits, what: str = "image") -> Image.Image:
@@ -166,7 +190,7 @@ def decode_image_scaled(data: bytes, limits: ImageLimits, what: str = "image",
                         min_side: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
     """``decode_image_bytes`` with the JPEG scaling of ``load_image_scaled``: (image, original size)."""
     with _decoding(what):
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
         original = image.size
         _check_pixels(image.width, image.height, limits, what)
         if min_side and image.format == "JPEG" and max(original) > 2 * min_side:

@@ -8,10 +8,11 @@ default model never saw (fine-tuning a new word needs no new vocabulary).
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from .errors import CheckpointError
+from .errors import CheckpointError, InvalidPromptError
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
 _ALPHABET = list("abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()/&+%")
@@ -31,8 +32,41 @@ upper lower far closest smallest largest biggest shaped colored coloured nothing
 """.split()
 
 
+def validate_text(text: object, what: str = "text", *, max_chars: int | None = None) -> str:
+    """The one check of a user's text before it reaches a tokenizer; returns it with whitespace collapsed.
+
+    Refuses what is not a string, text that is not valid Unicode (a lone surrogate, as a JSON ``\\ud800``
+    escape or an undecodable command-line byte gives), text with nothing but whitespace and control
+    characters, and, when ``max_chars`` is given, text longer than that. Control characters become spaces.
+    """
+    if not isinstance(text, str):
+        raise InvalidPromptError(f"{what} must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidPromptError(f"{what} is not valid Unicode (a lone surrogate at character {exc.start}); "
+                                 "send UTF-8 text") from None
+    if any(unicodedata.category(c) == "Cc" for c in text):
+        text = "".join(" " if unicodedata.category(c) == "Cc" else c for c in text)
+    text = " ".join(text.split())
+    if not text:
+        raise InvalidPromptError(f"{what} is empty; describe the object, e.g. 'the red circle'")
+    if max_chars is not None and len(text) > max_chars:
+        raise InvalidPromptError(f"{what} has {len(text):,} characters, more than the limit of {max_chars:,}; "
+                                 "shorten it")
+    return text
+
+
 _SUFFIXES = ["s", "es", "ed", "ing", "er", "est", "ly", "ion", "tion", "al", "ness", "ment", "able", "ish",
              "en", "on", "an", "in", "or", "ar", "le", "re", "ic", "th", "ty", "ve", "ge", "nd", "st", "nt"]
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class PixelTokenizer:
@@ -145,6 +179,8 @@ class PixelTokenizer:
     def encode(self, text: str, *, max_len: int | None = None, add_bos: bool = False,
                add_eos: bool = True) -> list[int]:
         """Token ids of ``text``; truncated so that with BOS/EOS it fits ``max_len``."""
+        if not isinstance(text, str) or not _encodable(text):
+            validate_text(text)  # raises InvalidPromptError instead of the backend's TypeError
         if self.kind == "hf":
             ids = list(self.backend.encode(text, add_special_tokens=False))
         else:

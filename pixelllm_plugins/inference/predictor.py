@@ -17,10 +17,12 @@ from pathlib import Path
 
 import torch
 
+from ..bounds import check as check_bound
 from ..config import VisionConfig
 from ..errors import InvalidPromptError, PixelLLMError
 from ..geometry import clip_box
 from ..io import ImageInput, ImageLimits, load_image_scaled
+from ..tokenizer import validate_text
 from .preprocess import PreparedImage, prepare_image_keyed
 from .results import Detection, RegionCaption, TracedCaption, Word
 
@@ -246,10 +248,7 @@ class Predictor:
 
     # ---- text ----------------------------------------------------------------------------------------
     def _clean_text(self, text: str, what: str) -> str:
-        if not isinstance(text, str) or not text.strip():
-            raise InvalidPromptError(f"{what}: text is empty; give a referring expression such as "
-                                     "'the red circle'")
-        text = " ".join(text.split())
+        text = validate_text(text, f"{what}: text")
         if len(text) > MAX_PROMPT_CHARS:
             warnings.warn(f"{what}: text of {len(text)} characters truncated to {MAX_PROMPT_CHARS}",
                           stacklevel=3)
@@ -393,6 +392,7 @@ class Predictor:
                         num_beams: int = 1) -> list[list[RegionCaption]]:
         if len(images) != len(boxes):
             raise InvalidPromptError(f"caption_regions got {len(images)} images but {len(boxes)} box lists")
+        _check_generation(max_new_tokens, num_beams)
         with self._lock:
             self._use_adapter(adapter)
             loaded = self._load(images)
@@ -415,6 +415,7 @@ class Predictor:
     @torch.inference_mode()
     def caption(self, images: Sequence[ImageInput], *, trace: bool = True, adapter: str | None = None,
                 max_new_tokens: int = 40, num_beams: int = 1) -> list[TracedCaption]:
+        _check_generation(max_new_tokens, num_beams)
         lang = self.config.language
         with self._lock:
             self._use_adapter(adapter)
@@ -473,6 +474,9 @@ class Predictor:
         if self.model.proposal_head is None:
             raise PixelLLMError(f"model {self.base_version} has no proposal head; dense captioning needs a "
                                 "checkpoint trained with heads.proposals=true")
+        max_regions = check_bound("max_regions", max_regions)
+        min_score = check_bound("min_score", min_score)
+        check_bound("max_new_tokens", max_new_tokens)
         with self._lock:
             self._use_adapter(adapter)
             loaded = self._load(images)
@@ -500,6 +504,11 @@ class Predictor:
             for row, original, text, score in zip(rows, originals, texts, flat_scores):
                 out[row.image].append(RegionCaption(original, text, round(score, 4), self.model_version))
             return out
+
+
+def _check_generation(max_new_tokens: int, num_beams: int) -> None:
+    check_bound("max_new_tokens", max_new_tokens)
+    check_bound("num_beams", num_beams)
 
 
 def _clip_soft(box, width: float, height: float) -> tuple[float, float, float, float]:

@@ -1,0 +1,88 @@
+"""One table of bounds for every numeric knob a user can turn.
+
+CLI flags, worker request fields, Label Studio config attributes and FiftyOne operator parameters all
+check their values here, so a knob has the same range wherever it is set, and no entry point can ask for
+a million proposals or a thousand beams.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+
+from .errors import InvalidParameterError
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The accepted range of one knob (both ends included) and what it means, for the error message."""
+
+    low: float
+    high: float
+    integer: bool
+    meaning: str
+
+    def describe(self) -> str:
+        kind = "an integer" if self.integer else "a number"
+        return f"{kind} from {_fmt(self.low)} to {_fmt(self.high)} ({self.meaning})"
+
+
+BOUNDS: dict[str, Bound] = {
+    "max_regions": Bound(1, 256, True, "regions kept per image by dense captioning"),
+    "min_score": Bound(0.0, 1.0, False, "the lowest score a region or box is kept with"),
+    "score_threshold": Bound(0.0, 1.0, False, "the lowest score a suggestion is kept with"),
+    "num_beams": Bound(1, 8, True, "beam size for generated text; 1 is greedy"),
+    "max_new_tokens": Bound(1, 128, True, "tokens generated per caption"),
+    "max_boxes": Bound(1, 128, True, "boxes per image"),
+    "max_texts": Bound(1, 32, True, "referring expressions per image"),
+    "max_text_chars": Bound(1, 2000, True, "characters of one referring expression"),
+    "batch_size": Bound(1, 256, True, "images per model call"),
+}
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+def check(name: str, value: object, *, label: str | None = None) -> int | float:
+    """``value`` as a number within ``BOUNDS[name]``; else ``InvalidParameterError`` naming the range.
+
+    ``label`` names the knob as its user set it (``--max-regions``, ``<RectangleLabels> model_max_regions``).
+    Accepts numbers and numeric strings (config attributes and form fields arrive as text); refuses
+    booleans, NaN and infinities.
+    """
+    bound = BOUNDS[name]
+    label = label or name
+    number: float
+    if isinstance(value, bool) or value is None:
+        number = math.nan
+    elif isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            number = math.nan
+    else:
+        number = math.nan
+    ok = math.isfinite(number) and bound.low <= number <= bound.high
+    if ok and bound.integer and number != int(number):
+        ok = False
+    if not ok:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise InvalidParameterError(f"{label} must be {bound.describe()}, got {shown}")
+    return int(number) if bound.integer else number
+
+
+def argtype(name: str):
+    """An argparse ``type=`` that checks the flag against the table (argparse then says which flag)."""
+
+    def parse(text: str):
+        try:
+            return check(name, text)
+        except InvalidParameterError as exc:
+            raise argparse.ArgumentTypeError(str(exc).replace(f"{name} must be", "must be")) from None
+
+    parse.__name__ = name  # argparse names the type in its message
+    return parse
