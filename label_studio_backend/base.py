@@ -28,8 +28,11 @@ _PROJECT_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 def project_id_from(value: object) -> str | None:
-    """``"<id>.<created_ts>"`` (what Label Studio sends) -> ``"<id>"``; ``None`` if absent or unsafe."""
-    if value is None:
+    """``"<id>.<created_ts>"`` (what Label Studio sends) -> ``"<id>"``; ``None`` if absent or unsafe (only a
+    string or a number names a project)."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return None
+    if isinstance(value, str) and len(value) > 200:
         return None
     pid = str(value).split(".", 1)[0].strip()
     return pid if _PROJECT_RE.match(pid) else None
@@ -49,6 +52,14 @@ class ModelResponse:
                 p = {**p, "model_version": self.model_version}
             out.append(p)
         return out
+
+
+def _storable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class KeyValueStore:
@@ -122,14 +133,19 @@ class LabelStudioMLBase:
 
     # ---- label config ----
     def use_label_config(self, label_config: str | None) -> None:
-        current = self.get("label_config")
-        if label_config and label_config != current:
-            self.set("label_config", label_config)
+        self._unstored: str | None = None
+        if label_config and not _storable(label_config):
+            # not valid Unicode (a lone surrogate): kept for this request only, where parsing refuses it
+            self._unstored = label_config
+        else:
+            current = self.get("label_config")
+            if label_config and label_config != current:
+                self.set("label_config", label_config)
         self._parsed = None
 
     @property
     def label_config(self) -> str | None:
-        return self.get("label_config")
+        return self._unstored if self._unstored is not None else self.get("label_config")
 
     @property
     def label_interface(self) -> LabelConfig:

@@ -145,8 +145,9 @@ def regions_from_results(results: object, width: int | None = None, height: int 
         if not isinstance(r, dict) or not isinstance(r.get("value"), dict):
             continue
         value = r["value"]
-        rid = str(r.get("id") or f"_r{i}")
-        kind = str(r.get("type", "")).lower()
+        rid = r.get("id")
+        rid = str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) and rid != "" else f"_r{i}"
+        kind = _type(r)
         if kind in RECT_TYPES:
             try:
                 w = _num(width or r.get("original_width"))
@@ -170,6 +171,13 @@ def regions_from_results(results: object, width: int | None = None, height: int 
     return list(boxes.values())
 
 
+def _type(result: object) -> str:
+    """A result's ``type`` in lower case; "" when the result is not a dict or the type not a string (a
+    nested list is never turned into text)."""
+    kind = result.get("type") if isinstance(result, dict) else None
+    return kind.lower() if isinstance(kind, str) else ""
+
+
 def texts_from_results(results: object, control_names: Iterable[str]) -> list[str]:
     """Non-empty texts of whole-image TextArea results of the given controls (e.g. the prompt)."""
     names = set(control_names)
@@ -177,9 +185,9 @@ def texts_from_results(results: object, control_names: Iterable[str]) -> list[st
     if not isinstance(results, list):
         return out
     for r in results:
-        if not isinstance(r, dict) or str(r.get("type", "")).lower() != "textarea":
+        if _type(r) != "textarea":
             continue
-        if names and r.get("from_name") not in names:
+        if names and (not isinstance(r.get("from_name"), str) or r["from_name"] not in names):
             continue
         value = r.get("value") if isinstance(r.get("value"), dict) else {}
         if any(k in value for k in ("x", "y", "width", "height")):

@@ -11,3 +11,14 @@ class BackendError(PixelLLMError):
 
 class TaskError(BackendError):
     """One task cannot be predicted (its data, image or prompt is unusable)."""
+
+
+def printable(value: object, limit: int = 80) -> str:
+    """A short, safe rendering of a user's value for an error message: text with lone surrogates and
+    control characters escaped (so the message is valid UTF-8 JSON), anything else by its type only (a
+    deeply nested list is never ``repr``-ed)."""
+    if not isinstance(value, str):
+        return f"<{type(value).__name__}>"
+    text = value if len(value) <= limit else value[:limit] + "..."
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)

@@ -12,8 +12,14 @@ Accepted sources (``task["data"][<image field>]``):
 - Local paths / ``file://``: only under ``PIXELLLM_LS_LOCAL_ROOTS`` or ``LOCAL_FILES_DOCUMENT_ROOT``.
 - ``data:image/...;base64,...`` URIs.
 
-Every download is streamed with a byte limit and a deadline; pixels are limited by
-``pixelllm_plugins.io.load_image``. The API key is sent only to the Label Studio host.
+Every URL is parsed by ``pixelllm_plugins.urls.parse_image_url`` before any request: a malformed one (bad
+port, ``[::1``, no host, credentials, control characters) is the task's ``ImageFetchError``, and so is a
+``.``/``..`` path segment (raw or percent-encoded) in any Label Studio path or ``?d=`` local-files path, which
+an HTTP client would otherwise normalise into another path on the Label Studio host, with the API key.
+
+Every download is streamed with a byte limit and one deadline for the whole download
+(``PIXELLLM_LS_FETCH_TIMEOUT``, redirects included; not per read); the image is opened through
+``pixelllm_plugins.io`` (format allow-list, pixel limits). The API key is sent only to the Label Studio host.
 """
 
 from __future__ import annotations
@@ -32,7 +38,9 @@ from PIL import Image
 
 from pixelllm_plugins.errors import ImageFetchError, ImageTooLargeError
 from pixelllm_plugins.io import EncodedImage, load_image, open_encoded
+from pixelllm_plugins.urls import ImageURL, has_dot_segments, parse_image_url
 
+from .errors import printable
 from .ls_client import LabelStudioAuth
 from .settings import Settings
 
@@ -99,12 +107,13 @@ class ImageFetcher:
         if ref.startswith("/") and ref.startswith(_LS_PATHS):
             return self._from_label_studio(ref)
         if lower.startswith(("http://", "https://")):
+            url = parse_image_url(ref, "image URL")
             if self.auth.applies_to(ref):
-                path = urlsplit(ref)
+                path = url.parts
                 return self._from_label_studio(path.path + (f"?{path.query}" if path.query else ""))
-            if not self._host_allowed(ref):
+            if not self._host_allowed(url):
                 raise ImageFetchError(
-                    f"image host {urlsplit(ref).hostname!r} is not allowed; add it to PIXELLLM_LS_ALLOWED_HOSTS "
+                    f"image host {printable(url.host)!r} is not allowed; add it to PIXELLLM_LS_ALLOWED_HOSTS "
                     "(comma-separated, '*.example.com' wildcards) or serve the image through Label Studio")
             auth = (login, password) if login and password else None
             return self._download(ref, ls_auth=False, basic=auth)
@@ -116,10 +125,22 @@ class ImageFetcher:
                               "storage, cloud storage or an http(s) URL")
 
     def _from_label_studio(self, path: str) -> bytes:
+        """A path on the Label Studio host (``/data/upload/...``, ``/data/local-files/?d=...``, ...): refused
+        with ``.``/``..`` segments before any request, as the key would go with it."""
+        try:
+            parts = urlsplit(path)
+        except ValueError:
+            raise ImageFetchError(f"Label Studio image path {_short(path)} is malformed") from None
+        if has_dot_segments(parts.path):
+            raise ImageFetchError(f"Label Studio image path {_short(path)} has '.' or '..' segments; give the path "
+                                  "without them")
         if path.startswith("/data/local-files"):
-            rel = (parse_qs(urlsplit(path).query).get("d") or [""])[0]
+            rel = (parse_qs(parts.query).get("d") or [""])[0]
             if not rel:
                 raise ImageFetchError("local-files URL has no ?d=<path> parameter")
+            if has_dot_segments(rel):
+                raise ImageFetchError(f"local-files path ?d={_short(rel)} has '.' or '..' segments; give the path "
+                                      "relative to the storage root without them")
             for root in self._roots:
                 candidate = (root / rel).resolve()
                 if candidate.is_relative_to(root) and candidate.is_file():
@@ -127,7 +148,9 @@ class ImageFetcher:
         if not self.settings.label_studio_url:
             raise ImageFetchError(f"{_short(path)} is a Label Studio path but LABEL_STUDIO_URL is not set; set "
                                   "LABEL_STUDIO_URL (and LABEL_STUDIO_API_KEY) in the backend's environment")
-        return self._download(self.settings.label_studio_url + path, ls_auth=True)
+        # spaces in an upload's or a local file's name are sent percent-encoded, as a browser would
+        url = self.settings.label_studio_url + path.replace(" ", "%20")
+        return self._download(url, ls_auth=True)
 
     def _presigned(self, uri: str, task_id) -> bytes:
         try:
@@ -175,19 +198,56 @@ class ImageFetcher:
             raise ImageFetchError("data: URI is not valid base64") from exc
 
     # ---------------------------------------------------------------- policy + download
-    def _host_allowed(self, url: str) -> bool:
-        host = (urlsplit(url).hostname or "").lower()
+    def _host_allowed(self, url: ImageURL | str) -> bool:
+        host = url.host if isinstance(url, ImageURL) else (urlsplit(url).hostname or "").lower()
         if not host:
             return False
         return any(pattern == "*" or fnmatch.fnmatchcase(host, pattern) for pattern in self.settings.allowed_hosts)
 
     def _download(self, url: str, *, ls_auth: bool, basic: tuple[str, str] | None = None) -> bytes:
-        deadline = time.monotonic() + self.settings.fetch_timeout_s
+        """Download within one deadline for the whole transfer (``fetch_timeout_s``): httpx's timeout is per
+        read, so a host trickling bytes could hold the request far longer. The transfer runs in its own
+        thread; when the deadline passes the caller gets ``ImageFetchError`` at once and the thread stops at
+        its next chunk (or its next read timeout)."""
+        timeout = self.settings.fetch_timeout_s
+        deadline = time.monotonic() + timeout
+        where = _redact(url)
+        cancel = threading.Event()
+        done = threading.Event()
+        outcome: dict[str, object] = {}
+
+        def work() -> None:
+            try:
+                outcome["data"] = self._transfer(url, ls_auth=ls_auth, basic=basic, deadline=deadline,
+                                                 cancel=cancel)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                outcome["error"] = exc
+            finally:
+                done.set()
+
+        threading.Thread(target=work, name="ls-download", daemon=True).start()
+        if not done.wait(max(0.0, deadline - time.monotonic())):
+            cancel.set()
+            raise ImageFetchError(_late(where, timeout))
+        if "error" in outcome:
+            raise outcome["error"]  # type: ignore[misc]
+        return outcome["data"]  # type: ignore[return-value]
+
+    def _transfer(self, url: str, *, ls_auth: bool, basic: tuple[str, str] | None, deadline: float,
+                  cancel: threading.Event) -> bytes:
+        timeout = self.settings.fetch_timeout_s
         trusted_redirect = False
+        first = True
         for _hop in range(_MAX_REDIRECTS + 1):
+            # a redirect's target is parsed too; '..' is refused on the first URL and wherever the key goes
+            parsed = parse_image_url(url, "image URL" if first else "redirect target", allow_dot_segments=True)
             is_ls = self.auth.applies_to(url)
-            if not (is_ls or trusted_redirect or self._host_allowed(url)):
-                raise ImageFetchError(f"redirect to a host that is not allowed: {urlsplit(url).hostname!r}")
+            if (first or is_ls) and has_dot_segments(parsed.path):
+                raise ImageFetchError(f"image URL {_redact(url)} has '.' or '..' path segments; give the path "
+                                      "without them")
+            first = False
+            if not (is_ls or trusted_redirect or self._host_allowed(parsed)):
+                raise ImageFetchError(f"redirect to a host that is not allowed: {printable(parsed.host)!r}")
             headers = {"User-Agent": "pixelllm-label-studio-backend"}
             if is_ls and ls_auth:
                 headers.update(self.auth.headers())
@@ -197,7 +257,10 @@ class ImageFetcher:
                     if r.status_code in (301, 302, 303, 307, 308) and "location" in r.headers:
                         # Label Studio's own redirects (presign) are trusted; others follow the host policy.
                         trusted_redirect = is_ls
-                        url = urljoin(url, r.headers["location"])
+                        try:
+                            url = urljoin(url, r.headers["location"])
+                        except ValueError:
+                            raise ImageFetchError(f"{_redact(url)} redirects to a malformed URL") from None
                         continue
                     if r.status_code == 401 and is_ls and self.auth.is_pat:
                         self.auth.invalidate()
@@ -213,13 +276,12 @@ class ImageFetcher:
                         if total > self.limits.max_bytes:
                             raise ImageTooLargeError(f"image at {_redact(url)} exceeds the limit of "
                                                      f"{self.limits.max_bytes:,} bytes")
-                        if time.monotonic() > deadline:
-                            raise ImageFetchError(f"image download from {_redact(url)} took longer than "
-                                                  f"{self.settings.fetch_timeout_s:g} s")
+                        if cancel.is_set() or time.monotonic() > deadline:
+                            raise ImageFetchError(_late(_redact(url), timeout))
                         chunks.append(chunk)
                     return b"".join(chunks)
             except httpx.TimeoutException as exc:
-                raise ImageFetchError(f"image download from {_redact(url)} timed out") from exc
+                raise ImageFetchError(_late(_redact(url), timeout)) from exc
             except httpx.HTTPError as exc:
                 raise ImageFetchError(f"cannot download image from {_redact(url)} ({type(exc).__name__})") from exc
         raise ImageFetchError(f"too many redirects fetching {_redact(url)}")
@@ -245,14 +307,21 @@ class ImageFetcher:
 
 
 def _redact(url: str) -> str:
-    """A URL without its query string (presigned URLs carry credentials there)."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}{parts.path}" if parts.scheme else parts.path
+    """A URL without its query string (presigned URLs carry credentials there), safe to print."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return printable(url)
+    return printable(f"{parts.scheme}://{parts.netloc}{parts.path}" if parts.scheme else parts.path, 200)
 
 
 def _short(value: object, n: int = 80) -> str:
-    text = repr(value) if not isinstance(value, str) else value
-    return text if len(text) <= n else text[:n] + "..."
+    return printable(value, n)
+
+
+def _late(where: str, timeout: float) -> str:
+    return (f"image at {where}: no answer within {timeout:g} s (PIXELLLM_LS_FETCH_TIMEOUT, for the whole "
+            "download); check that the host is up, or raise the timeout")
 
 
 def _status_message(status: int, url: str, is_ls: bool) -> str:

@@ -13,18 +13,31 @@ Tags are discovered from the project's config by type and ``toName`` links, neve
 Optional attributes on the box control (same convention as the upstream examples' ``model_*``):
 ``model_task`` (``refer`` / ``caption_regions`` / ``dense_caption`` / ``caption_trace``),
 ``model_score_threshold``, ``model_max_regions``, ``model_max_boxes``, ``model_default_prompt``.
+The numbers are checked against ``pixelllm_plugins.bounds`` (``LabelConfig.model_options``): a value out of
+range is a ``LabelConfigError`` naming the tag, the attribute and the range.
 Labels map through ``<Label value="Cup" predicted_values="mug,cup"/>``.
+
+A config is walked once (linear in its size) and refused beyond ``MAX_TAGS`` tags or ``MAX_DEPTH`` levels.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
+from pixelllm_plugins.bounds import check as check_bound
+from pixelllm_plugins.errors import InvalidParameterError
+
 from .errors import BackendError
 
 MAX_CONFIG_CHARS = 1_000_000
+MAX_TAGS = 10_000  # Label Studio's own configs have tens of tags
+MAX_DEPTH = 64  # levels of nesting (<View> in <View> ...)
+# numeric model_* attributes of the box control -> their entry in pixelllm_plugins.bounds.BOUNDS
+NUMERIC_ATTRS = {"model_max_regions": "max_regions", "model_max_boxes": "max_boxes",
+                 "model_score_threshold": "score_threshold"}
 _WORD = re.compile(r"[\w-]+")
 TASKS = ("refer", "caption_regions", "dense_caption", "caption_trace")
 _OBJECT_TAGS = {"image", "text", "hypertext", "audio", "video", "timeseries", "paragraphs", "table",
@@ -36,6 +49,15 @@ _CONTROL_TAGS = {"rectanglelabels", "rectangle", "textarea", "labels", "choices"
 
 class LabelConfigError(BackendError):
     """The labeling config is not usable (malformed XML, or missing the tags a task needs)."""
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """The box control's numeric ``model_*`` attributes, checked (defaults where an attribute is absent)."""
+
+    max_regions: int = 20  # model_max_regions: dense-caption regions per image
+    max_boxes: int = 1  # model_max_boxes: boxes per referring expression
+    score_threshold: float | None = None  # model_score_threshold: lowest score kept (dense default: 0.3)
 
 
 @dataclass
@@ -54,6 +76,10 @@ class ControlTag:
     attrs: dict[str, str] = field(default_factory=dict)
     labels: list[str] = field(default_factory=list)
     labels_attrs: dict[str, dict[str, str]] = field(default_factory=dict)
+    tag: str = ""  # the tag as written (RectangleLabels), for messages
+
+    def describe(self) -> str:
+        return f'<{self.tag or self.type} name="{self.name}">'
 
     @property
     def per_region(self) -> bool:
@@ -95,12 +121,12 @@ class LabelConfig:
         return None
 
     # ---- roles ----
-    @property
+    @functools.cached_property
     def box_control(self) -> ControlTag | None:
         found = self.first_control(("rectanglelabels", "rectangle"), "image")
         return self.controls[found[0]] if found else None
 
-    @property
+    @functools.cached_property
     def image(self) -> ObjectTag | None:
         box = self.box_control
         if box is not None:
@@ -108,38 +134,39 @@ class LabelConfig:
                         and self.objects[n].type == "image")
         return next((o for o in self.objects.values() if o.type == "image"), None)
 
-    def _textareas(self) -> list[ControlTag]:
+    @functools.cached_property
+    def _image_textareas(self) -> list[ControlTag]:
         image = self.image
         if image is None:
             return []
         return [c for c in self.controls.values() if c.type == "textarea" and image.name in c.to_name]
 
-    @property
+    @functools.cached_property
     def caption_control(self) -> ControlTag | None:
         """Per-region TextArea: the caption of each box (shares the box's region id)."""
-        return next((c for c in self._textareas() if c.per_region), None)
+        return next((c for c in self._image_textareas if c.per_region), None)
 
-    @property
+    @functools.cached_property
     def prompt_control(self) -> ControlTag | None:
         """Whole-image TextArea where the labeller types a referring expression."""
-        whole = [c for c in self._textareas() if not c.per_region]
+        whole = [c for c in self._image_textareas if not c.per_region]
         for c in whole:
             if "prompt" in c.name.lower() or _truthy(c.attr("showsubmitbutton")):
                 return c
         return None
 
-    @property
+    @functools.cached_property
     def image_caption_control(self) -> ControlTag | None:
         """Whole-image TextArea that is not the prompt: receives the whole-image (traced) caption."""
         prompt = self.prompt_control
-        return next((c for c in self._textareas() if not c.per_region and c is not prompt), None)
+        return next((c for c in self._image_textareas if not c.per_region and c is not prompt), None)
 
-    @property
+    @functools.cached_property
     def expression_object(self) -> ObjectTag | None:
         """``<Text value="$field">``: the task field holding the referring expression."""
         return next((o for o in self.objects.values() if o.type == "text" and o.value), None)
 
-    @property
+    @functools.cached_property
     def keypoint_control(self) -> ControlTag | None:
         found = self.first_control(("keypointlabels",), "image")
         return self.controls[found[0]] if found else None
@@ -158,6 +185,30 @@ class LabelConfig:
         if self.image_caption_control is not None:
             return "caption_trace"
         return "dense_caption"
+
+    def model_options(self) -> ModelOptions:
+        """The box control's numeric ``model_*`` attributes, each checked against ``pixelllm_plugins.bounds``;
+        ``LabelConfigError`` naming the tag, attribute and range for a value that is not a number or out of
+        range (``model_max_regions="1000000000"`` would otherwise ask the model for a billion regions)."""
+        box = self.box_control
+        values: dict[str, int | float] = {}
+        if box is not None:
+            for attr, bound in NUMERIC_ATTRS.items():
+                raw = box.attr(attr)
+                if raw is None or not raw.strip():
+                    continue
+                try:
+                    values[bound] = check_bound(bound, raw, label=f"{box.describe()} {attr}")
+                except InvalidParameterError as exc:
+                    raise LabelConfigError(f"{exc}; fix it in the project's labeling config") from None
+        return ModelOptions(**values)
+
+    def check(self) -> str:
+        """Everything a prediction needs from the config, checked once: the task (returned) and the numeric
+        ``model_*`` attributes. ``LabelConfigError`` otherwise."""
+        task = self.task
+        self.model_options()
+        return task
 
     # ---- labels ----
     def label_for(self, text: str, control: ControlTag | None = None) -> str | None:
@@ -203,43 +254,54 @@ class LabelConfig:
 
 
 def parse_label_config(xml: object) -> LabelConfig:
-    """Parse a labeling config, refusing DTDs/entities, huge input and configs without an image."""
+    """Parse a labeling config, refusing DTDs/entities, huge or deeply nested input and configs without
+    an image. One walk over the tree: a ``<Label>``/``<Choice>`` belongs to its nearest enclosing control."""
     if not isinstance(xml, str) or not xml.strip():
         raise LabelConfigError("label config is missing or not a string; send the project's XML config")
     if len(xml) > MAX_CONFIG_CHARS:
         raise LabelConfigError(f"label config is larger than {MAX_CONFIG_CHARS:,} characters")
+    try:
+        xml.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise LabelConfigError(f"label config is not valid Unicode (a lone surrogate at character {exc.start}); "
+                               "send it as UTF-8") from None
     upper = xml.upper()
     if "<!DOCTYPE" in upper or "<!ENTITY" in upper:
         raise LabelConfigError("label config must not contain <!DOCTYPE> or <!ENTITY> declarations")
     try:
         root = ET.fromstring(xml)
-    except ET.ParseError as exc:
+    except (ET.ParseError, ValueError) as exc:
         raise LabelConfigError(f"label config is not well-formed XML ({exc}); fix it in the project "
                                "settings (Labeling Interface > Code)") from exc
     objects: dict[str, ObjectTag] = {}
     controls: dict[str, ControlTag] = {}
-    for el in root.iter():
-        if not isinstance(el.tag, str):
-            continue
-        tag = el.tag.lower()
-        attrs = {k.lower(): v for k, v in el.attrib.items()}
-        name = attrs.get("name")
-        if not name:
-            continue
-        if tag in _OBJECT_TAGS and "value" in attrs:
-            value = attrs["value"]
-            objects[name] = ObjectTag(name, tag, value[1:] if value.startswith("$") else "", attrs)
-        elif tag in _CONTROL_TAGS and attrs.get("toname"):
-            labels, labels_attrs = [], {}
-            for child in el.iter():
-                if isinstance(child.tag, str) and child.tag.lower() in ("label", "choice") and \
-                        child is not el:
-                    value = child.attrib.get("value") or child.attrib.get("alias")
-                    if value:
-                        labels.append(value)
-                        labels_attrs[value] = {k.lower(): v for k, v in child.attrib.items()}
-            to_name = [t.strip() for t in attrs["toname"].split(",") if t.strip()]
-            controls[name] = ControlTag(name, tag, to_name, attrs, labels, labels_attrs)
+    count = 0
+    # (element, depth, nearest enclosing control); children pushed reversed: document order
+    stack: list[tuple[ET.Element, int, ControlTag | None]] = [(root, 1, None)]
+    while stack:
+        el, depth, owner = stack.pop()
+        count += 1
+        if count > MAX_TAGS:
+            raise LabelConfigError(f"label config has more than {MAX_TAGS:,} tags; a labeling interface needs "
+                                   "far fewer")
+        if depth > MAX_DEPTH:
+            raise LabelConfigError(f"label config nests tags more than {MAX_DEPTH} levels deep; flatten it")
+        if isinstance(el.tag, str):
+            tag = el.tag.lower()
+            attrs = {k.lower(): v for k, v in el.attrib.items()}
+            name = attrs.get("name")
+            if tag in ("label", "choice") and owner is not None:
+                value = el.attrib.get("value") or el.attrib.get("alias")
+                if value:
+                    owner.labels.append(value)
+                    owner.labels_attrs[value] = attrs
+            elif name and tag in _OBJECT_TAGS and "value" in attrs:
+                value = attrs["value"]
+                objects[name] = ObjectTag(name, tag, value[1:] if value.startswith("$") else "", attrs)
+            elif name and tag in _CONTROL_TAGS and attrs.get("toname"):
+                to_name = [t.strip() for t in attrs["toname"].split(",") if t.strip()]
+                owner = controls[name] = ControlTag(name, tag, to_name, attrs, tag=el.tag)
+        stack.extend((child, depth + 1, owner) for child in reversed(el))
     if not any(o.type == "image" for o in objects.values()):
         raise LabelConfigError("label config has no <Image name=... value=\"$field\"/>; this backend "
                                "labels images")

@@ -20,11 +20,15 @@ from .errors import BackendError
 log = logging.getLogger(__name__)
 
 
-def origin(url: str) -> tuple[str, str, int]:
-    parts = urlsplit(url)
-    scheme = (parts.scheme or "").lower()
-    port = parts.port or (443 if scheme == "https" else 80)
-    return scheme, (parts.hostname or "").lower(), port
+def origin(url: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of a URL; ``None`` when it cannot be parsed (a bad port, ``[::1``)."""
+    try:
+        parts = urlsplit(url)
+        scheme = (parts.scheme or "").lower()
+        port = parts.port or (443 if scheme == "https" else 80)
+        return scheme, (parts.hostname or "").lower(), port
+    except (ValueError, TypeError):
+        return None
 
 
 def _jwt_payload(token: str) -> dict | None:
@@ -68,7 +72,8 @@ class LabelStudioAuth:
         return bool(self.base_url and self._key)
 
     def applies_to(self, url: str) -> bool:
-        return bool(self.base_url) and origin(url) == origin(self.base_url)
+        mine = origin(url)
+        return bool(self.base_url) and mine is not None and mine == origin(self.base_url)
 
     def invalidate(self) -> None:
         with self._lock:

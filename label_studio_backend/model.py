@@ -17,6 +17,12 @@ left over get a per-task error and a ``-failed`` version, so the next "Retrieve 
 
 Interactive (``context`` set): a typed prompt gives box suggestions; a drawn rectangle gives a caption
 for that region (the TextArea result reuses the rectangle's id).
+
+Limits (``pixelllm_plugins.bounds``): the config's numeric ``model_*`` attributes are checked (a bad value is
+every task's error); texts go through ``validate_text`` (a lone surrogate is the task's error, text of only
+blanks and control characters counts as no text); at most ``MAX_TEXTS`` texts per task; at most
+``MAX_BOXES`` boxes are captioned per image: the first ones of an annotation in batch, the most recently
+drawn ones (last in Label Studio's context) interactively, with a ``warning`` in that task's prediction.
 """
 
 from __future__ import annotations
@@ -24,16 +30,19 @@ from __future__ import annotations
 import logging
 import os
 import time
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from pixelllm_plugins.errors import PixelLLMError
+from pixelllm_plugins.bounds import BOUNDS
+from pixelllm_plugins.errors import InvalidPromptError, PixelLLMError
+from pixelllm_plugins.tokenizer import validate_text
 
 from . import convert
 from .base import LabelStudioMLBase, ModelResponse
-from .errors import TaskError
-from .label_config import LabelConfig, LabelConfigError
+from .errors import TaskError, printable
+from .label_config import LabelConfig, LabelConfigError, ModelOptions
 from .runtime import Runtime
 
 if TYPE_CHECKING:
@@ -41,6 +50,9 @@ if TYPE_CHECKING:
     from pixelllm_plugins.io import EncodedImage
 
 log = logging.getLogger(__name__)
+
+MAX_BOXES = int(BOUNDS["max_boxes"].high)  # boxes captioned per image
+MAX_TEXTS = int(BOUNDS["max_texts"].high)  # referring expressions per task / prompt texts per call
 
 TRAIN_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED", "ANNOTATIONS_CREATED",
                 "ANNOTATIONS_DELETED", "START_TRAINING")
@@ -59,6 +71,7 @@ class _Job:
     boxes: list[tuple[float, float, float, float]] = field(default_factory=list)
     boxes_pct: list[dict] = field(default_factory=list)  # boxes_pct[i]: the LS region they came from
     error: str | None = None
+    warning: str | None = None  # e.g. only the first MAX_BOXES boxes captioned
     results: list[dict] | None = None
 
 
@@ -101,15 +114,17 @@ class PixelLLMBackend(LabelStudioMLBase):
                 raise LabelConfigError(f'label config has no <RectangleLabels> (or <Rectangle>) with toName="'
                                        f'{cfg.image.name}"; add one for the boxes (see the shipped configs)')
             task_kind = cfg.task
+            options = cfg.model_options()
         except LabelConfigError as exc:
             rt.count("task_errors", len(tasks))
             return ModelResponse(version, [convert.error_prediction(str(exc), version) for _ in tasks])
         if isinstance(context, dict) and isinstance(context.get("result"), list) and context["result"]:
-            return ModelResponse(version, self._interactive(tasks, context, cfg, kwargs, version))
-        return ModelResponse(version, self._batch(tasks, cfg, task_kind, kwargs, version))
+            return ModelResponse(version, self._interactive(tasks, context, cfg, options, kwargs, version))
+        return ModelResponse(version, self._batch(tasks, cfg, task_kind, options, kwargs, version))
 
     # ---- batch ----
-    def _batch(self, tasks: list, cfg: LabelConfig, kind: str, params: dict, version: str) -> list[dict]:
+    def _batch(self, tasks: list, cfg: LabelConfig, kind: str, options: ModelOptions, params: dict,
+               version: str) -> list[dict]:
         rt, s = self.runtime, self.runtime.settings
         deadline = time.monotonic() + s.predict_budget_s
         jobs = [self._plan(i, t, cfg, kind) for i, t in enumerate(tasks)]
@@ -121,9 +136,6 @@ class PixelLLMBackend(LabelStudioMLBase):
             for j in jobs:
                 j.error = j.error or message
         self._load_images([j for j in jobs if j.error is None], params, deadline)
-        box = cfg.box_control
-        max_boxes = _int_attr(box, "model_max_boxes", 1)
-        threshold = _float_attr(box, "model_score_threshold", None)
         for op in ("refer", "caption_regions", "dense_caption", "caption_trace"):
             ready = [j for j in jobs if j.error is None and j.op == op]
             for start in range(0, len(ready), s.batch_size):
@@ -135,7 +147,7 @@ class PixelLLMBackend(LabelStudioMLBase):
                                    "or raise ML_TIMEOUT_PREDICT on Label Studio and PIXELLLM_LS_PREDICT_BUDGET here")
                     continue
                 try:
-                    self._run(op, chunk, cfg, adapter, max_boxes, threshold)
+                    self._run(op, chunk, cfg, adapter, options)
                 except Exception as exc:  # noqa: BLE001 - isolate the bad task(s)
                     if len(chunk) == 1:
                         chunk[0].error = _message(exc)
@@ -143,7 +155,7 @@ class PixelLLMBackend(LabelStudioMLBase):
                     log.info("batch of %d %s tasks failed (%s); retrying one by one", len(chunk), op, _message(exc))
                     for j in chunk:
                         try:
-                            self._run(op, [j], cfg, adapter, max_boxes, threshold)
+                            self._run(op, [j], cfg, adapter, options)
                         except Exception as exc1:  # noqa: BLE001
                             j.error = _message(exc1)
         out = []
@@ -154,19 +166,28 @@ class PixelLLMBackend(LabelStudioMLBase):
                 out.append(convert.error_prediction(j.error, version))
             else:
                 rt.count("tasks_predicted")
-                out.append(convert.prediction(j.results or [], version))
+                pred = convert.prediction(j.results or [], version)
+                if j.warning:
+                    log.warning("task %s: %s", j.task_id, j.warning)
+                    pred["warning"] = j.warning
+                out.append(pred)
         return out
 
     def _plan(self, index: int, task: object, cfg: LabelConfig, kind: str) -> _Job:
-        job = _Job(index, task.get("id") if isinstance(task, dict) else None)
+        task_id = task.get("id") if isinstance(task, dict) else None
+        # only an int or a short string is an id (it goes into logs, cache keys and presign URLs)
+        if isinstance(task_id, bool) or not isinstance(task_id, (int, str)) or len(str(task_id)) > 64:
+            task_id = None
+        job = _Job(index, task_id)
         try:
             if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
                 raise TaskError("task has no 'data' object")
             data = task["data"]
             key = cfg.image.value
             if not key or key not in data:
+                keys = ", ".join(printable(k, 40) for k in sorted(map(str, data))[:10])
                 raise TaskError(f"task data has no '{key}' field for <Image name=\"{cfg.image.name}\">; "
-                                f"task data keys: {sorted(map(str, data))[:10]}")
+                                f"task data keys: [{keys}]")
             job.ref = data[key]
             job.op = kind
             if kind == "refer":
@@ -184,33 +205,54 @@ class PixelLLMBackend(LabelStudioMLBase):
         return job
 
     def _task_texts(self, data: dict, cfg: LabelConfig) -> list[str]:
+        """The task's referring expressions (its ``<Text>`` field: a string, one per line, or a list of
+        strings); without any, the box control's ``model_default_prompt`` / ``PIXELLLM_LS_DEFAULT_PROMPT``."""
         obj = cfg.expression_object
-        raw = data.get(obj.value) if obj is not None else None
-        if raw is None or (isinstance(raw, str) and not raw.strip()):
+        texts = self._clean_texts(data.get(obj.value) if obj is not None else None, "referring expression")
+        if not texts:
             box = cfg.box_control
-            raw = (box.attr("model_default_prompt") if box else None) or os.environ.get("PIXELLLM_LS_DEFAULT_PROMPT")
+            texts = self._clean_texts((box.attr("model_default_prompt") if box else None)
+                                      or os.environ.get("PIXELLLM_LS_DEFAULT_PROMPT"),
+                                      "default prompt (model_default_prompt / PIXELLLM_LS_DEFAULT_PROMPT)")
+        return texts
+
+    def _clean_texts(self, raw: object, what: str) -> list[str]:
+        """Texts through ``validate_text``, one per line: ``TaskError`` / ``InvalidPromptError`` for a
+        non-string, a lone surrogate, a text over ``PIXELLLM_LS_MAX_PROMPT_CHARS`` or more than
+        ``MAX_TEXTS`` texts; lines of only blanks and control characters (NUL) are skipped, like empty ones."""
         if raw is None:
             return []
         items = raw if isinstance(raw, list) else [raw]
-        texts = []
-        for t in items:
-            if not isinstance(t, str):
-                raise TaskError(f"referring expression must be text, got {type(t).__name__}")
-            texts += [line.strip() for line in t.splitlines() if line.strip()]
         limit = self.runtime.settings.max_prompt_chars
-        for t in texts:
-            if len(t) > limit:
-                raise TaskError(f"referring expression is {len(t):,} characters; the limit is {limit:,} "
-                                "(PIXELLLM_LS_MAX_PROMPT_CHARS)")
-        if len(texts) > 50:
-            raise TaskError(f"task has {len(texts)} referring expressions; at most 50 per task")
+        texts: list[str] = []
+        for item in items:
+            if not isinstance(item, str):
+                raise TaskError(f"{what} must be text, got {type(item).__name__}")
+            for line in item.splitlines():
+                try:
+                    text = validate_text(line, what)
+                except InvalidPromptError:
+                    if _blank(line):
+                        continue  # empty, spaces or control characters only: no text, as an empty field
+                    raise
+                if len(text) > limit:
+                    raise TaskError(f"{what} is {len(text):,} characters; the limit is {limit:,} "
+                                    "(PIXELLLM_LS_MAX_PROMPT_CHARS)")
+                texts.append(text)
+                if len(texts) > MAX_TEXTS:
+                    raise TaskError(f"more than {MAX_TEXTS} texts ({what}) for one image; give at most "
+                                    f"{MAX_TEXTS}, one per line")
         return texts
 
     def _load_images(self, jobs: list[_Job], params: dict, deadline: float) -> None:
         if not jobs:
             return
         fetcher = self.runtime.fetcher
-        login, password = params.get("login"), params.get("password")
+        login, password = _credential(params.get("login")), _credential(params.get("password"))
+        if login is False or password is False:
+            for j in jobs:
+                j.error = "params.login / params.password must be valid Unicode text"
+            return
         # An in-process Predictor decodes and resizes here, in the download threads, outside its lock;
         # a worker's RemotePredictor gets the file's bytes as they are.
         try:
@@ -223,9 +265,7 @@ class PixelLLMBackend(LabelStudioMLBase):
                 job.error = "image not fetched within this request's time budget; retrieve predictions again"
                 return
             try:
-                encoded = fetcher.open(job.ref, task_id=job.task_id,
-                                       login=login if isinstance(login, str) else None,
-                                       password=password if isinstance(password, str) else None)
+                encoded = fetcher.open(job.ref, task_id=job.task_id, login=login, password=password)
                 job.image = prepare(encoded) if callable(prepare) else encoded
             except Exception as exc:  # noqa: BLE001
                 job.error = _message(exc)
@@ -240,16 +280,20 @@ class PixelLLMBackend(LabelStudioMLBase):
         for j in jobs:
             if j.error is None and j.op == "caption_regions":
                 w, h = j.image.size
-                j.boxes = [r.box_xyxy for r in convert.regions_from_results(j.boxes_pct, w, h)]
+                pairs, dropped = _regions_capped(j.boxes_pct, w, h, keep="first")
+                j.boxes = [r.box_xyxy for _, r in pairs]
+                if dropped:
+                    j.warning = (f"captioned the first {MAX_BOXES} of {len(pairs) + dropped:,} boxes of the task's "
+                                 f"annotation; at most {MAX_BOXES} boxes per image are captioned")
                 if not j.boxes:
                     j.op = "dense_caption"
 
-    def _run(self, op: str, jobs: list[_Job], cfg: LabelConfig, adapter: str | None, max_boxes: int,
-             threshold: float | None) -> None:
+    def _run(self, op: str, jobs: list[_Job], cfg: LabelConfig, adapter: str | None,
+             options: ModelOptions) -> None:
         p = self.runtime.predictor
         images = [j.image for j in jobs]
         kw = {"adapter": adapter} if adapter else {}
-        box = cfg.box_control
+        max_boxes, threshold = options.max_boxes, options.score_threshold
         if op == "refer":
             found = p.refer(images, [j.texts for j in jobs], **kw)
             for j, per_text in zip(jobs, found):
@@ -261,7 +305,7 @@ class PixelLLMBackend(LabelStudioMLBase):
             for j, regions in zip(jobs, caps):
                 j.results = convert.boxes_to_results(cfg, regions, *j.image.size)
         elif op == "dense_caption":
-            regions = p.dense_caption(images, max_regions=_int_attr(box, "model_max_regions", 20),
+            regions = p.dense_caption(images, max_regions=options.max_regions,
                                       min_score=0.3 if threshold is None else threshold, **kw)
             for j, r in zip(jobs, regions):
                 j.results = convert.boxes_to_results(cfg, r, *j.image.size)
@@ -275,38 +319,35 @@ class PixelLLMBackend(LabelStudioMLBase):
             raise PixelLLMError("the model returned fewer results than images")
 
     # ---- interactive ----
-    def _interactive(self, tasks: list, context: dict, cfg: LabelConfig, params: dict, version: str) -> list[dict]:
+    def _interactive(self, tasks: list, context: dict, cfg: LabelConfig, options: ModelOptions, params: dict,
+                     version: str) -> list[dict]:
         out = []
         for task in tasks or [None]:
             try:
-                out.append(self._interactive_one(task, context, cfg, params, version))
+                out.append(self._interactive_one(task, context, cfg, options, params, version))
                 self.runtime.count("interactive")
             except Exception as exc:  # noqa: BLE001
-                log.warning("interactive task %s: %s", task.get("id") if isinstance(task, dict) else None,
-                            _message(exc))
+                log.warning("interactive task %s: %s", _short_id(task), _message(exc))
                 self.runtime.count("task_errors")
                 out.append(convert.error_prediction(_message(exc), version))
         return out
 
-    def _interactive_one(self, task: object, context: dict, cfg: LabelConfig, params: dict, version: str) -> dict:
+    def _interactive_one(self, task: object, context: dict, cfg: LabelConfig, options: ModelOptions, params: dict,
+                         version: str) -> dict:
         job = self._plan(0, task, cfg, "dense_caption")  # only the image: the text comes from the context
         if job.error:
             raise TaskError(job.error)
         image_name = cfg.image.name
-        results = [r for r in context["result"] if isinstance(r, dict) and r.get("to_name", image_name) == image_name]
+        results = [r for r in context["result"] if isinstance(r, dict)
+                   and _same(r.get("to_name", image_name), image_name)]
         prompt = cfg.prompt_control
         names = [prompt.name] if prompt is not None else []
-        texts = convert.texts_from_results(results, names)
+        texts = self._clean_texts(convert.texts_from_results(results, names), "prompt")
         drawn = _uncaptioned_rects(results)
         if not texts and not drawn:
-            if not any(isinstance(r, dict) and str(r.get("type", "")).lower() in convert.RECT_TYPES
-                       for r in results):
+            if not any(_kind(r) in convert.RECT_TYPES for r in results):
                 raise TaskError("interactive context has neither a prompt text nor a rectangle")
             return convert.prediction([], version)  # e.g. a captioned box was moved: never overwrite a caption
-        limit = self.runtime.settings.max_prompt_chars
-        for t in texts:
-            if len(t) > limit:
-                raise TaskError(f"prompt is {len(t):,} characters; the limit is {limit:,}")
         self._load_images([job], params, time.monotonic() + self.runtime.settings.fetch_timeout_s)
         if job.error:
             raise TaskError(job.error)
@@ -316,22 +357,25 @@ class PixelLLMBackend(LabelStudioMLBase):
         adapter = self.runtime.adapter_for(self.project_id)
         kw = {"adapter": adapter} if adapter else {}
         out: list[dict] = []
+        warning = None
         if texts:
-            max_boxes = _int_attr(cfg.box_control, "model_max_boxes", 1)
             found = p.refer([image], [texts], **kw)[0]
-            out += convert.boxes_to_results(cfg, [d for dets in found for d in dets[:max_boxes]], w, h)
+            out += convert.boxes_to_results(cfg, [d for dets in found for d in dets[:options.max_boxes]], w, h)
         if drawn:
-            pairs = [(src, convert.regions_from_results([src], w, h)) for src in drawn]
-            pairs = [(src, found[0]) for src, found in pairs if found]
+            pairs, dropped = _regions_capped(drawn, w, h, keep="last")
             if not pairs:
                 raise TaskError("the drawn rectangle has no area inside the image")
+            if dropped:
+                warning = (f"captioned the {MAX_BOXES} most recently drawn of {len(pairs) + dropped:,} uncaptioned "
+                           f"boxes; at most {MAX_BOXES} boxes per image are captioned at once")
+                log.warning("interactive task %s: %s", _short_id(task), warning)
             caps = p.caption_regions([image], [[r.box_xyxy for _, r in pairs]], **kw)[0]
             cap_ctl = cfg.caption_control or cfg.image_caption_control
             if cap_ctl is None:
                 raise LabelConfigError("the config has no <TextArea> on the image to put the caption in")
             for (src, _region), cap in zip(pairs, caps):
-                geometry = {k: src["value"][k] for k in ("x", "y", "width", "height")} if cap_ctl.per_region else None
-                rid = str(src["id"]) if src.get("id") and cap_ctl.per_region else None
+                geometry = _geometry(src["value"]) if cap_ctl.per_region else None
+                rid = _region_id(src) if cap_ctl.per_region else None
                 if rid is not None:
                     # echo the drawn rectangle (same id, label, geometry): a TextArea alone would replace the
                     # region by an unlabelled one when the suggestion is accepted (seen in Label Studio 1.23.2)
@@ -340,7 +384,10 @@ class PixelLLMBackend(LabelStudioMLBase):
                                           geometry=geometry)
                 res["score"] = round(float(cap.score), 6)
                 out.append(res)
-        return convert.prediction(out, version)
+        pred = convert.prediction(out, version)
+        if warning:
+            pred["warning"] = warning
+        return pred
 
     # ------------------------------------------------------------------ fit
     def fit(self, event: str, data: dict, **additional_params) -> dict:
@@ -357,45 +404,105 @@ class PixelLLMBackend(LabelStudioMLBase):
 
 
 def _echo_rect(src: dict, width: int, height: int) -> dict:
-    keep = ("id", "from_name", "to_name", "type", "value")
-    rect = {k: src[k] for k in keep if k in src}
-    rect.update(original_width=src.get("original_width", width), original_height=src.get("original_height", height),
-                image_rotation=src.get("image_rotation", 0))
+    """The drawn rectangle as it came (id, names, label, geometry), rebuilt from checked fields only: nothing
+    of the context is echoed that is not a short string or a finite number."""
+    value = src["value"]
+    echo = _geometry(value)
+    if _finite(value.get("rotation")):
+        echo["rotation"] = value["rotation"]
+    for key in convert.RECT_TYPES:
+        labels = value.get(key)
+        if isinstance(labels, list) and all(isinstance(t, str) for t in labels) and len(labels) <= MAX_BOXES:
+            echo[key] = labels
+    rect = {"id": _region_id(src), "value": echo}
+    for key in ("from_name", "to_name", "type"):
+        if isinstance(src.get(key), str):
+            rect[key] = src[key]
+    ow, oh = src.get("original_width"), src.get("original_height")
+    rect.update(original_width=ow if _finite(ow) else width, original_height=oh if _finite(oh) else height,
+                image_rotation=src["image_rotation"] if _finite(src.get("image_rotation")) else 0)
     return rect
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < 1e300
+
+
+def _geometry(value: dict) -> dict:
+    return {k: float(value[k]) for k in ("x", "y", "width", "height")}
+
+
+def _region_id(src: dict) -> str | None:
+    rid = src.get("id")
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)) or rid == "" or len(str(rid)) > 128:
+        return None
+    return str(rid)
+
+
+def _kind(result: object) -> str:
+    """A result's ``type``, lower-case ("" when it is not a string)."""
+    kind = result.get("type") if isinstance(result, dict) else None
+    return kind.lower() if isinstance(kind, str) else ""
+
+
+def _same(a: object, b: str) -> bool:
+    return isinstance(a, str) and a == b
+
+
+def _short_id(task: object) -> object:
+    tid = task.get("id") if isinstance(task, dict) else None
+    return tid if isinstance(tid, (int, str)) and len(str(tid)) <= 64 else None
+
+
+def _blank(text: str) -> bool:
+    """Only whitespace and control characters (what ``validate_text`` calls empty)."""
+    return all(c.isspace() or unicodedata.category(c) == "Cc" for c in text)
+
+
+def _credential(value: object) -> str | None | bool:
+    """``params.login`` / ``params.password``: a string, ``None`` when absent or not text, ``False`` when
+    it is text that cannot be sent (a lone surrogate)."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return value
+
+
+def _regions_capped(results: list, width: int, height: int, *, keep: str) -> tuple[list[tuple[dict, object]], int]:
+    """(source result, ``Region``) for the rectangles with an area inside the image, at most ``MAX_BOXES``:
+    the first ones (``keep="first"``) or the last ones (``"last"``), and how many more there were."""
+    items = results if keep == "first" else list(reversed(results))
+    pairs, dropped = [], 0
+    for src in items:
+        found = convert.regions_from_results([src], width, height)
+        if not found:
+            continue
+        if len(pairs) < MAX_BOXES:
+            pairs.append((src, found[0]))
+        else:
+            dropped += 1
+    return (pairs if keep == "first" else pairs[::-1]), dropped
 
 
 def _uncaptioned_rects(results: list) -> list[dict]:
     """Rectangles of an interactive context that need a caption. Label Studio sends the drawn region plus
     the other regions of the same kind (e.g. accepted predictions, which already carry their caption):
     a rectangle whose id already has a TextArea result is left alone."""
-    captioned = {str(r.get("id")) for r in results if isinstance(r, dict)
-                 and str(r.get("type", "")).lower() == "textarea" and r.get("id") is not None}
-    return [r for r in results if isinstance(r, dict) and str(r.get("type", "")).lower() in convert.RECT_TYPES
-            and not (r.get("id") is not None and str(r["id"]) in captioned)]
+    captioned = {_region_id(r) for r in results if _kind(r) == "textarea"} - {None}
+    return [r for r in results if _kind(r) in convert.RECT_TYPES and _region_id(r) not in captioned]
 
 
 def _existing_regions(task: dict) -> list[dict]:
     """Rectangle results of the task's latest annotation (else latest prediction)."""
     for key in ("annotations", "predictions"):
-        items = [a for a in task.get(key) or [] if isinstance(a, dict) and isinstance(a.get("result"), list)]
+        found = task.get(key)
+        items = [a for a in found if isinstance(a, dict) and isinstance(a.get("result"), list)] \
+            if isinstance(found, list) else []
         for item in reversed(items):
-            rects = [r for r in item["result"] if isinstance(r, dict)
-                     and str(r.get("type", "")).lower() in convert.RECT_TYPES]
+            rects = [r for r in item["result"] if _kind(r) in convert.RECT_TYPES]
             if rects:
                 return rects
     return []
-
-
-def _int_attr(control, name: str, default: int) -> int:
-    try:
-        return max(1, int(control.attr(name))) if control is not None and control.attr(name) else default
-    except ValueError:
-        return default
-
-
-def _float_attr(control, name: str, default: float | None) -> float | None:
-    try:
-        return float(control.attr(name)) if control is not None and control.attr(name) else default
-    except ValueError:
-        return default
-

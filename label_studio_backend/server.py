@@ -8,6 +8,10 @@ API token).
 
 Start it with ``pixelllm ls-backend --host H --port P``, ``python -m label_studio_backend``, or
 ``run(host, port, **opts)``; ``create_app(**opts)`` gives the ASGI app.
+
+Bad input is never a 5xx: a malformed request is a 4xx with ``{"error": ...}``; anything wrong with one task
+(its data, image, text, or the config's attributes) is that task's ``error`` in a 200, one result per task.
+Responses are encoded so that text from the request (a lone surrogate) cannot break them.
 """
 
 from __future__ import annotations
@@ -29,12 +33,57 @@ from pixelllm_plugins.errors import PixelLLMError
 
 from .base import ModelResponse, project_id_from
 from .convert import error_prediction
+from .errors import printable
 from .label_config import LabelConfigError, parse_label_config
 from .model import PixelLLMBackend
 from .runtime import Runtime
 from .settings import Settings
 
 log = logging.getLogger("label_studio_backend")
+
+
+# params keys that would clash with predict()'s own arguments (Label Studio sends login, password, context)
+_RESERVED_PARAMS = ("self", "tasks")
+
+
+class SafeJSONResponse(JSONResponse):
+    """JSON that always encodes: text from the request with lone surrogates is escaped (``\\ud800``) and a
+    non-finite number becomes ``null`` instead of the encoder raising (a 500, and a reset connection)."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+        except (UnicodeEncodeError, ValueError, TypeError):
+            pass
+        try:
+            return json.dumps(_finite(content), ensure_ascii=True, allow_nan=False, separators=(",", ":"),
+                              default=lambda o: f"<{type(o).__name__}>").encode("ascii")
+        except (ValueError, TypeError, RecursionError):
+            log.exception("response could not be encoded")
+            return b'{"error":"the response could not be encoded; see the backend log"}'
+
+
+def _finite(value: Any, depth: int = 0) -> Any:
+    if depth > 200:
+        return None
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else None
+    if isinstance(value, dict):
+        return {k if isinstance(k, str) else str(k): _finite(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v, depth + 1) for v in value]
+    return value
+
+
+def _text(value: object) -> str | None:
+    """A string that can be stored and sent (valid Unicode), else ``None``."""
+    if not isinstance(value, str):
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return value
 
 
 class _BadRequest(Exception):
@@ -110,7 +159,7 @@ def create_app(settings: Settings | None = None, *, predictor=None, predictor_fa
         runtime.close()
 
     app = FastAPI(title="PixelLLM Label Studio ML backend", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+                  openapi_url=None, default_response_class=SafeJSONResponse)
     app.state.runtime = runtime
     app.state.model_class = Model
     limit = settings.max_request_bytes
@@ -121,12 +170,15 @@ def create_app(settings: Settings | None = None, *, predictor=None, predictor_fa
         if settings.basic_auth_enabled and not _auth_ok(request.headers.get("authorization"),
                                                         settings.basic_auth_user, settings.basic_auth_pass):
             runtime.count("unauthorized")
-            return JSONResponse({"error": "unauthorized"}, status_code=401,
+            return SafeJSONResponse({"error": "unauthorized"}, status_code=401,
                                 headers={"WWW-Authenticate": 'Basic realm="pixelllm-ls-backend"'})
         try:
             response = await call_next(request)
         except _BadRequest as exc:  # pragma: no cover - handled by the exception handler below
-            response = JSONResponse({"error": str(exc)}, status_code=exc.status)
+            response = SafeJSONResponse({"error": str(exc)}, status_code=exc.status)
+        except Exception as exc:  # noqa: BLE001 - a bug: answered here, so the connection stays usable
+            log.exception("unexpected error on %s: %s", request.url.path, exc)
+            response = SafeJSONResponse({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
         runtime.count(f"http_{response.status_code}")
         log.debug("%s %s -> %d in %.3f s", request.method, request.url.path, response.status_code,
                   time.monotonic() - started)
@@ -135,12 +187,12 @@ def create_app(settings: Settings | None = None, *, predictor=None, predictor_fa
     @app.exception_handler(_BadRequest)
     async def bad_request(_request: Request, exc: _BadRequest):
         runtime.count("bad_requests")
-        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+        return SafeJSONResponse({"error": str(exc)}, status_code=exc.status)
 
     @app.exception_handler(Exception)
     async def unexpected(_request: Request, exc: Exception):
         log.exception("unexpected error: %s", exc)
-        return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
+        return SafeJSONResponse({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
 
     @app.get("/health")
     @app.get("/")
@@ -167,11 +219,17 @@ def create_app(settings: Settings | None = None, *, predictor=None, predictor_fa
         def work():
             model = Model(project_id=project, label_config=schema)
             model.set_extra_params(body.get("extra_params"))
+            cfg = None
             try:
                 if schema:
-                    parse_label_config(schema)
-            except LabelConfigError as exc:
+                    cfg = parse_label_config(schema)
+            except LabelConfigError as exc:  # e.g. a config still without its image: not an error yet
                 log.warning("project %s: labeling config not usable yet: %s", model.project_id, exc)
+            if cfg is not None:
+                try:  # an attribute meant for this backend with a bad value is: say so when connecting
+                    cfg.check()
+                except LabelConfigError as exc:
+                    raise _BadRequest(str(exc)) from None
             return {"model_version": model.model_version}
 
         log.info("setup project=%s", project_id_from(project))
@@ -188,13 +246,18 @@ def create_app(settings: Settings | None = None, *, predictor=None, predictor_fa
         if label_config is not None and not isinstance(label_config, str):
             config_error = "'label_config' must be the labeling config XML as a string"
             label_config = None
-        params = body.get("params") if isinstance(body.get("params"), dict) else {}
+        params = dict(body["params"]) if isinstance(body.get("params"), dict) else {}
         context = params.pop("context", None)
         if context is not None and not isinstance(context, dict):
             context = None
+        clash = [k for k in _RESERVED_PARAMS if k in params]
+        if clash:
+            raise _BadRequest(f"'params' must not contain {clash}: the tasks go in the body's 'tasks' "
+                              "(Label Studio sends params login, password and context)")
+        project = body.get("project")
 
         def work():
-            model = Model(project_id=body.get("project"), label_config=label_config)
+            model = Model(project_id=project, label_config=label_config)
             if config_error:
                 return [error_prediction(config_error, model.model_version) for _ in tasks], model.model_version
             started = time.monotonic()
@@ -213,23 +276,36 @@ def create_app(settings: Settings | None = None, *, predictor=None, predictor_fa
             results, version = await run_in_threadpool(work)
         except PixelLLMError as exc:
             raise _BadRequest(str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - a bug must not cost the batch: one error per task, logged
+            log.exception("predict failed: %s", exc)
+            runtime.count("predict_failures")
+            version = await run_in_threadpool(_version_or_unknown)
+            message = (f"the backend failed on this request ({type(exc).__name__}: {printable(str(exc), 200)}); "
+                       "see its log")
+            results = [error_prediction(message, version) for _ in tasks]
         runtime.count("predict_requests")
-        return {"results": results, "model_version": version}
+        return SafeJSONResponse({"results": results, "model_version": version})
+
+    def _version_or_unknown() -> str:
+        try:
+            return runtime.base_version
+        except Exception:  # noqa: BLE001 - e.g. the model failed to load
+            return "unknown"
 
     @app.post("/webhook")
     async def webhook(request: Request):
         body = await _json_body(request, limit)
         action = body.get("action")
         if not isinstance(action, str) or action not in Model.TRAIN_EVENTS:
-            return JSONResponse({"status": "Unknown event"}, status_code=200)
+            return SafeJSONResponse({"status": "Unknown event"}, status_code=200)
         project = body.get("project")
         pid = project.get("id") if isinstance(project, dict) else project
-        label_config = project.get("label_config") if isinstance(project, dict) else None
+        label_config = _text(project.get("label_config")) if isinstance(project, dict) else None
         if project_id_from(pid) is None:
             raise _BadRequest("webhook payload has no valid 'project'")
 
         def work():
-            model = Model(project_id=str(pid), label_config=label_config if isinstance(label_config, str) else None)
+            model = Model(project_id=str(pid), label_config=label_config)
             return model.fit(action, body)
 
         try:
@@ -238,7 +314,7 @@ def create_app(settings: Settings | None = None, *, predictor=None, predictor_fa
             raise _BadRequest(str(exc)) from None
         runtime.count(f"webhook_{action.lower()}")
         log.info("webhook %s project=%s -> %s", action, project_id_from(pid), result)
-        return JSONResponse({"result": result, "status": "ok"}, status_code=201)
+        return SafeJSONResponse({"result": result, "status": "ok"}, status_code=201)
 
     @app.post("/train")
     async def train(request: Request):
@@ -248,7 +324,7 @@ def create_app(settings: Settings | None = None, *, predictor=None, predictor_fa
         tasks = body.get("annotations")
         if pid is None or not isinstance(tasks, list):
             raise _BadRequest("'/train' needs 'project' and 'annotations' (tasks with their annotations)")
-        label_config = body.get("label_config") if isinstance(body.get("label_config"), str) else None
+        label_config = _text(body.get("label_config"))
 
         def work():
             tm = runtime.training
@@ -260,7 +336,7 @@ def create_app(settings: Settings | None = None, *, predictor=None, predictor_fa
                     stored += tm.record(pid, t, anns[-1], label_config)
             return {"stored": stored, "queued": tm.request(pid) if stored else False}
 
-        return JSONResponse({"status": "ok", "result": await run_in_threadpool(work)}, status_code=201)
+        return SafeJSONResponse({"status": "ok", "result": await run_in_threadpool(work)}, status_code=201)
 
     @app.api_route("/versions", methods=["GET", "POST"])
     async def versions(request: Request):
@@ -278,11 +354,10 @@ def create_app(settings: Settings | None = None, *, predictor=None, predictor_fa
     async def validate(request: Request):
         body = await _json_body(request, limit)
         try:
-            cfg = parse_label_config(body.get("config"))
-            _ = cfg.task
+            task = parse_label_config(body.get("config")).check()
         except LabelConfigError as exc:
-            return JSONResponse({"status": "error", "errors": [str(exc)]}, status_code=422)
-        return {"status": "ok", "task": cfg.task}
+            return SafeJSONResponse({"status": "error", "errors": [str(exc)]}, status_code=422)
+        return {"status": "ok", "task": task}
 
     @app.get("/metrics")
     async def metrics():

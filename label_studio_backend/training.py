@@ -62,6 +62,14 @@ def default_trainer(*, from_model, data_dir, out_adapter, steps, **kwargs):
     return finetune(from_model, data_dir, out_adapter, steps=steps, **extra)
 
 
+def _storable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def adapter_name(project_id: str, round_: int) -> str:
     return f"ls-p{project_id}-ft{round_}"
 
@@ -226,8 +234,9 @@ class TrainingManager:
         """Store (or replace) one annotation; cancelled/empty ones are removed. True if stored."""
         if not isinstance(annotation, dict) or not isinstance(task, dict):
             return False
-        ann_id = str(annotation.get("id", ""))
-        if not ann_id.isdigit():
+        ann_id = annotation.get("id", "")
+        ann_id = str(ann_id) if isinstance(ann_id, (int, str)) and not isinstance(ann_id, bool) else ""
+        if not ann_id.isdigit() or not ann_id.isascii():
             return False
         path = self._pdir(pid) / "annotations" / f"{ann_id}.json"
         if annotation.get("was_cancelled") or not annotation.get("result"):
@@ -247,9 +256,10 @@ class TrainingManager:
 
     def delete(self, pid: str, annotation_ids) -> int:
         n = 0
-        for a in annotation_ids or []:
-            ann_id = str(a.get("id") if isinstance(a, dict) else a)
-            if ann_id.isdigit():
+        for a in annotation_ids if isinstance(annotation_ids, list) else []:
+            ann_id = a.get("id") if isinstance(a, dict) else a
+            ann_id = str(ann_id) if isinstance(ann_id, (int, str)) and not isinstance(ann_id, bool) else ""
+            if ann_id.isdigit() and ann_id.isascii():
                 path = self._pdir(pid) / "annotations" / f"{ann_id}.json"
                 if path.is_file():
                     path.unlink()
@@ -264,7 +274,9 @@ class TrainingManager:
 
     def handle_event(self, pid: str, event: str, data: dict, label_config: str | None) -> dict:
         """Apply one webhook event; enqueue training when there is enough new data. Returns at once."""
-        if isinstance(label_config, str) and label_config.strip() and label_config != self.label_config(pid):
+        if not isinstance(label_config, str) or not _storable(label_config):
+            label_config = None  # not text, or not valid Unicode (a lone surrogate): not stored
+        if label_config and label_config.strip() and label_config != self.label_config(pid):
             self._pdir(pid).mkdir(parents=True, exist_ok=True)
             (self._pdir(pid) / "label_config.xml").write_text(label_config)
         label_config = label_config or self.label_config(pid)

@@ -72,3 +72,86 @@ def test_task_inference_without_model_task():
 def test_bad_configs_are_refused_with_a_reason(xml, match):
     with pytest.raises(LabelConfigError, match=match):
         parse_label_config(xml)
+
+
+BOX = ('<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image" {}>'
+       '<Label value="a"/></RectangleLabels></View>')
+
+
+@pytest.mark.parametrize("attrs,expected", [
+    ("", (20, 1, None)),
+    ('model_max_regions="256" model_max_boxes="128" model_score_threshold="0"', (256, 128, 0.0)),
+    ('model_max_regions=" 5 " model_max_boxes="1e1" model_score_threshold="1"', (5, 10, 1.0)),
+    ('model_max_regions="" model_score_threshold="  "', (20, 1, None)),  # blank: the default
+])
+def test_model_attributes_within_bounds(attrs, expected):
+    opts = parse_label_config(BOX.format(attrs)).model_options()
+    assert (opts.max_regions, opts.max_boxes, opts.score_threshold) == expected
+
+
+@pytest.mark.parametrize("attr,value,range_", [
+    ("model_max_regions", "1000000000", "from 1 to 256"), ("model_max_regions", "0", "from 1 to 256"),
+    ("model_max_regions", "-3", "from 1 to 256"), ("model_max_regions", "2.5", "integer"),
+    ("model_max_regions", "nan", "from 1 to 256"), ("model_max_regions", "1e400", "from 1 to 256"),
+    ("model_max_boxes", "129", "from 1 to 128"), ("model_max_boxes", "0x10", "from 1 to 128"),
+    ("model_max_boxes", "true", "from 1 to 128"), ("model_score_threshold", "1.5", "from 0 to 1"),
+    ("model_score_threshold", "-0.1", "from 0 to 1"), ("model_score_threshold", "inf", "from 0 to 1"),
+    ("model_score_threshold", "high", "from 0 to 1"),
+])
+def test_model_attributes_out_of_bounds_name_tag_attribute_and_range(attr, value, range_):
+    cfg = parse_label_config(BOX.format(f'{attr}="{value}"'))  # parsing itself is fine
+    with pytest.raises(LabelConfigError) as info:
+        cfg.check()
+    message = str(info.value)
+    assert '<RectangleLabels name="label">' in message and attr in message and range_ in message
+
+
+def test_nesting_depth_and_tag_count_are_bounded():
+    image = '<Image name="image" value="$image"/>'
+    deep = "<View>" + image + "<View>" * 70 + "</View>" * 70 + "</View>"
+    with pytest.raises(LabelConfigError, match="64 levels"):
+        parse_label_config(deep)
+    ok = "<View>" + image + "<View>" * 60 + "</View>" * 60 + "</View>"
+    assert parse_label_config(ok).image.name == "image"
+    many = "<View>" + image + "<Header value='x'/>" * 10_001 + "</View>"
+    with pytest.raises(LabelConfigError, match="10,000 tags"):
+        parse_label_config(many)
+
+
+def test_parsing_is_linear_in_nesting_and_size():
+    """15,500 nested controls took 19.7 s of CPU (each control walked its whole subtree): now the depth
+    bound refuses it at once, and a wide config near the tag limit parses in one walk."""
+    import time
+
+    n = 15_500
+    nested = ('<View><Image name="image" value="$image"/>'
+              + "".join(f'<Choices name="c{i}" toName="image">' for i in range(n)) + '<Choice value="x"/>'
+              + "</Choices>" * n + "</View>")
+    started = time.process_time()
+    with pytest.raises(LabelConfigError, match="levels"):
+        parse_label_config(nested)
+    assert time.process_time() - started < 1.0
+    wide = ('<View><Image name="image" value="$image"/>'
+            + "".join(f'<Choices name="c{i}" toName="image"><Choice value="v{i}"/></Choices>' for i in range(4_900))
+            + "</View>")
+    started = time.process_time()
+    cfg = parse_label_config(wide)
+    assert len(cfg.controls) == 4_900 and cfg.controls["c4899"].labels == ["v4899"]
+    assert time.process_time() - started < 1.0
+
+
+def test_labels_belong_to_their_nearest_control():
+    cfg = parse_label_config('<View><Image name="image" value="$image"/>'
+                             '<RectangleLabels name="r" toName="image"><View><Label value="Cup"/></View>'
+                             '<Choices name="c" toName="image"><Choice value="yes"/></Choices>'
+                             '<Label value="Dog"/></RectangleLabels></View>')
+    assert cfg.controls["r"].labels == ["Cup", "Dog"] and cfg.controls["c"].labels == ["yes"]
+
+
+@pytest.mark.parametrize("xml,match", [
+    ('<View><Image name="image" value="$im\ud800"/></View>', "not valid Unicode"),
+    ('<View><Image name="image" value="$image"/>\x00</View>', "well-formed"),
+])
+def test_configs_with_bad_characters_are_config_errors(xml, match):
+    with pytest.raises(LabelConfigError, match=match):
+        parse_label_config(xml)

@@ -37,9 +37,17 @@ def fuzz_client(make_client, ls):
 
 
 GOOD = {"image": "/data/upload/1/good.png", "expression": "the red mug"}
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n%%EOF\n"
+PPM = b"P6\n4 4\n255\n" + bytes(48)
 
 
-def malformed_tasks(images_dir) -> list[tuple[str, object, str]]:
+def post_json(client, path: str, body: object):
+    """POST JSON that may hold lone surrogates (escaped as \\ud800, as Label Studio's JSON does; httpx's
+    ``json=`` cannot encode them)."""
+    return client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+
+
+def malformed_tasks(images_dir, ls_url: str = "http://127.0.0.1:9") -> list[tuple[str, object, str]]:
     """(name, task, expectation) with expectation "error" (must carry a reason) or "ok" (handled, e.g. an
     empty prompt falls back to dense captions)."""
     cases: list[tuple[str, object, str]] = []
@@ -65,6 +73,16 @@ def malformed_tasks(images_dir) -> list[tuple[str, object, str]]:
         "long-url": "/data/upload/1/" + "a" * 9000, "nul-byte": "/data/upload/1/go\x00od.png",
         "unicode": "/data/upload/1/\u00fc\u2603.png", "relative": "images/a.png", "windows": "C:\\images\\a.png",
         "url-no-host": "http:///a.png", "newline": "/data/upload/1/good.png\n/etc/passwd",
+        "port-99999": "http://127.0.0.1:99999/a.png", "port-abc": "http://127.0.0.1:abc/a.png",
+        "ipv6-unclosed": "http://[::1/a.png", "credentials": "http://u:p@example.com/a.png",
+        "upload-dot-dot": "/data/upload/../../etc/passwd", "upload-dot": "/data/upload/./1/good.png",
+        "upload-encoded-dots": "/data/upload/1/%2e%2e/%2E%2E/api/users",
+        "local-files-encoded-dots": "/data/local-files/?d=a/%2e%2e/%2e%2e/etc/passwd",
+        "ls-absolute-dots": f"{ls_url}/data/upload/1/../../../api/users",
+        "ls-absolute-bad-port": f"{ls_url}:99999/data/upload/1/good.png",
+        "tasks-path-dots": "/tasks/../api/users", "surrogate-path": "/data/upload/1/\ud800.png",
+        "eps": "data:image/png;base64," + base64.b64encode(EPS).decode(),
+        "ppm": "data:image/png;base64," + base64.b64encode(PPM).decode(),
     }
     for name, ref in bad_refs.items():
         data = {"expression": "the red mug"} if name == "missing-key" else {"image": ref, "expression": "x"}
@@ -74,6 +92,9 @@ def malformed_tasks(images_dir) -> list[tuple[str, object, str]]:
         "10000-chars": ("x" * 10_000, "error"), "int": (12, "error"), "dict": ({"a": 1}, "error"),
         "list-of-ints": ([1, 2], "error"), "list-with-none": (["ok", None], "error"),
         "51-expressions": (["e"] * 51, "error"), "1001-chars": ("y" * 1001, "error"),
+        "33-expressions": (["e"] * 33, "error"), "33-lines": ("\n".join(["e"] * 33), "error"),
+        "surrogate": ("the \ud800 mug", "error"), "surrogate-list": (["ok", "\udc00"], "error"),
+        "surrogate-only": ("\udfff", "error"), "nul-only": ("\x00\x00", "ok"), "controls-only": ("\x00\x07\x1b", "ok"),
         "empty": ("", "ok"), "spaces": ("   ", "ok"), "newlines": ("\n\n", "ok"), "none": (None, "ok"),
         "empty-list": ([], "ok"), "unicode": ("la tasse rouge \u2615 \u00e9\u00e8", "ok"),
         "control-chars": ("the\x00red\x07mug", "ok"), "multi-line": ("a mug\nthe cup", "ok"),
@@ -123,8 +144,8 @@ def _check_prediction(pred: dict) -> None:
         assert isinstance(pred["error"], str) and len(pred["error"]) > 10 and pred["result"] == []
 
 
-def test_malformed_tasks_in_one_batch_with_good_tasks(fuzz_client, images_dir):
-    cases = malformed_tasks(images_dir)
+def test_malformed_tasks_in_one_batch_with_good_tasks(fuzz_client, images_dir, ls):
+    cases = malformed_tasks(images_dir, ls.url)
     mutated = mutated_tasks(150)
     assert len(cases) + len(mutated) >= 200
     tasks, expect = [], []
@@ -135,10 +156,12 @@ def test_malformed_tasks_in_one_batch_with_good_tasks(fuzz_client, images_dir):
             expect.append(("good", "good"))
         tasks.append(task)
         expect.append((name, expectation))
-    r = fuzz_client.post("/predict", json=predict_body(tasks))
+    r = post_json(fuzz_client, "/predict", predict_body(tasks))
     assert r.status_code == 200
     results = r.json()["results"]
     assert len(results) == len(tasks)
+    # no '.'/'..' path ever reached the Label Studio host (the API key goes with every request there)
+    assert not [q["path"] for q in ls.requests if "/." in q["path"] or "%2e" in q["path"].lower()]
     good = 0
     for (name, expectation), pred in zip(expect, results):
         _check_prediction(pred)
@@ -192,6 +215,8 @@ BAD_BODIES: list[tuple[str, bytes | str, int]] = [
 BAD_PREDICT_JSON: list[tuple[str, object]] = [
     ("tasks-missing", {}), ("tasks-dict", {"tasks": {"a": 1}}), ("tasks-str", {"tasks": "abc"}),
     ("tasks-int", {"tasks": 5}), ("tasks-null", {"tasks": None}),
+    ("params-tasks", {"tasks": [{"id": 1, "data": GOOD}], "params": {"tasks": 1}}),
+    ("params-self", {"tasks": [], "params": {"self": [1]}}),
 ]
 ODD_PREDICT_JSON: list[tuple[str, dict]] = [
     ("params-list", {"params": [1]}), ("params-str", {"params": "x"}), ("context-str", {"params": {"context": "x"}}),
@@ -265,7 +290,7 @@ def test_malformed_requests(fuzz_client):
 def test_other_configs_survive_malformed_tasks(fuzz_client, images_dir):
     tasks = [t for _, t, _ in malformed_tasks(images_dir)][:60] + [{"id": 1, "data": dict(GOOD)}]
     for name in ("region_captioning", "dense_captioning", "word_traces"):
-        r = fuzz_client.post("/predict", json=predict_body(tasks, label_config=labeling_config(name)))
+        r = post_json(fuzz_client, "/predict", predict_body(tasks, label_config=labeling_config(name)))
         assert r.status_code == 200
         results = r.json()["results"]
         assert len(results) == len(tasks)

@@ -136,9 +136,27 @@ def test_slow_downloads_time_out(ls):
     ls.routes["/data/upload/1/slow.png"] = Route(200, body, chunks=[body[i:i + 50] for i in range(0, len(body), 50)],
                                                  delay_s=0.3)
     started = time.monotonic()
-    with pytest.raises(ImageFetchError, match="took longer|timed out"):
+    with pytest.raises(ImageFetchError, match="no answer within 0.5 s"):
         fetcher(ls.url, fetch_timeout_s=0.5).load("/data/upload/1/slow.png")
     assert time.monotonic() - started < 5
+
+
+def test_the_timeout_is_for_the_whole_download_not_per_read(ls):
+    """Every read comes in under the timeout, the whole download does not: the caller gets its error at
+    the deadline, not one read later (the per-read timeout alone let a trickling host hold a request)."""
+    body = png_bytes((64, 64))
+    ls.routes["/data/upload/1/trickle.png"] = Route(200, body, chunks=[body[:40], body[40:80], body[80:]],
+                                                    delay_s=0.9)
+    started = time.monotonic()
+    with pytest.raises(ImageFetchError, match="no answer within 1 s"):
+        fetcher(ls.url, fetch_timeout_s=1.0).load("/data/upload/1/trickle.png")
+    assert time.monotonic() - started < 1.7  # the per-chunk check alone answered after 1.8 s
+    # headers that never come: the same deadline
+    ls.routes["/data/upload/1/silent.png"] = lambda handler, body: time.sleep(3) or Route(200, b"x")
+    started = time.monotonic()
+    with pytest.raises(ImageFetchError, match="no answer within 0.5 s"):
+        fetcher(ls.url, fetch_timeout_s=0.5).load("/data/upload/1/silent.png")
+    assert time.monotonic() - started < 1.5
 
 
 def test_local_files_only_under_allowed_roots(tmp_path):
@@ -153,8 +171,10 @@ def test_local_files_only_under_allowed_roots(tmp_path):
     for bad in (str(tmp_path / "secret.png"), f"{root}/../secret.png", f"file://{root}/sub/../../secret.png"):
         with pytest.raises(ImageFetchError, match="outside the allowed folders"):
             f.load(bad)
+    with pytest.raises(ImageFetchError, match="'..' segments"):
+        f.load("/data/local-files/?d=../secret.png")  # refused before the disk or Label Studio is asked
     with pytest.raises(ImageFetchError, match="LABEL_STUDIO_URL"):
-        f.load("/data/local-files/?d=../secret.png")  # not under the root: would need Label Studio
+        f.load("/data/local-files/?d=sub/other.png")  # not on disk: would need Label Studio
     with pytest.raises(ImageFetchError, match="disabled"):
         ImageFetcher(Settings.from_env(local_roots=(), label_studio_url="")).load(str(root / "sub" / "ok.png"))
 
@@ -190,3 +210,69 @@ def test_cache_serves_repeated_interactive_calls(ls):
     for _ in range(3):
         f.load("/data/upload/1/a.png", task_id=1)
     assert len(ls.requests) == 1
+
+
+@pytest.mark.parametrize("ref", [
+    "/data/upload/../../etc/passwd", "/data/upload/1/../../../api/users", "/data/upload/./1/a.png",
+    "/data/upload/1/%2e%2e/%2E%2E/x.png", "/data/upload/1/%2e%2E%2fx.png", "/data/upload/1/..%5c..%5cx.png",
+    "/data/local-files/?d=../../etc/passwd", "/data/local-files/?d=imgs/%2e%2e/%2e%2e/etc/passwd",
+    "/data/local-files/?d=imgs/%252e%252e/x.png", "/storage-data/../api/projects", "/tasks/../../api/users",
+    "{ls}/data/upload/../../api/users", "{ls}/data/upload/1/%2e%2e/x.png", "{ls}/data/local-files/?d=a/../../b",
+])
+def test_dot_segments_never_reach_label_studio(ls, ref):
+    """``..`` would be normalised by the HTTP client into another path on the Label Studio host, with the
+    API key: refused before any request, raw or percent-encoded."""
+    ls.routes["/etc/passwd"] = Route(200, png_bytes())
+    with pytest.raises(ImageFetchError, match=r"'\.\.' (path )?segments"):
+        fetcher(ls.url).load(ref.format(ls=ls.url))
+    assert ls.requests == []
+
+
+@pytest.mark.parametrize("url,match", [
+    ("http://127.0.0.1:99999/a.png", "malformed"), ("http://127.0.0.1:abc/a.png", "malformed"),
+    ("http://[::1/a.png", "malformed"), ("http://127.0.0.1:0/a.png", "port 0"), ("http:///a.png", "no host"),
+    ("http://user:pw@127.0.0.1/a.png", "credentials"), ("http://127.0.0.1/a b.png", "spaces"),
+    ("http://127.0.0.1/x/../a.png", "'..' path segments"),
+])
+def test_malformed_urls_are_fetch_errors(other, url, match):
+    f = fetcher("", allowed_hosts="*")
+    with pytest.raises(ImageFetchError, match=match):
+        f.load(url)
+    assert other.requests == []
+
+
+def test_redirect_to_a_malformed_or_dotted_label_studio_url_is_refused(ls):
+    ls.routes["/data/upload/1/r.png"] = Route(302, b"", {"Location": "http://127.0.0.1:99999/x.png"})
+    with pytest.raises(ImageFetchError, match="redirect target is malformed"):
+        fetcher(ls.url).load("/data/upload/1/r.png")
+    ls.routes["/data/upload/1/r2.png"] = Route(302, b"", {"Location": f"{ls.url}/data/%2e%2e/x.png"})
+    with pytest.raises(ImageFetchError, match="'..'"):
+        fetcher(ls.url).load("/data/upload/1/r2.png")
+    assert [r["path"] for r in ls.requests] == ["/data/upload/1/r.png", "/data/upload/1/r2.png"]
+
+
+def _eps() -> bytes:
+    return (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n"
+            b"newpath 0 0 moveto 10 10 lineto stroke showpage\n%%EOF\n")
+
+
+def _ppm() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (10, 10), (1, 2, 3)).save(buf, "PPM")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("name,data", [("eps", _eps()), ("ppm", _ppm())])
+def test_formats_outside_the_allow_list_are_refused(ls, name, data):
+    """Images are opened by pixelllm_plugins.io with its format allow-list: an EPS (Ghostscript) or a PPM,
+    which PIL alone would open, is refused."""
+    ls.routes[f"/data/upload/1/x.{name}"] = Route(200, data)
+    f = fetcher(ls.url)
+    with pytest.raises(InvalidImageError, match="not a readable image"):
+        f.open(f"/data/upload/1/x.{name}")
+    with pytest.raises(InvalidImageError, match="not a readable image"):
+        f.load("data:image/png;base64," + base64.b64encode(data).decode())
