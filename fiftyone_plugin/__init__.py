@@ -8,6 +8,11 @@ SDK use (parameter names are stable)::
 
     import fiftyone.operators as foo
     foo.execute_operator("@pixelllm/pixelllm/refer", ctx=dict(dataset=ds, params={"prompt": "the red circle"}))
+
+Bad parameters never reach the dataset: ``pxfo.operator_kwargs`` checks every one (numbers against
+``pixelllm_plugins.bounds``, prompts with ``validate_text``, field names) when the form is resolved, so the
+App marks the input with the message and FiftyOne refuses to run or queue the operation, and again in
+``execute`` (a ``PixelLLMError`` with the same message).
 """
 
 from __future__ import annotations
@@ -15,12 +20,21 @@ from __future__ import annotations
 import contextlib
 import os
 
+import bson
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
+from pixelllm_plugins.bounds import BOUNDS
 from pixelllm_plugins.integrations import fiftyone as pxfo
 
 PLUGIN = "@pixelllm/pixelllm"
+
+
+def _range(name: str) -> dict:
+    """``min``/``max`` of a number input, from the shared bounds table."""
+    bound = BOUNDS[name]
+    cast = int if bound.integer else float
+    return {"min": cast(bound.low), "max": cast(bound.high)}
 
 
 # ---- shared form pieces ------------------------------------------------------------------------------
@@ -55,8 +69,9 @@ def _target(ctx) -> None:
 def _common_inputs(ctx, inputs) -> None:
     inputs.str("model", default="", required=False, label="Model",
                description="Checkpoint folder or preset name; empty = the embedded default model")
-    inputs.int("batch_size", default=pxfo.DEFAULT_BATCH_SIZE, min=1, required=False, label="Batch size",
-               description="Images per inference call; results are saved after every batch")
+    inputs.int("batch_size", default=pxfo.DEFAULT_BATCH_SIZE, required=False, label="Batch size",
+               description="Images per inference call; results are saved after every batch",
+               **_range("batch_size"))
     inputs.bool("overwrite", default=False, required=False, label="Overwrite",
                 description="Recompute samples already labeled by this model version")
     worker = os.environ.get("PIXELLLM_WORKER_URL", "")
@@ -70,10 +85,41 @@ def _common_inputs(ctx, inputs) -> None:
             label="Start a worker with `fiftyone delegated launch` so that queued runs execute."))
 
 
-def _params(ctx) -> dict:
-    p = ctx.params
-    return {"model": p.get("model") or None, "batch_size": int(p.get("batch_size") or pxfo.DEFAULT_BATCH_SIZE),
-            "overwrite": bool(p.get("overwrite", False))}
+def _unstorable(params: dict) -> str | None:
+    """The first parameter MongoDB cannot store (a scheduled run's parameters are saved with it), if any."""
+    for key, value in params.items():
+        try:
+            bson.encode({"params": {key: value}})
+        except Exception:  # noqa: BLE001 - InvalidDocument, UnicodeEncodeError, OverflowError, ...
+            return key
+    return None
+
+
+def _check_form(ctx, inputs, operation: str) -> None:
+    """Mark the input a bad value was typed into (the App shows the message there; FiftyOne refuses to
+    execute or queue an operation whose form is invalid, without a traceback)."""
+    try:
+        pxfo.operator_kwargs(operation, ctx.params)
+        if ctx.requesting_delegated_execution or ctx.params.get("delegate") is True:
+            key = _unstorable(ctx.params)
+            if key is not None:
+                error = pxfo.FieldError(f"parameter {ascii(key)[:40]} cannot be saved with a scheduled run; "
+                                        "give text, numbers, booleans or lists of them, or leave it out")
+                error.param = key
+                raise error
+    except pxfo.PixelLLMError as exc:
+        prop = inputs.properties.get(getattr(exc, "param", None))
+        if prop is None:  # not one of the form's inputs: show it at the top
+            prop = inputs.view("pixelllm_invalid", types.Notice(label=str(exc)))
+        prop.invalid = True
+        prop.error_message = str(exc)
+
+
+def _target_view(ctx):
+    if ctx.dataset is None:
+        raise pxfo.FieldError("no dataset: open a dataset in the App, or pass dataset= or view= in the "
+                              "context")
+    return ctx.target_view(require_flat=True)
 
 
 def _progress(ctx):
@@ -122,6 +168,14 @@ class _PixelLLMOperator(foo.Operator):
     def resolve_output(self, ctx):
         return _summary_output(ctx)
 
+    def execute(self, ctx):
+        # the same checks as the form: SDK calls and disabled form validation get the same clear message
+        kwargs = pxfo.operator_kwargs(self.name, ctx.params)
+        if self.name == "caption_regions":
+            kwargs["selected_labels"] = ctx.selected_labels or None
+        summary = pxfo.RUNNERS[self.name](_target_view(ctx), progress=_progress(ctx), **kwargs)
+        return _finish(ctx, summary)
+
 
 # ---- operators -------------------------------------------------------------------------------------------
 
@@ -142,15 +196,8 @@ class Refer(_PixelLLMOperator):
                        ctx, ("StringField", "ListField[StringField]", "Classification", "Classifications"))))
         inputs.str("label_field", default=pxfo.DEFAULT_REFER_FIELD, required=False, label="Output field")
         _common_inputs(ctx, inputs)
+        _check_form(ctx, inputs, self.name)
         return types.Property(inputs, view=types.View(label=self.label))
-
-    def execute(self, ctx):
-        p = ctx.params
-        summary = pxfo.run_refer(ctx.target_view(require_flat=True), prompt=p.get("prompt") or None,
-                                 prompt_field=p.get("prompt_field") or None,
-                                 label_field=p.get("label_field") or pxfo.DEFAULT_REFER_FIELD,
-                                 progress=_progress(ctx), **_params(ctx))
-        return _finish(ctx, summary)
 
 
 class CaptionRegions(_PixelLLMOperator):
@@ -172,15 +219,8 @@ class CaptionRegions(_PixelLLMOperator):
         inputs.str("caption_attribute", default=pxfo.DEFAULT_CAPTION_ATTRIBUTE, required=False,
                    label="Caption attribute", description="Attribute set on each box (ids are kept)")
         _common_inputs(ctx, inputs)
+        _check_form(ctx, inputs, self.name)
         return types.Property(inputs, view=types.View(label=self.label))
-
-    def execute(self, ctx):
-        p = ctx.params
-        summary = pxfo.run_caption_regions(
-            ctx.target_view(require_flat=True), boxes_field=p.get("boxes_field") or None,
-            caption_attribute=p.get("caption_attribute") or pxfo.DEFAULT_CAPTION_ATTRIBUTE,
-            selected_labels=ctx.selected_labels or None, progress=_progress(ctx), **_params(ctx))
-        return _finish(ctx, summary)
 
 
 class DenseCaption(_PixelLLMOperator):
@@ -192,18 +232,13 @@ class DenseCaption(_PixelLLMOperator):
         inputs = types.Object()
         _target(ctx)
         inputs.str("label_field", default=pxfo.DEFAULT_DENSE_FIELD, required=False, label="Output field")
-        inputs.int("max_regions", default=20, min=1, required=False, label="Max regions per image")
-        inputs.float("min_score", default=0.3, min=0.0, max=1.0, required=False, label="Min proposal score")
+        inputs.int("max_regions", default=20, required=False, label="Max regions per image",
+                   **_range("max_regions"))
+        inputs.float("min_score", default=0.3, required=False, label="Min proposal score",
+                     **_range("min_score"))
         _common_inputs(ctx, inputs)
+        _check_form(ctx, inputs, self.name)
         return types.Property(inputs, view=types.View(label=self.label))
-
-    def execute(self, ctx):
-        p = ctx.params
-        summary = pxfo.run_dense_caption(
-            ctx.target_view(require_flat=True), label_field=p.get("label_field") or pxfo.DEFAULT_DENSE_FIELD,
-            max_regions=int(p.get("max_regions", 20)), min_score=float(p.get("min_score", 0.3)),
-            progress=_progress(ctx), **_params(ctx))
-        return _finish(ctx, summary)
 
 
 class CaptionWithTrace(_PixelLLMOperator):
@@ -218,15 +253,8 @@ class CaptionWithTrace(_PixelLLMOperator):
         inputs.str("trace_field", default=pxfo.DEFAULT_TRACE_FIELD, required=False, label="Trace field",
                    description="One Keypoint per word; the path goes to <trace_field>_path")
         _common_inputs(ctx, inputs)
+        _check_form(ctx, inputs, self.name)
         return types.Property(inputs, view=types.View(label=self.label))
-
-    def execute(self, ctx):
-        p = ctx.params
-        summary = pxfo.run_caption_with_trace(
-            ctx.target_view(require_flat=True), caption_field=p.get("caption_field") or pxfo.DEFAULT_CAPTION_FIELD,
-            trace_field=p.get("trace_field") or pxfo.DEFAULT_TRACE_FIELD, progress=_progress(ctx),
-            **_params(ctx))
-        return _finish(ctx, summary)
 
 
 class FreeModel(foo.Operator):

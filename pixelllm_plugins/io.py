@@ -134,15 +134,7 @@ def read_image_bytes(source: ImageInput, limits: ImageLimits | None = None) -> b
     if isinstance(source, EncodedImage):
         data = source.data
     elif isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if path.is_dir():
-            raise InvalidImageError(f"{what} is a folder, not an image file")
-        if not path.is_file():
-            raise InvalidImageError(f"{what}: file not found; check the path")
-        size = path.stat().st_size
-        if size > limits.max_bytes:
-            raise ImageTooLargeError(f"{what}: {size:,} bytes exceeds the limit of {limits.max_bytes:,}")
-        data = path.read_bytes()
+        data = _read_file(Path(source), limits, what)
     elif isinstance(source, (bytes, bytearray)):
         data = bytes(source)
     else:
@@ -153,6 +145,21 @@ def read_image_bytes(source: ImageInput, limits: ImageLimits | None = None) -> b
     if not data:
         raise InvalidImageError(f"{what}: empty file")
     return data
+
+
+def _read_file(path: Path, limits: ImageLimits, what: str) -> bytes:
+    try:
+        if path.is_dir():
+            raise InvalidImageError(f"{what} is a folder, not an image file")
+        if not path.is_file():
+            raise InvalidImageError(f"{what}: file not found; check the path")
+        size = path.stat().st_size
+        if size > limits.max_bytes:
+            raise ImageTooLargeError(f"{what}: {size:,} bytes exceeds the limit of {limits.max_bytes:,}")
+        return path.read_bytes()
+    except (OSError, ValueError) as exc:  # a name too long, no permission, a NUL in the path ...
+        reason = getattr(exc, "strerror", None) or type(exc).__name__
+        raise InvalidImageError(f"{what}: cannot read the file ({reason})") from None
 
 
 def open_encoded(source: str | os.PathLike | bytes, limits: ImageLimits | None = None,

@@ -24,29 +24,36 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Callable, Sequence
+import unicodedata
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import fiftyone as fo
+import fiftyone.core.collections as foc
 import fiftyone.core.labels as fol
 import fiftyone.core.models as fom
 import numpy as np
+from bson import ObjectId
 from PIL import Image
 
-from ..errors import InvalidBoxError, InvalidPromptError, PixelLLMError, RemoteError
-from ..geometry import clip_box, fo_relative_to_xyxy, point_to_relative, xyxy_to_fo_relative
+from ..bounds import BOUNDS
+from ..bounds import check as check_bound
+from ..errors import InvalidBoxError, InvalidParameterError, InvalidPromptError, PixelLLMError, RemoteError
+from ..geometry import as_box, clip_box, fo_relative_to_xyxy, point_to_relative, xyxy_to_fo_relative
 from ..inference import get_predictor, release_predictors
 from ..inference.protocol import PredictorProtocol
 from ..inference.results import Detection, RegionCaption, TracedCaption
 from ..io import load_image, open_encoded
+from ..tokenizer import validate_text
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_REFER_FIELD", "DEFAULT_DENSE_FIELD", "DEFAULT_CAPTION_FIELD", "DEFAULT_TRACE_FIELD",
-    "ERROR_FIELD", "FieldError", "RunSummary", "PixelLLMModel", "run_refer", "run_caption_regions",
+    "ERROR_FIELD", "FieldError", "RunSummary", "OPERATOR_PARAMETERS", "COMMON_PARAMETERS", "operator_kwargs",
+    "RUNNERS", "PixelLLMModel", "run_refer", "run_caption_regions",
     "run_dense_caption", "run_caption_with_trace", "free_model", "refer_to_detections",
     "dense_to_detections", "trace_to_labels", "short_label", "path_field_for", "download_model",
     "load_model", "resolve_input", "install_zoo_source", "install_plugin", "ZOO_MANIFEST_PATH",
@@ -64,11 +71,161 @@ ZOO_MANIFEST_PATH = Path(__file__).with_name("fiftyone_zoo.json")
 ZOO_SOURCE_NAME = "pixelllm"
 
 ProgressCallback = Callable[[int, int, "RunSummary"], None]
-_FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # used with fullmatch: "$" would let "name\n" through
+MAX_FIELD_NAME_CHARS = 200
+MAX_MODEL_CHARS = 4096
+MAX_PROMPT_CHARS = int(BOUNDS["max_text_chars"].high)
+MAX_PROMPTS = int(BOUNDS["max_texts"].high)
+# sample fields FiftyOne (or PixelLLM's error log) manages: never an output field
+_RESERVED_FIELDS = frozenset({"id", "filepath", "tags", "metadata", "media_type", "frames", "created_at",
+                              "last_modified_at", "dataset_id", "group", ERROR_FIELD})
+# a box's own attributes: a caption written there would destroy the box
+_RESERVED_ATTRIBUTES = frozenset(name for name in fol.Detection._fields_ordered) | {"id", "attributes"}
 
 
 class FieldError(PixelLLMError, ValueError):
-    """A field named in the request is missing, or a field to write holds another label type."""
+    """A field named in the request is missing or not a valid field name, or a field to write holds another
+    label type."""
+
+
+# ---- request checks (no database) --------------------------------------------------------------------------
+#
+# Every parameter of a run is checked here before the dataset is read, the model loaded or anything written.
+# Numbers go through ``bounds.check``, texts through ``tokenizer.validate_text``; field names must be plain
+# FiftyOne field names. Each error carries ``param``: the operator parameter it is about (the FiftyOne form
+# marks that input invalid with the message).
+
+
+def _shown(value: object) -> str:
+    """``repr`` of a user's value, short and ASCII-safe (lone surrogates are escaped, not echoed)."""
+    text = ascii(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _tag(exc: PixelLLMError, param: str) -> PixelLLMError:
+    exc.param = param  # type: ignore[attr-defined]
+    return exc
+
+
+def _number(name: str, value: object, param: str) -> int | float:
+    try:
+        return check_bound(name, value, label=param)
+    except InvalidParameterError as exc:
+        raise _tag(exc, param) from None
+
+
+def _flag(value: object, param: str) -> bool:
+    if value is None:
+        return False
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise _tag(InvalidParameterError(f"{param} must be true or false, got {_shown(value)}"), param)
+
+
+def _field_name(value: object, param: str, *, default: str | None = None, path: bool = False) -> str | None:
+    """A field name parameter, checked for form only: ``default`` when None or blank, else letters, digits and
+    underscores not starting with ``_`` (``path``: such names joined by dots, an embedded field)."""
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise _tag(FieldError(f"{param} must be a field name (text), got {type(value).__name__}"), param)
+    name = value.strip()
+    if not name:
+        return default
+    parts = name.split(".") if path else [name]
+    if len(name) > MAX_FIELD_NAME_CHARS or not all(_FIELD_NAME.fullmatch(part) and not part.startswith("_")
+                                                   for part in parts):
+        joined = ", parts joined by dots" if path else ""
+        raise _tag(FieldError(f"{param} {_shown(value)} is not a valid field name; use letters, digits and "
+                              f"underscores, not starting with '_'{joined} (at most {MAX_FIELD_NAME_CHARS} "
+                              "characters)"), param)
+    return name
+
+
+def _output_field_name(value: object, param: str, default: str) -> str:
+    name = _field_name(value, param, default=default)
+    assert name is not None
+    if name in _RESERVED_FIELDS:
+        raise _tag(FieldError(f"{param} {name!r} is a field FiftyOne or PixelLLM manages; choose another "
+                              "output field name"), param)
+    return name
+
+
+def _prompt_list(prompt: object, param: str = "prompt") -> list[str]:
+    """The prompts of a request (one text, or a list of texts), each cleaned by ``validate_text``; ``[]`` for
+    none (None, ``""`` or an empty list)."""
+    if prompt is None or (isinstance(prompt, (str, list, tuple)) and len(prompt) == 0):
+        return []
+    try:
+        if isinstance(prompt, str):
+            return [validate_text(prompt, param, max_chars=MAX_PROMPT_CHARS)]
+        if not isinstance(prompt, (list, tuple)):
+            raise InvalidPromptError(f"{param} must be text or a list of texts, got {type(prompt).__name__}")
+        if len(prompt) > MAX_PROMPTS:
+            _number("max_texts", len(prompt), f"the number of {param}s")
+        return [validate_text(p, f"{param} {k + 1}", max_chars=MAX_PROMPT_CHARS)
+                for k, p in enumerate(prompt)]
+    except PixelLLMError as exc:
+        raise _tag(exc, param) from None
+
+
+def _model_name(model: object, param: str = "model") -> str | None:
+    if model is None:
+        return None
+    if isinstance(model, os.PathLike):
+        model = os.fspath(model)
+    if not isinstance(model, str):
+        raise _tag(InvalidParameterError(f"{param} must be a checkpoint folder or a preset name (text), got "
+                                         f"{type(model).__name__}"), param)
+    name = model.strip()
+    if not name:
+        return None
+    try:
+        name.encode("utf-8")
+        ok = len(name) <= MAX_MODEL_CHARS and not any(unicodedata.category(c) == "Cc" for c in name)
+    except UnicodeEncodeError:
+        ok = False
+    if not ok:
+        raise _tag(InvalidParameterError(f"{param} {_shown(model)} is not a checkpoint folder or a preset "
+                                         "name"), param)
+    return name
+
+
+def _attribute_name(value: object, param: str, default: str) -> str:
+    name = _field_name(value, param, default=default)
+    assert name is not None
+    if name in _RESERVED_ATTRIBUTES:
+        raise _tag(FieldError(f"{param} {name!r} is one of a box's own attributes; choose another name"),
+                   param)
+    return name
+
+
+def _selected_labels(selected: object) -> list[dict] | None:
+    """The App's label selection (``ctx.selected_labels``), checked: dicts with a sample id, a label id and a
+    field name."""
+    if selected is None or (isinstance(selected, (list, tuple)) and not selected):
+        return None
+    if not isinstance(selected, (list, tuple)):
+        raise _tag(FieldError(f"selected_labels must be a list, got {type(selected).__name__}"),
+                   "selected_labels")
+    out = []
+    for k, s in enumerate(selected):
+        what = f"selected_labels[{k}]"
+        if not isinstance(s, Mapping):
+            raise _tag(FieldError(f"{what} must be a dict with sample_id, label_id and field, got "
+                                  f"{type(s).__name__}"), "selected_labels")
+        sid, lid = s.get("sample_id"), s.get("label_id")
+        if not (isinstance(sid, str) and ObjectId.is_valid(sid)) or \
+                not (isinstance(lid, str) and lid.strip()):
+            raise _tag(FieldError(f"{what} needs a sample_id (a sample's id) and a label_id, got "
+                                  f"{_shown(sid)} and {_shown(lid)}"), "selected_labels")
+        name = _field_name(s.get("field"), f"{what}.field", path=True)
+        if name is None:
+            raise _tag(FieldError(f"{what} names no field"), "selected_labels")
+        out.append({"sample_id": sid, "label_id": lid, "field": name})
+    return out
 
 
 # ---- label conversions (no database) -------------------------------------------------------------------
@@ -192,12 +349,18 @@ class _Item:
 
 
 class _Task:
-    """One operation: which fields it reads, how it prepares, infers and writes a batch."""
+    """One operation: which fields it reads, how it prepares, infers and writes a batch.
+
+    The constructor checks every parameter without touching a dataset or a model (raising a
+    ``PixelLLMError``); ``check`` then checks the fields against the collection; ``attach`` gives the model.
+    """
 
     name = ""
     label_kind = "labels"
+    predictor: PredictorProtocol
+    version = ""
 
-    def __init__(self, predictor: PredictorProtocol):
+    def attach(self, predictor: PredictorProtocol) -> None:
         self.predictor = predictor
         self.version = str(predictor.model_version)
 
@@ -205,7 +368,7 @@ class _Task:
         return []
 
     def check(self, samples) -> None:
-        """Request-level checks (raise ``FieldError``/``InvalidPromptError``): nothing is written."""
+        """Request-level checks against the collection (raise ``FieldError``): nothing is written."""
 
     def prepare(self, item: _Item, overwrite: bool) -> None:
         """Set ``item.skip`` / ``item.error`` / ``item.payload`` before any image is loaded."""
@@ -222,8 +385,7 @@ class _Task:
 
 
 def _check_output_field(samples, name: str, expected: type) -> None:
-    if not _FIELD_NAME.match(name or ""):
-        raise FieldError(f"{name!r} is not a valid field name; use letters, digits and underscores")
+    name = _output_field_name(name, "output field", name)  # a no-op for the names the tasks checked
     schema = samples._dataset.get_field_schema()
     if name in schema:
         f = schema[name]
@@ -236,10 +398,11 @@ def _check_output_field(samples, name: str, expected: type) -> None:
 
 def _check_input_field(samples, name: str, what: str) -> None:
     if not name:
-        raise FieldError(f"no {what} given")
+        raise _tag(FieldError(f"no {what} given"), what)
     if not samples.has_field(name):
         choices = ", ".join(sorted(samples.get_field_schema())) or "(none)"
-        raise FieldError(f"the dataset has no field {name!r} ({what}); available fields: {choices}")
+        raise _tag(FieldError(f"the dataset has no field {name!r} ({what}); available fields: {choices}"),
+                   what)
 
 
 def _made_by(label, version: str, request: str | None = None) -> bool | None:
@@ -276,21 +439,15 @@ def _check_writable(item: _Item, label, field_name: str, version: str, request: 
 class _ReferTask(_Task):
     name = "refer"
 
-    def __init__(self, predictor, prompt, prompt_field, label_field):
-        super().__init__(predictor)
-        if isinstance(prompt, str):
-            prompt = [prompt]
-        self.prompts = [p.strip() for p in (prompt or []) if isinstance(p, str) and p.strip()]
-        if prompt and not self.prompts:
-            raise InvalidPromptError("the prompt is empty; type a referring expression such as "
-                                     "'the red circle'")
-        self.prompt_field = prompt_field or None
-        self.label_field = label_field or DEFAULT_REFER_FIELD
+    def __init__(self, prompt, prompt_field, label_field):
+        self.prompts = _prompt_list(prompt)
+        self.prompt_field = _field_name(prompt_field, "prompt_field", path=True)
+        self.label_field = _output_field_name(label_field, "label_field", DEFAULT_REFER_FIELD)
+        if not self.prompts and not self.prompt_field:
+            raise _tag(InvalidPromptError("give a prompt (a referring expression for every sample) or a "
+                                          "prompt_field (a text field holding one per sample)"), "prompt")
 
     def check(self, samples):
-        if not self.prompts and not self.prompt_field:
-            raise InvalidPromptError("give a prompt (a referring expression for every sample) or a "
-                                     "prompt_field (a text field holding one per sample)")
         if not self.prompts:
             _check_input_field(samples, self.prompt_field, "prompt_field")
         _check_output_field(samples, self.label_field, fol.Detections)
@@ -325,8 +482,13 @@ class _ReferTask(_Task):
         return sum(len(v.detections) for v in values.values())
 
 
+def _blank(text: str) -> bool:
+    return all(c.isspace() or unicodedata.category(c) == "Cc" for c in text)
+
+
 def _texts_from(value, field_name: str) -> list[str] | str:
-    """Prompts from a per-sample field value, or an error message."""
+    """Prompts from a per-sample field value (each through ``validate_text``; blank ones dropped), or an error
+    message."""
     if value is None:
         return f"prompt_field {field_name!r} is empty for this sample"
     if isinstance(value, fol.Classification):
@@ -338,22 +500,31 @@ def _texts_from(value, field_name: str) -> list[str] | str:
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         return (f"prompt_field {field_name!r} holds {type(value).__name__}; it must hold text, a list of "
                 "texts or a Classification")
-    texts = [v.strip() for v in value if v.strip()]
+    texts = []
+    for v in value:
+        if _blank(v):
+            continue
+        try:
+            texts.append(validate_text(v, f"prompt_field {field_name!r}", max_chars=MAX_PROMPT_CHARS))
+        except InvalidPromptError as exc:
+            return str(exc)
     if not texts:
         return f"prompt_field {field_name!r} holds an empty prompt for this sample"
+    if len(texts) > MAX_PROMPTS:
+        return (f"prompt_field {field_name!r} holds {len(texts)} expressions for this sample, more than the "
+                f"limit of {MAX_PROMPTS}")
     return texts
 
 
 class _CaptionRegionsTask(_Task):
     name = "caption_regions"
 
-    def __init__(self, predictor, boxes_field, caption_attribute, selected_labels, max_new_tokens,
-                 num_beams):
-        super().__init__(predictor)
-        self.boxes_field = boxes_field or None
-        self.attr = caption_attribute or DEFAULT_CAPTION_ATTRIBUTE
-        self.max_new_tokens = max_new_tokens
-        self.num_beams = num_beams
+    def __init__(self, boxes_field, caption_attribute, selected_labels, max_new_tokens, num_beams):
+        self.boxes_field = _field_name(boxes_field, "boxes_field", path=True)
+        self.attr = _attribute_name(caption_attribute, "caption_attribute", DEFAULT_CAPTION_ATTRIBUTE)
+        self.max_new_tokens = _number("max_new_tokens", max_new_tokens, "max_new_tokens")
+        self.num_beams = _number("num_beams", num_beams, "num_beams")
+        selected_labels = _selected_labels(selected_labels)
         # field -> set of label ids, or None for every box of boxes_field
         self.selected: dict[str, set[str]] | None = None
         if selected_labels:
@@ -365,12 +536,11 @@ class _CaptionRegionsTask(_Task):
         return sorted(self.selected) if self.selected is not None else [self.boxes_field]
 
     def check(self, samples):
-        if not _FIELD_NAME.match(self.attr):
-            raise FieldError(f"caption_attribute {self.attr!r} is not a valid attribute name")
         if self.selected is None and not self.boxes_field:
             self.boxes_field = _first_detections_field(samples)
             if self.boxes_field is None:
-                raise FieldError("the dataset has no Detections field; give boxes_field or select boxes")
+                raise _tag(FieldError("the dataset has no Detections field; give boxes_field or select "
+                                      "boxes"), "boxes_field")
         for name in self.fields():
             _check_input_field(samples, name, "boxes_field")
 
@@ -413,9 +583,7 @@ class _CaptionRegionsTask(_Task):
         kept, boxes = [], []
         for path, det in item.payload["targets"]:
             try:
-                if det.bounding_box is None:
-                    raise InvalidBoxError("the box has no bounding_box")
-                boxes.append(clip_box(fo_relative_to_xyxy(det.bounding_box, w, h), w, h))
+                boxes.append(_box_xyxy(det, w, h))
                 kept.append((path, det))
             except PixelLLMError as exc:
                 item.payload["errors"].append(f"box {det.id}: {exc}")
@@ -444,6 +612,20 @@ class _CaptionRegionsTask(_Task):
         return n
 
 
+def _box_xyxy(det, width: float, height: float):
+    """A stored box in pixels, clipped to the image; ``InvalidBoxError`` for a missing, malformed, non-finite
+    or empty one (stored data can hold anything)."""
+    rel = getattr(det, "bounding_box", None)
+    if rel is None:
+        raise InvalidBoxError("the box has no bounding_box")
+    try:
+        rel = as_box(rel)
+    except InvalidBoxError:
+        raise InvalidBoxError(f"bounding_box {_shown(rel)} is not 4 finite numbers [x, y, width, "
+                              "height]") from None
+    return clip_box(fo_relative_to_xyxy(rel, width, height), width, height)
+
+
 def _first_detections_field(samples) -> str | None:
     for name, f in samples.get_field_schema().items():
         if getattr(f, "document_type", None) is fol.Detections and not name.startswith("pixelllm"):
@@ -457,18 +639,13 @@ def _first_detections_field(samples) -> str | None:
 class _DenseTask(_Task):
     name = "dense_caption"
 
-    def __init__(self, predictor, label_field, max_regions, min_score):
-        super().__init__(predictor)
-        self.label_field = label_field or DEFAULT_DENSE_FIELD
-        self.max_regions = int(max_regions)
-        self.min_score = float(min_score)
+    def __init__(self, label_field, max_regions, min_score):
+        self.label_field = _output_field_name(label_field, "label_field", DEFAULT_DENSE_FIELD)
+        self.max_regions = int(_number("max_regions", max_regions, "max_regions"))
+        self.min_score = float(_number("min_score", min_score, "min_score"))
         self.request = f"max_regions={self.max_regions};min_score={self.min_score:g}"
 
     def check(self, samples):
-        if self.max_regions < 1:
-            raise InvalidPromptError(f"max_regions must be at least 1, got {self.max_regions}")
-        if not 0.0 <= self.min_score <= 1.0:
-            raise InvalidPromptError(f"min_score must be in [0, 1], got {self.min_score}")
         _check_output_field(samples, self.label_field, fol.Detections)
 
     def read_fields(self):
@@ -497,17 +674,19 @@ class _DenseTask(_Task):
 class _TraceTask(_Task):
     name = "caption_with_trace"
 
-    def __init__(self, predictor, caption_field, trace_field, max_new_tokens, num_beams):
-        super().__init__(predictor)
-        self.caption_field = caption_field or DEFAULT_CAPTION_FIELD
-        self.trace_field = trace_field or DEFAULT_TRACE_FIELD
-        self.path_field = path_field_for(self.trace_field)
-        self.max_new_tokens = max_new_tokens
-        self.num_beams = num_beams
+    def __init__(self, caption_field, trace_field, max_new_tokens, num_beams):
+        self.caption_field = _output_field_name(caption_field, "caption_field", DEFAULT_CAPTION_FIELD)
+        self.trace_field = _output_field_name(trace_field, "trace_field", DEFAULT_TRACE_FIELD)
+        self.path_field = _output_field_name(path_field_for(self.trace_field), "trace_field",
+                                             path_field_for(self.trace_field))
+        self.max_new_tokens = _number("max_new_tokens", max_new_tokens, "max_new_tokens")
+        self.num_beams = _number("num_beams", num_beams, "num_beams")
+        if len({self.caption_field, self.trace_field, self.path_field}) < 3:
+            raise _tag(FieldError(f"caption_field and trace_field must differ, and caption_field must not "
+                                  f"be trace_field + '_path' (got {self.caption_field!r} and "
+                                  f"{self.trace_field!r})"), "caption_field")
 
     def check(self, samples):
-        if len({self.caption_field, self.trace_field, self.path_field}) < 3:
-            raise FieldError("caption_field and trace_field must differ")
         _check_output_field(samples, self.caption_field, fol.Classification)
         _check_output_field(samples, self.trace_field, fol.Keypoints)
         _check_output_field(samples, self.path_field, fol.Polylines)
@@ -564,15 +743,30 @@ def _infer_isolated(task: _Task, items: list[_Item]) -> None:
         raise RemoteError(f"the GPU worker failed on every sample of a batch: {items[0].error}")
 
 
-def _run(task: _Task, samples, *, overwrite: bool, batch_size: int | None,
-         progress: ProgressCallback | None) -> RunSummary:
-    batch_size = DEFAULT_BATCH_SIZE if batch_size is None else int(batch_size)
-    if batch_size < 1:
-        raise InvalidPromptError(f"batch_size must be at least 1, got {batch_size}")
-    summary = RunSummary(task.name, model_version=task.version)
+def _check_common(batch_size: object, overwrite: object, model: object) -> tuple[int, bool, object]:
+    """``batch_size``, ``overwrite`` and ``model`` of a run, checked (None: the default)."""
+    batch_size = int(_number("batch_size", DEFAULT_BATCH_SIZE if batch_size is None else batch_size,
+                             "batch_size"))
+    return batch_size, _flag(overwrite, "overwrite"), _model_name(model)
+
+
+def _run(task: _Task, samples, *, overwrite: bool, batch_size: int | None, model: str | None,
+         predictor: PredictorProtocol | None, progress: ProgressCallback | None) -> RunSummary:
+    """Check the request (parameters, then fields), load the model, then label batch after batch.
+
+    Nothing is read from the images or written to the dataset before every check passed; from then on a
+    sample that fails (missing or unreadable image, bad per-sample input) gets its error recorded and the
+    others go on."""
+    batch_size, overwrite, model = _check_common(batch_size, overwrite, model)
+    if progress is not None and not callable(progress):
+        raise InvalidParameterError(f"progress must be a callable, got {type(progress).__name__}")
+    if not isinstance(samples, foc.SampleCollection):
+        raise FieldError(f"PixelLLM runs on a FiftyOne dataset or view, got {type(samples).__name__}")
     if samples.media_type != "image":
         raise FieldError(f"PixelLLM works on image collections, not {samples.media_type!r}")
     task.check(samples)
+    task.attach(_predictor(predictor, model))
+    summary = RunSummary(task.name, model_version=task.version)
     summary.fields = task.output_fields()
     ids = samples.values("id")
     summary.total = len(ids)
@@ -601,6 +795,8 @@ def _run(task: _Task, samples, *, overwrite: bool, batch_size: int | None,
                 item.image = open_encoded(item.filepath)  # decoded by the predictor, or sent to a worker as is
             except PixelLLMError as exc:
                 item.error = str(exc)
+            except OSError as exc:  # e.g. a path too long for the file system, a file that may not be read
+                item.error = f"{item.filepath}: cannot read the file ({exc.strerror or exc})"
         todo = [i for i in todo if not i.error]
         if todo:
             _infer_isolated(task, todo)
@@ -650,8 +846,9 @@ def run_refer(samples, *, prompt: str | Sequence[str] | None = None, prompt_fiel
     strings or a Classification) holding each sample's expression(s). Writes ``fo.Detections`` to
     ``label_field``: one box per expression with ``confidence``, ``prompt`` and ``model_version``.
     """
-    task = _ReferTask(_predictor(predictor, model), prompt, prompt_field, label_field)
-    return _run(task, samples, overwrite=overwrite, batch_size=batch_size, progress=progress)
+    task = _ReferTask(prompt, prompt_field, label_field)
+    return _run(task, samples, overwrite=overwrite, batch_size=batch_size, model=model, predictor=predictor,
+                progress=progress)
 
 
 def run_caption_regions(samples, *, boxes_field: str | None = None,
@@ -664,12 +861,12 @@ def run_caption_regions(samples, *, boxes_field: str | None = None,
     """Caption existing boxes in place: each box of ``boxes_field`` (or each of ``selected_labels``, the
     App's selection format) gets ``<caption_attribute>``, ``<caption_attribute>_score`` and
     ``<caption_attribute>_model_version`` attributes. Label ids are kept."""
-    if selected_labels:
-        ids = sorted({s["sample_id"] for s in selected_labels})
-        samples = samples.select(ids)
-    task = _CaptionRegionsTask(_predictor(predictor, model), boxes_field, caption_attribute,
-                               selected_labels, max_new_tokens, num_beams)
-    return _run(task, samples, overwrite=overwrite, batch_size=batch_size, progress=progress)
+    task = _CaptionRegionsTask(boxes_field, caption_attribute, selected_labels, max_new_tokens, num_beams)
+    selected_labels = _selected_labels(selected_labels)
+    if selected_labels and isinstance(samples, foc.SampleCollection):
+        samples = samples.select(sorted({s["sample_id"] for s in selected_labels}))
+    return _run(task, samples, overwrite=overwrite, batch_size=batch_size, model=model, predictor=predictor,
+                progress=progress)
 
 
 def run_dense_caption(samples, *, label_field: str = DEFAULT_DENSE_FIELD, max_regions: int = 20,
@@ -677,8 +874,9 @@ def run_dense_caption(samples, *, label_field: str = DEFAULT_DENSE_FIELD, max_re
                       model: str | None = None, predictor: PredictorProtocol | None = None,
                       progress: ProgressCallback | None = None) -> RunSummary:
     """Propose regions and caption each: ``fo.Detections`` with a short ``label`` and a ``caption``."""
-    task = _DenseTask(_predictor(predictor, model), label_field, max_regions, min_score)
-    return _run(task, samples, overwrite=overwrite, batch_size=batch_size, progress=progress)
+    task = _DenseTask(label_field, max_regions, min_score)
+    return _run(task, samples, overwrite=overwrite, batch_size=batch_size, model=model, predictor=predictor,
+                progress=progress)
 
 
 def run_caption_with_trace(samples, *, caption_field: str = DEFAULT_CAPTION_FIELD,
@@ -689,8 +887,62 @@ def run_caption_with_trace(samples, *, caption_field: str = DEFAULT_CAPTION_FIEL
                            progress: ProgressCallback | None = None) -> RunSummary:
     """Caption every image and trace its words: a ``Classification`` in ``caption_field``, one
     ``Keypoint`` per word in ``trace_field`` and the word path as a ``Polyline`` in ``<trace_field>_path``."""
-    task = _TraceTask(_predictor(predictor, model), caption_field, trace_field, max_new_tokens, num_beams)
-    return _run(task, samples, overwrite=overwrite, batch_size=batch_size, progress=progress)
+    task = _TraceTask(caption_field, trace_field, max_new_tokens, num_beams)
+    return _run(task, samples, overwrite=overwrite, batch_size=batch_size, model=model, predictor=predictor,
+                progress=progress)
+
+
+RUNNERS: dict[str, Callable[..., RunSummary]] = {
+    "refer": run_refer, "caption_regions": run_caption_regions, "dense_caption": run_dense_caption,
+    "caption_with_trace": run_caption_with_trace,
+}
+
+# the parameters of each operator of the ``@pixelllm/pixelllm`` plugin (besides the common ones)
+OPERATOR_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "refer": ("prompt", "prompt_field", "label_field"),
+    "caption_regions": ("boxes_field", "caption_attribute"),
+    "dense_caption": ("label_field", "max_regions", "min_score"),
+    "caption_with_trace": ("caption_field", "trace_field"),
+}
+COMMON_PARAMETERS = ("model", "batch_size", "overwrite")
+_OPERATOR_DEFAULTS = {"max_regions": 20, "min_score": 0.3}
+
+
+def operator_kwargs(operation: str, params: Mapping | None) -> dict:
+    """The keyword arguments of ``RUNNERS[operation]`` for an operator's ``ctx.params``, every one checked
+    without touching a dataset or a model: the plugin's form and its ``execute`` both call this.
+
+    A missing, ``None`` or ``""`` parameter takes its default; parameters the operator does not have are
+    ignored. Raises ``FieldError`` (a field name), ``InvalidPromptError`` (a prompt) or
+    ``InvalidParameterError`` (a number, a flag, the model), each a ``PixelLLMError`` whose ``param``
+    attribute names the parameter.
+    """
+    if operation not in OPERATOR_PARAMETERS:
+        raise InvalidParameterError(f"unknown operation {_shown(operation)}; one of "
+                                    f"{', '.join(OPERATOR_PARAMETERS)}")
+    if params is None:
+        params = {}
+    if not isinstance(params, Mapping):
+        raise InvalidParameterError(f"the parameters must be a dict, got {type(params).__name__}")
+
+    def get(name):
+        value = params.get(name)
+        if value is None or (isinstance(value, str) and value == ""):
+            return _OPERATOR_DEFAULTS.get(name)
+        return value
+
+    kwargs = {name: get(name) for name in OPERATOR_PARAMETERS[operation]}
+    if operation == "refer":
+        _ReferTask(kwargs["prompt"], kwargs["prompt_field"], kwargs["label_field"])
+    elif operation == "caption_regions":
+        _CaptionRegionsTask(kwargs["boxes_field"], kwargs["caption_attribute"], None, 20, 1)
+    elif operation == "dense_caption":
+        _DenseTask(kwargs["label_field"], kwargs["max_regions"], kwargs["min_score"])
+    else:
+        _TraceTask(kwargs["caption_field"], kwargs["trace_field"], 40, 1)
+    batch_size, overwrite, model = _check_common(get("batch_size"), get("overwrite"), get("model"))
+    kwargs.update(batch_size=batch_size, overwrite=overwrite, model=model)
+    return kwargs
 
 
 def free_model() -> int:
@@ -722,13 +974,16 @@ class PixelLLMModel(fom.Model, fom.SamplesMixin):
             raise ValueError(f"operation must be one of {OPERATIONS}, got {operation!r}")
         self.operation = operation
         self.prompt = prompt
-        self.model_name = model
+        self.prompts = _prompt_list(prompt)
+        self.model_name = _model_name(model)
         self._predictor = predictor
-        self.max_regions = max_regions
-        self.min_score = min_score
-        self.caption_attribute = caption_attribute
-        self.max_new_tokens = max_new_tokens
-        self.num_beams = num_beams
+        self.max_regions = int(_number("max_regions", max_regions, "max_regions"))
+        self.min_score = float(_number("min_score", min_score, "min_score"))
+        self.caption_attribute = _attribute_name(caption_attribute, "caption_attribute",
+                                                 DEFAULT_CAPTION_ATTRIBUTE)
+        self.max_new_tokens = None if max_new_tokens is None else _number("max_new_tokens", max_new_tokens,
+                                                                          "max_new_tokens")
+        self.num_beams = _number("num_beams", num_beams, "num_beams")
         self._preprocess = False
 
     # fom.Model interface
@@ -773,7 +1028,7 @@ class PixelLLMModel(fom.Model, fom.SamplesMixin):
         path = getattr(sample, "filepath", None)
         if path and not callable(getattr(self.predictor, "prepare", None)):
             size = arg.size if isinstance(arg, Image.Image) else tuple(np.shape(arg)[1::-1])  # (w, h)
-            with contextlib.suppress(PixelLLMError):
+            with contextlib.suppress(PixelLLMError, OSError):
                 encoded = open_encoded(path)
                 if encoded.size == size and encoded.orientation == 1:  # the same picture FiftyOne read
                     return encoded
@@ -789,6 +1044,9 @@ class PixelLLMModel(fom.Model, fom.SamplesMixin):
             except PixelLLMError as exc:
                 images.append(None)
                 errors.append(str(exc))
+            except OSError as exc:  # e.g. a path too long for the file system
+                images.append(None)
+                errors.append(f"cannot read the image ({exc.strerror or exc})")
         inputs = [self._inputs(s) if e is None else e for s, e in zip(samples, errors)]
         results: list[Any] = [None] * len(args)
         ready = [k for k, x in enumerate(inputs) if not isinstance(x, str)]
@@ -807,8 +1065,8 @@ class PixelLLMModel(fom.Model, fom.SamplesMixin):
 
     def _inputs(self, sample):
         if self.operation == "refer":
-            if self.prompt:
-                return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+            if self.prompts:
+                return list(self.prompts)
             name = self.needs_fields.get("prompt_field")
             if not name:
                 return "give prompt= or apply_model(..., prompt_field=<text field>)"
@@ -835,7 +1093,7 @@ class PixelLLMModel(fom.Model, fom.SamplesMixin):
             boxes = []
             for im, dets in zip(images, inputs):
                 w, h = im.size
-                boxes.append([clip_box(fo_relative_to_xyxy(d.bounding_box, w, h), w, h)
+                boxes.append([_box_xyxy(d, w, h)
                               for d in dets.detections])
             return p.caption_regions(images, boxes, num_beams=self.num_beams, **kw)
         if self.operation == "dense_caption":

@@ -169,3 +169,8 @@ def test_a_folder_is_not_an_image(tmp_path):
     with pytest.raises(InvalidImageError) as info:
         load_image(tmp_path)
     assert "is a folder" in str(info.value) and str(info.value).count(str(tmp_path)) == 1
+
+
+def test_a_file_the_system_will_not_read_is_an_image_error(tmp_path):
+    with pytest.raises(InvalidImageError, match="cannot read the file"):
+        load_image(tmp_path / ("a" * 300 + ".png"))  # longer than any file system's name limit

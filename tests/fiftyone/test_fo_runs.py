@@ -8,7 +8,7 @@ import fiftyone as fo
 import pytest
 from fiftyone import ViewField as F
 
-from pixelllm_plugins.errors import InvalidPromptError
+from pixelllm_plugins.errors import InvalidParameterError, InvalidPromptError
 from pixelllm_plugins.geometry import fo_relative_to_xyxy, iou
 from pixelllm_plugins.integrations import fiftyone as pxfo
 
@@ -257,7 +257,7 @@ def test_request_level_errors_write_nothing(dataset, fake):
         pxfo.run_caption_with_trace(dataset, caption_field="ground_truth")
     with pytest.raises(pxfo.FieldError, match="not a valid field name"):
         pxfo.run_refer(dataset, prompt="x", label_field="bad.name")
-    with pytest.raises(InvalidPromptError, match="batch_size"):
+    with pytest.raises(InvalidParameterError, match="batch_size"):
         pxfo.run_refer(dataset, prompt="x", batch_size=0)
     assert fake.calls == [] and not dataset.has_field(pxfo.ERROR_FIELD)
 
