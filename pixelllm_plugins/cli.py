@@ -2,7 +2,24 @@
 
 Inference subcommands share one request/result shape with ``--batch FILE.jsonl``: one JSON request per
 line in, one JSON result per line out, in order; a failed request gets an ``error`` field and the
-others go on.
+others go on. Every request field is checked here before it reaches the model, so a malformed line (a
+number as ``text``, ``"boxes": 5``, a lone surrogate, a folder as ``image``, bytes that are not UTF-8)
+fails only itself.
+
+Bad input is never a traceback: the command prints one ``error: ...`` line on stderr (after the usage
+line for a bad flag) and exits with
+
+====  ==========================================================================================
+0     done; with ``--batch``, every request line was answered (a failed one carries ``error``)
+1     the one request (IMAGE ...) failed, or its ``--draw`` picture could not be saved
+2     usage or bad input: an unknown flag or a value out of range (argparse), an unreadable
+      ``--batch`` file, a model, adapter, device or ``--draw`` target that cannot be used, an
+      argument that is not UTF-8, or any other error the project reports
+3     internal error (a bug): ``error: internal error (<type>)``; ``-v`` prints the traceback
+4     an optional extra is missing: ``error: ... needs the optional extra 'serve': pip install ...``
+130   interrupted (Ctrl-C)
+141   stdout was closed before every result was written (e.g. ``| head``)
+====  ==========================================================================================
 """
 
 from __future__ import annotations
@@ -10,15 +27,257 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
+import reprlib
 import sys
+import traceback
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import PixelLLMError
+from .bounds import BOUNDS
+from .bounds import argtype as bound_arg
+from .errors import (
+    InvalidBoxError,
+    InvalidImageError,
+    InvalidParameterError,
+    InvalidPromptError,
+    PixelLLMError,
+)
+from .extras import MissingExtraError, missing_extra, require_extra
 
 log = logging.getLogger("pixelllm")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL, EXIT_MISSING_EXTRA = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141
+
+DRAW_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
+_DRAW_EXTENSIONS = ".png, .jpg, .webp, .bmp, .tif or .gif"
+
+
+# ---- argument types (argparse ``type=``: a bad value is a usage error, exit 2) -----------------------
+
+def int_arg(low: int | None = None, high: int | None = None):
+    """An argparse ``type=`` for an integer within [low, high] (either end open when None)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            value = None
+        if value is None or (low is not None and value < low) or (high is not None and value > high):
+            if high is None:
+                wanted = f"an integer >= {low}" if low is not None else "an integer"
+            else:
+                wanted = f"an integer from {low} to {high}"
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {_short(text)}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def float_arg(low: float | None = None):
+    """An argparse ``type=`` for a finite number >= low."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text.strip())
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or (low is not None and value < low):
+            wanted = f"a number >= {low:g}" if low is not None else "a finite number"
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {_short(text)}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def available_devices() -> list[str]:
+    """The devices this machine has: cpu, then cuda:0 ... and mps when present."""
+    import torch
+
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def check_device(text: str, *, allow_auto: bool = False) -> str:
+    """``text`` if it names a device this machine has (``cuda`` stands for ``cuda:0``), else
+    ``InvalidParameterError`` saying which devices exist."""
+    import torch
+
+    if allow_auto and text == "auto":
+        return text
+    here = available_devices()
+    listed = ", ".join(here + (["cuda"] if len(here) > 1 and here[1].startswith("cuda") else []))
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise InvalidParameterError(f"unknown device {_short(text)}; devices here: {listed}") from None
+    if device.type == "cpu":
+        return text
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InvalidParameterError(f"{_short(text)}: CUDA is not available on this machine; "
+                                        f"devices here: {listed}")
+        if device.index is not None and device.index >= count:
+            raise InvalidParameterError(f"{_short(text)}: this machine has {count} CUDA device(s); "
+                                        f"devices here: {listed}")
+        return text
+    if device.type == "mps" and "mps" in here:
+        return text
+    raise InvalidParameterError(f"device {_short(text)} is not available here; devices here: {listed}")
+
+
+def device_arg(allow_auto: bool = False):
+    """An argparse ``type=`` running :func:`check_device`."""
+
+    def parse(text: str) -> str:
+        try:
+            return check_device(text, allow_auto=allow_auto)
+        except InvalidParameterError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = "device"
+    return parse
+
+
+def _short(value, limit: int = 60) -> str:
+    """A repr of a user's value for a message: never long, surrogates and control characters escaped."""
+    shown = reprlib.Repr()
+    shown.maxstring = shown.maxother = limit
+    return shown.repr(value)
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _kind(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return f"the number {_short(value, 20)}"
+    if isinstance(value, str):
+        return f"the string {_short(value, 40)}"
+    if isinstance(value, list):
+        return f"a list of {len(value)}"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _message(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+# ---- requests ---------------------------------------------------------------------------------------
+
+@dataclass
+class Request:
+    """One request after its fields were checked: what the model gets, or the error that stops it."""
+
+    echo: dict  # request fields echoed into the result
+    image: str = ""
+    texts: list[str] = field(default_factory=list)
+    boxes: list[tuple[float, float, float, float]] = field(default_factory=list)
+    error: str | None = None
+
+
+def check_image_field(raw: dict) -> str:
+    value = raw.get("image")
+    if value is None:
+        raise InvalidImageError("request has no 'image' (a file path)")
+    if not isinstance(value, str):
+        raise InvalidImageError(f"'image' must be a file path (a string), got {_kind(value)}")
+    if not value.strip():
+        raise InvalidImageError("'image' is empty; give an image file path")
+    if "\x00" in value:
+        raise InvalidImageError(f"'image' {_short(value)} contains a NUL character; give an image file path")
+    if _has_surrogate(value):
+        raise InvalidImageError(f"'image' {_short(value)} is not valid Unicode (a lone surrogate); give the "
+                                "path as UTF-8 text")
+    return value
+
+
+def check_texts_field(raw: dict) -> list[str]:
+    """The referring expressions of a request (``texts``, else ``text``), each through ``validate_text``."""
+    from .tokenizer import validate_text
+
+    key, value = "texts", raw.get("texts")
+    if value is None:
+        key, value = "text", raw.get("text")
+    if value is None:
+        raise InvalidPromptError("request needs 'text' (a string) or 'texts' (a list of strings)")
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise InvalidPromptError(f"'{key}' must be a string or a non-empty list of strings, "
+                                 f"got {_kind(value)}")
+    limit = int(BOUNDS["max_texts"].high)
+    if len(items) > limit:
+        raise InvalidParameterError(f"'{key}' has {len(items)} texts, more than the limit of {limit} "
+                                    "per image")
+    max_chars = int(BOUNDS["max_text_chars"].high)
+    single = isinstance(value, str)
+    return [validate_text(t, key if single else f"{key}[{i}]", max_chars=max_chars)
+            for i, t in enumerate(items)]
+
+
+def check_boxes_field(raw: dict) -> list[tuple[float, float, float, float]]:
+    """The boxes of a request: a non-empty list of [x1, y1, x2, y2] lists of finite numbers."""
+    from .geometry import as_box
+
+    value = raw.get("boxes")
+    if value is None:
+        raise InvalidBoxError("request needs 'boxes': [[x1, y1, x2, y2], ...] in image pixels")
+    if not isinstance(value, list) or not value:
+        raise InvalidBoxError(f"'boxes' must be a non-empty list of [x1, y1, x2, y2] boxes in image pixels, "
+                              f"got {_kind(value)}")
+    limit = int(BOUNDS["max_boxes"].high)
+    if len(value) > limit:
+        raise InvalidParameterError(f"'boxes' has {len(value)} boxes, more than the limit of {limit} "
+                                    "per image")
+    boxes = []
+    for i, box in enumerate(value):
+        numbers = isinstance(box, (list, tuple)) and len(box) == 4 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
+        if not numbers:
+            raise InvalidBoxError(f"boxes[{i}] must be 4 numbers [x1, y1, x2, y2], got {_short(box)}")
+        try:
+            boxes.append(as_box(box))
+        except OverflowError:
+            raise InvalidBoxError(f"boxes[{i}] has a coordinate too large for a number: "
+                                  f"{_short(box)}") from None
+    return boxes
+
+
+def _echo(raw: dict, keys: tuple[str, ...]) -> dict:
+    """The request fields echoed into its result: those that are plain, small JSON."""
+    echo = {}
+    for key in keys:
+        if key in raw:
+            try:
+                text = json.dumps(raw[key], allow_nan=False)
+            except (TypeError, ValueError, RecursionError):
+                continue
+            if len(text) <= 10_000:
+                echo[key] = raw[key]
+    return echo
 
 
 # ---- inference tasks -------------------------------------------------------------------------------
@@ -31,29 +290,26 @@ class Task:
     inputs: tuple[str, ...]  # request keys echoed into the result
     call: Callable  # (predictor, images, requests, args) -> list[dict] (one result dict per request)
     draw: Callable  # (image, result dict) -> PIL image
+    check: Callable | None = None  # (raw request dict, Request) -> None: fills the task's fields or raises
 
 
 def _refer(predictor, images, requests, args):
-    texts = []
-    for req in requests:
-        t = req.get("texts", req.get("text"))
-        if t is None:
-            raise PixelLLMError("request needs 'text' (a string) or 'texts' (a list of strings)")
-        texts.append([t] if isinstance(t, str) else list(t))
-    results = predictor.refer(images, texts, adapter=args.adapter)
+    results = predictor.refer(images, [r.texts for r in requests], adapter=args.adapter)
     return [{"detections": [d.to_dict() for per_text in r for d in per_text]} for r in results]
 
 
-def _caption_regions(predictor, images, requests, args):
-    from .geometry import as_box
+def _check_refer(raw: dict, request: Request) -> None:
+    request.texts = check_texts_field(raw)
 
-    boxes = []
-    for req in requests:
-        if not req.get("boxes"):
-            raise PixelLLMError("request needs 'boxes': [[x1, y1, x2, y2], ...] in image pixels")
-        boxes.append([as_box(b) for b in req["boxes"]])
-    results = predictor.caption_regions(images, boxes, adapter=args.adapter, num_beams=args.beams)
+
+def _caption_regions(predictor, images, requests, args):
+    results = predictor.caption_regions(images, [r.boxes for r in requests], adapter=args.adapter,
+                                        num_beams=args.beams)
     return [{"captions": [c.to_dict() for c in r]} for r in results]
+
+
+def _check_regions(raw: dict, request: Request) -> None:
+    request.boxes = check_boxes_field(raw)
 
 
 def _caption(predictor, images, requests, args):
@@ -86,105 +342,269 @@ def _draw_trace(image, result):
 
 
 TASKS = {
-    "refer": Task("refer", ("text", "texts"), _refer, _draw_boxes),
-    "caption-regions": Task("caption-regions", ("boxes",), _caption_regions, _draw_boxes),
+    "refer": Task("refer", ("text", "texts"), _refer, _draw_boxes, _check_refer),
+    "caption-regions": Task("caption-regions", ("boxes",), _caption_regions, _draw_boxes, _check_regions),
     "caption": Task("caption", (), _caption, _draw_trace),
     "dense-caption": Task("dense-caption", (), _dense, _draw_boxes),
 }
 
 
-def _requests_from_args(args) -> list[dict]:
-    if args.batch:
-        requests = []
-        for n, line in enumerate(Path(args.batch).read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                req = json.loads(line)
-                if not isinstance(req, dict):
-                    raise ValueError("a request must be a JSON object")
-            except ValueError as exc:
-                req = {"_error": f"line {n}: not a JSON object ({exc})", "_line": line[:200]}
-            requests.append(req)
-        return requests
+def _check_request(task: Task, raw: dict | None, error: str | None = None) -> Request:
+    """A raw request (a parsed line, or the command line's) checked field by field; never raises."""
+    if raw is None:
+        return Request({}, error=error or "not a request")
+    request = Request(_echo(raw, ("image", *task.inputs)))
+    try:
+        request.image = check_image_field(raw)
+        if task.check is not None:
+            task.check(raw, request)
+    except PixelLLMError as exc:
+        request.error = _message(exc)
+    return request
+
+
+def _request_from_args(args) -> dict:
     if not args.image:
         raise PixelLLMError("give an IMAGE or --batch FILE.jsonl")
     req: dict = {"image": args.image}
     if args.command == "refer":
         if not args.text:
-            raise PixelLLMError("give a referring TEXT after the image, e.g. pixelllm refer img.png 'the red circle'")
-        req["texts"] = args.text if len(args.text) > 1 else None
+            raise PixelLLMError("give a referring TEXT after the image, e.g. "
+                                "pixelllm refer img.png 'the red circle'")
         if len(args.text) == 1:
-            req.pop("texts")
             req["text"] = args.text[0]
+        else:
+            req["texts"] = list(args.text)
     if args.command == "caption-regions":
         from .geometry import parse_box
 
         if not args.box:
             raise PixelLLMError("give at least one --box x1,y1,x2,y2 (image pixels)")
         req["boxes"] = [list(parse_box(b)) for b in args.box]
-    return [req]
+    return req
+
+
+def _requests_from_args(args, task: Task) -> list[Request]:
+    if args.batch:
+        from .batch_io import read_batch
+
+        if args.image or getattr(args, "text", None) or getattr(args, "box", None):
+            raise PixelLLMError("give an IMAGE (with its text or boxes) or --batch FILE.jsonl, not both")
+        return [_check_request(task, line.request, line.error) for line in read_batch(args.batch)]
+    return [_check_request(task, _request_from_args(args))]
+
+
+def _load_predictor(model: str | None, device: str | None):
+    """The in-process Predictor for ``--model``/``--device`` (tests replace this to reuse one)."""
+    from .errors import CheckpointError
+    from .inference.predictor import Predictor
+
+    try:
+        return Predictor(model, device=device)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read the model {_short(model)}: {exc.strerror or exc}") from exc
+
+
+def _load_adapter(predictor, adapter: str) -> None:
+    try:
+        folder = Path(adapter).is_dir()
+    except OSError:
+        folder = False
+    if not folder:
+        raise PixelLLMError(f"--adapter {adapter}: not a folder; give a LoRA adapter folder "
+                            "(pixelllm finetune writes one)")
+    try:
+        predictor.load_adapter(adapter)
+    except PixelLLMError:
+        raise
+    except Exception as exc:
+        raise PixelLLMError(f"--adapter {adapter}: not a usable LoRA adapter folder "
+                            f"({type(exc).__name__}: {_short(str(exc), 200)})") from exc
+
+
+def check_draw_target(target: str) -> Path:
+    """The ``--draw`` file, refused up front when it cannot be written: a folder, a name whose extension is
+    no picture type, a parent that is a file or cannot be written to."""
+    from PIL import Image
+
+    out = Path(target)
+    try:
+        if not target.strip() or out.is_dir() or target.endswith(("/", os.sep)):
+            raise PixelLLMError(f"--draw {target} is a folder; give a picture file name such as "
+                                f"{out / 'result.png'}")
+        Image.init()
+        fmt = Image.registered_extensions().get(out.suffix.lower())
+        if fmt not in DRAW_FORMATS or fmt not in Image.SAVE:
+            what = f"the extension {out.suffix!r}" if out.suffix else "a name without an extension"
+            raise PixelLLMError(f"--draw {target}: cannot save a picture with {what}; end the name with "
+                                f"{_DRAW_EXTENSIONS}")
+        parent = out.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise PixelLLMError(f"--draw {target}: {parent} is a file, not a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise PixelLLMError(f"--draw {target}: cannot write in {parent} (permission denied)")
+    except OSError as exc:
+        raise PixelLLMError(f"--draw {target}: {exc.strerror or exc}") from None
+    return out
 
 
 def _run_inference(args) -> int:
-    from .inference.predictor import Predictor
+    task = TASKS[args.command]
+    draw_target = check_draw_target(args.draw) if args.draw else None
+    requests = _requests_from_args(args, task)
+    predictor = _load_predictor(args.model, args.device)
+    if args.adapter:
+        _load_adapter(predictor, args.adapter)
+    as_json = bool(args.json or args.batch)
+    size = max(1, int(getattr(predictor, "batch_size", 32) or 1))
+    results: list[dict] = []
+    for start in range(0, len(requests), size):
+        chunk = requests[start:start + size]
+        answered = _answer(task, predictor, chunk, args)
+        for n, (result, image) in enumerate(answered, start):
+            if "error" not in result:
+                if draw_target is not None:
+                    out = draw_target
+                    if len(requests) > 1:
+                        out = out.with_name(f"{out.stem}_{n:04d}{out.suffix}")
+                    _save_drawing(task, image, result, out, args)
+                result.setdefault("model_version", predictor.model_version)
+            _emit(args.command, result, as_json)
+            results.append(result)
+    if args.batch:
+        return EXIT_OK
+    (result,) = results
+    if "error" in result:
+        return EXIT_INTERNAL if result.get("_internal") else EXIT_FAILED
+    return EXIT_FAILED if "drawing_error" in result else EXIT_OK
+
+
+def _answer(task: Task, predictor, chunk: list[Request], args) -> list[tuple[dict, object]]:
+    """(result, loaded image or None) for each request of a chunk, in order; never raises but
+    KeyboardInterrupt. Images are loaded first so a bad one fails only its own request."""
+    from .geometry import clip_box
     from .io import load_image
 
-    task = TASKS[args.command]
-    requests = _requests_from_args(args)
-    predictor = Predictor(args.model, device=args.device)
     results: list[dict] = []
-    # load images first so a bad one fails only its own request
-    loaded = []
-    for req in requests:
-        echo = {k: req[k] for k in ("image", *task.inputs) if k in req}
-        if "_error" in req:
-            results.append({"error": req["_error"]})
-            loaded.append(None)
-            continue
-        try:
-            if "image" not in req:
-                raise PixelLLMError("request has no 'image' (a file path)")
-            image = load_image(req["image"], predictor.limits)
-            loaded.append(image)
-            results.append(echo | {"image_size": list(image.size)})
-        except PixelLLMError as exc:
-            loaded.append(None)
-            results.append(echo | {"error": str(exc)})
-    good = [i for i, im in enumerate(loaded) if im is not None]
-    for start in range(0, len(good), predictor.batch_size):
-        chunk = good[start:start + predictor.batch_size]
-        try:
-            outs = task.call(predictor, [loaded[i] for i in chunk], [requests[i] for i in chunk], args)
-            for i, out in zip(chunk, outs):
-                results[i] |= out
-        except PixelLLMError:
-            for i in chunk:  # isolate the failing request(s)
-                try:
-                    results[i] |= task.call(predictor, [loaded[i]], [requests[i]], args)[0]
-                except PixelLLMError as exc:
-                    results[i]["error"] = str(exc)
-    for n, (result, image) in enumerate(zip(results, loaded)):
-        if args.draw and image is not None and "error" not in result:
-            out = Path(args.draw)
-            if len(results) > 1:
-                out = out.with_name(f"{out.stem}_{n:04d}{out.suffix or '.png'}")
-            out.parent.mkdir(parents=True, exist_ok=True)
-            task.draw(image, result).save(out)
-            result["drawing"] = str(out)
-        if "error" not in result:
-            result.setdefault("model_version", predictor.model_version)
-    for result in results:
-        if args.json or args.batch:
-            print(json.dumps(result))
+    images: list = []
+    for request in chunk:
+        result = dict(request.echo)
+        image = None
+        if request.error is not None:
+            result["error"] = request.error
         else:
-            print(_human(args.command, result))
-    return 1 if len(results) == 1 and "error" in results[0] else 0
+            try:
+                image = _load_image(load_image, request.image, predictor.limits)
+                for box in request.boxes:  # a box with no area inside the image fails here, not in the model
+                    clip_box(box, image.width, image.height)
+                result["image_size"] = list(image.size)
+            except Exception as exc:
+                image = None
+                result.update(_error_result(exc, args))
+        results.append(result)
+        images.append(image)
+    good = [i for i, image in enumerate(images) if image is not None]
+    if good:
+        outs = _call(task, predictor, [images[i] for i in good], [chunk[i] for i in good], args)
+        for i, out in zip(good, outs):
+            results[i].update(out)
+    return [(result, image if "error" not in result else None) for result, image in zip(results, images)]
+
+
+def _load_image(load_image, path: str, limits):
+    try:
+        return load_image(path, limits)
+    except PixelLLMError:
+        raise
+    except OSError as exc:
+        raise InvalidImageError(f"{path}: cannot read the file ({exc.strerror or exc})") from exc
+    except ValueError as exc:
+        raise InvalidImageError(f"{path}: cannot read the file ({exc})") from exc
+
+
+def _call(task: Task, predictor, images: list, requests: list[Request], args) -> list[dict]:
+    """One predictor call for a chunk; when it fails, each request alone, so the failure stays with the
+    request(s) that caused it."""
+    try:
+        outs = task.call(predictor, images, requests, args)
+        if len(outs) != len(requests):
+            raise RuntimeError(f"{task.name} answered {len(outs)} results for {len(requests)} requests")
+        return outs
+    except Exception as exc:
+        if len(requests) == 1:
+            return [_error_result(exc, args)]
+        log.debug("a chunk of %d requests failed (%s); answering them one by one", len(requests),
+                  _message(exc))
+    return [_call(task, predictor, [image], [request], args)[0] for image, request in zip(images, requests)]
+
+
+def _error_result(exc: Exception, args) -> dict:
+    """The result fields for a failed request: a project error's message, or a short internal error."""
+    if isinstance(exc, PixelLLMError):
+        return {"error": _message(exc)}
+    if getattr(args, "verbose", False):
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    return {"error": f"internal error ({type(exc).__name__}: {_short(str(exc), 200)}); rerun with -v for the "
+                     "traceback", "_internal": True}
+
+
+def _save_drawing(task: Task, image, result: dict, out: Path, args) -> None:
+    """Save the picture of one result; a failure is the result's ``drawing_error`` and a warning."""
+    from PIL import Image
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fmt = Image.registered_extensions().get(out.suffix.lower())
+        task.draw(image, result).save(out, format=fmt)
+        result["drawing"] = str(out)
+    except Exception as exc:
+        if getattr(args, "verbose", False):
+            traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _short(_message(exc), 200)
+        result["drawing_error"] = f"could not save the drawing {out}: {reason}"
+        print(f"warning: {result['drawing_error']}", file=sys.stderr)
+
+
+def _emit(command: str, result: dict, as_json: bool) -> None:
+    if as_json:
+        print(_dumps({k: v for k, v in result.items() if not k.startswith("_")}), flush=True)
+    elif "error" in result:
+        print(_human_error(result), file=sys.stderr)
+    else:
+        print(_human(command, result), flush=True)
+
+
+def _dumps(result: dict) -> str:
+    """One JSON line; a non-finite number becomes null (JSON has no NaN)."""
+    try:
+        return json.dumps(result, allow_nan=False)
+    except (TypeError, ValueError):
+        return json.dumps(_finite(result), allow_nan=False, default=str)
+
+
+def _finite(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _human_error(r: dict) -> str:
+    """``error: IMAGE: message``, without the path when the message already names it."""
+    image, message = r.get("image"), r["error"]
+    if isinstance(image, str) and image and not message.startswith(image):
+        return f"error: {image}: {message}"
+    return f"error: {message}"
 
 
 def _human(command: str, r: dict) -> str:
     if "error" in r:
-        return f"error: {r.get('image', '')}: {r['error']}"
+        return _human_error(r)
     lines = [f"{r.get('image')} ({r['image_size'][0]}x{r['image_size'][1]})"]
     fmt = "  [{:.0f}, {:.0f}, {:.0f}, {:.0f}]"
     for d in r.get("detections", []):
@@ -203,9 +623,7 @@ def _human(command: str, r: dict) -> str:
 # ---- other subcommands ----------------------------------------------------------------------------
 
 def _info(args) -> int:
-    from .inference.predictor import Predictor
-
-    info = Predictor(args.model, device=args.device).info()
+    info = _load_predictor(args.model, args.device).info()
     if args.json:
         print(json.dumps(info))
     else:
@@ -218,10 +636,15 @@ def _synth(args) -> int:
     from .data.formats import write_synthetic_dataset
 
     extra = tuple(s for s in (args.extra_shapes or "").split(",") if s)
-    for split in args.split:
-        write_synthetic_dataset(args.out, split, args.num_images, seed=args.seed, extra_shapes=extra,
-                                num_workers=args.workers)
-        print(f"wrote the {split} split ({args.num_images} images) to {args.out}")
+    try:
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise PixelLLMError(f"--out {args.out} is a file; give a folder for the dataset")
+        for split in args.split:
+            write_synthetic_dataset(args.out, split, args.num_images, seed=args.seed, extra_shapes=extra,
+                                    num_workers=args.workers)
+            print(f"wrote the {split} split ({args.num_images} images) to {args.out}")
+    except OSError as exc:
+        raise PixelLLMError(f"cannot write the dataset to {args.out}: {exc.strerror or exc}") from exc
     return 0
 
 
@@ -231,24 +654,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pixelllm",
         description="Pixel-aligned language model: text->box, box->text, dense captions, per-word traces.",
+        epilog="exit codes: 0 ok, 1 the request failed, 2 usage or bad input, 3 internal error, "
+               "4 optional extra missing, 130 interrupted, 141 stdout closed early",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging; tracebacks of internal errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def model_args(p):
         p.add_argument("--model", default=None,
-                       help="checkpoint folder or preset (tiny, synth-small, base); default: the embedded model")
-        p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+                       help="checkpoint folder or preset (tiny, synth-small, base); "
+                            "default: the embedded model")
+        p.add_argument("--device", default=None, type=device_arg(),
+                       help="cpu, cuda, cuda:1 ... (default: cuda if present)")
         p.add_argument("--json", action="store_true", help="print one JSON object per result")
 
     def infer_args(p, image_required_text: str):
         p.add_argument("image", nargs="?", help=image_required_text)
         model_args(p)
-        p.add_argument("--draw", metavar="OUT.png", help="save a picture of the result")
+        p.add_argument("--draw", metavar="OUT.png",
+                       help=f"save a picture of the result ({_DRAW_EXTENSIONS}); "
+                            "with --batch, OUT_0000.png ...")
         p.add_argument("--batch", metavar="FILE.jsonl",
-                       help="one JSON request per line ({\"image\": path, ...}); one JSON result per line")
+                       help="one JSON request per line ({\"image\": path, ...}), UTF-8; one JSON result per "
+                            "line, in order, with \"error\" when that request failed")
         p.add_argument("--adapter", default=None, help="LoRA adapter folder (from pixelllm finetune)")
-        p.add_argument("--beams", type=int, default=1, help="beam size for generated text (default 1: greedy)")
+        p.add_argument("--beams", type=bound_arg("num_beams"), default=1,
+                       help="beam size for generated text, 1 to 8 (default 1: greedy)")
 
     p = sub.add_parser("refer", help="find the box a text refers to (one forward pass)",
                        description="Referring localization: text -> box.")
@@ -268,8 +700,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dense-caption", help="find regions and caption each",
                        description="Dense captioning: proposals, each captioned.")
     infer_args(p, "image file")
-    p.add_argument("--max-regions", type=int, default=20)
-    p.add_argument("--min-score", type=float, default=0.3)
+    p.add_argument("--max-regions", type=bound_arg("max_regions"), default=20, help="1 to 256 (default 20)")
+    p.add_argument("--min-score", type=bound_arg("min_score"), default=0.3, help="0 to 1 (default 0.3)")
 
     p = sub.add_parser("info", help="describe a model", description="Show a model's version, size, device.")
     model_args(p)
@@ -279,38 +711,48 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and COCO captions files.")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--split", nargs="+", default=["train"], choices=["train", "val", "test"])
-    p.add_argument("--num-images", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-images", type=int_arg(1), default=100)
+    p.add_argument("--seed", type=int_arg(), default=0)
     p.add_argument("--extra-shapes", default="", help="comma-separated shapes beyond the default vocabulary")
-    p.add_argument("--workers", type=int, default=0, help="processes for rendering (0: in this process)")
+    p.add_argument("--workers", type=int_arg(0, 256), default=0,
+                   help="processes for rendering (0: in this process)")
 
     p = sub.add_parser("serve", help="run the inference worker (HTTP) that both plugins can share",
-                       description="GPU worker: dynamic batching, bearer auth (PIXELLLM_WORKER_TOKEN).")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+                       description="GPU worker: dynamic batching, bearer auth (PIXELLLM_WORKER_TOKEN). "
+                                   "Needs the extra 'serve' (or 'ray' for --ray).")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
+    p.add_argument("--port", type=int_arg(0, 65535), default=8000)
     p.add_argument("--model", default=None, help="checkpoint folder or preset; default: the embedded model")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, type=device_arg())
     p.add_argument("--ray", action="store_true", help="deploy on Ray Serve instead of a single process")
-    p.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (one per GPU)")
+    p.add_argument("--replicas", type=int_arg(1), default=1, help="Ray Serve replicas (one per GPU)")
     p.add_argument("--warmup", choices=["auto", "on", "off"], default=None,
                    help="run each batch size once before reporting ready (auto: on CUDA only; "
                         "env PIXELLLM_WORKER_WARMUP)")
     p.add_argument("--engine", choices=["process", "thread"], default=None,
                    help="run the model in a child process (default: HTTP work and the model then do not "
                         "share one GIL) or on a thread of the worker's process (env PIXELLLM_WORKER_ENGINE)")
-    p.add_argument("--fronts", type=int, default=None,
+    p.add_argument("--fronts", type=int_arg(1, 256), default=None,
                    help="HTTP front processes on the port, all feeding the one model process (default 1; "
                         "env PIXELLLM_WORKER_FRONTS): more requests a second on a host with spare cores")
     p.set_defaults(handler=_serve)
 
     p = sub.add_parser("ls-backend", help="run the Label Studio ML backend",
                        description="Label Studio ML backend (env: LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY, "
-                                   "BASIC_AUTH_USER/PASS, MODEL_DIR, PIXELLLM_WORKER_URL).")
-    p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=9090)
+                                   "BASIC_AUTH_USER/PASS, MODEL_DIR, PIXELLLM_WORKER_URL). Needs the extra "
+                                   "'serve'.")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to bind (default 127.0.0.1: this machine only; use --host 0.0.0.0 to "
+                        "let a Label Studio on another machine or container reach it, with "
+                        "BASIC_AUTH_USER/PASS set)")
+    p.add_argument("--port", type=int_arg(0, 65535), default=9090)
     p.add_argument("--model", default=None, help="checkpoint folder or preset; default: the embedded model")
     p.set_defaults(handler=_ls_backend)
     _add_training_parsers(sub)
+    for command in sub.choices.values():  # -v also after the subcommand; SUPPRESS keeps the top-level -v
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="debug logging; tracebacks of internal errors")
     return parser
 
 
@@ -318,18 +760,23 @@ def _serve(args) -> int:
     if args.ray and args.fronts not in (None, 1):
         raise PixelLLMError("--fronts is for the plain worker; on Ray Serve, scale with --replicas")
     if args.ray:
+        require_extra("ray", "ray", "ray.serve", "fastapi", "uvicorn", "httpx",
+                      feature="pixelllm serve --ray")
         from .serving.ray_app import run as run_ray
 
         run_ray(host=args.host, port=args.port, model=args.model, replicas=args.replicas)
     else:
+        require_extra("serve", "fastapi", "uvicorn", "starlette", "httpx", "prometheus_client",
+                      feature="pixelllm serve")
         from .serving.app import run
 
-        run(args.host, args.port, model=args.model, device=args.device, warmup=args.warmup, engine=args.engine,
-            fronts=args.fronts)
+        run(args.host, args.port, model=args.model, device=args.device, warmup=args.warmup,
+            engine=args.engine, fronts=args.fronts)
     return 0
 
 
 def _ls_backend(args) -> int:
+    require_extra("serve", "fastapi", "uvicorn", "starlette", "httpx", feature="pixelllm ls-backend")
     from label_studio_backend.server import run
 
     run(args.host, args.port, model=args.model)
@@ -343,27 +790,80 @@ def _add_training_parsers(sub) -> None:
     add_training_parsers(sub)
 
 
+def _undecodable_argument(argv: list[str]) -> str | None:
+    """The first command-line argument that is not valid UTF-8 (Python hands undecodable bytes over as
+    lone surrogates), or None."""
+    for arg in argv:
+        if isinstance(arg, str) and _has_surrogate(arg):
+            return arg
+    return None
+
+
+def _internal_error(exc: BaseException, verbose: bool) -> int:
+    if verbose:
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+        print(f"error: internal error ({type(exc).__name__}); please report it with the traceback above",
+              file=sys.stderr)
+    else:
+        print(f"error: internal error ({type(exc).__name__}); rerun with -v for the traceback",
+              file=sys.stderr)
+    return EXIT_INTERNAL
+
+
+def _dispatch(args) -> int:
+    if args.command in TASKS:
+        return _run_inference(args)
+    if args.command == "info":
+        return _info(args)
+    if args.command == "synth":
+        return _synth(args)
+    return args.handler(args)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``) and return its exit code (see above)."""
+    argv = [os.fspath(a) if isinstance(a, os.PathLike) else a
+            for a in (sys.argv[1:] if argv is None else argv)]
+    bad = _undecodable_argument(argv)
+    if bad is not None:
+        print(f"error: the argument {_short(bad)} is not valid UTF-8 (bytes the shell passed that do not "
+              "decode); give file names and texts as UTF-8", file=sys.stderr)
+        return EXIT_USAGE
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    verbose = bool(getattr(args, "verbose", False))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     warnings.simplefilter("default")
     logging.captureWarnings(True)
     try:
-        if args.command in TASKS:
-            return _run_inference(args)
-        if args.command == "info":
-            return _info(args)
-        if args.command == "synth":
-            return _synth(args)
-        return args.handler(args)
-    except PixelLLMError as exc:
+        return _dispatch(args)
+    except MissingExtraError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_MISSING_EXTRA
+    except PixelLLMError as exc:
+        print(f"error: {_message(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except ImportError as exc:
+        extra = missing_extra(exc, f"pixelllm {args.command}")
+        if extra is None:
+            return _internal_error(exc, verbose)
+        if verbose:
+            traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+        print(f"error: {extra}", file=sys.stderr)
+        return EXIT_MISSING_EXTRA
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        try:  # nobody reads stdout any more: point it at devnull so the exit's flush does not fail again
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return EXIT_BROKEN_PIPE
+    except Exception as exc:
+        return _internal_error(exc, verbose)
 
 
 if __name__ == "__main__":

@@ -7,28 +7,38 @@ exit code. Data parallel: ``torchrun --nproc_per_node=N -m pixelllm_plugins.cli 
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
 
 from ..errors import TrainingError
 
+# eval tasks whose metrics (BLEU, CIDEr, METEOR) come from pycocoevalcap: the extra 'eval'
+CAPTION_METRIC_TASKS = ("region", "caption")
+
 
 def add_training_parsers(sub) -> None:
+    from ..bounds import argtype as bound_arg
+    from ..cli import device_arg, float_arg, int_arg
+
+    positive, non_negative = int_arg(1), int_arg(0)
     p = sub.add_parser("train", help="train a model with a named recipe (resumes OUT/checkpoint-last)",
-                       description="Train with a recipe (synth-small, tiny-smoke, finetune); any recipe value "
-                                   "can be overridden. Re-running the same command resumes exactly.")
+                       description="Train with a recipe (synth-small, tiny-smoke, finetune); any recipe "
+                                   "value can be overridden. Re-running the same command resumes exactly.")
     p.add_argument("--recipe", default="synth-small", help="tiny-smoke | synth-small | finetune")
     p.add_argument("--data", required=True, help="data folder (pixelllm synth output or the same formats)")
     p.add_argument("--out", default=None, help="output folder (default: the recipe's runs/<recipe>)")
     p.add_argument("--init", default=None, help="preset name or checkpoint folder to start from")
     p.add_argument("--split", default=None)
-    for flag, kind in (("--steps", int), ("--batch-size", int), ("--grad-accum", int), ("--lr", float),
-                       ("--warmup-steps", int), ("--weight-decay", float), ("--seed", int),
-                       ("--checkpoint-every", int), ("--eval-every", int), ("--num-threads", int),
-                       ("--num-workers", int)):
+    for flag, kind in (("--steps", positive), ("--batch-size", bound_arg("batch_size")),
+                       ("--grad-accum", positive), ("--lr", float_arg(0)), ("--warmup-steps", non_negative),
+                       ("--weight-decay", float_arg(0)), ("--seed", int_arg()),
+                       ("--checkpoint-every", non_negative), ("--eval-every", non_negative),
+                       ("--num-threads", non_negative), ("--num-workers", non_negative)):
         p.add_argument(flag, type=kind, default=None)
     p.add_argument("--sources", nargs="+", default=None, metavar="NAME=WEIGHT",
-                   help="source weights of the mixture, e.g. refer=4 region=3 trace=4 caption=0.5 (replaces the "
-                        "recipe's; a source left out is not used)")
+                   help="source weights of the mixture, e.g. refer=4 region=3 trace=4 caption=0.5 (replaces "
+                        "the recipe's; a source left out is not used)")
     p.add_argument("--lr-multiplier", nargs="+", default=None, metavar="PREFIX=FACTOR",
                    help="learning-rate factor by parameter-name prefix (first match wins), e.g. "
                         "point_head.context.=5 for modules just added with scripts/grow_model.py")
@@ -36,7 +46,7 @@ def add_training_parsers(sub) -> None:
                    help="random resize range of the longer side (x canvas) per source, e.g. region=0.6,1.0; "
                         "above 1 the image is cropped, which makes words relative to the whole image "
                         "(small, large) untrue for the crop")
-    p.add_argument("--device", default=None, help="auto | cpu | cuda")
+    p.add_argument("--device", default=None, type=device_arg(allow_auto=True), help="auto | cpu | cuda")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT/checkpoint-last exists")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=_train)
@@ -45,14 +55,14 @@ def add_training_parsers(sub) -> None:
                        description="Evaluate through the PredictorProtocol (in-process, or the worker when "
                                    "PIXELLLM_WORKER_URL is set); writes results.json and report.md.")
     p.add_argument("--model", default=None, help="checkpoint folder or preset; default: the embedded model")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, type=device_arg())
     p.add_argument("--adapter", default=None, help="LoRA adapter folder")
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="val")
     p.add_argument("--tasks", nargs="+", default=["refer", "region", "dense", "trace"],
                    choices=["refer", "region", "dense", "trace", "caption"])
-    p.add_argument("--limit", type=int, default=None, help="at most this many images per task")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=positive, default=None, help="at most this many images per task")
+    p.add_argument("--batch-size", type=bound_arg("batch_size"), default=16)
     p.add_argument("--out", default=None, help="folder for results.json and report.md")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (Java) even when available")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -64,19 +74,19 @@ def add_training_parsers(sub) -> None:
     p.add_argument("--data", required=True, help="annotations in the training formats")
     p.add_argument("--out", required=True, help="adapter folder to write")
     p.add_argument("--split", default="train")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--rank", type=int, default=None, help="LoRA rank (alpha = 2 x rank)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=positive, default=200)
+    p.add_argument("--batch-size", type=bound_arg("batch_size"), default=None)
+    p.add_argument("--lr", type=float_arg(0), default=None)
+    p.add_argument("--rank", type=int_arg(1, 1024), default=None, help="LoRA rank (alpha = 2 x rank)")
+    p.add_argument("--seed", type=int_arg(), default=0)
     p.add_argument("--train-embeddings", action="store_true",
                    help="also train the word embeddings (adapter copies): for words the base never saw")
     p.add_argument("--adapt-vision", action="store_true",
                    help="also put LoRA on the vision encoder: for objects the base never had to tell apart")
     p.add_argument("--modules-to-save", nargs="+", default=None, metavar="MODULE",
-                   help="more modules trained as full adapter copies (peft's modules_to_save), by full dotted "
-                        "name, e.g. vision.stem vision.detail: the layers that see a shape's corners at full "
-                        "resolution")
+                   help="more modules trained as full adapter copies (peft's modules_to_save), by full "
+                        "dotted name, e.g. vision.stem vision.detail: the layers that see a shape's "
+                        "corners at full resolution")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=_finetune)
 
@@ -86,8 +96,9 @@ def _train(args) -> int:
     from .trainer import train
 
     overrides = {"data_dir": args.data, "out_dir": args.out, "init": args.init, "split": args.split,
-                 "steps": args.steps, "batch_size": args.batch_size, "grad_accum": args.grad_accum, "lr": args.lr,
-                 "warmup_steps": args.warmup_steps, "weight_decay": args.weight_decay, "seed": args.seed,
+                 "steps": args.steps, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
+                 "lr": args.lr, "warmup_steps": args.warmup_steps, "weight_decay": args.weight_decay,
+                 "seed": args.seed,
                  "checkpoint_every": args.checkpoint_every, "eval_every": args.eval_every,
                  "num_threads": args.num_threads, "num_workers": args.num_workers, "device": args.device}
     if args.sources:
@@ -113,8 +124,11 @@ def _weights(items: list[str], flag: str, example: str) -> dict[str, float]:
             if not sep or not name:
                 raise ValueError
             out[name] = float(value)
+            if not math.isfinite(out[name]) or out[name] < 0:
+                raise ValueError
         except ValueError:
-            raise TrainingError(f"{flag} takes NAME=NUMBER items like {example}; got {item!r}") from None
+            raise TrainingError(f"{flag} takes NAME=NUMBER items like {example}; got {item!r} "
+                                "(a finite number >= 0)") from None
     return out
 
 
@@ -125,7 +139,7 @@ def _ranges(items: list[str], flag: str, example: str) -> dict[str, list[float]]
         name, sep, value = item.partition("=")
         try:
             lo, hi = (float(v) for v in value.split(","))
-            if not sep or not name:
+            if not sep or not name or not (math.isfinite(lo) and math.isfinite(hi)):
                 raise ValueError
         except ValueError:
             raise TrainingError(f"{flag} takes NAME=LO,HI items like {example}; got {item!r}") from None
@@ -134,6 +148,13 @@ def _ranges(items: list[str], flag: str, example: str) -> dict[str, list[float]]
 
 
 def _eval(args) -> int:
+    from ..extras import require_extra
+
+    if set(args.tasks) & set(CAPTION_METRIC_TASKS):
+        require_extra("eval", "pycocoevalcap",
+                      feature="pixelllm eval (the caption metrics of tasks region and caption)")
+    if os.environ.get("PIXELLLM_WORKER_URL"):
+        require_extra("serve", "httpx", feature="pixelllm eval with PIXELLLM_WORKER_URL")
     from ..evaluation.evaluate import evaluate, markdown_table, write_report
     from ..inference import get_predictor
 
