@@ -87,7 +87,7 @@ def bench_preset(preset: str, device: torch.device, batches: list[int], repeat: 
     pixels = torch.randn(1, 3, S, S, device=device, dtype=pred.dtype)
     row = {"preset": preset, "params_M": round(sum(p.numel() for p in pred.model.parameters()) / 1e6, 2)}
     with torch.inference_mode():
-        row["vision_ms"] = round(timed(lambda: pred.model.encode_images(pixels), device, repeat), 2)
+        row["vision_ms"] = round(timed(lambda: pred.model.embed_images(pixels), device, repeat), 2)
 
     def cold():
         pred.clear_cache()

@@ -28,7 +28,6 @@ class VisionConfig:
     num_heads: int = 12
     mlp_ratio: float = 4.0
     conv_stem: bool = False  # a small conv stem before patchify: learns much faster from scratch
-    stem_blocks: int = 0  # residual conv blocks after each stride-2 stem conv (needs conv_stem)
     # Beyond the paper: a conv branch on the stem's finest map (stride patch/2) whose d channels travel
     # inside each image token as its 2x2 sub-patches (4*d more channels per token). Shapes of small objects
     # live at that resolution; the proposal head unpacks them to its 2x finer map. 0 = plain tokens.
@@ -121,11 +120,6 @@ class HeadsConfig:
     point_context_layers: int = 0
     point_refine: bool = False
     point_coords: bool = False
-    # Ours, grid point head with relation layers: a ``candidate_fine_grid`` x ``candidate_fine_grid`` lattice
-    # of the vision encoder's fine map inside each relation candidate's box joins that candidate's key
-    # (through a zero-started projection) before the relation layers, so "the small star" can tell a star
-    # from a hexagon a few pixels wide, as the fine map lets region captions do. Needs vision.fine_channels.
-    candidate_fine_grid: int = 0
     # Ours: a linear word head on the proposal features inside a target box, trained to predict the words
     # of that box's region caption or referring expression (losses.box_words_loss). Needs proposals. It
     # teaches the features object attributes directly, which the grid point head and map tokens read.
@@ -173,6 +167,7 @@ class PixelLLMConfig:
     def from_dict(cls, data: dict[str, Any]) -> PixelLLMConfig:
         def build(klass, values):
             names = {f.name for f in dataclasses.fields(klass)}
+            values = {k: v for k, v in values.items() if not (k in RETIRED and v == RETIRED[k])}
             unknown = set(values) - names
             if unknown:
                 raise CheckpointError(f"config for {klass.__name__} has unknown keys {sorted(unknown)}; "
@@ -206,6 +201,11 @@ class PixelLLMConfig:
             raise CheckpointError(f"cannot read model config {path}: {exc}") from exc
 
 
+# Options that no preset or shipped checkpoint used, since removed: a config that sets one to this
+# value (its old default, "off") still loads; any other value is an unknown key.
+RETIRED = {"stem_blocks": 0, "candidate_fine_grid": 0}
+
+
 # ---- presets -----------------------------------------------------------------------------------
 
 def _tiny() -> PixelLLMConfig:
@@ -228,7 +228,7 @@ def _synth_small() -> PixelLLMConfig:
                             conv_stem=True, detail_channels=16, fine_channels=16),
         prompt=PromptConfig(embed_dim=64, hidden_size=128, depth=2, num_heads=4, mlp_dim=256,
                             attention_downsample=1, num_queries=8, output_dim=192, roi_grid=3, map_tokens=2,
-                            fine_grid=4),
+                            fine_grid=4, box_extent=True),
         language=LanguageConfig(hidden_size=192, num_layers=3, num_heads=4, intermediate_size=512,
                                 max_positions=128, dropout=0.0, max_context_tokens=24, max_text_tokens=40),
         heads=HeadsConfig(point_hidden=192, point_layers=3, proposal_hidden=128, max_proposals=30,

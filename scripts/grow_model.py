@@ -1,8 +1,8 @@
 """Copy a checkpoint into a model with more modules: config changes given as SECTION.FIELD=VALUE (JSON).
 
 Weights that exist in both keep their values; new modules keep their initialisation. The grid point
-head's additions (``heads.point_context_layers``, ``heads.point_refine``, ``heads.candidate_fine_grid``),
-the fine map's projection (``prompt.fine_grid``) and the box extent (``prompt.box_extent``) start at zero,
+head's additions (``heads.point_context_layers``, ``heads.point_refine``, ``heads.point_coords``), the fine
+map's projection (``prompt.fine_grid``) and the box extent (``prompt.box_extent``) start at zero,
 so the grown model answers exactly as the source until it is trained (``pixelllm train --init DST``).
 
     python scripts/grow_model.py SRC DST heads.point_context_layers=1 heads.point_refine=true

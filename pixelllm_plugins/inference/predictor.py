@@ -22,6 +22,7 @@ from ..config import VisionConfig
 from ..errors import InvalidPromptError, PixelLLMError
 from ..geometry import clip_box
 from ..io import ImageInput, ImageLimits, load_image_scaled
+from ..modeling.inputs import ImageEmbedding
 from ..tokenizer import validate_text
 from .preprocess import PreparedImage, prepare_image_keyed
 from .results import Detection, RegionCaption, TracedCaption, Word
@@ -112,7 +113,7 @@ class Predictor:
         self.cache_size = cache_size
         self.batch_size = batch_size
         self.limits = limits or ImageLimits()
-        # content key -> (image tokens [L,C], proposal maps of the image or None)
+        # content key -> the image's ImageEmbedding (tokens, and maps when the model reads them)
         self._cache: OrderedDict[str, tuple[torch.Tensor, dict[str, torch.Tensor] | None]] = OrderedDict()
         self._current: str | None = None
         self._adapter: str | None = None
@@ -208,35 +209,26 @@ class Predictor:
             self._current = None
 
     @torch.inference_mode()
-    def _embed(self, images: list[_Image], *, maps: bool = False
-               ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-        """Image tokens [B,L,C] and proposal maps of the images, computing both only on cache misses.
-
-        Maps are computed (and cached with the tokens) when the model's points or visual tokens read them,
-        or when ``maps`` is True (dense captioning proposes from them); otherwise they are None.
-        """
-        want_maps = maps or self.model.needs_maps
+    def _embed(self, images: list[_Image], *, maps: bool = False) -> ImageEmbedding:
+        """The images' ``ImageEmbedding``, running the vision pass only on cache misses; ``maps`` asks for
+        the proposal maps even when the model's prompts do not read them (dense captioning)."""
         keys = list(dict.fromkeys(im.key for im in images))
-        missing = [k for k in keys if k not in self._cache or (want_maps and self._cache[k][1] is None)]
+        missing = [k for k in keys if k not in self._cache or (maps and self._cache[k].maps is None)]
         by_key = {im.key: im for im in images}
         for start in range(0, len(missing), self.batch_size):
             chunk = missing[start:start + self.batch_size]
             pixels = torch.stack([by_key[k].prepared.pixel_values for k in chunk]).to(self.device, self.dtype)
-            tokens, fine = self.model.encode_images_with_fine(pixels)
+            computed = self.model.embed_images(pixels, maps=True if maps else None)
             self.stats["vision_calls"] += 1
-            computed = self.model.image_maps(tokens, fine) if want_maps else None
-            for i, (k, t) in enumerate(zip(chunk, tokens)):
-                self._cache[k] = (t, None if computed is None else {n: v[i] for n, v in computed.items()})
+            for k, part in zip(chunk, computed.split()):
+                self._cache[k] = part
         self.stats["cache_hits"] += len(images) - len(missing)
-        entries = []
+        parts = []
         for im in images:
             self._cache.move_to_end(im.key)
-            entries.append(self._cache[im.key])
+            parts.append(self._cache[im.key])
         self._evict()
-        tokens = torch.stack([t for t, _ in entries])
-        if not want_maps:
-            return tokens, None
-        return tokens, {n: torch.stack([m[n] for _, m in entries]) for n in entries[0][1]}
+        return ImageEmbedding.stack(parts)
 
     def _evict(self) -> None:
         while len(self._cache) > max(self.cache_size, 1):
@@ -282,10 +274,9 @@ class Predictor:
         return ids.to(self.device), mask.to(self.device)
 
     # ---- model calls over prompt rows --------------------------------------------------------------
-    def _visual(self, tokens: torch.Tensor, maps, sizes: torch.Tensor, rows: list[_Row],
-                index: torch.Tensor) -> torch.Tensor:
-        boxes = torch.tensor([r.box for r in rows], dtype=torch.float32, device=self.device)
-        return self.model.visual_tokens_flat(tokens, boxes.to(self.dtype), index, maps, sizes)
+    def _boxes(self, rows: list[_Row]) -> torch.Tensor:
+        """[R,4] the rows' prompt boxes in canvas pixels."""
+        return torch.tensor([r.box for r in rows], dtype=torch.float32, device=self.device).to(self.dtype)
 
     def _sizes(self, images: list[_Image]) -> torch.Tensor:
         """[B,2] (w,h) of the resized, un-padded images in canvas pixels."""
@@ -295,27 +286,19 @@ class Predictor:
     def _row_index(self, rows: list[_Row]) -> torch.Tensor:
         return torch.tensor([r.image for r in rows], device=self.device)
 
-    def _teacher_forced(self, tokens, maps, sizes, rows) -> tuple[torch.Tensor, torch.Tensor]:
-        """Points and confidence logits at every text position: (points [R,T,4], conf [R,T]).
-
-        ``maps``: the images' proposal maps from ``_embed`` (cached with the tokens; None when the model needs none);
-        ``sizes``: ``_sizes`` of the images.
-        """
-        index = self._row_index(rows)
-        visual = self._visual(tokens, maps, sizes, rows, index)
+    def _teacher_forced(self, embedding: ImageEmbedding, sizes, rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """Points and confidence logits at every text position: (points [R,T,4], conf [R,T]); ``sizes``:
+        ``_sizes`` of the images."""
         ctx, ctx_mask = self._pad([r.context for r in rows])
         txt, txt_mask = self._pad([r.text for r in rows])
-        _, hidden = self.model.language(visual, ctx, ctx_mask, txt, txt_mask)
-        if self.model.points_need_maps:
-            points, conf = self.model.predict_points(hidden, maps, index, sizes, text_mask=txt_mask)
-        else:
-            points, conf = self.model.predict_points(hidden)
-        return points.float(), conf.float()
+        out = self.model.prompt_pass(embedding, self._boxes(rows), self._row_index(rows), sizes, ctx, ctx_mask,
+                                     txt, txt_mask)
+        return out.points.float(), out.confidence.float()
 
-    def _generate(self, tokens, maps, sizes, rows, max_new_tokens, num_beams):
+    def _generate(self, embedding: ImageEmbedding, sizes, rows, max_new_tokens, num_beams):
         from .decoding import generate
 
-        visual = self._visual(tokens, maps, sizes, rows, self._row_index(rows))
+        visual = self.model.prompt_tokens(embedding, self._boxes(rows), self._row_index(rows), sizes)
         ctx, ctx_mask = self._pad([r.context for r in rows])
         tok = self.tokenizer
         return generate(self.model.language, visual, ctx, ctx_mask, bos_id=tok.bos_id, eos_id=tok.eos_id,
@@ -362,11 +345,11 @@ class Predictor:
                                            what=f"image {i} text {j}")
                     target = self._encode(text, lang.max_text_tokens, add_bos=True, what=f"image {i} text {j}")
                     rows.append(_Row(i, self._global_box(loaded[i]), context, target))
-            tokens, maps = self._embed(loaded)
+            embedding = self._embed(loaded)
             sizes = self._sizes(loaded)
             boxes, scores = [], []
             for chunk in self._chunks(rows):
-                points, conf = self._teacher_forced(tokens, maps, sizes, chunk)
+                points, conf = self._teacher_forced(embedding, sizes, chunk)
                 last = torch.tensor([len(r.text) - 2 for r in chunk], device=points.device)
                 ar = torch.arange(len(chunk), device=points.device)
                 boxes.append(points[ar, last])
@@ -397,17 +380,17 @@ class Predictor:
             self._use_adapter(adapter)
             loaded = self._load(images)
             rows, originals = self._region_rows(loaded, boxes)
-            tokens, maps = self._embed(loaded)
-            texts, scores = self._captions(tokens, maps, self._sizes(loaded), rows, max_new_tokens, num_beams)
+            embedding = self._embed(loaded)
+            texts, scores = self._captions(embedding, self._sizes(loaded), rows, max_new_tokens, num_beams)
             out: list[list[RegionCaption]] = [[] for _ in images]
             for row, original, text, score in zip(rows, originals, texts, scores):
                 out[row.image].append(RegionCaption(original, text, score, self.model_version))
             return out
 
-    def _captions(self, tokens, maps, sizes, rows, max_new_tokens, num_beams) -> tuple[list[str], list[float]]:
+    def _captions(self, embedding: ImageEmbedding, sizes, rows, max_new_tokens, num_beams) -> tuple[list[str], list[float]]:
         texts, scores = [], []
         for chunk in self._chunks(rows):
-            result = self._generate(tokens, maps, sizes, chunk, max_new_tokens, num_beams)
+            result = self._generate(embedding, sizes, chunk, max_new_tokens, num_beams)
             texts += [self.tokenizer.decode(t) for t in result.tokens]
             scores += [round(float(torch.tensor(s).exp().clamp(0, 1)), 4) for s in result.scores]
         return texts, scores
@@ -423,14 +406,14 @@ class Predictor:
             context = self._encode(self.config.templates.caption_prompt, lang.max_context_tokens,
                                    add_bos=False, what="caption prompt")
             rows = [_Row(i, self._global_box(im), context) for i, im in enumerate(loaded)]
-            tokens, maps = self._embed(loaded)
+            embedding = self._embed(loaded)
             sizes = self._sizes(loaded)
             out = []
             for chunk in self._chunks(rows):
-                result = self._generate(tokens, maps, sizes, chunk, max_new_tokens, num_beams)
+                result = self._generate(embedding, sizes, chunk, max_new_tokens, num_beams)
                 for row, ids in zip(chunk, result.tokens):
                     row.text = list(ids)
-                points = self._teacher_forced(tokens, maps, sizes, chunk)[0].cpu() if trace else None
+                points = self._teacher_forced(embedding, sizes, chunk)[0].cpu() if trace else None
                 for k, (row, score) in enumerate(zip(chunk, result.scores)):
                     words = self._words(row.text, points[k], loaded[row.image].prepared) if trace else []
                     out.append(TracedCaption(self.tokenizer.decode(row.text), words,
@@ -448,11 +431,11 @@ class Predictor:
                          self._encode(self._clean_text(c, f"caption {i}"), lang.max_text_tokens, add_bos=True,
                                       what=f"caption {i}"))
                     for i, (im, c) in enumerate(zip(loaded, captions))]
-            tokens, maps = self._embed(loaded)
+            embedding = self._embed(loaded)
             sizes = self._sizes(loaded)
             out = []
             for chunk in self._chunks(rows):
-                points = self._teacher_forced(tokens, maps, sizes, chunk)[0].cpu()
+                points = self._teacher_forced(embedding, sizes, chunk)[0].cpu()
                 out += [self._words(r.text, points[k], loaded[r.image].prepared) for k, r in enumerate(chunk)]
             return out
 
@@ -480,9 +463,9 @@ class Predictor:
         with self._lock:
             self._use_adapter(adapter)
             loaded = self._load(images)
-            tokens, maps = self._embed(loaded, maps=True)  # one set of maps: proposals and captions
+            embedding = self._embed(loaded, maps=True)  # one set of maps: proposals and captions
             sizes = self._sizes(loaded)
-            boxes, scores = self.model.propose(tokens, sizes, max_regions, min_score, maps=maps)
+            boxes, scores = self.model.propose(embedding, sizes, max_regions, min_score)
             boxes, scores = boxes.float().cpu(), scores.float().cpu()
             per_image, proposal_scores = [], []
             for im, b, s in zip(loaded, boxes, scores):
@@ -498,7 +481,7 @@ class Predictor:
                 per_image.append([k[0] for k in kept])
                 proposal_scores.append([k[1] for k in kept])
             rows, originals = self._region_rows(loaded, per_image)
-            texts, _ = self._captions(tokens, maps, sizes, rows, max_new_tokens, 1)
+            texts, _ = self._captions(embedding, sizes, rows, max_new_tokens, 1)
             out: list[list[RegionCaption]] = [[] for _ in images]
             flat_scores = [s for ss in proposal_scores for s in ss]
             for row, original, text, score in zip(rows, originals, texts, flat_scores):

@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import PixelLLMError
-from .prompt_adapter import sample_lattice
+from .common import zero_linear
 
 
 class PointHead(nn.Module):
@@ -169,14 +168,6 @@ class ProposalHead(nn.Module):
         return boxes, scores
 
 
-def zero_linear(in_dim: int, out_dim: int) -> nn.Linear:
-    """A linear layer that outputs zero until trained: an addition that starts as a no-op."""
-    layer = nn.Linear(in_dim, out_dim)
-    nn.init.zeros_(layer.weight)
-    nn.init.zeros_(layer.bias)
-    return layer
-
-
 class CandidateRelations(nn.Module):
     """Transformer decoder layers over one row's candidates: self-attention among them (each with its box),
     cross-attention to the row's text. Relations and ordinals ("above the red square", "leftmost") need
@@ -254,13 +245,9 @@ class GridPointHead(nn.Module):
 
     def __init__(self, in_dim: int, feature_dim: int, hidden: int, map_size: tuple[int, int], canvas_size: int,
                  relation_layers: int = 0, relation_candidates: int = 8, context_layers: int = 0,
-                 max_positions: int = 128, refine: bool = False, coords: bool = False,
-                 fine_dim: int = 0, fine_grid: int = 0):
+                 max_positions: int = 128, refine: bool = False, coords: bool = False):
         super().__init__()
         self.canvas_size = canvas_size
-        # fine: samples of the fine map inside each relation candidate's box, added to its key
-        self.fine_grid = fine_grid
-        self.fine_key = zero_linear(fine_grid * fine_grid * fine_dim, hidden) if fine_grid > 0 else None
         # coords: each token may prefer candidates linearly along x and y ("the rightmost ..." = the largest
         # x among the candidates its content scores favour), a score a learned position table cannot give
         self.coords = zero_linear(hidden, 2) if coords else None
@@ -292,17 +279,6 @@ class GridPointHead(nn.Module):
         peak[torch.arange(b, device=heat.device), masked.flatten(1).argmax(1)] = True
         return F.logsigmoid(heat.flatten(1)).masked_fill(~peak, float("-inf"))
 
-    def _fine_keys(self, maps: dict[str, Tensor], boxes01: Tensor, image_index: Tensor) -> Tensor:
-        """Candidate boxes [M,K,4] normalised to the canvas -> the fine-map term of their keys [M,K,h]."""
-        if "fine" not in maps:
-            raise PixelLLMError("heads.candidate_fine_grid reads the fine map: pass maps from "
-                                "PixelLLM.image_maps(*encode_images_with_fine(pixels))")
-        m, k, _ = boxes01.shape
-        fine = maps["fine"]
-        samples, _ = sample_lattice(fine, boxes01.reshape(m * k, 4).clamp(0, 1).to(fine.dtype),
-                                    image_index.repeat_interleave(k), self.fine_grid)
-        return self.fine_key(samples.reshape(m, k, -1).to(self.fine_key.weight.dtype))
-
     def forward(self, hidden: Tensor, maps: dict[str, Tensor], image_index: Tensor, image_sizes: Tensor,
                 *, text_mask: Tensor | None = None, with_choices: bool = False):
         """hidden [M,T,H], proposal maps of B images, image_index [M], image_sizes [B,2] (w,h canvas px)
@@ -325,9 +301,6 @@ class GridPointHead(nn.Module):
             valid = torch.isfinite(top)
             picked = keys.gather(1, cells[..., None].expand(-1, -1, keys.shape[-1]))
             cand_boxes = boxes.gather(1, cells[..., None].expand(-1, -1, 4))
-            if self.fine_key is not None:  # back from each image's frame to the canvas the maps cover
-                fine = self._fine_keys(maps, cand_boxes * size / self.canvas_size, image_index)
-                picked = picked + fine.to(picked.dtype)
             related = self.relations(picked, cand_boxes, valid, hidden, text_mask)  # [M,K,h]
             delta = torch.einsum("mtd,mkd->mtk", query, related).float() * self.scale
             delta = delta.masked_fill(~valid[:, None, :], 0.0)

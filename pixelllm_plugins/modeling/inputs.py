@@ -60,3 +60,45 @@ class ModelOutput:
     proposals: dict[str, Tensor] = field(default_factory=dict)  # raw proposal-head maps
     loss: Tensor | None = None
     losses: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ImageEmbedding:
+    """One vision pass over a batch of images: what every prompt on those images reads.
+
+    ``tokens`` [B,L,C] are the vision encoder's image tokens; ``maps`` the proposal head's maps (and the fine
+    map under ``"fine"``) when the model's prompts or points read them, or when asked for (dense
+    captioning). The Predictor caches one per image (``split``/``stack``) without looking inside.
+    """
+
+    tokens: Tensor
+    maps: dict[str, Tensor] | None = None
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def split(self) -> list[ImageEmbedding]:
+        """One embedding per image (views, no copy)."""
+        return [ImageEmbedding(t, None if self.maps is None else {k: v[i] for k, v in self.maps.items()})
+                for i, t in enumerate(self.tokens)]
+
+    @staticmethod
+    def stack(parts: list[ImageEmbedding]) -> ImageEmbedding:
+        """A batch from per-image embeddings (maps only when every part has them)."""
+        tokens = torch.stack([p.tokens for p in parts])
+        if any(p.maps is None for p in parts):
+            return ImageEmbedding(tokens)
+        return ImageEmbedding(tokens, {k: torch.stack([p.maps[k] for p in parts]) for k in parts[0].maps})
+
+
+@dataclass
+class PromptOutput:
+    """The prompt pass over M (image, prompt) rows: text logits, hidden states, 2 points and a confidence
+    per text position; a grid point head adds its cell logits and boxes (the pointer loss reads them)."""
+
+    logits: Tensor  # [M,T,V]
+    hidden: Tensor  # [M,T,H]
+    points: Tensor  # [M,T,4] normalised x0,y0,x1,y1
+    confidence: Tensor  # [M,T] logits (0 without a confidence head)
+    cell_logits: Tensor | None = None
+    cell_boxes: Tensor | None = None

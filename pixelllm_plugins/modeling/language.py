@@ -15,8 +15,6 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..config import LanguageConfig
-
 
 class LanguageModel(nn.Module):
     """Base class. ``visual_dim`` is the width of incoming visual tokens (projected inside)."""
@@ -43,21 +41,3 @@ class LanguageModel(nn.Module):
     def reorder_state(self, state: Any, index: Tensor) -> Any:
         """Select/reorder cache rows (beam search): new row i = old row index[i]."""
         raise NotImplementedError
-
-
-def build_language_model(config: LanguageConfig, visual_dim: int, vocab_size: int) -> LanguageModel:
-    if config.kind == "git":
-        from .language_git import GitDecoder
-
-        return GitDecoder(config, visual_dim=visual_dim, vocab_size=vocab_size)
-    if config.kind == "hf-causal":
-        from .language_hf import HFCausalLM
-
-        return HFCausalLM(config, visual_dim=visual_dim)
-    if config.kind == "hf-seq2seq":
-        from .language_hf import HFSeq2SeqLM
-
-        return HFSeq2SeqLM(config, visual_dim=visual_dim)
-    from ..errors import CheckpointError
-
-    raise CheckpointError(f"unknown language model kind {config.kind!r}; use git, hf-causal or hf-seq2seq")

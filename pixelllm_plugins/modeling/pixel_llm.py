@@ -6,20 +6,18 @@ back to ``[B,N,...]`` with zeros at invalid prompts. Frames and shapes are docum
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import Tensor, nn
 
 from ..config import PixelLLMConfig
 from ..errors import PixelLLMError
-from .heads import ConfidenceHead, GridPointHead, PointHead, ProposalHead, zero_linear
-from .inputs import ModelInputs, ModelOutput
-from .language import build_language_model
+from .build import build_language_model, build_vision_encoder
+from .common import zero_linear
+from .heads import ConfidenceHead, GridPointHead, PointHead, ProposalHead
+from .inputs import ImageEmbedding, ModelInputs, ModelOutput, PromptOutput
 from .losses import combine_losses
 from .prompt_adapter import PromptAdapter, sample_lattice
 from .prompt_encoder import BoxExtentEncoder, PromptEncoder
-from .vision import build_vision_encoder
 
 
 def _scatter(flat: Tensor, valid: Tensor) -> Tensor:
@@ -78,9 +76,6 @@ class PixelLLM(nn.Module):
                 raise PixelLLMError("heads.box_words reads the proposal head's features: it needs heads.proposals")
             dim = self.proposal_head.feature_dim
             self.word_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, vocab_size))
-        if heads.candidate_fine_grid > 0 and not (fine_dim and heads.relation_layers > 0):
-            raise PixelLLMError("heads.candidate_fine_grid adds fine-map samples to the relation candidates: it "
-                                "needs vision.fine_channels > 0 and heads.relation_layers > 0")
         if heads.point_mode == "grid":
             if self.proposal_head is None or heads.num_points != 2:
                 raise PixelLLMError("heads.point_mode 'grid' points at proposal-map cells: it needs "
@@ -89,49 +84,41 @@ class PixelLLM(nn.Module):
                                             self.proposal_head.map_size, self.canvas_size,
                                             heads.relation_layers, heads.relation_candidates,
                                             heads.point_context_layers, config.language.max_positions,
-                                            heads.point_refine, heads.point_coords,
-                                            fine_dim, heads.candidate_fine_grid)
+                                            heads.point_refine, heads.point_coords)
         elif heads.point_mode == "mlp":
-            if heads.point_context_layers or heads.point_refine or heads.point_coords or heads.candidate_fine_grid:
-                raise PixelLLMError("heads.point_context_layers, point_refine, point_coords and candidate_fine_grid "
-                                    "belong to the grid point head: set heads.point_mode 'grid' or leave them at "
-                                    "0 / false")
+            if heads.point_context_layers or heads.point_refine or heads.point_coords:
+                raise PixelLLMError("heads.point_context_layers, point_refine and point_coords belong to the grid "
+                                    "point head: set heads.point_mode 'grid' or leave them at 0 / false")
             self.point_head = PointHead(h, heads.point_hidden, heads.point_layers, heads.num_points)
         else:
             raise PixelLLMError(f"unknown heads.point_mode {heads.point_mode!r}; use 'mlp' or 'grid'")
 
-    # ---- pieces --------------------------------------------------------------------------------------
-    def encode_images(self, pixel_values: Tensor) -> Tensor:
-        """[B,3,S,S] normalised canvas -> image tokens [B,L,C] (the part worth caching per image)."""
-        return self.vision(pixel_values)
+    # ---- the public surface: embed images once, then run any number of prompt passes ---------------------
+    def embed_images(self, pixel_values: Tensor, *, maps: bool | None = None) -> ImageEmbedding:
+        """[B,3,S,S] normalised canvas -> ``ImageEmbedding`` (the part worth caching per image).
 
-    def encode_images_with_fine(self, pixel_values: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Image tokens and the vision encoder's fine map (None without ``vision.fine_channels``)."""
-        if getattr(self.vision, "fine", None) is None:
-            return self.vision(pixel_values), None
-        return self.vision.forward_with_fine(pixel_values)
-
-    def image_maps(self, image_tokens: Tensor, fine: Tensor | None = None) -> dict[str, Tensor]:
-        """The proposal head's maps of the images, plus the fine map under ``"fine"`` when there is one:
-        everything per image that prompts read, cached next to the tokens."""
-        maps = self.proposal_head(image_tokens)
-        if fine is not None:
-            maps["fine"] = fine
-        return maps
-
-    @property
-    def needs_maps(self) -> bool:
-        """Whether visual tokens or points read the proposal head's maps (``proposal_head(image_tokens)``)."""
-        return self.points_need_maps or self.map_token_proj is not None
-
-    def visual_tokens_flat(self, image_tokens: Tensor, boxes: Tensor, image_index: Tensor,
-                           maps: dict[str, Tensor] | None = None, image_sizes: Tensor | None = None) -> Tensor:
-        """image_tokens [B,L,C], boxes [M,4] canvas px, image_index [M] -> visual tokens [M,Q(+g*g),Dv].
-
-        ``maps`` (``proposal_head`` of the same image tokens) is computed when needed and absent.
-        ``image_sizes`` [B,2] (w,h canvas px of the un-padded images) is needed with ``prompt.box_extent``.
+        ``maps``: compute the proposal (and fine) maps; None: only when this model's prompts or points
+        read them. Dense captioning asks for them, as proposals are decoded from them.
         """
-        visual = self._prompt_tokens(image_tokens, boxes, image_index, maps)
+        if getattr(self.vision, "fine", None) is None:
+            tokens, fine = self.vision(pixel_values), None
+        else:
+            tokens, fine = self.vision.forward_with_fine(pixel_values)
+        want = self._needs_maps if maps is None else maps
+        if not want or self.proposal_head is None:
+            return ImageEmbedding(tokens)
+        image_maps = self.proposal_head(tokens)
+        if fine is not None:
+            image_maps["fine"] = fine
+        return ImageEmbedding(tokens, image_maps)
+
+    def prompt_tokens(self, embedding: ImageEmbedding, boxes: Tensor, image_index: Tensor,
+                      image_sizes: Tensor | None = None) -> Tensor:
+        """Location prompts -> the visual tokens the language model reads: boxes [M,4] in canvas pixels,
+        ``image_index`` [M] into the embedding, ``image_sizes`` [B,2] (w,h of the resized, un-padded images
+        in canvas pixels) -> [M,Q(+extra),Dv]."""
+        maps = self._maps_for_prompts(embedding)
+        visual = self._adapter_tokens(embedding.tokens, boxes, image_index, maps)
         if self.box_extent is None:
             return visual
         if image_sizes is None:
@@ -140,8 +127,86 @@ class PixelLLM(nn.Module):
         extent = self.box_extent(boxes, image_sizes.index_select(0, image_index))
         return visual + extent[:, None, :].to(visual.dtype)
 
-    def _prompt_tokens(self, image_tokens: Tensor, boxes: Tensor, image_index: Tensor,
-                       maps: dict[str, Tensor] | None) -> Tensor:
+    def prompt_pass(self, embedding: ImageEmbedding, boxes: Tensor, image_index: Tensor, image_sizes: Tensor,
+                    context_ids: Tensor, context_mask: Tensor, text_ids: Tensor, text_mask: Tensor
+                    ) -> PromptOutput:
+        """The one pass over M (image, prompt) rows that training and inference share: visual tokens of
+        each box, the language model over [visual | context | text], then points and confidence at every
+        text position. Shapes: boxes [M,4], context [M,Tc], text [M,T] (BOS + text + EOS, padded)."""
+        visual = self.prompt_tokens(embedding, boxes, image_index, image_sizes)
+        logits, hidden = self.language(visual, context_ids, context_mask, text_ids, text_mask)
+        if self._points_need_maps:
+            maps = self._maps_for_prompts(embedding, need=True)
+            points, cell_logits, cell_boxes = self.point_head(hidden, maps, image_index, image_sizes,
+                                                              text_mask=text_mask, with_choices=True)
+        else:
+            points, cell_logits, cell_boxes = self.point_head(hidden), None, None
+        confidence = (hidden.new_zeros(hidden.shape[:-1]) if self.confidence_head is None
+                      else self.confidence_head(hidden))
+        return PromptOutput(logits, hidden, points, confidence, cell_logits, cell_boxes)
+
+    @torch.no_grad()
+    def propose(self, embedding: ImageEmbedding, image_sizes: Tensor, max_proposals: int | None = None,
+                min_score: float = 0.0) -> tuple[Tensor, Tensor]:
+        """Region proposals: (boxes [B,K,4] normalised to each image, scores [B,K]); slots below
+        ``min_score`` are zero."""
+        if self.proposal_head is None:
+            raise PixelLLMError("this model has no proposal head (heads.proposals is false), so it cannot "
+                                "propose regions for dense captioning; pass boxes or use another checkpoint")
+        k = max_proposals or self.config.heads.max_proposals
+        maps = embedding.maps if embedding.maps is not None else self.proposal_head(embedding.tokens)
+        return self.proposal_head.decode(maps, image_sizes, self.canvas_size, k, min_score)
+
+    def forward(self, inputs: ModelInputs, embedding: ImageEmbedding | None = None) -> ModelOutput:
+        """Training's pass: embed the images (unless given), one prompt pass over the valid prompts, losses."""
+        if embedding is None:
+            wants_maps = self.proposal_head is not None and (
+                self.training or inputs.gt_boxes is not None or (self._needs_maps and inputs.text_ids is not None))
+            embedding = self.embed_images(inputs.pixel_values, maps=wants_maps)
+        out = ModelOutput(proposals=embedding.maps or {})
+        valid = inputs.prompt_mask.bool()
+        flat: dict[str, Tensor] = {}
+        if inputs.text_ids is not None:
+            text_mask = inputs.text_mask if inputs.text_mask is not None else torch.ones_like(inputs.text_ids,
+                                                                                            dtype=torch.bool)
+            b_idx = valid.nonzero(as_tuple=True)[0]
+            if b_idx.numel():
+                result = self.prompt_pass(embedding, inputs.prompt_boxes[valid], b_idx, inputs.image_sizes,
+                                          inputs.context_ids[valid], inputs.context_mask[valid],
+                                          inputs.text_ids[valid], text_mask[valid])
+                flat = {"logits": result.logits, "hidden": result.hidden, "points": result.points,
+                        "confidence": result.confidence}
+                for name, value in flat.items():
+                    setattr(out, name, _scatter(value, valid))
+                if result.cell_logits is not None:
+                    flat.update(cell_logits=result.cell_logits, cell_boxes=result.cell_boxes)
+            else:
+                b, n, t = inputs.text_ids.shape
+                z = embedding.tokens.new_zeros
+                out.logits, out.hidden = z(b, n, t, self.language.vocab_size), z(b, n, t, self.language.hidden_size)
+                out.points, out.confidence = z(b, n, t, 2 * self.config.heads.num_points), z(b, n, t)
+        if inputs.text_loss_mask is not None or inputs.target_points is not None or inputs.gt_boxes is not None:
+            out.loss, out.losses = self._loss(inputs, valid, flat, out.proposals)
+        return out
+
+    # ---- internals ---------------------------------------------------------------------------------------
+    @property
+    def _points_need_maps(self) -> bool:
+        return self.config.heads.point_mode == "grid"  # (the head may sit inside a peft wrapper)
+
+    @property
+    def _needs_maps(self) -> bool:
+        """Whether visual tokens or points read the proposal head's maps."""
+        return self._points_need_maps or self.map_token_proj is not None
+
+    def _maps_for_prompts(self, embedding: ImageEmbedding, need: bool = False) -> dict[str, Tensor] | None:
+        if embedding.maps is None and (need or self.map_token_proj is not None):
+            raise PixelLLMError("this model's prompts read the proposal maps: embed the images with "
+                                "PixelLLM.embed_images (maps are computed when the model needs them)")
+        return embedding.maps
+
+    def _adapter_tokens(self, image_tokens: Tensor, boxes: Tensor, image_index: Tensor,
+                        maps: dict[str, Tensor] | None) -> Tensor:
         pe = self.prompt_encoder
         boxes01 = (boxes.float() / self.canvas_size).clamp(0, 1)
         roi = None
@@ -151,112 +216,21 @@ class PixelLLM(nn.Module):
                                      pe.embed_boxes(boxes), image_index, roi)
         if self.map_token_proj is None:
             return visual
-        if maps is None:
-            maps = self.proposal_head(image_tokens)
         sampled, points = sample_lattice(maps["features"], boxes01.to(maps["features"].dtype), image_index,
                                          self.config.prompt.map_tokens)
         extra = self.map_token_proj(sampled) + self.map_token_pe(pe.pe.encode(points).to(sampled.dtype))
         if self.fine_token_proj is not None:
             if "fine" not in maps:
-                raise PixelLLMError("this model's prompt.fine_grid reads the fine map: pass maps from "
-                                    "image_maps(*encode_images_with_fine(pixels))")
+                raise PixelLLMError("this model's prompt.fine_grid reads the fine map: embed the images with "
+                                    "PixelLLM.embed_images")
             fine, _ = sample_lattice(maps["fine"], boxes01.to(maps["fine"].dtype), image_index,
                                      self.config.prompt.fine_grid)
             extra = extra + self.fine_token_proj(fine.flatten(1).to(extra.dtype)).view(extra.shape)
         return torch.cat([visual, extra.to(visual.dtype)], dim=1)
 
-    def visual_tokens(self, image_tokens: Tensor, prompt_boxes: Tensor, image_sizes: Tensor | None = None
-                      ) -> Tensor:
-        """image_tokens [B,L,C], prompt_boxes [B,N,4] canvas px -> visual tokens [B,N,Q,Dv].
-
-        ``image_sizes`` [B,2] is needed only with ``prompt.box_extent``; prompts are encoded in the canvas frame.
-        """
-        b, n = prompt_boxes.shape[:2]
-        index = torch.arange(b, device=prompt_boxes.device).repeat_interleave(n)
-        flat = self.visual_tokens_flat(image_tokens, prompt_boxes.reshape(b * n, 4), index,
-                                       image_sizes=image_sizes)
-        return flat.view(b, n, *flat.shape[1:])
-
-    @property
-    def points_need_maps(self) -> bool:
-        return self.config.heads.point_mode == "grid"  # (the head may sit inside a peft wrapper)
-
-    def predict_points(self, hidden: Tensor, maps: dict[str, Tensor] | None = None,
-                       image_index: Tensor | None = None, image_sizes: Tensor | None = None,
-                       choices: dict[str, Tensor] | None = None, text_mask: Tensor | None = None
-                       ) -> tuple[Tensor, Tensor]:
-        """hidden [M,T,H] -> (points [M,T,4] normalised x0,y0,x1,y1, confidence logits [M,T]).
-
-        A grid point head also needs the proposal ``maps`` of the images, each row's ``image_index`` and
-        the images' ``image_sizes`` [B,2]; pass a dict as ``choices`` to receive its cell logits and cell
-        boxes (for the pointer loss), and ``text_mask`` [M,T] (real tokens) when rows are padded. Without a
-        confidence head the logits are 0 (score 0.5).
-        """
-        if self.points_need_maps:
-            if maps is None or image_index is None or image_sizes is None:
-                raise PixelLLMError("this model's grid point head needs the proposal maps, image index and "
-                                    "image sizes (PixelLLM.predict_points)")
-            points, cell_logits, cell_boxes = self.point_head(hidden, maps, image_index, image_sizes,
-                                                              text_mask=text_mask, with_choices=True)
-            if choices is not None:
-                choices.update(cell_logits=cell_logits, cell_boxes=cell_boxes)
-        else:
-            points = self.point_head(hidden)
-        if self.confidence_head is None:
-            return points, hidden.new_zeros(hidden.shape[:-1])
-        return points, self.confidence_head(hidden)
-
-    @torch.no_grad()
-    def propose(self, image_tokens: Tensor, image_sizes: Tensor, max_proposals: int | None = None,
-                min_score: float = 0.0, maps: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-        """-> (boxes [B,K,4] normalised to the image, scores [B,K]); slots below ``min_score`` are zero."""
-        if self.proposal_head is None:
-            raise PixelLLMError("this model has no proposal head (heads.proposals is false), so it cannot "
-                                "propose regions for dense captioning; pass boxes or use another checkpoint")
-        k = max_proposals or self.config.heads.max_proposals
-        if maps is None:
-            maps = self.proposal_head(image_tokens)
-        return self.proposal_head.decode(maps, image_sizes, self.canvas_size, k, min_score)
-
-    # ---- full pass -----------------------------------------------------------------------------------
-    def forward(self, inputs: ModelInputs, image_tokens: Tensor | None = None) -> ModelOutput:
-        fine = None
-        if image_tokens is None:
-            image_tokens, fine = self.encode_images_with_fine(inputs.pixel_values)
-        out = ModelOutput()
-        if self.proposal_head is not None and (self.training or inputs.gt_boxes is not None
-                                               or (self.needs_maps and inputs.text_ids is not None)):
-            out.proposals = self.image_maps(image_tokens, fine)  # at inference ``propose`` is the entry point
-        valid = inputs.prompt_mask.bool()
-        flat: dict[str, Tensor] = {}
-        if inputs.text_ids is not None:
-            text_mask = inputs.text_mask if inputs.text_mask is not None else torch.ones_like(inputs.text_ids,
-                                                                                            dtype=torch.bool)
-            b_idx = valid.nonzero(as_tuple=True)[0]
-            if b_idx.numel():
-                visual = self.visual_tokens_flat(image_tokens, inputs.prompt_boxes[valid], b_idx,
-                                                 out.proposals or None, inputs.image_sizes)
-                logits, hidden = self.language(visual, inputs.context_ids[valid], inputs.context_mask[valid],
-                                               inputs.text_ids[valid], text_mask[valid])
-                choices: dict[str, Tensor] = {}
-                points, confidence = self.predict_points(hidden, out.proposals or None, b_idx,
-                                                         inputs.image_sizes, choices, text_mask[valid])
-                flat = {"logits": logits, "hidden": hidden, "points": points, "confidence": confidence}
-                for name, value in flat.items():
-                    setattr(out, name, _scatter(value, valid))
-                flat.update(choices)
-            else:
-                b, n, t = inputs.text_ids.shape
-                z = image_tokens.new_zeros
-                out.logits, out.hidden = z(b, n, t, self.language.vocab_size), z(b, n, t, self.language.hidden_size)
-                out.points, out.confidence = z(b, n, t, 2 * self.config.heads.num_points), z(b, n, t)
-        if inputs.text_loss_mask is not None or inputs.target_points is not None or inputs.gt_boxes is not None:
-            out.loss, out.losses = self._loss(inputs, valid, flat, out.proposals)
-        return out
-
     BOX_WORD_TASKS = ("region", "refer")  # sources whose text describes the object in the target box
 
-    def box_word_logits(self, maps: dict[str, Tensor], boxes: Tensor, image_index: Tensor,
+    def _box_word_logits(self, maps: dict[str, Tensor], boxes: Tensor, image_index: Tensor,
                         image_sizes: Tensor) -> Tensor:
         """Word logits [R,V] from the proposal features inside boxes [R,4] (normalised to each image)."""
         scale = (image_sizes.float().index_select(0, image_index) / self.canvas_size).repeat(1, 2)
@@ -280,7 +254,7 @@ class PixelLLM(nn.Module):
         boxes = inputs.target_points.gather(2, first[..., None, None].expand(-1, -1, 1, 4))[:, :, 0][has]
         b_idx = has.nonzero(as_tuple=True)[0]
         text_mask = inputs.text_mask if inputs.text_mask is not None else torch.ones_like(inputs.text_ids, dtype=torch.bool)
-        return {"word_logits": self.box_word_logits(maps, boxes, b_idx, inputs.image_sizes),
+        return {"word_logits": self._box_word_logits(maps, boxes, b_idx, inputs.image_sizes),
                 "word_text_ids": inputs.text_ids[has], "word_text_mask": text_mask[has]}
 
     def _loss(self, inputs: ModelInputs, valid: Tensor, flat: dict[str, Tensor],
@@ -310,17 +284,3 @@ class PixelLLM(nn.Module):
     # ---- utilities -----------------------------------------------------------------------------------
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str | None = None, *, device: torch.device | str | None = None,
-                        dtype: torch.dtype | None = None) -> PixelLLM:
-        """The model of ``checkpoint.load_pretrained`` (use that function to also get the tokenizer)."""
-        from ..checkpoint import load_pretrained
-
-        return load_pretrained(name_or_path, device=device, dtype=dtype)[0]
-
-    def save_pretrained(self, directory: str | Path, tokenizer, **kwargs) -> str:
-        """``checkpoint.save_pretrained(self, tokenizer, directory, ...)`` -> model_version."""
-        from ..checkpoint import save_pretrained
-
-        return save_pretrained(self, tokenizer, directory, **kwargs)

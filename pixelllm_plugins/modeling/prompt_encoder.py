@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .heads import zero_linear
+from .common import zero_linear
 
 NUM_FILLER_TOKENS = 3  # the reference pads the 2 box-corner tokens to 5 with the no-mask embedding
 

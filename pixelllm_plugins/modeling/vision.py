@@ -88,12 +88,10 @@ class ResidualConvBlock(nn.Module):
 class ConvStem(nn.Module):
     """Strided 3x3 convs (Xiao et al. 2021, "Early convolutions help transformers see better").
 
-    Widths grow dim/8 -> dim/4 -> dim/2; GroupNorm keeps it batch-size independent. ``blocks`` residual
-    conv blocks after each strided conv turn it into a small ResNet (a hybrid ViT): local shape
-    features then come from convolutions, which small models trained from scratch learn far sooner.
+    Widths grow dim/8 -> dim/4 -> dim/2; GroupNorm keeps it batch-size independent.
     """
 
-    def __init__(self, dim: int, num_convs: int, blocks: int = 0):
+    def __init__(self, dim: int, num_convs: int):
         super().__init__()
         layers: list[nn.Module] = []
         c_in = 3
@@ -102,12 +100,11 @@ class ConvStem(nn.Module):
             c_out = max(8, dim // (2 ** (num_convs - i)))
             layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False),
                        nn.GroupNorm(min(8, c_out), c_out), nn.GELU()]
-            layers += [ResidualConvBlock(c_out) for _ in range(blocks)]
             c_in = c_out
             self.stage_channels.append(c_out)
         self.layers = nn.Sequential(*layers)
         self.out_channels = c_in
-        self._per_stage = 3 + blocks
+        self._per_stage = 3
 
     def forward(self, x: Tensor) -> Tensor:
         return self.layers(x)
@@ -171,7 +168,7 @@ class ViT(nn.Module):
         dim, size = config.hidden_size, config.image_size
         if config.conv_stem:
             num_convs, proj = _stem_plan(config.patch_size)
-            self.stem: nn.Module = ConvStem(dim, num_convs, config.stem_blocks)
+            self.stem: nn.Module = ConvStem(dim, num_convs)
             in_ch = self.stem.out_channels
             n = size
             for _ in range(num_convs):
@@ -228,14 +225,3 @@ class ViT(nn.Module):
         if self.detail is not None:
             x = torch.cat([x, self.detail(stem, self.grid_size).to(x.dtype)], dim=-1)
         return x, fine
-
-
-def build_vision_encoder(config: VisionConfig) -> nn.Module:
-    """The built-in ViT (``kind="vit"``) or a Hugging Face vision tower (``kind="hf"``)."""
-    if config.kind == "vit":
-        return ViT(config)
-    if config.kind == "hf":
-        from .vision_hf import HFVisionEncoder
-
-        return HFVisionEncoder(config)
-    raise CheckpointError(f"unknown vision encoder kind {config.kind!r}; use 'vit' or 'hf'")

@@ -11,6 +11,7 @@ import torch
 
 from pixelllm_plugins import checkpoint as ckpt
 from pixelllm_plugins.checkpoint import load_pretrained, save_pretrained
+from pixelllm_plugins.config import PixelLLMConfig, get_preset
 from pixelllm_plugins.errors import CheckpointError
 from pixelllm_plugins.modeling.inputs import ModelInputs
 from pixelllm_plugins.modeling.pixel_llm import PixelLLM
@@ -126,15 +127,15 @@ def test_mismatched_config_and_corrupt_weights(random_tiny, tmp_path):
 
 def test_load_never_unpickles(random_tiny, tmp_path, monkeypatch):
     model, tokenizer, _ = random_tiny
-    version = model.save_pretrained(tmp_path, tokenizer)
+    version = save_pretrained(model, tokenizer, tmp_path)
 
     def refuse(*args, **kwargs):
         raise AssertionError("unpickling is not allowed")
 
     for target, name in [(torch, "load"), (pickle, "load"), (pickle, "loads"), (pickle, "Unpickler")]:
         monkeypatch.setattr(target, name, refuse)
-    loaded = PixelLLM.from_pretrained(str(tmp_path), dtype=torch.float32)
-    assert loaded.model_version == version
+    loaded, _, loaded_version = load_pretrained(str(tmp_path), dtype=torch.float32)
+    assert loaded.model_version == loaded_version == version
 
 
 def test_grow_adds_zero_started_point_modules_and_refuses_what_would_drop_weights(tmp_path):
@@ -167,26 +168,28 @@ def test_grow_adds_zero_started_point_modules_and_refuses_what_would_drop_weight
         want, got = mapped(_inputs(mapped, tokenizer)), fine(_inputs(fine, tokenizer))
     torch.testing.assert_close(got.points, want.points)
     torch.testing.assert_close(got.logits, want.logits)
-    # and the relation candidates' fine samples: a zero projection, same answers; trained, they move them
+    # and the box extent: a zero-started MLP over each prompt box's place in its image, same answers
     model.config.vision.fine_channels, model.config.prompt.fine_grid = 4, 2
-    model.config.heads.relation_layers = 1
-    related = PixelLLM(model.config, tokenizer.vocab_size).eval()
-    save_pretrained(related, tokenizer, tmp_path / "related")
-    ckpt.grow_pretrained(tmp_path / "related", tmp_path / "cand", {"heads.candidate_fine_grid": 2})
-    cand, _, _ = load_pretrained(tmp_path / "cand")
-    assert cand.point_head.fine_key is not None and not cand.point_head.fine_key.weight.any()
+    plain = PixelLLM(model.config, tokenizer.vocab_size).eval()
+    save_pretrained(plain, tokenizer, tmp_path / "plain")
+    ckpt.grow_pretrained(tmp_path / "plain", tmp_path / "extent", {"prompt.box_extent": True})
+    extent, _, _ = load_pretrained(tmp_path / "extent")
+    assert extent.box_extent is not None
     with torch.no_grad():
-        want, got = related(_inputs(related, tokenizer)), cand(_inputs(cand, tokenizer))
-        torch.testing.assert_close(got.points, want.points)
-        torch.testing.assert_close(got.logits, want.logits)
-        # the relation layers start at zero too: give both models the same trained-looking ones
-        for a, b in zip(related.point_head.relations.parameters(), cand.point_head.relations.parameters()):
-            b.copy_(a.normal_(0, 0.5))
-        cand.point_head.fine_key.weight.normal_(0, 1.0)  # in train mode the points blend candidates
-        blend = related.train()(_inputs(related, tokenizer)).points
-        assert not torch.allclose(cand.train()(_inputs(cand, tokenizer)).points, blend)
+        want, got = plain(_inputs(plain, tokenizer)), extent(_inputs(extent, tokenizer))
+    torch.testing.assert_close(got.points, want.points)
+    torch.testing.assert_close(got.logits, want.logits)
     with pytest.raises(CheckpointError, match="drop or reshape"):
         ckpt.grow_pretrained(tmp_path / "src", tmp_path / "bad", {"language.hidden_size": 48})
     with pytest.raises(CheckpointError, match="section.field"):
         ckpt.grow_pretrained(tmp_path / "src", tmp_path / "bad", {"heads.no_such_field": 1})
     assert not (tmp_path / "bad").exists()
+
+
+def test_retired_options_load_when_off_and_are_unknown_otherwise():
+    data = get_preset("tiny").to_dict()
+    data["vision"]["stem_blocks"], data["heads"]["candidate_fine_grid"] = 0, 0
+    assert PixelLLMConfig.from_dict(data).to_dict() == get_preset("tiny").to_dict()
+    data["heads"]["candidate_fine_grid"] = 2
+    with pytest.raises(CheckpointError, match="unknown keys"):
+        PixelLLMConfig.from_dict(data)

@@ -3,6 +3,7 @@
 import pytest
 
 from pixelllm_plugins.checkpoint import DEFAULT_MODEL_DIR, load_pretrained
+from pixelllm_plugins.config import PixelLLMConfig, get_preset
 from pixelllm_plugins.data.formats import demo_scene
 from pixelllm_plugins.inference.predictor import Predictor
 
@@ -23,6 +24,15 @@ def test_checkpoint_folder_is_complete_and_small():
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", "meta.json"} <= names
     assert not any(n.endswith((".bin", ".pt", ".pth", ".pkl")) for n in names)
     assert (DEFAULT_MODEL_DIR / "model.safetensors").stat().st_size <= 25 * 2**20
+
+
+def test_the_synth_small_preset_is_the_shipped_architecture():
+    """``--recipe synth-small`` must rebuild the default: the preset equals the shipped config but for the
+    vocabulary size, which the tokenizer fills in."""
+    shipped = PixelLLMConfig.load(DEFAULT_MODEL_DIR / "config.json").to_dict()
+    preset = get_preset("synth-small").to_dict()
+    shipped["language"]["vocab_size"] = preset["language"]["vocab_size"]
+    assert preset == shipped
 
 
 def test_loads_by_default(default_predictor):

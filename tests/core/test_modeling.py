@@ -8,15 +8,23 @@ import torch
 from pixelllm_plugins.config import LanguageConfig, LossConfig, PromptConfig, VisionConfig, get_preset
 from pixelllm_plugins.errors import CheckpointError, PixelLLMError
 from pixelllm_plugins.modeling import losses as L
+from pixelllm_plugins.modeling.build import build_vision_encoder
 from pixelllm_plugins.modeling.heads import ConfidenceHead, GridPointHead, PointHead, ProposalHead
-from pixelllm_plugins.modeling.inputs import ModelInputs
+from pixelllm_plugins.modeling.inputs import ImageEmbedding, ModelInputs
 from pixelllm_plugins.modeling.language_git import GitDecoder
 from pixelllm_plugins.modeling.pixel_llm import PixelLLM
 from pixelllm_plugins.modeling.prompt_adapter import PromptAdapter
 from pixelllm_plugins.modeling.prompt_encoder import PromptEncoder
-from pixelllm_plugins.modeling.vision import build_vision_encoder
 
 V = 40  # vocabulary size for the hand-built batches
+
+
+def grid_tokens(model, embedding, prompt_boxes, sizes=None):
+    """``prompt_tokens`` over prompt boxes laid out [B,N,4] -> visual tokens [B,N,Q,D]."""
+    b, n = prompt_boxes.shape[:2]
+    index = torch.arange(b).repeat_interleave(n)
+    flat = model.prompt_tokens(embedding, prompt_boxes.reshape(b * n, 4), index, sizes)
+    return flat.view(b, n, *flat.shape[1:])
 
 
 def make_inputs(config, b=2, n=2, *, targets=True, seed=0) -> ModelInputs:
@@ -54,12 +62,11 @@ def tiny():
 
 # ---- vision ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("conv_stem,stem_blocks", [(True, 0), (True, 1), (False, 0)])
-def test_vit_shapes_and_grad(conv_stem, stem_blocks):
+@pytest.mark.parametrize("conv_stem", [True, False])
+def test_vit_shapes_and_grad(conv_stem):
     cfg = VisionConfig(image_size=64, patch_size=16, hidden_size=32, num_layers=2, num_heads=2,
-                       conv_stem=conv_stem, stem_blocks=stem_blocks, drop_path=0.1)
+                       conv_stem=conv_stem, drop_path=0.1)
     vit = build_vision_encoder(cfg)
-    assert sum(type(m).__name__ == "ResidualConvBlock" for m in vit.modules()) == 3 * stem_blocks
     assert vit.grid_size == (4, 4) and vit.out_dim == 32
     out = vit(torch.randn(2, 3, 64, 64))
     assert out.shape == (2, 16, 32)
@@ -104,20 +111,21 @@ def test_fine_map_reaches_only_the_map_tokens_and_starts_as_a_no_op():
     assert not missing.missing_keys  # the fine branch and its projection are the only additions
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        tokens, fine = model.encode_images_with_fine(x)
-        assert fine.shape == (2, 4, 16, 16)  # the stem's stride-4 map of a 64 px canvas
-        torch.testing.assert_close(tokens, plain.encode_images(x))  # the image tokens are untouched
+        embedding = model.embed_images(x)
+        assert embedding.maps["fine"].shape == (2, 4, 16, 16)  # the stem's stride-4 map of a 64 px canvas
+        plain_embedding = plain.embed_images(x)
+        torch.testing.assert_close(embedding.tokens, plain_embedding.tokens)  # the image tokens are untouched
         boxes, index = torch.tensor([[4.0, 8.0, 20.0, 24.0], [30.0, 2.0, 60.0, 40.0]]), torch.tensor([0, 1])
-        maps = model.image_maps(tokens, fine)
-        before = model.visual_tokens_flat(tokens, boxes, index, maps)
-        torch.testing.assert_close(before, plain.visual_tokens_flat(tokens, boxes, index))
+        before = model.prompt_tokens(embedding, boxes, index)
+        torch.testing.assert_close(before, plain.prompt_tokens(plain_embedding, boxes, index))
         torch.nn.init.normal_(model.fine_token_proj.weight, std=0.5)
-        after = model.visual_tokens_flat(tokens, boxes, index, maps)
+        after = model.prompt_tokens(embedding, boxes, index)
     m = model.config.prompt.map_tokens ** 2
     assert not torch.allclose(after[:, -m:], before[:, -m:])  # the map tokens now carry the fine samples
     torch.testing.assert_close(after[:, :-m], before[:, :-m])  # and nothing else changed
     with pytest.raises(PixelLLMError, match="fine map"):
-        model.visual_tokens_flat(tokens, boxes, index)  # maps without the fine map
+        no_fine = {k: v for k, v in embedding.maps.items() if k != "fine"}
+        model.prompt_tokens(ImageEmbedding(embedding.tokens, no_fine), boxes, index)
     out = model.train()(make_inputs(model.config))  # trains end to end through the fine branch
     out.loss.backward()
     assert model.vision.fine.body[0].weight.grad.abs().sum() > 0
@@ -133,20 +141,21 @@ def test_box_extent_starts_as_a_no_op_and_tells_the_images_size():
     assert loaded.unexpected_keys and all(k.startswith("box_extent.") for k in loaded.unexpected_keys)
     s = cfg.vision.image_size
     # one image's tokens twice, the same canvas box in each, but a wide and a tall image around it
-    tokens = model.encode_images(torch.randn(1, 3, s, s)).expand(2, -1, -1)
+    tokens = model.embed_images(torch.randn(1, 3, s, s)).tokens.expand(2, -1, -1)
+    embedding = ImageEmbedding(tokens)
     boxes = torch.tensor([[[4.0, 4.0, 20.0, 20.0]]]).expand(2, -1, -1)
     sizes = torch.tensor([[s, s / 2], [s / 2, s]])
     with torch.no_grad():
-        before = model.visual_tokens(tokens, boxes, sizes)
-        torch.testing.assert_close(before, plain.visual_tokens(tokens, boxes))
+        before = grid_tokens(model, embedding, boxes, sizes)
+        torch.testing.assert_close(before, grid_tokens(plain, embedding, boxes))
         torch.testing.assert_close(before[0], before[1])
         torch.nn.init.normal_(model.box_extent.mlp[-1].weight, std=0.5)
-        after = model.visual_tokens(tokens, boxes, sizes)
+        after = grid_tokens(model, embedding, boxes, sizes)
     assert not torch.allclose(after[0], after[1])  # the same box, told apart by its image's shape
     features = model.box_extent.features(torch.tensor([[8.0, 0.0, 24.0, 8.0]]), torch.tensor([[32.0, 16.0]]))
     torch.testing.assert_close(features, torch.tensor([[0.25, 0.0, 0.75, 0.5, 1.0, 0.5, 32 / s, 16 / s]]))
     with pytest.raises(PixelLLMError, match="image_sizes"):
-        model.visual_tokens(tokens, boxes)
+        grid_tokens(model, embedding, boxes)
     out = model.train()(make_inputs(cfg))  # forward passes the inputs' image sizes; trains end to end
     out.loss.backward()
     assert model.box_extent.mlp[-1].weight.grad.abs().sum() > 0
@@ -474,8 +483,11 @@ def test_grid_point_mode_model_needs_maps_and_proposals(tiny):
     with torch.no_grad():  # no targets: maps are still computed for the points
         inputs = make_inputs(cfg, targets=False)
         assert model(inputs).points.shape == (2, 2, 7, 4)
-    with pytest.raises(PixelLLMError, match="grid point head needs"):
-        model.predict_points(torch.randn(1, 2, cfg.language.hidden_size))
+    with pytest.raises(PixelLLMError, match="read the proposal maps"):
+        one = make_inputs(cfg, b=1, n=1, targets=False)
+        model.prompt_pass(ImageEmbedding(model.embed_images(one.pixel_values).tokens), one.prompt_boxes[0],
+                          torch.tensor([0]), one.image_sizes, one.context_ids[0], one.context_mask[0],
+                          one.text_ids[0], one.text_mask[0])
     cfg.heads.proposals = False
     with pytest.raises(PixelLLMError, match="needs heads.proposals"):
         PixelLLM(cfg, V)
@@ -491,12 +503,12 @@ def test_map_tokens_join_the_visual_tokens_and_depend_on_the_box():
     model = PixelLLM(cfg, V).eval()
     inputs = make_inputs(cfg, targets=False)
     with torch.no_grad():
-        tokens = model.encode_images(inputs.pixel_values)
-        vis = model.visual_tokens(tokens, inputs.prompt_boxes)
+        embedding = model.embed_images(inputs.pixel_values)
+        vis = grid_tokens(model, embedding, inputs.prompt_boxes)
         assert vis.shape == (2, 2, cfg.prompt.num_queries + 4, cfg.prompt.output_dim)
         moved = inputs.prompt_boxes.clone()
         moved[:, 1] = torch.tensor([0.5, 0.5, 0.9, 0.9]) * cfg.vision.image_size
-        vis2 = model.visual_tokens(tokens, moved)
+        vis2 = grid_tokens(model, embedding, moved)
         assert not torch.allclose(vis[:, 1, -4:], vis2[:, 1, -4:]) and torch.allclose(vis[:, 0], vis2[:, 0])
         assert model(inputs).logits.shape[:3] == (2, 2, 7)
     cfg.heads.proposals = False
@@ -629,10 +641,10 @@ def test_visual_tokens_and_cached_image_tokens(tiny):
     tiny.eval()
     inputs = make_inputs(tiny.config, targets=False)
     with torch.no_grad():
-        tokens = tiny.encode_images(inputs.pixel_values)
-        vis = tiny.visual_tokens(tokens, inputs.prompt_boxes, inputs.image_sizes)
+        embedding = tiny.embed_images(inputs.pixel_values)
+        vis = grid_tokens(tiny, embedding, inputs.prompt_boxes, inputs.image_sizes)
         assert vis.shape == (2, 2, tiny.config.prompt.num_queries, tiny.config.prompt.output_dim)
-        a, b = tiny(inputs), tiny(inputs, image_tokens=tokens)
+        a, b = tiny(inputs), tiny(inputs, embedding)
     torch.testing.assert_close(a.logits, b.logits)
 
 
@@ -651,7 +663,7 @@ def test_loss_terms_skip_when_targets_absent(tiny):
 def test_propose(tiny):
     inputs = make_inputs(tiny.config, targets=False)
     with torch.no_grad():
-        boxes, scores = tiny.propose(tiny.encode_images(inputs.pixel_values), inputs.image_sizes, 7)
+        boxes, scores = tiny.propose(tiny.embed_images(inputs.pixel_values), inputs.image_sizes, 7)
     assert boxes.shape == (2, 7, 4) and scores.shape == (2, 7)
     assert ((scores >= 0) & (scores <= 1)).all() and ((boxes >= 0) & (boxes <= 1)).all()
     cfg = get_preset("tiny")
@@ -659,9 +671,13 @@ def test_propose(tiny):
     bare = PixelLLM(cfg, V)
     assert bare.proposal_head is None and bare.confidence_head is None
     with pytest.raises(PixelLLMError, match="proposal head"):
-        bare.propose(torch.zeros(1, 64, 32), inputs.image_sizes[:1])
-    _, conf = bare.predict_points(torch.randn(3, 32))
-    assert (conf == 0).all()
+        bare.propose(ImageEmbedding(torch.zeros(1, 64, 32)), inputs.image_sizes[:1])
+    one = make_inputs(cfg, b=1, n=1, targets=False)
+    with torch.no_grad():
+        out = bare.prompt_pass(bare.embed_images(one.pixel_values), one.prompt_boxes[0], torch.tensor([0]),
+                               one.image_sizes, one.context_ids[0], one.context_mask[0], one.text_ids[0],
+                               one.text_mask[0])
+    assert (out.confidence == 0).all()
 
 
 def test_loss_config_weights_apply(tiny):

@@ -112,7 +112,7 @@ def test_bad_inputs(tiny_predictor, scene_files, tmp_path):
 def test_inference_mode_no_grad(tiny_predictor, scene_files):
     tiny_predictor.clear_cache()
     tiny_predictor.set_image(scene_files[0])
-    assert tiny_predictor._cache and all(not t.requires_grad for t, _ in tiny_predictor._cache.values())
+    assert tiny_predictor._cache and all(not e.tokens.requires_grad for e in tiny_predictor._cache.values())
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from peft.tuners.lora import LoraLayer
 from pixelllm_plugins.config import LanguageConfig
 from pixelllm_plugins.errors import CheckpointError
 from pixelllm_plugins.inference.decoding import generate
-from pixelllm_plugins.modeling.language import build_language_model
+from pixelllm_plugins.modeling.build import build_language_model
 from pixelllm_plugins.modeling.language_hf import BASE_LM_ADAPTER, HFCausalLM, HFSeq2SeqLM
 
 from .conftest import PAD, VOCAB

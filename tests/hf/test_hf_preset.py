@@ -53,7 +53,8 @@ def test_forward_backward(vision_tower, tiny_t5, tiny_gpt2, vision, lm, lm_class
     # decoding straight from the model's language model
     model.eval()
     with torch.no_grad():
-        visual = model.visual_tokens(model.encode_images(inputs.pixel_values), inputs.prompt_boxes).flatten(0, 1)
+        visual = model.prompt_tokens(model.embed_images(inputs.pixel_values), inputs.prompt_boxes.flatten(0, 1),
+                                     torch.arange(b).repeat_interleave(n), inputs.image_sizes)
         res = generate(model.language, visual, inputs.context_ids.flatten(0, 1),
                        inputs.context_mask.flatten(0, 1), bos_id=PAD, eos_id=EOS, pad_id=PAD, max_new_tokens=4,
                        num_beams=2)

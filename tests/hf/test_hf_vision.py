@@ -7,7 +7,7 @@ import torch
 
 from pixelllm_plugins.config import VisionConfig
 from pixelllm_plugins.errors import CheckpointError
-from pixelllm_plugins.modeling.vision import build_vision_encoder
+from pixelllm_plugins.modeling.build import build_vision_encoder
 from pixelllm_plugins.modeling.vision_hf import HFVisionEncoder
 
 from .conftest import VISION_PREFIX
