@@ -33,6 +33,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from pixelllm_plugins.data.formats import OBJECT_CATEGORIES, refcoco_entry, vg_region
+
 from .convert import regions_from_results, texts_from_results
 from .label_config import LabelConfigError, parse_label_config
 
@@ -85,11 +87,6 @@ class Example:
     captions: list[tuple[str, tuple[float, float, float, float]]]  # (caption, box xyxy)
 
 
-def _xywh(box) -> list[float]:
-    x1, y1, x2, y2 = box
-    return [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)]
-
-
 def write_datasets(examples: list[Example], data_dir: Path) -> dict[str, int]:
     """MDETR-style RefCOCO json (one image record per expression) and GRiT/VG json, as
     ``refcoco_train.json`` / ``vg_train.json`` next to ``images/train/`` (files with no annotation are not
@@ -98,20 +95,14 @@ def write_datasets(examples: list[Example], data_dir: Path) -> dict[str, int]:
     for i, ex in enumerate(examples, start=1):
         entry = {"file_name": ex.file_name, "width": ex.width, "height": ex.height}
         for k, (text, box) in enumerate(ex.refer):
-            rid = i * 1000 + k
-            ref_images.append(entry | {"id": rid, "caption": text, "original_img_id": i,
-                                       "dataset_name": "label_studio", "sentence_id": k, "tokens_negative": []})
-            x, y, w, h = _xywh(box)
-            ref_anns.append({"id": rid, "image_id": rid, "bbox": [x, y, w, h], "area": round(w * h, 2),
-                             "iscrowd": 0, "category_id": 1, "original_id": rid,
-                             "tokens_positive": [[0, len(text)]]})
+            record, annotation = refcoco_entry(entry, i * 1000 + k, text, box, original_img_id=i, sentence_id=k,
+                                               dataset_name="label_studio")
+            ref_images.append(record)
+            ref_anns.append(annotation)
         if ex.captions:
             vg_images.append(entry | {"id": i})
-            for k, (text, box) in enumerate(ex.captions):
-                x, y, w, h = _xywh(box)
-                vg_anns.append({"id": i * 1000 + k, "image_id": i, "bbox": [x, y, w, h], "area": round(w * h, 2),
-                                "caption": text, "category_id": 1, "iscrowd": 0})
-    categories = [{"id": 1, "name": "object", "supercategory": "object"}]
+            vg_anns += [vg_region(i * 1000 + k, i, box, text) for k, (text, box) in enumerate(ex.captions)]
+    categories = OBJECT_CATEGORIES
     if ref_anns:
         (data_dir / f"refcoco_{SPLIT}.json").write_text(json.dumps(
             {"images": ref_images, "annotations": ref_anns, "categories": categories}))

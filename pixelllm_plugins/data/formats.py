@@ -56,6 +56,31 @@ def _xywh(box) -> list[float]:
     return [round(box[0], 2), round(box[1], 2), round(box[2] - box[0], 2), round(box[3] - box[1], 2)]
 
 
+OBJECT_CATEGORIES = [{"id": 1, "name": "object", "supercategory": "object"}]
+
+
+def refcoco_entry(image: dict, ref_id: int, text: str, box, *, original_img_id: int, sentence_id: int,
+                  dataset_name: str = "refcoco", category_id: int = 1, original_id: int | None = None,
+                  span: tuple[int, int] | None = None, **extra) -> tuple[dict, dict]:
+    """One referring expression in MDETR's RefCOCO format: its image record (MDETR writes one per expression,
+    carrying the text) and its box annotation; ``image`` holds ``file_name``, ``width``, ``height``, ``box``
+    is x1,y1,x2,y2 pixels, ``span`` the characters of the referred object's words (default: all of them)."""
+    x, y, w, h = _xywh(box)
+    record = image | {"id": ref_id, "caption": text, "original_img_id": original_img_id,
+                      "dataset_name": dataset_name, "sentence_id": sentence_id, "tokens_negative": [], **extra}
+    annotation = {"id": ref_id, "image_id": ref_id, "bbox": [x, y, w, h], "area": round(w * h, 2), "iscrowd": 0,
+                  "category_id": category_id, "original_id": ref_id if original_id is None else original_id,
+                  "tokens_positive": [list(span or (0, len(text)))]}
+    return record, annotation
+
+
+def vg_region(ann_id: int, image_id: int, box, caption: str) -> dict:
+    """One region caption in GRiT's Visual Genome format (``box`` x1,y1,x2,y2 pixels)."""
+    x, y, w, h = _xywh(box)
+    return {"id": ann_id, "image_id": image_id, "bbox": [x, y, w, h], "area": round(w * h, 2), "caption": caption,
+            "category_id": 1, "iscrowd": 0}
+
+
 def _image_entry(a: AnnotatedScene) -> dict:
     return {"id": a.image_id, "file_name": a.file_name, "width": a.scene.width, "height": a.scene.height}
 
@@ -84,14 +109,13 @@ def mdetr_refcoco_json(scenes: list[AnnotatedScene], shapes=SHAPES) -> dict:
             obj = a.scene.objects[ref.target]
             e = ref.expression
             start = (4 if e.article else 0) + (len(e.ordinal) + 1 if e.ordinal else 0)
-            images.append(_image_entry(a) | {
-                "id": rid, "caption": ref.text, "original_img_id": a.image_id, "dataset_name": "refcoco",
-                "sentence_id": k, "tokens_negative": [], "expression_kind": e.kind})
-            x, y, w, h = _xywh(obj.box)
-            annotations.append({
-                "id": rid, "image_id": rid, "bbox": [x, y, w, h], "area": round(w * h, 2), "iscrowd": 0,
-                "category_id": category.get(obj.shape, 0), "original_id": a.image_id * 100 + obj.index,
-                "tokens_positive": [[start, start + len(e.target.text())]]})
+            image = {k: v for k, v in _image_entry(a).items() if k != "id"}
+            record, annotation = refcoco_entry(
+                image, rid, ref.text, obj.box, original_img_id=a.image_id, sentence_id=k,
+                category_id=category.get(obj.shape, 0), original_id=a.image_id * 100 + obj.index,
+                span=(start, start + len(e.target.text())), expression_kind=e.kind)
+            images.append(record)
+            annotations.append(annotation)
     return {"images": images, "annotations": annotations, "categories": _categories(shapes)}
 
 
@@ -100,11 +124,8 @@ def grit_vg_json(scenes: list[AnnotatedScene]) -> dict:
     for a in scenes:
         images.append(_image_entry(a))
         for obj, cap in zip(a.scene.objects, a.region_captions):
-            x, y, w, h = _xywh(obj.box)
-            annotations.append({"id": a.image_id * 100 + obj.index, "image_id": a.image_id, "bbox": [x, y, w, h],
-                                "area": round(w * h, 2), "caption": cap, "category_id": 1, "iscrowd": 0})
-    return {"images": images, "annotations": annotations,
-            "categories": [{"id": 1, "name": "object", "supercategory": "object"}]}
+            annotations.append(vg_region(a.image_id * 100 + obj.index, a.image_id, obj.box, cap))
+    return {"images": images, "annotations": annotations, "categories": OBJECT_CATEGORIES}
 
 
 def coco_captions_json(scenes: list[AnnotatedScene]) -> dict:
