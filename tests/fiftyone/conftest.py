@@ -172,7 +172,7 @@ def fake(monkeypatch):
     import pixelllm_plugins.integrations.fiftyone as pxfo
 
     predictor = FakePredictor()
-    monkeypatch.setattr(pxfo, "get_predictor", lambda model=None, **kw: predictor)
+    monkeypatch.setattr(pxfo.predictors, "get_predictor", lambda model=None, **kw: predictor)
     return predictor
 
 
@@ -184,7 +184,7 @@ def oracle(monkeypatch, scenes):
     import pixelllm_plugins.integrations.fiftyone as pxfo
 
     predictor = OraclePredictor(scenes)
-    monkeypatch.setattr(pxfo, "get_predictor", lambda model=None, **kw: predictor)
+    monkeypatch.setattr(pxfo.predictors, "get_predictor", lambda model=None, **kw: predictor)
     return predictor
 
 

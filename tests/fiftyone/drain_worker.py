@@ -27,5 +27,5 @@ class Stalling(FakePredictor):
 
 
 predictor = Stalling()
-pxfo.get_predictor = lambda model=None, **kw: predictor
+pxfo.predictors.get_predictor = lambda model=None, **kw: predictor
 DelegatedOperationService().execute_queued_operations(dataset_name=dataset_name)

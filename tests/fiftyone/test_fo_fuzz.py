@@ -160,7 +160,7 @@ def fake_model():
 
     predictor = FakePredictor()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pxfo, "get_predictor", lambda model=None, **kw: predictor)
+        mp.setattr(pxfo.predictors, "get_predictor", lambda model=None, **kw: predictor)
         yield predictor
 
 

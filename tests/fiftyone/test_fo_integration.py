@@ -192,7 +192,7 @@ def test_synthetic_scenes_against_refcoco_ground_truth(plugin_installed, tmp_pat
                     fo.Detection(label="object", bounding_box=xyxy_to_fo_relative(b, w, h)) for b in gs.gt_boxes])))
         ds.add_samples(samples)
         oracle = _RefCocoAnswers(answers)
-        monkeypatch.setattr(pxfo, "get_predictor", lambda model=None, **kw: oracle)
+        monkeypatch.setattr(pxfo.predictors, "get_predictor", lambda model=None, **kw: oracle)
         res = foo.execute_operator(f"{PLUGIN}/refer", ctx=dict(dataset=ds, params={"prompt_field": "refexp"}))
         assert res.result["processed"] == len(samples) > 0
         for sample in ds:

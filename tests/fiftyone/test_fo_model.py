@@ -121,13 +121,13 @@ def test_apply_model_sends_a_worker_the_file_and_keeps_pixels_for_a_local_model(
     samples[1].save()
     view = dataset.select([samples[0].id, samples[1].id], ordered=True)
     remote = Recording()
-    monkeypatch.setattr(pxfo, "get_predictor", lambda model=None, **kw: remote)
+    monkeypatch.setattr(pxfo.predictors, "get_predictor", lambda model=None, **kw: remote)
     view.apply_model(pxfo.PixelLLMModel("refer", prompt="the red circle"), label_field="ref", batch_size=2)
     first, second = remote.images
     assert isinstance(first, EncodedImage) and first.data == Path(samples[0].filepath).read_bytes()
     assert isinstance(second, Image.Image)  # an EXIF-rotated file: the pixels FiftyOne read
     local = Local()
-    monkeypatch.setattr(pxfo, "get_predictor", lambda model=None, **kw: local)
+    monkeypatch.setattr(pxfo.predictors, "get_predictor", lambda model=None, **kw: local)
     view.apply_model(pxfo.PixelLLMModel("refer", prompt="the red circle"), label_field="ref2", batch_size=2)
     assert all(isinstance(im, Image.Image) for im in local.images)  # FiftyOne's decoded copy, not decoded twice
     assert view.count("ref.detections") == view.count("ref2.detections") == 2
