@@ -177,15 +177,12 @@ def open_encoded(source: str | os.PathLike | bytes, limits: ImageLimits | None =
 
 def decode_cost(size: tuple[int, int], mode: str = "") -> int:
     """Bytes of memory decoding an image of this size and PIL mode takes at peak: the decoded pixels in the
-    file's own mode plus the RGB copy the model gets (PIL keeps a 1-bit or 16-bit image at one byte or more
-    per sample, so a tiny PNG of a huge canvas costs as much as a photo of it)."""
-    try:
-        bands = Image.getmodebands(mode) if mode else 3
-        sample = 4 if mode in ("I", "F", "RGBa", "I;32") else 2 if mode.startswith("I;16") else 1
-    except (KeyError, ValueError):
-        bands, sample = 4, 1
-    own = size[0] * size[1] * max(bands * sample, 1)
-    return own + (0 if mode == "RGB" else size[0] * size[1] * 3)
+    file's own mode plus the RGB copy the model gets. PIL keeps 1-bit, L and P pixels in one byte, 16-bit
+    grey in two and every other mode (RGB included) in four, so a tiny PNG of a huge canvas costs as much
+    as a photo of it: an 8000x8000 1-bit PNG of 8 KB takes 61 MiB decoded plus 244 MiB for its RGB copy."""
+    pixels = size[0] * size[1]
+    own = 1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4
+    return pixels * (own + (0 if mode == "RGB" else 4))
 
 
 def decode_image_bytes(data: bytes, limits: ImageLimits, what: str = "image") -> Image.Image:

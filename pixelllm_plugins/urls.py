@@ -49,11 +49,13 @@ def parse_image_url(url: object, what: str = "image URL", *, schemes: tuple[str,
         parts = urlsplit(url)
         host = (parts.hostname or "").lower()
         port = parts.port
-    except ValueError as exc:
-        raise ImageFetchError(f"{what} is malformed ({exc}); check the host and port") from None
+    except ValueError:
+        raise ImageFetchError(f"{what} is malformed: check its host (IPv6 in brackets) and its port "
+                              "(a number from 1 to 65535)") from None
     scheme = parts.scheme.lower()
     if scheme not in schemes:
-        raise ImageFetchError(f"{what} must be an {'/'.join(schemes)} URL, got scheme {parts.scheme!r}")
+        named = "http(s)" if set(schemes) == {"http", "https"} else "/".join(schemes)
+        raise ImageFetchError(f"{what} must be an {named} URL; other schemes are refused")
     if not host:
         raise ImageFetchError(f"{what} has no host")
     if port is None:

@@ -6,20 +6,22 @@ engine; everything HTTP (shapes, limits, auth, errors, metrics) lives here once.
 
 Status codes: 400 bad input (image, box, text, adapter), 401 token, 403 URL host not allowed, 404 unknown
 adapter or route, 413 body or image too large, 422 schema, 500 model failure, 503 queue full / not ready
-(with ``Retry-After``), 504 per-request timeout. Every error body is ``{"error", "type"}``.
+(with ``Retry-After``), 504 per-request timeout. Every error body is ``{"error", "type"}``, and no error
+message repeats a request's text, URL or image data: messages name the field instead.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import hmac
 import inspect
 import json
 import logging
 import math
+import re
 import time
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,7 @@ from ..errors import (
     PixelLLMError,
 )
 from ..geometry import as_box
+from ..tokenizer import validate_text
 from . import images as image_io
 from .adapters import AdapterNotFoundError
 from .batcher import DynamicBatcher, Job, ShuttingDown, make_factory
@@ -92,8 +95,13 @@ def error_status(exc: BaseException) -> int:
     return 500
 
 
+MAX_MESSAGE_CHARS = 2000
+
+
 def _json_error(status: int, type_: str, message: str, headers: dict | None = None,
                 detail: list | None = None) -> JSONResponse:
+    # a message is always encodable and bounded, whatever ended up in it
+    message = str(message)[:MAX_MESSAGE_CHARS].encode("utf-8", "replace").decode("utf-8") or type_
     body: dict[str, Any] = {"error": message, "type": type_}
     if detail is not None:
         body["detail"] = detail
@@ -234,10 +242,12 @@ def create_app(model: Any = None, settings: WorkerSettings | None = None, *, eng
     # decoding threads: an executor's C-level queue wakes a thread for less than anyio's worker pool,
     # which showed up in profiles of the event loop under load
     decode_pool = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="pixelllm-decode")
+    # memory all requests' decoding may hold at once; each image reserves its cost from its header first
+    budget = image_io.DecodeBudget(settings.decode_budget_bytes)
     limits = settings.image_limits
     announce = getattr(engine, "expect", None)
 
-    @asynccontextmanager
+    @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
         app.state.http = httpx.AsyncClient(trust_env=False)
@@ -260,6 +270,7 @@ def create_app(model: Any = None, settings: WorkerSettings | None = None, *, eng
                    422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
     )
     app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
+    app.state.decode_budget = budget
     app.add_middleware(_Guard, settings=settings, metrics=metrics)
 
     @app.exception_handler(APIError)
@@ -270,7 +281,7 @@ def create_app(model: Any = None, settings: WorkerSettings | None = None, *, eng
     async def _validation_error(request: Request, exc: RequestValidationError):
         detail, parts = [], []
         for err in exc.errors():
-            loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+            loc = [_field_name(p) for p in err.get("loc", ()) if p != "body"]
             where = ".".join(loc) or "body"
             msg = err.get("msg", "invalid")
             if err.get("type") == "json_invalid":
@@ -287,7 +298,12 @@ def create_app(model: Any = None, settings: WorkerSettings | None = None, *, eng
     async def _http_error(request: Request, exc: StarletteHTTPException):
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         if exc.status_code == 404:
-            message = f"no route {request.url.path}; see /docs for the API"
+            path = request.url.path
+            named = f" {path}" if _PLAIN_PATH.fullmatch(path) else ""  # a plain path, else not repeated
+            message = f"no route{named}; see /docs for the API"
+        elif exc.status_code == 400 and message == "There was an error parsing the body":
+            message = ("the body could not be parsed (JSON nested too deeply or a number too long); send a "
+                       "JSON object as in /docs")
         return _json_error(exc.status_code, "HTTPError", message, getattr(exc, "headers", None))
 
     # async: FastAPI runs a plain ``def`` dependency on a thread-pool hop per request, which under load took
@@ -310,14 +326,41 @@ def create_app(model: Any = None, settings: WorkerSettings | None = None, *, eng
         else:
             data = await image_io.fetch_url(ref.url, app.state.http, allowed_hosts=settings.allowed_hosts,
                                             limits=limits, timeout_s=settings.url_timeout_s)
+        loop = asyncio.get_running_loop()
+        small_file = len(data) <= settings.inline_decode_bytes
+        # the header first: format, size and mode, hence the memory decoding will take; no pixel decoded
+        header = (image_io.open_header(data, limits) if small_file
+                  else await loop.run_in_executor(decode_pool, image_io.open_header, data, limits))
+        cost = budget.check(header)  # 413 when the image alone could never fit
         prepare = getattr(engine.predictor, "prepare", None)  # resize + hash here, off the inference thread
 
         def decode_and_prepare():  # decode (JPEG at a reduced scale), resize, hash
-            return prepare(data, limits) if prepare is not None else image_io.decode(data, limits)
+            return prepare(header, limits) if prepare is not None else image_io.decode(header.data, limits)
 
-        if len(data) <= settings.inline_decode_bytes:  # a small image: cheaper than the thread hop
+        if small_file and header.width * header.height <= settings.inline_decode_pixels:
+            # a small image: cheaper than the thread hop. One at a time (the event loop's), so it needs
+            # no share of the budget and never waits behind huge ones
             return decode_and_prepare()
-        return await asyncio.get_running_loop().run_in_executor(decode_pool, decode_and_prepare)
+
+        await budget.acquire(cost)  # waits while other requests' images hold the budget
+        def in_thread():
+            try:
+                return decode_and_prepare()
+            finally:  # the full-size pixels are garbage now: give their memory back to the OS
+                if cost >= image_io.TRIM_AFTER_BYTES:
+                    image_io.release_memory()
+
+        def give_back(_):  # when the decode ends, not when the request stops waiting for it
+            with contextlib.suppress(RuntimeError):  # a closed loop: the worker is shutting down
+                loop.call_soon_threadsafe(budget.release, cost)
+
+        try:
+            fut = decode_pool.submit(in_thread)
+        except RuntimeError:  # the pool is shut down
+            budget.release(cost)
+            raise
+        fut.add_done_callback(give_back)
+        return await asyncio.wrap_future(fut)
 
     def check_limit(name: str, value: int, limit: int) -> None:
         if value > limit:
@@ -375,10 +418,12 @@ def create_app(model: Any = None, settings: WorkerSettings | None = None, *, eng
         if not texts:
             raise APIError(400, "InvalidPromptError", "texts is empty; give at least one referring expression")
         check_limit("len(texts)", len(texts), settings.max_texts)
-        for t in texts:
-            if not t.strip():
-                raise APIError(400, "InvalidPromptError", "a referring text is empty; describe the object")
-            check_limit("len(text)", len(t), settings.max_text_chars)
+        for i, t in enumerate(texts):
+            try:  # not Unicode (a lone surrogate), empty or control characters only, too long
+                validate_text(t, "text" if req.text is not None else f"texts[{i}]",
+                              max_chars=settings.max_text_chars)
+            except InvalidPromptError as exc:
+                raise APIError(400, "InvalidPromptError", str(exc)) from None
         result, size, version = await serve("refer", req, texts, ())
         per_text = [[d.to_dict() for d in dets] for dets in result]
         return JSONResponse({"model_version": _version(result, version), "image_size": size,
@@ -392,10 +437,15 @@ def create_app(model: Any = None, settings: WorkerSettings | None = None, *, eng
         check_limit("len(boxes)", len(req.boxes), settings.max_boxes)
         check_limit("max_new_tokens", req.max_new_tokens, settings.max_new_tokens)
         check_limit("num_beams", req.num_beams, settings.max_beams)
-        try:
-            boxes = [list(as_box(b)) for b in req.boxes]
-        except InvalidBoxError as exc:
-            raise APIError(400, "InvalidBoxError", str(exc)) from None
+        boxes = []
+        for i, b in enumerate(req.boxes):  # checked here so that the message names the box, not its numbers
+            if len(b) != 4:
+                raise APIError(400, "InvalidBoxError", f"boxes[{i}] must be 4 numbers [x1, y1, x2, y2] in "
+                               f"pixels, got {len(b)} numbers")
+            if not all(math.isfinite(v) for v in b):
+                raise APIError(400, "InvalidBoxError", f"boxes[{i}] has a coordinate that is not a finite "
+                               "number; give [x1, y1, x2, y2] in pixels")
+            boxes.append(list(as_box(b)))
         options = (("max_new_tokens", req.max_new_tokens), ("num_beams", req.num_beams))
         result, size, version = await serve("caption_regions", req, boxes, options)
         captions = [c.to_dict() for c in result]
@@ -445,6 +495,20 @@ def create_app(model: Any = None, settings: WorkerSettings | None = None, *, eng
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+_FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_PLAIN_PATH = re.compile(r"[A-Za-z0-9/_.\-]{1,100}")
+
+
+def _field_name(part: object) -> str:
+    """A validation error's location part as shown to the client: an index or a field name; a key the
+    client made up that is no plausible field name (long, odd characters) is not repeated back."""
+    if isinstance(part, int):
+        return str(part)
+    if isinstance(part, str) and _FIELD.fullmatch(part):
+        return part
+    return "<field>"
 
 
 def _telemetry_kwargs(enabled: bool) -> dict:

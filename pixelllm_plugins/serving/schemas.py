@@ -7,9 +7,42 @@ Boxes are ``[x1, y1, x2, y2]`` in pixels of the original image.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+from ..bounds import BOUNDS, check
+from ..errors import InvalidParameterError
 
 ADAPTER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
+
+
+def _not_bool(value: object) -> object:
+    if isinstance(value, bool):
+        raise PydanticCustomError("number_type", "must be a number, not true or false")
+    return value
+
+
+def _knob(name: str):
+    """Validators of a numeric request field against the shared ``bounds.BOUNDS`` table (the worker's
+    settings may lower the upper end further; the routes check that)."""
+
+    def in_bounds(value):
+        try:
+            return check(name, value)
+        except InvalidParameterError as exc:
+            raise PydanticCustomError("out_of_bounds", str(exc).removeprefix(f"{name} ")) from None
+
+    bound = BOUNDS[name]
+    return (BeforeValidator(_not_bool), AfterValidator(in_bounds),
+            Field(description=bound.describe(), json_schema_extra={"minimum": bound.low, "maximum": bound.high}))
+
+
+MaxNewTokens = Annotated[(int, *_knob("max_new_tokens"))]
+NumBeams = Annotated[(int, *_knob("num_beams"))]
+MaxRegions = Annotated[(int, *_knob("max_regions"))]
+MinScore = Annotated[(float, *_knob("min_score"))]
 
 
 class ImageRef(BaseModel):
@@ -52,19 +85,19 @@ class ReferRequest(_Request):
 
 class CaptionRegionsRequest(_Request):
     boxes: list[list[float]] = Field(..., description="[[x1, y1, x2, y2], ...] in image pixels")
-    max_new_tokens: int = Field(20, ge=1)
-    num_beams: int = Field(1, ge=1)
+    max_new_tokens: MaxNewTokens = 20
+    num_beams: NumBeams = 1
 
 
 class CaptionRequest(_Request):
     trace: bool = True
-    max_new_tokens: int = Field(40, ge=1)
-    num_beams: int = Field(1, ge=1)
+    max_new_tokens: MaxNewTokens = 40
+    num_beams: NumBeams = 1
 
 
 class DenseCaptionRequest(_Request):
-    max_regions: int = Field(20, ge=1)
-    min_score: float = Field(0.3, ge=0.0, le=1.0)
+    max_regions: MaxRegions = 20
+    min_score: MinScore = 0.3
 
 
 class DetectionOut(BaseModel):

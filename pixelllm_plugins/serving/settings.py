@@ -9,6 +9,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 
+from ..bounds import check
+from ..errors import InvalidParameterError
 from ..io import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageLimits
 
 # environment variable -> settings field
@@ -33,7 +35,13 @@ ENV_VARS: dict[str, str] = {
     "PIXELLLM_WORKER_OTEL": "otel",
     "PIXELLLM_WORKER_FRONTS": "fronts",
     "PIXELLLM_WORKER_INLINE_DECODE_BYTES": "inline_decode_bytes",
+    "PIXELLLM_WORKER_INLINE_DECODE_PIXELS": "inline_decode_pixels",
+    "PIXELLLM_WORKER_DECODE_BUDGET_BYTES": "decode_budget_bytes",
 }
+
+# request-field limits of the worker -> the knob of ``bounds.BOUNDS`` they may lower, never raise
+FIELD_BOUNDS = {"max_texts": "max_texts", "max_text_chars": "max_text_chars", "max_boxes": "max_boxes",
+                "max_new_tokens": "max_new_tokens", "max_beams": "num_beams", "max_regions": "max_regions"}
 
 
 @dataclass
@@ -88,6 +96,12 @@ class WorkerSettings:
     # the hop to a decode thread costs more than it saves. Larger ones go to the thread pool, so the loop
     # keeps answering. 0: every image goes to the pool
     inline_decode_bytes: int = 64 * 1024
+    # ... and only when the header says it has at most this many pixels: a tiny PNG of a huge canvas (an
+    # 8000x8000 1-bit PNG is 8 KB) takes as long to decode as a photo of that size. 0: every image to the pool
+    inline_decode_pixels: int = 512 * 512
+    # memory that decoding may hold at once in this process (each image's decoded pixels and RGB copy,
+    # from its header): requests beyond it wait for their turn; an image costing more alone gets a 413
+    decode_budget_bytes: int = 1024 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if isinstance(self.allowed_hosts, str):
@@ -111,11 +125,18 @@ class WorkerSettings:
             "engine": self.engine in ("process", "thread"),
             "fronts": self.fronts >= 1 and (self.fronts == 1 or self.engine == "process"),
             "inline_decode_bytes": self.inline_decode_bytes >= 0,
+            "inline_decode_pixels": self.inline_decode_pixels >= 0,
+            "decode_budget_bytes": self.decode_budget_bytes > 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"invalid worker settings: {', '.join(f'{b}={getattr(self, b)!r}' for b in bad)}"
                              "; sizes and counts must be positive, waits non-negative, warmup auto|on|off, engine process|thread; fronts > 1 needs engine process")
+        for name, knob in FIELD_BOUNDS.items():  # the worker may lower the shared bounds, never raise them
+            try:
+                check(knob, getattr(self, name), label=name)
+            except InvalidParameterError as exc:
+                raise ValueError(f"invalid worker settings: {exc}") from None
 
     @property
     def batching(self) -> bool:

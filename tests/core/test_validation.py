@@ -159,10 +159,11 @@ def test_formats_outside_the_allow_list_are_refused():
 def test_decode_cost_comes_from_the_header_mode():
     one_bit = open_encoded(_encoded(Image.new("1", (2000, 1000)), "PNG"))
     assert len(one_bit.data) < 2000  # tiny file ...
-    assert one_bit.mode == "1" and one_bit.decode_bytes == 2000 * 1000 * 4  # ... big decode
+    assert one_bit.mode == "1" and one_bit.decode_bytes == 2000 * 1000 * (1 + 4)  # ... big decode
     rgba = open_encoded(_encoded(Image.new("RGBA", (100, 50)), "PNG"))
-    assert rgba.decode_bytes == 100 * 50 * (4 + 3)
-    assert decode_cost((10, 10), "RGB") == 300
+    assert rgba.decode_bytes == 100 * 50 * (4 + 4)  # PIL keeps RGB and RGBA pixels in 4 bytes
+    assert decode_cost((10, 10), "RGB") == 400
+    assert decode_cost((10, 10), "I;16") == 100 * (2 + 4)
 
 
 def test_a_folder_is_not_an_image(tmp_path):

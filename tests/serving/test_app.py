@@ -94,8 +94,16 @@ def test_more_malformed_bodies(make_client):
     # a box with no area inside the image fails inside the model call: still a 400, same message as local
     r = c.post("/v1/caption_regions", json={"image": image_field(64, 48), "boxes": [[100, 100, 200, 200]]})
     assert r.status_code == 400 and "no area" in r.json()["error"]
+    # numeric fields are checked against the shared bounds table; the worker's settings may lower it
     r = c.post("/v1/caption", json={"image": image_field(), "max_new_tokens": 100000})
-    assert r.status_code == 422 and "exceeds this worker's limit" in r.json()["error"]
+    assert r.status_code == 422 and "max_new_tokens: must be an integer from 1 to 128" in r.json()["error"]
+    r = c.post("/v1/caption", json={"image": image_field(), "num_beams": True})
+    assert r.status_code == 422 and "num_beams: must be a number" in r.json()["error"]
+    low = make_client(FakePredictor(), max_new_tokens=16)
+    r = low.post("/v1/caption", json={"image": image_field(), "max_new_tokens": 100})
+    assert r.status_code == 422 and "exceeds this worker's limit of 16" in r.json()["error"]
+    with pytest.raises(ValueError, match="max_beams must be an integer from 1 to 8"):
+        WorkerSettings(max_beams=9)  # settings lower the shared bounds, never raise them
     r = c.post("/v1/dense_caption", json={"image": image_field(), "min_score": 2})
     assert r.status_code == 422 and "min_score" in r.json()["error"]
     r = c.get("/v1/nothing")
@@ -220,9 +228,9 @@ def test_small_images_are_decoded_on_the_event_loop_large_ones_in_the_pool(make_
             super().__init__()
             self.threads: list[tuple[int, str]] = []
 
-        def prepare(self, data, limits=None):
-            self.threads.append((len(data), threading.current_thread().name))
-            return load_image(data, limits)
+        def prepare(self, image, limits=None):  # gets the io.EncodedImage checked from the header
+            self.threads.append((len(image.data), threading.current_thread().name))
+            return load_image(image, limits)
 
     fake = Preparing()
     small, large = png_bytes(16, 12), png_bytes(400, 300)
@@ -242,3 +250,229 @@ def test_small_images_are_decoded_on_the_event_loop_large_ones_in_the_pool(make_
     with pytest.raises(ValueError, match="inline_decode_bytes=-1"):
         WorkerSettings(inline_decode_bytes=-1)
     assert WorkerSettings.from_env({"PIXELLLM_WORKER_INLINE_DECODE_BYTES": "0"}).inline_decode_bytes == 0
+
+
+# ---- hostile input: tiny files of huge canvases, the decode budget, bad text and URLs (issue 23) --------
+
+def _one_bit_png(w: int, h: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("1", (w, h)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+class _Gated(FakePredictor):
+    """Records each ``prepare`` call and blocks it until ``gate`` is set."""
+
+    def __init__(self):
+        super().__init__()
+        import threading
+
+        self.gate = threading.Event()
+        self.entered: list[tuple[tuple[int, int], str]] = []
+
+    def prepare(self, image, limits=None):
+        import threading
+
+        from pixelllm_plugins.io import load_image
+
+        self.entered.append((image.size, threading.current_thread().name))
+        if not self.gate.wait(30):
+            raise RuntimeError("gate never opened")
+        return load_image(image, limits)
+
+
+def test_a_tiny_file_of_a_huge_canvas_is_decoded_off_the_event_loop(make_client):
+    fake = _Gated()
+    fake.gate.set()
+    tiny_file = _one_bit_png(2000, 2000)  # 4 MP in a few hundred bytes: far under inline_decode_bytes
+    assert len(tiny_file) < 2000
+    c = make_client(fake, inline_decode_pixels=512 * 512)
+    r = c.post("/v1/refer", json={"image": {"b64": b64(tiny_file)}, "text": "the red circle"})
+    assert r.status_code == 200, r.text
+    assert r.json()["image_size"] == [2000, 2000]
+    assert fake.entered[-1][1].startswith("pixelllm-decode")  # by the header's pixel count, not the bytes
+    r = c.post("/v1/refer", json={"image": image_field(64, 48), "text": "x"})  # small file, few pixels
+    assert r.status_code == 200 and not fake.entered[-1][1].startswith("pixelllm-decode")
+    with pytest.raises(ValueError, match="inline_decode_pixels=-1"):
+        WorkerSettings(inline_decode_pixels=-1)
+    env = {"PIXELLLM_WORKER_INLINE_DECODE_PIXELS": "0", "PIXELLLM_WORKER_DECODE_BUDGET_BYTES": "1000000"}
+    s = WorkerSettings.from_env(env)
+    assert (s.inline_decode_pixels, s.decode_budget_bytes) == (0, 1_000_000)
+    assert WorkerSettings().decode_budget_bytes == 1024 ** 3
+
+
+def test_decoding_waits_for_the_memory_budget_and_an_image_over_it_is_a_413():
+    import concurrent.futures
+
+    import httpx
+    from serving_helpers import ThreadedServer
+
+    from pixelllm_plugins.io import open_encoded
+
+    fake = _Gated()
+    png = _one_bit_png(1000, 1000)
+    one = open_encoded(png).decode_bytes  # 1 MB of 1-bit pixels kept as bytes + 4 MB of RGB(X)
+    assert one == 5_000_000
+    app = create_app(fake, WorkerSettings(decode_budget_bytes=one + one // 2, inline_decode_pixels=0))
+    budget = app.state.decode_budget
+    body = {"image": {"b64": b64(png)}, "text": "the red circle"}
+    with ThreadedServer(app) as srv, concurrent.futures.ThreadPoolExecutor(2) as pool:
+        post = lambda b: httpx.post(srv.url + "/v1/refer", json=b, timeout=60)  # noqa: E731
+        first, second = pool.submit(post, body), pool.submit(post, body)
+        wait_until(lambda: len(fake.entered) == 1 and budget.waiting == 1, 20, what="one decoding, one waiting")
+        assert budget.free < one
+        # a request whose deadline passes while it waits for the budget: a 504, and it leaves the queue
+        r = post({**body, "timeout_s": 0.3})
+        assert r.status_code == 504 and budget.waiting == 1
+        # an image that alone costs more than the whole budget: refused from its header, nothing decoded
+        r = post({**body, "image": {"b64": b64(_one_bit_png(2000, 2000))}})
+        assert r.status_code == 413 and r.json()["type"] == "ImageTooLargeError"
+        assert "PIXELLLM_WORKER_DECODE_BUDGET_BYTES" in r.json()["error"] and len(fake.entered) == 1
+        fake.gate.set()
+        assert first.result(60).status_code == 200 and second.result(60).status_code == 200
+        assert len(fake.entered) == 2
+        wait_until(lambda: budget.free == budget.total, 10, what="the budget to be whole again")
+
+
+def test_the_budget_is_given_back_when_the_decode_ends_not_when_the_request_gives_up():
+    import httpx
+    from serving_helpers import ThreadedServer
+
+    fake = _Gated()
+    app = create_app(fake, WorkerSettings(inline_decode_pixels=0))
+    budget = app.state.decode_budget
+    with ThreadedServer(app) as srv:
+        r = httpx.post(srv.url + "/v1/refer", json={"image": image_field(), "text": "x", "timeout_s": 0.3},
+                       timeout=60)
+        assert r.status_code == 504
+        assert budget.free < budget.total  # the decode thread still runs and still holds the memory
+        fake.gate.set()
+        wait_until(lambda: budget.free == budget.total, 10, what="the budget to be given back")
+
+
+def test_decode_budget_is_first_come_first_served_small_ones_pass_and_it_survives_cancellation():
+    import asyncio
+
+    from pixelllm_plugins.serving.images import DecodeBudget
+
+    async def scenario():
+        budget = DecodeBudget(160)  # small: at most 10
+        await budget.acquire(60)
+        big = asyncio.create_task(budget.acquire(120))
+        mid = asyncio.create_task(budget.acquire(30))  # would fit now, but waits behind the older request
+        await asyncio.sleep(0)
+        assert not big.done() and not mid.done() and budget.waiting == 2
+        await budget.acquire(10)  # a small one that fits goes ahead of both
+        assert budget.free == 90 and budget.waiting == 2
+        big.cancel()
+        await asyncio.gather(big, return_exceptions=True)
+        await mid  # the head left: the next one fits
+        assert budget.free == 60
+        tail = asyncio.create_task(budget.acquire(100))
+        await asyncio.sleep(0)
+        assert not tail.done()
+        budget.release(60)
+        await tail
+        for cost in (10, 30, 100):
+            budget.release(cost)
+        assert budget.free == 160 and budget.waiting == 0
+
+    asyncio.run(scenario())
+
+
+def test_release_memory_runs_on_glibc_and_is_skipped_elsewhere():
+    import sys
+
+    from pixelllm_plugins.serving import images
+
+    if images._LIBC is None:
+        assert images.release_memory() is False
+    else:
+        assert sys.platform.startswith("linux") and images.release_memory() is True
+
+
+@pytest.mark.parametrize("raw_text, words", [
+    ('"a\\ud800b"', "not valid Unicode"),  # a lone surrogate as a JSON escape
+    ('"\\u0000\\u0000"', "empty"),  # control characters only
+    ('"x\\u0007\\u0000 "', None),  # control characters around a word: fine
+])
+def test_texts_that_are_not_text_are_a_400(make_client, raw_text, words):
+    import json
+
+    c = make_client(FakePredictor())
+    body = '{"image": ' + json.dumps(image_field()) + ', "texts": ["ok", ' + raw_text + "]}"
+    r = c.post("/v1/refer", content=body.encode(), headers={"content-type": "application/json"})
+    if words is None:
+        assert r.status_code == 200, r.text
+    else:
+        assert r.status_code == 400 and r.json()["type"] == "InvalidPromptError", r.text
+        assert words in r.json()["error"] and "texts[1]" in r.json()["error"]
+
+
+@pytest.mark.parametrize("url, status", [
+    ("http://secret-host.example:99999/token=abc", 400),
+    ("http://secret-host.example:xyzzy/token=abc", 400),
+    ("http://[::1/token=abc", 400),
+    ("http://user:pw@secret-host.example/token=abc", 400),
+    ("http://secret-host.example/a/../token=abc", 400),
+    ("gopher://secret-host.example/token=abc", 400),
+    ("http://secret-host.example/token=abc", 403),
+    ("http:///token=abc", 400),
+])
+def test_malformed_or_refused_urls_are_a_4xx_that_does_not_repeat_the_url(make_client, url, status):
+    c = make_client(FakePredictor(), allowed_hosts=("images.example", "[::1]"))
+    r = c.post("/v1/refer", json={"image": {"url": url}, "text": "x"})
+    assert r.status_code == status, r.text
+    assert r.json()["type"] in ("ImageFetchError", "HostNotAllowedError") and r.json()["error"]
+    for part in ("secret", "token=abc", "xyzzy", "99999", "gopher", "user:pw"):
+        assert part not in r.text, r.text
+
+
+def test_odd_field_names_are_not_repeated_back(make_client):
+    c = make_client(FakePredictor())
+    body = '{"image": {"b64": "AAAA"}, "text": "x", "' + "k" * 300 + '": 1}'
+    r = c.post("/v1/refer", content=body.encode(), headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "<field>: is not a known field" in r.json()["error"]
+    assert "k" * 100 not in r.text
+
+
+def test_a_slow_image_host_is_cut_off_at_the_total_url_deadline(make_client):
+    import http.server
+    import threading
+
+    stop = threading.Event()
+
+    # a byte every 0.2 s for 20 s: no single read ever waits 1 s, so only a deadline on the whole download
+    # ends it (else the 100 bytes arrive and are "not a readable image")
+    class Dribble(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", "100")
+            self.end_headers()
+            try:
+                for _ in range(100):
+                    if stop.wait(0.2):
+                        return
+                    self.wfile.write(b"\0")
+                    self.wfile.flush()
+            except OSError:  # the worker hung up
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Dribble)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    host = f"127.0.0.1:{server.server_address[1]}"
+    try:
+        c = make_client(FakePredictor(), allowed_hosts=(host,), url_timeout_s=1)
+        r = c.post("/v1/caption", json={"image": {"url": f"http://{host}/slow.png"}})
+        assert r.status_code == 400 and r.json()["type"] == "ImageFetchError", r.text
+        assert "no answer within 1 s" in r.json()["error"] and host not in r.json()["error"]
+    finally:
+        stop.set()
+        server.shutdown()
