@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from ..geometry import Box, xyxy_to_fo_relative, xyxy_to_ls_percent
+from ..geometry import Box
 
 
 def _box(values) -> Box:
@@ -28,12 +28,6 @@ class Detection:
         return cls(box_xyxy=_box(d["box_xyxy"]), score=float(d["score"]), text=d["text"],
                    model_version=d.get("model_version", ""))
 
-    def to_label_studio(self, width: float, height: float) -> dict[str, float]:
-        return xyxy_to_ls_percent(self.box_xyxy, width, height)
-
-    def to_fiftyone(self, width: float, height: float) -> list[float]:
-        return xyxy_to_fo_relative(self.box_xyxy, width, height)
-
 
 @dataclass
 class RegionCaption:
@@ -51,12 +45,6 @@ class RegionCaption:
     def from_dict(cls, d: dict) -> RegionCaption:
         return cls(box_xyxy=_box(d["box_xyxy"]), text=d["text"], score=float(d["score"]),
                    model_version=d.get("model_version", ""))
-
-    def to_label_studio(self, width: float, height: float) -> dict[str, float]:
-        return xyxy_to_ls_percent(self.box_xyxy, width, height)
-
-    def to_fiftyone(self, width: float, height: float) -> list[float]:
-        return xyxy_to_fo_relative(self.box_xyxy, width, height)
 
 
 @dataclass

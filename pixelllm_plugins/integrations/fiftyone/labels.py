@@ -45,7 +45,7 @@ def refer_to_detections(per_text: Sequence[Sequence[Detection]], prompts: Sequen
     dets = []
     for prompt, found in zip(prompts, per_text):
         for d in found:
-            dets.append(fol.Detection(label=prompt, bounding_box=d.to_fiftyone(width, height),
+            dets.append(fol.Detection(label=prompt, bounding_box=xyxy_to_fo_relative(d.box_xyxy, width, height),
                                       confidence=float(d.score), prompt=prompt,
                                       model_version=d.model_version or model_version))
     return fol.Detections(detections=dets, model_version=model_version, pixelllm_request=_refer_key(prompts))
@@ -54,7 +54,7 @@ def refer_to_detections(per_text: Sequence[Sequence[Detection]], prompts: Sequen
 def dense_to_detections(regions: Sequence[RegionCaption], width: float, height: float,
                         model_version: str, request: str = "") -> fol.Detections:
     """Dense-caption regions -> ``fo.Detections`` with a short ``label`` and the full ``caption``."""
-    dets = [fol.Detection(label=short_label(r.text), bounding_box=r.to_fiftyone(width, height),
+    dets = [fol.Detection(label=short_label(r.text), bounding_box=xyxy_to_fo_relative(r.box_xyxy, width, height),
                           confidence=float(r.score), caption=r.text,
                           model_version=r.model_version or model_version) for r in regions]
     return fol.Detections(detections=dets, model_version=model_version, pixelllm_request=request)
