@@ -266,7 +266,15 @@ class PixelLLMBackend(LabelStudioMLBase):
                 return
             try:
                 encoded = fetcher.open(job.ref, task_id=job.task_id, login=login, password=password)
-                job.image = prepare(encoded) if callable(prepare) else encoded
+                if not callable(prepare):
+                    job.image = encoded
+                    return
+                # a tiny file may decode into hundreds of MB: decode within the budget
+                with self.runtime.decode_budget.reserve(encoded.decode_bytes, size=encoded.size, mode=encoded.mode,
+                                                        timeout_s=max(0.0, deadline - time.monotonic())):
+                    job.image = prepare(encoded)
+            except TimeoutError:
+                job.error = "image not decoded within this request's time budget; retrieve predictions again"
             except Exception as exc:  # noqa: BLE001
                 job.error = _message(exc)
 

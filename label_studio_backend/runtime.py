@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from pixelllm_plugins.inference.protocol import PredictorProtocol
+from pixelllm_plugins.memory import ThreadDecodeBudget
 
 from .base import KeyValueStore
 from .images import ImageFetcher
@@ -26,6 +27,7 @@ class Runtime:
         self.settings = settings
         self.store = KeyValueStore(settings.model_dir)
         self.fetcher = ImageFetcher(settings)
+        self.decode_budget = ThreadDecodeBudget(settings.decode_budget_bytes, "PIXELLLM_LS_DECODE_BUDGET_BYTES")
         self._predictor = predictor
         self._factory = predictor_factory
         self._predictor_lock = threading.Lock()

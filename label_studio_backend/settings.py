@@ -57,6 +57,8 @@ class Settings:
     train_min_annotations: int = 1  # PIXELLLM_LS_TRAIN_MIN_ANNOTATIONS: new annotations before a round
     max_request_bytes: int = 32 * 1024 * 1024  # PIXELLLM_LS_MAX_REQUEST_BYTES
     max_prompt_chars: int = 1000  # PIXELLLM_LS_MAX_PROMPT_CHARS: longer prompts are refused per task
+    # PIXELLLM_LS_DECODE_BUDGET_BYTES: memory that images being decoded at once may take (io.decode_cost)
+    decode_budget_bytes: int = 1024 ** 3
     log_level: str = "INFO"  # LOG_LEVEL
     image_limits: ImageLimits = field(default_factory=ImageLimits)
 
@@ -84,6 +86,7 @@ class Settings:
             train_min_annotations=max(1, _int("PIXELLLM_LS_TRAIN_MIN_ANNOTATIONS", 1)),
             max_request_bytes=max(1024, _int("PIXELLLM_LS_MAX_REQUEST_BYTES", 32 * 1024 * 1024)),
             max_prompt_chars=max(1, _int("PIXELLLM_LS_MAX_PROMPT_CHARS", 1000)),
+            decode_budget_bytes=max(64 * 1024 * 1024, _int("PIXELLLM_LS_DECODE_BUDGET_BYTES", 1024 ** 3)),
             log_level=_env("LOG_LEVEL", default="INFO").upper(),
         )
         known = {f.name for f in fields(cls)}

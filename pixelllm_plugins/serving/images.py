@@ -13,13 +13,12 @@ import asyncio
 import base64
 import binascii
 import collections
-import ctypes
-import sys
 from urllib.parse import urljoin
 
 import httpx
 from PIL import Image
 
+from .. import memory
 from ..errors import ImageFetchError, ImageTooLargeError, InvalidImageError
 from ..io import EncodedImage, ImageLimits, decode_image_bytes, open_encoded
 from ..urls import ImageURL, parse_image_url
@@ -27,7 +26,6 @@ from ..urls import ImageURL, parse_image_url
 MAX_REDIRECTS = 3
 # after decoding an image that took at least this much memory, hand freed memory back to the OS
 TRIM_AFTER_BYTES = 32 * 1024 * 1024
-_MIB = 1024 * 1024
 
 
 class HostNotAllowedError(ImageFetchError):
@@ -58,12 +56,8 @@ class DecodeBudget:
         """The bytes to reserve for ``image``; ``ImageTooLargeError`` when it could never fit."""
         cost = image.decode_bytes
         if cost > self.total:
-            w, h = image.size
-            raise ImageTooLargeError(
-                f"image: decoding this {w}x{h} image (mode {image.mode or '?'}) takes about "
-                f"{_mib(cost)} of memory, more than this worker's decode budget of {_mib(self.total)}; "
-                "send a smaller image or one with 8-bit RGB pixels (or have the operator raise "
-                "PIXELLLM_WORKER_DECODE_BUDGET_BYTES)")
+            raise memory.too_large(cost, self.total, image.size, image.mode,
+                                   "PIXELLLM_WORKER_DECODE_BUDGET_BYTES on the worker")
         return cost
 
     async def acquire(self, cost: int) -> None:
@@ -106,39 +100,7 @@ class DecodeBudget:
         return len(self._waiters)
 
 
-def _mib(n: int) -> str:
-    return f"{n / _MIB:,.0f} MiB"
-
-
-# ---- giving freed memory back to the OS ----------------------------------------------------------------
-
-def _glibc():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # noqa: B018  (glibc only: musl has no malloc_trim)
-        return libc if hasattr(libc, "malloc_trim") else None
-    except (OSError, AttributeError):
-        return None
-
-
-_LIBC = _glibc()
-
-
-def release_memory() -> bool:
-    """Return freed heap memory to the OS (glibc ``malloc_trim``); False where there is none.
-
-    glibc keeps freed blocks below its dynamic mmap threshold (up to 32 MiB: PIL allocates an image in
-    16 MiB blocks) in per-thread arenas, so without this a worker that decoded a few huge images at once
-    keeps that much resident memory for good."""
-    if _LIBC is None:
-        return False
-    try:
-        _LIBC.malloc_trim(0)
-    except (OSError, AttributeError):  # pragma: no cover - a libc that lost the symbol
-        return False
-    return True
+release_memory = memory.release_memory  # the worker's name for it
 
 
 def decode_b64(data: str, limits: ImageLimits) -> bytes:

@@ -387,12 +387,12 @@ def test_decode_budget_is_first_come_first_served_small_ones_pass_and_it_survive
 def test_release_memory_runs_on_glibc_and_is_skipped_elsewhere():
     import sys
 
-    from pixelllm_plugins.serving import images
+    from pixelllm_plugins import memory
 
-    if images._LIBC is None:
-        assert images.release_memory() is False
+    if memory._LIBC is None:
+        assert memory.release_memory() is False
     else:
-        assert sys.platform.startswith("linux") and images.release_memory() is True
+        assert sys.platform.startswith("linux") and memory.release_memory() is True
 
 
 @pytest.mark.parametrize("raw_text, words", [
