@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pixelllm_plugins.tokenizer import is_valid_unicode
+
 from .label_config import LabelConfig, parse_label_config
 
 _PROJECT_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -52,14 +54,6 @@ class ModelResponse:
                 p = {**p, "model_version": self.model_version}
             out.append(p)
         return out
-
-
-def _storable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 class KeyValueStore:
@@ -134,7 +128,7 @@ class LabelStudioMLBase:
     # ---- label config ----
     def use_label_config(self, label_config: str | None) -> None:
         self._unstored: str | None = None
-        if label_config and not _storable(label_config):
+        if label_config and not is_valid_unicode(label_config):
             # not valid Unicode (a lone surrogate): kept for this request only, where parsing refuses it
             self._unstored = label_config
         else:

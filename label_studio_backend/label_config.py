@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from pixelllm_plugins.bounds import check as check_bound
 from pixelllm_plugins.errors import InvalidParameterError
+from pixelllm_plugins.tokenizer import lone_surrogate_at
 
 from .errors import BackendError
 
@@ -260,11 +261,10 @@ def parse_label_config(xml: object) -> LabelConfig:
         raise LabelConfigError("label config is missing or not a string; send the project's XML config")
     if len(xml) > MAX_CONFIG_CHARS:
         raise LabelConfigError(f"label config is larger than {MAX_CONFIG_CHARS:,} characters")
-    try:
-        xml.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise LabelConfigError(f"label config is not valid Unicode (a lone surrogate at character {exc.start}); "
-                               "send it as UTF-8") from None
+    bad = lone_surrogate_at(xml)
+    if bad is not None:
+        raise LabelConfigError(f"label config is not valid Unicode (a lone surrogate at character {bad}); "
+                               "send it as UTF-8")
     upper = xml.upper()
     if "<!DOCTYPE" in upper or "<!ENTITY" in upper:
         raise LabelConfigError("label config must not contain <!DOCTYPE> or <!ENTITY> declarations")

@@ -34,6 +34,7 @@ from pathlib import Path
 from PIL import Image
 
 from pixelllm_plugins.data.formats import OBJECT_CATEGORIES, refcoco_entry, vg_region
+from pixelllm_plugins.tokenizer import is_valid_unicode
 
 from .convert import regions_from_results, texts_from_results
 from .label_config import LabelConfigError, parse_label_config
@@ -62,14 +63,6 @@ def default_trainer(*, from_model, data_dir, out_adapter, steps, **kwargs):
     defaults = {"progress": False, "split": SPLIT, "work_dir": Path(data_dir) / "run"}
     extra = {k: v for k, v in {**defaults, **kwargs}.items() if k in params}
     return finetune(from_model, data_dir, out_adapter, steps=steps, **extra)
-
-
-def _storable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def adapter_name(project_id: str, round_: int) -> str:
@@ -265,7 +258,7 @@ class TrainingManager:
 
     def handle_event(self, pid: str, event: str, data: dict, label_config: str | None) -> dict:
         """Apply one webhook event; enqueue training when there is enough new data. Returns at once."""
-        if not isinstance(label_config, str) or not _storable(label_config):
+        if not isinstance(label_config, str) or not is_valid_unicode(label_config):
             label_config = None  # not text, or not valid Unicode (a lone surrogate): not stored
         if label_config and label_config.strip() and label_config != self.label_config(pid):
             self._pdir(pid).mkdir(parents=True, exist_ok=True)

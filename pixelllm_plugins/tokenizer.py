@@ -41,11 +41,10 @@ def validate_text(text: object, what: str = "text", *, max_chars: int | None = N
     """
     if not isinstance(text, str):
         raise InvalidPromptError(f"{what} must be a string, got {type(text).__name__}")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InvalidPromptError(f"{what} is not valid Unicode (a lone surrogate at character {exc.start}); "
-                                 "send UTF-8 text") from None
+    bad = lone_surrogate_at(text)
+    if bad is not None:
+        raise InvalidPromptError(f"{what} is not valid Unicode (a lone surrogate at character {bad}); "
+                                 "send UTF-8 text")
     if any(unicodedata.category(c) == "Cc" for c in text):
         text = "".join(" " if unicodedata.category(c) == "Cc" else c for c in text)
     text = " ".join(text.split())
@@ -61,12 +60,19 @@ _SUFFIXES = ["s", "es", "ed", "ing", "er", "est", "ly", "ion", "tion", "al", "ne
              "en", "on", "an", "in", "or", "ar", "le", "re", "ic", "th", "ty", "ve", "ge", "nd", "st", "nt"]
 
 
-def _encodable(text: str) -> bool:
+def lone_surrogate_at(text: str) -> int | None:
+    """Where ``text`` stops being writable as UTF-8 (a lone surrogate, as a JSON ``\\ud800`` escape or an
+    undecodable command-line byte gives), or None when it is valid."""
     try:
         text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
+
+
+def is_valid_unicode(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8: what a tokenizer, JSON file or database can take."""
+    return lone_surrogate_at(text) is None
 
 
 class PixelTokenizer:
@@ -179,7 +185,7 @@ class PixelTokenizer:
     def encode(self, text: str, *, max_len: int | None = None, add_bos: bool = False,
                add_eos: bool = True) -> list[int]:
         """Token ids of ``text``; truncated so that with BOS/EOS it fits ``max_len``."""
-        if not isinstance(text, str) or not _encodable(text):
+        if not isinstance(text, str) or not is_valid_unicode(text):
             validate_text(text)  # raises InvalidPromptError instead of the backend's TypeError
         if self.kind == "hf":
             ids = list(self.backend.encode(text, add_special_tokens=False))
