@@ -18,70 +18,24 @@ from __future__ import annotations
 import argparse
 import base64
 import concurrent.futures
-import io
 import json
 import os
-import platform
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import httpx
-import numpy as np
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 1024 * 1024
 
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
-def png_16bit_rgba(w: int, h: int) -> bytes:
-    row, comp = bytes(1 + w * 8), zlib.compressobj(9)
-    idat = b"".join([comp.compress(row) for _ in range(h)] + [comp.flush()])
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 6, 0, 0, 0))
-            + _chunk(b"IDAT", idat) + _chunk(b"IEND", b""))
-
-
-def png_1bit(w: int, h: int) -> bytes:
-    buf = io.BytesIO()
-    Image.new("1", (w, h)).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def noise_png(w: int, h: int, seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(buf, "PNG")
-    return buf.getvalue()
-
-
-def rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+sys.path.insert(0, str(ROOT / "tests"))  # the hostile images the tests send
+from bench_worker import machine  # noqa: E402  (this folder is on sys.path when run as a script)
+from hostile_images import noise_png, png_1bit, png_16bit_rgba, rss_bytes  # noqa: E402
 
 
 def free_port() -> int:
@@ -139,7 +93,7 @@ def health_latencies(url: str, stop: threading.Event, out: list[float], pid: int
             t = time.perf_counter()
             probe.get("/health").raise_for_status()
             out.append(time.perf_counter() - t)
-            peak[0] = max(peak[0], rss(pid))
+            peak[0] = max(peak[0], rss_bytes(pid))
 
 
 def send_all(url: str, images: list[bytes]) -> list[int]:
@@ -185,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
         results["health_idle_ms"] = {"p50": 1000 * statistics.median(idle), "p99": 1000 * pct(idle, 0.99),
                                      "max": 1000 * max(idle)}
         for name, data in groups.items():
-            warm = rss(worker.proc.pid)
+            warm = rss_bytes(worker.proc.pid)
             stop, lat, peak = threading.Event(), [], [warm]
             poller = threading.Thread(target=health_latencies, args=(worker.url, stop, lat, worker.proc.pid, peak))
             poller.start()
@@ -194,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
             wall = time.perf_counter() - t
             stop.set()
             poller.join()
-            after = rss(worker.proc.pid)
+            after = rss_bytes(worker.proc.pid)
             row = {"file_bytes": len(data), "statuses": statuses, "wall_s": wall,
                    "health_ms": {"n": len(lat), "p50": 1000 * statistics.median(lat), "p99": 1000 * pct(lat, 0.99),
                                  "max": 1000 * max(lat)},

@@ -21,11 +21,10 @@ import threading
 import time
 
 import httpx
-import numpy as np
 import pytest
 from fakes import FakePredictor
 from fastapi.testclient import TestClient
-from hostile_images import png_1bit, png_16bit_rgba, rss_bytes
+from hostile_images import noise_png, png_1bit, png_16bit_rgba, rss_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -326,14 +325,6 @@ def test_zz_the_fuzz_run_sent_enough_bad_input():
 
 
 # ---- hostile images: tiny files of huge canvases, sent together to a worker process -------------------
-
-def noise_png(w: int, h: int, seed: int) -> bytes:
-    """A photo-sized, incompressible PNG (over inline_decode_bytes: decoded on the worker's threads)."""
-    pixels = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(buf, "PNG")
-    return buf.getvalue()
-
 
 MODEL_ARGS = ["--model", "tiny", "--torch-threads", "1"] if tiny_available() else ["--factory", "fakes:FakePredictor"]
 BUDGET = 640 * 1024 * 1024  # one 16-bit RGBA canvas (488 MiB) or two 1-bit ones (305 MiB each) at a time
