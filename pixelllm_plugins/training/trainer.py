@@ -1,4 +1,5 @@
-"""The training loop, nanoGPT style: one function, read top to bottom.
+"""The training loop, nanoGPT style: ``_train`` reads top to bottom (its setup, one optimizer step and the
+final save are the small functions ``_setup``, ``_step`` and ``_save_final`` beside it).
 
 ``train(TrainConfig(...))`` builds (or loads) a model, streams a seeded per-batch source mixture, runs
 AdamW with linear warmup + cosine decay and gradient accumulation, and every ``checkpoint_every`` steps
@@ -22,8 +23,10 @@ import platform
 import random
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -381,6 +384,67 @@ def train(cfg: TrainConfig) -> Path:
 def _train(cfg: TrainConfig, ctx: D.DistContext) -> Path:
     from tqdm.auto import tqdm
 
+    run = _setup(cfg, ctx)
+    step, micro_batches = run.step, run.micro_batches
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and ctx.is_main), dynamic_ncols=True,
+               desc=cfg.recipe)
+    last: dict = {}
+    eval_results: dict | None = None
+    started = time.time()
+
+    while step < cfg.steps:
+        lr = lr_at(step, cfg)
+        losses, tasks = _step(run, step, lr)
+        step += 1
+        micro_batches += cfg.grad_accum
+
+        last = {"step": step, "loss": losses.get("total", float("nan")), "lr": lr, "task": "+".join(tasks),
+                "losses": {k: v for k, v in losses.items() if k != "total"},
+                "elapsed_s": round(time.time() - started, 3)}
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            run.metrics.write(last)
+        bar.update(1)
+        bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}")
+
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            eval_results = _evaluate(cfg, run.model, run.tokenizer, ctx, step, run.metrics)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            _checkpoint(run, step, micro_batches, last, eval_results)
+        if cfg.stop_after is not None and step >= cfg.stop_after and step < cfg.steps:
+            bar.close()
+            log.info("stopping at step %d (stop_after)", step)
+            return run.ckpt_dir
+    bar.close()
+
+    if cfg.eval_every:
+        eval_results = _evaluate(cfg, run.model, run.tokenizer, ctx, step, run.metrics)
+    return _save_final(run, step, last, eval_results)
+
+
+@dataclass
+class _Run:
+    """What the loop works with, built by ``_setup``; ``step``/``micro_batches``: where it starts (resume)."""
+
+    cfg: TrainConfig
+    ctx: D.DistContext
+    out: Path
+    ckpt_dir: Path
+    model: torch.nn.Module
+    net: torch.nn.Module  # the model, or its DistributedDataParallel wrapper (forward passes go through it)
+    tokenizer: Any
+    base_version: str
+    optimizer: torch.optim.Optimizer
+    names: list[str]  # the trained parameters, in the optimizer's order
+    batches: Iterator
+    metrics: MetricsLog
+    use_bf16: bool
+    step: int
+    micro_batches: int  # consumed per rank
+
+
+def _setup(cfg: TrainConfig, ctx: D.DistContext) -> _Run:
+    """Model, optimizer, resume from ``OUT/checkpoint-last``, the per-rank data stream, the DDP wrapper and
+    the metrics log."""
     from ..data.mixture import MixtureDataset
 
     if cfg.num_threads:
@@ -414,69 +478,51 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> Path:
     if ctx.enabled:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    use_bf16 = cfg.bf16 and device.type == "cuda"
-    metrics = MetricsLog(out / cfg.log_file if ctx.is_main else None, step)
-    bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and ctx.is_main), dynamic_ncols=True,
-               desc=cfg.recipe)
-    last: dict = {}
-    eval_results: dict | None = None
-    started = time.time()
+    return _Run(cfg=cfg, ctx=ctx, out=out, ckpt_dir=ckpt_dir, model=model, net=net, tokenizer=tokenizer,
+                base_version=base_version, optimizer=optimizer, names=names, batches=batches,
+                metrics=MetricsLog(out / cfg.log_file if ctx.is_main else None, step),
+                use_bf16=cfg.bf16 and device.type == "cuda", step=step, micro_batches=micro_batches)
 
-    while step < cfg.steps:
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-        totals: dict[str, float] = {}
-        tasks = []
-        for micro in range(cfg.grad_accum):
-            batch = next(batches).to(device)
-            tasks.append(batch.task)
-            sync = micro == cfg.grad_accum - 1
-            with (contextlib.nullcontext() if sync or not ctx.enabled else net.no_sync()), \
-                    torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                output = net(batch)
-                if output.loss is None:
-                    raise TrainingError(f"batch from source {batch.task!r} produced no loss; the data has no "
-                                        "targets for any head")
-                loss = output.loss / cfg.grad_accum
-            if not torch.isfinite(loss):
-                raise TrainingError(f"loss is {float(loss)} at step {step + 1} (source {batch.task}); lower the "
-                                    "learning rate or check the data")
-            loss.backward()
-            for k, v in output.losses.items():
-                totals[k] = totals.get(k, 0.0) + v / cfg.grad_accum
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        micro_batches += cfg.grad_accum
 
-        totals = D.mean_losses(ctx, totals)
-        last = {"step": step, "loss": totals.get("total", float("nan")), "lr": lr, "task": "+".join(tasks),
-                "losses": {k: v for k, v in totals.items() if k != "total"},
-                "elapsed_s": round(time.time() - started, 3)}
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            metrics.write(last)
-        bar.update(1)
-        bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}")
+def _step(run: _Run, step: int, lr: float) -> tuple[dict[str, float], list[str]]:
+    """One optimizer step (the ``step + 1``-th) at learning rate ``lr``: ``grad_accum`` micro-batches, each
+    forward under autocast and backward (DDP syncs gradients on the last only), then clip and update.
+    -> (the loss terms averaged over micro-batches and ranks, the source of each micro-batch)."""
+    cfg, ctx, device = run.cfg, run.ctx, run.ctx.device
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    totals: dict[str, float] = {}
+    tasks = []
+    for micro in range(cfg.grad_accum):
+        batch = next(run.batches).to(device)
+        tasks.append(batch.task)
+        sync = micro == cfg.grad_accum - 1
+        with (contextlib.nullcontext() if sync or not ctx.enabled else run.net.no_sync()), \
+                torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.use_bf16):
+            output = run.net(batch)
+            if output.loss is None:
+                raise TrainingError(f"batch from source {batch.task!r} produced no loss; the data has no "
+                                    "targets for any head")
+            loss = output.loss / cfg.grad_accum
+        if not torch.isfinite(loss):
+            raise TrainingError(f"loss is {float(loss)} at step {step + 1} (source {batch.task}); lower the "
+                                "learning rate or check the data")
+        loss.backward()
+        for k, v in output.losses.items():
+            totals[k] = totals.get(k, 0.0) + v / cfg.grad_accum
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.requires_grad], cfg.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return D.mean_losses(ctx, totals), tasks
 
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-            eval_results = _evaluate(cfg, model, tokenizer, ctx, step, metrics)
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            _checkpoint(cfg, ctx, ckpt_dir, model, tokenizer, optimizer, names, step, micro_batches, last,
-                        eval_results, base_version)
-        if cfg.stop_after is not None and step >= cfg.stop_after and step < cfg.steps:
-            bar.close()
-            log.info("stopping at step %d (stop_after)", step)
-            return ckpt_dir
-    bar.close()
 
-    if cfg.eval_every:
-        eval_results = _evaluate(cfg, model, tokenizer, ctx, step, metrics)
-    final = out / FINAL_DIR
+def _save_final(run: _Run, step: int, last: dict, eval_results: dict | None) -> Path:
+    """Rank 0 writes ``OUT/final`` (with LoRA: the adapter in ``OUT/final/adapter``); -> that folder."""
+    cfg, ctx, model = run.cfg, run.ctx, run.model
+    final = run.out / FINAL_DIR
     if ctx.is_main:
-        card = _model_card(cfg, model, ctx, step, last, eval_results, base_version)
+        card = _model_card(cfg, model, ctx, step, last, eval_results, run.base_version)
         shutil.rmtree(final, ignore_errors=True)
         if cfg.lora_r > 0:
             from ..modeling import lora
@@ -486,23 +532,24 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> Path:
         else:
             from ..checkpoint import save_pretrained
 
-            save_pretrained(model, tokenizer, final, model_card=card,
+            save_pretrained(model, run.tokenizer, final, model_card=card,
                             extra_meta={"train_config": cfg.to_dict(), "step": step, "recipe": cfg.recipe,
                                         "eval": eval_results or {}})
     D.barrier(ctx)
     return final / ADAPTER_SUBDIR if cfg.lora_r > 0 else final
 
 
-def _checkpoint(cfg, ctx, ckpt_dir, model, tokenizer, optimizer, names, step, micro_batches, last, eval_results,
-                base_version) -> None:
+def _checkpoint(run: _Run, step: int, micro_batches: int, last: dict, eval_results: dict | None) -> None:
+    """Every rank's RNG state is gathered; rank 0 writes ``OUT/checkpoint-last``; the others wait."""
+    cfg, ctx = run.cfg, run.ctx
     rng = D.gather_objects(ctx, capture_rng())  # every rank takes part
     if ctx.is_main:
-        state = TrainingState(step=step, optimizer=optimizer.state_dict(),
+        state = TrainingState(step=step, optimizer=run.optimizer.state_dict(),
                               data=[{"seed": cfg.seed, "micro_batches": micro_batches}] * ctx.world_size,
-                              rng=rng, param_names=names,
+                              rng=rng, param_names=run.names,
                               meta={"recipe": cfg.recipe, "world_size": ctx.world_size, "train_config": cfg.to_dict()})
-        card = _model_card(cfg, model, ctx, step, last, eval_results, base_version)
-        _save_checkpoint(ckpt_dir, cfg, model, tokenizer, card, state)
+        card = _model_card(cfg, run.model, ctx, step, last, eval_results, run.base_version)
+        _save_checkpoint(run.ckpt_dir, cfg, run.model, run.tokenizer, card, state)
     D.barrier(ctx)
 
 

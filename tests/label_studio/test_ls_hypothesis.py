@@ -67,6 +67,12 @@ def env(tmp_path_factory):
 
 
 # ---------------------------------------------------------------- strategies
+def _big(kind: int) -> object:
+    """A deep list, a long list or a dict holding a deep list: built anew each time, so that a body that is
+    changed after the draw never ends up holding itself."""
+    return _deep(400) if kind == 400 else [None] * 500 if kind == 500 else {"k": _deep(60)}
+
+
 def _deep(n: int) -> object:
     value: object = "bottom"
     for _ in range(n):
@@ -84,7 +90,7 @@ SCALARS = st.none() | st.booleans() | st.integers(-10**6, 10**6) | HUGE_NUMBERS 
     st.floats(allow_nan=False, allow_infinity=False) | HOSTILE_TEXT
 JUNK = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
     st.sampled_from(["id", "data", "image", "result", "value", "x", "type", "\ud800", ""]) | st.text(max_size=4),
-    inner, max_size=3), max_leaves=6) | st.sampled_from([_deep(400), [None] * 500, {"k": _deep(60)}])
+    inner, max_size=3), max_leaves=6) | st.sampled_from([400, 500, 60]).map(_big)  # fresh objects per draw
 
 EPS = base64.b64encode(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n").decode()
 PPM = base64.b64encode(b"P6\n4 4\n255\n" + bytes(48)).decode()
