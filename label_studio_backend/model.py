@@ -8,12 +8,14 @@ Batch pre-annotation ("Retrieve predictions"), per task, by the config's task (s
 - ``caption_regions``: boxes already on the task (latest annotation, else prediction) are captioned;
   a task with none gets dense captions.
 - ``dense_caption``: proposals, each with a caption.
-- ``caption_trace``: the whole-image caption, each word as a box with its word.
+- ``caption_trace``: the whole-image caption, each word as a box with its word (the registry's ``caption``
+  task with ``trace``).
 
 Tasks are batched through the model (``PIXELLLM_LS_BATCH_SIZE`` images per call, images downloaded in
-parallel); a failing batch is retried task by task so one bad task never costs the others. Work stops
-at ``PIXELLLM_LS_PREDICT_BUDGET`` seconds (keep it under Label Studio's ``ML_TIMEOUT_PREDICT``); tasks
-left over get a per-task error and a ``-failed`` version, so the next "Retrieve predictions" asks again.
+parallel); a failing batch is retried task by task (``inference.tasks.run_isolated``) so one bad task never
+costs the others. Work stops at ``PIXELLLM_LS_PREDICT_BUDGET`` seconds (keep it under Label Studio's
+``ML_TIMEOUT_PREDICT``); tasks left over get a per-task error and a ``-failed`` version, so the next
+"Retrieve predictions" asks again.
 
 Interactive (``context`` set): a typed prompt gives box suggestions; a drawn rectangle gives a caption
 for that region (the TextArea result reuses the rectangle's id).
@@ -37,6 +39,7 @@ from typing import TYPE_CHECKING
 
 from pixelllm_plugins.bounds import BOUNDS
 from pixelllm_plugins.errors import InvalidPromptError, PixelLLMError
+from pixelllm_plugins.inference.tasks import TASKS, run_isolated
 from pixelllm_plugins.tokenizer import validate_text
 
 from . import convert
@@ -54,6 +57,12 @@ log = logging.getLogger(__name__)
 MAX_BOXES = int(BOUNDS["max_boxes"].high)  # boxes captioned per image
 MAX_TEXTS = int(BOUNDS["max_texts"].high)  # referring expressions per task / prompt texts per call
 
+# the config's task (``model_task``, see ``label_config``) -> the registry task it runs (``inference.tasks``):
+# the one place Label Studio's names meet the registry's
+REGISTRY_TASK = {"refer": "refer", "caption_regions": "caption_regions", "dense_caption": "dense_caption",
+                 "caption_trace": "caption"}
+ORDER = ("refer", "caption_regions", "dense_caption", "caption")  # the order batches run in
+
 TRAIN_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED", "ANNOTATIONS_CREATED",
                 "ANNOTATIONS_DELETED", "START_TRAINING")
 
@@ -64,7 +73,7 @@ class _Job:
 
     index: int
     task_id: object
-    op: str = ""  # refer / caption_regions / dense_caption / caption_trace
+    op: str = ""  # the registry task: refer / caption_regions / dense_caption / caption (traced)
     ref: object = None
     image: EncodedImage | PreparedInput | None = None  # both have .size, the original (width, height)
     texts: list[str] = field(default_factory=list)
@@ -136,7 +145,7 @@ class PixelLLMBackend(LabelStudioMLBase):
             for j in jobs:
                 j.error = j.error or message
         self._load_images([j for j in jobs if j.error is None], params, deadline)
-        for op in ("refer", "caption_regions", "dense_caption", "caption_trace"):
+        for op in ORDER:
             ready = [j for j in jobs if j.error is None and j.op == op]
             for start in range(0, len(ready), s.batch_size):
                 chunk = ready[start:start + s.batch_size]
@@ -146,18 +155,7 @@ class PixelLLMBackend(LabelStudioMLBase):
                                    "retrieve predictions again (finished tasks are skipped), select fewer tasks, "
                                    "or raise ML_TIMEOUT_PREDICT on Label Studio and PIXELLLM_LS_PREDICT_BUDGET here")
                     continue
-                try:
-                    self._run(op, chunk, cfg, adapter, options)
-                except Exception as exc:  # noqa: BLE001 - isolate the bad task(s)
-                    if len(chunk) == 1:
-                        chunk[0].error = _message(exc)
-                        continue
-                    log.info("batch of %d %s tasks failed (%s); retrying one by one", len(chunk), op, _message(exc))
-                    for j in chunk:
-                        try:
-                            self._run(op, [j], cfg, adapter, options)
-                        except Exception as exc1:  # noqa: BLE001
-                            j.error = _message(exc1)
+                self._run(op, chunk, cfg, adapter, options)
         out = []
         for j in jobs:
             if j.error is not None:
@@ -189,7 +187,7 @@ class PixelLLMBackend(LabelStudioMLBase):
                 raise TaskError(f"task data has no '{key}' field for <Image name=\"{cfg.image.name}\">; "
                                 f"task data keys: [{keys}]")
             job.ref = data[key]
-            job.op = kind
+            job.op = REGISTRY_TASK[kind]
             if kind == "refer":
                 job.texts = self._task_texts(data, cfg)
                 if not job.texts:
@@ -298,33 +296,36 @@ class PixelLLMBackend(LabelStudioMLBase):
 
     def _run(self, op: str, jobs: list[_Job], cfg: LabelConfig, adapter: str | None,
              options: ModelOptions) -> None:
-        p = self.runtime.predictor
-        images = [j.image for j in jobs]
-        kw = {"adapter": adapter} if adapter else {}
+        """The jobs' results (``j.results``) in one model call; when it fails, each job alone, so one bad
+        task never costs the others (its ``j.error``)."""
+        spec = TASKS[op]
+        kw: dict = {"adapter": adapter} if adapter else {}
         max_boxes, threshold = options.max_boxes, options.score_threshold
-        if op == "refer":
-            found = p.refer(images, [j.texts for j in jobs], **kw)
-            for j, per_text in zip(jobs, found):
-                dets = [d for dets in per_text for d in dets[:max_boxes]
-                        if threshold is None or d.score >= threshold]
-                j.results = convert.boxes_to_results(cfg, dets, *j.image.size)
-        elif op == "caption_regions":
-            caps = p.caption_regions(images, [j.boxes for j in jobs], **kw)
-            for j, regions in zip(jobs, caps):
-                j.results = convert.boxes_to_results(cfg, regions, *j.image.size)
-        elif op == "dense_caption":
-            regions = p.dense_caption(images, max_regions=options.max_regions,
-                                      min_score=0.3 if threshold is None else threshold, **kw)
-            for j, r in zip(jobs, regions):
-                j.results = convert.boxes_to_results(cfg, r, *j.image.size)
-        elif op == "caption_trace":
-            caps = p.caption(images, trace=True, **kw)
-            for j, c in zip(jobs, caps):
-                j.results = convert.traced_caption_to_results(cfg, c, *j.image.size)
-        else:  # pragma: no cover
-            raise TaskError(f"unknown operation {op}")
-        if any(j.results is None for j in jobs):
-            raise PixelLLMError("the model returned fewer results than images")
+        if op == "dense_caption":
+            kw |= {"max_regions": options.max_regions, "min_score": 0.3 if threshold is None else threshold}
+        elif op == "caption":  # the config's caption_trace
+            kw["trace"] = True
+
+        def results(job: _Job, found) -> list[dict]:
+            if op == "refer":
+                found = [d for dets in found for d in dets[:max_boxes] if threshold is None or d.score >= threshold]
+            if op == "caption":
+                return convert.traced_caption_to_results(cfg, found, *job.image.size)
+            return convert.boxes_to_results(cfg, found, *job.image.size)
+
+        def call(chunk: list[_Job]) -> list[list[dict]]:
+            item_args = [getattr(j, spec.item_arg) for j in chunk] if spec.item_arg else None  # texts, boxes
+            found = spec.call(self.runtime.predictor, [j.image for j in chunk], item_args, **kw)
+            return [results(j, f) for j, f in zip(chunk, found)]
+
+        def retrying(n: int, exc: BaseException) -> None:
+            log.info("batch of %d %s tasks failed (%s); retrying one by one", n, op, _message(exc))
+
+        for j, outcome in zip(jobs, run_isolated(call, jobs, on_retry=retrying)):
+            if isinstance(outcome, Exception):
+                j.error = _message(outcome)
+            else:
+                j.results = outcome
 
     # ---- interactive ----
     def _interactive(self, tasks: list, context: dict, cfg: LabelConfig, options: ModelOptions, params: dict,

@@ -54,7 +54,7 @@ class Runtime:
                     if self._factory is not None:
                         self._predictor = self._factory()
                     else:
-                        from pixelllm_plugins.inference import get_predictor
+                        from pixelllm_plugins.predictors import get_predictor
 
                         self._predictor = get_predictor(self.settings.model, device=self.settings.device)
                     # no worker call here: a RemotePredictor's model_version asks the worker's /ready, and a

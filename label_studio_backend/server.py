@@ -51,7 +51,7 @@ def create_app(settings: Settings | None = None, *, predictor=None, predictor_fa
 
     ``settings`` defaults to ``Settings.from_env(**setting_overrides)`` (e.g. ``model_dir=``,
     ``basic_auth_user=``, ``model=``). ``predictor`` injects a ``PredictorProtocol`` (tests); otherwise
-    ``pixelllm_plugins.inference.get_predictor`` is used (in-process, or the GPU worker when
+    ``pixelllm_plugins.predictors.get_predictor`` is used (in-process, or the GPU worker when
     ``PIXELLLM_WORKER_URL`` is set). ``trainer`` replaces the LoRA fine-tune function. ``preload`` loads
     the model at startup so the first ``/setup`` (3 s timeout in Label Studio) does not wait for it.
     """

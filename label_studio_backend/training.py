@@ -33,7 +33,6 @@ from pathlib import Path
 
 from PIL import Image
 
-from pixelllm_plugins.data.formats import OBJECT_CATEGORIES, refcoco_entry, vg_region
 from pixelllm_plugins.tokenizer import is_valid_unicode
 
 from .convert import regions_from_results, texts_from_results
@@ -84,6 +83,9 @@ def write_datasets(examples: list[Example], data_dir: Path) -> dict[str, int]:
     """MDETR-style RefCOCO json (one image record per expression) and GRiT/VG json, as
     ``refcoco_train.json`` / ``vg_train.json`` next to ``images/train/`` (files with no annotation are not
     written: the trainer skips missing sources)."""
+    # imported here: the data package loads torch, which a backend serving through a worker never needs
+    from pixelllm_plugins.data.formats import OBJECT_CATEGORIES, refcoco_entry, vg_region
+
     ref_images, ref_anns, vg_images, vg_anns = [], [], [], []
     for i, ex in enumerate(examples, start=1):
         entry = {"file_name": ex.file_name, "width": ex.width, "height": ex.height}

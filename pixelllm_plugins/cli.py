@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import os
-import reprlib
 import sys
 import traceback
 import warnings
@@ -37,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .argtypes import device_arg, int_arg, short_repr
 from .bounds import BOUNDS
 from .bounds import argtype as bound_arg
 from .errors import (
@@ -57,107 +57,6 @@ DRAW_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
 _DRAW_EXTENSIONS = ".png, .jpg, .webp, .bmp, .tif or .gif"
 
 
-# ---- argument types (argparse ``type=``: a bad value is a usage error, exit 2) -----------------------
-
-def int_arg(low: int | None = None, high: int | None = None):
-    """An argparse ``type=`` for an integer within [low, high] (either end open when None)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text.strip())
-        except ValueError:
-            value = None
-        if value is None or (low is not None and value < low) or (high is not None and value > high):
-            if high is None:
-                wanted = f"an integer >= {low}" if low is not None else "an integer"
-            else:
-                wanted = f"an integer from {low} to {high}"
-            raise argparse.ArgumentTypeError(f"must be {wanted}, got {_short(text)}")
-        return value
-
-    parse.__name__ = "integer"
-    return parse
-
-
-def float_arg(low: float | None = None):
-    """An argparse ``type=`` for a finite number >= low."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text.strip())
-        except ValueError:
-            value = math.nan
-        if not math.isfinite(value) or (low is not None and value < low):
-            wanted = f"a number >= {low:g}" if low is not None else "a finite number"
-            raise argparse.ArgumentTypeError(f"must be {wanted}, got {_short(text)}")
-        return value
-
-    parse.__name__ = "number"
-    return parse
-
-
-def available_devices() -> list[str]:
-    """The devices this machine has: cpu, then cuda:0 ... and mps when present."""
-    import torch
-
-    devices = ["cpu"]
-    if torch.cuda.is_available():
-        devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        devices.append("mps")
-    return devices
-
-
-def check_device(text: str, *, allow_auto: bool = False) -> str:
-    """``text`` if it names a device this machine has (``cuda`` stands for ``cuda:0``), else
-    ``InvalidParameterError`` saying which devices exist."""
-    import torch
-
-    if allow_auto and text == "auto":
-        return text
-    here = available_devices()
-    listed = ", ".join(here + (["cuda"] if len(here) > 1 and here[1].startswith("cuda") else []))
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError, TypeError):
-        raise InvalidParameterError(f"unknown device {_short(text)}; devices here: {listed}") from None
-    if device.type == "cpu":
-        return text
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise InvalidParameterError(f"{_short(text)}: CUDA is not available on this machine; "
-                                        f"devices here: {listed}")
-        if device.index is not None and device.index >= count:
-            raise InvalidParameterError(f"{_short(text)}: this machine has {count} CUDA device(s); "
-                                        f"devices here: {listed}")
-        return text
-    if device.type == "mps" and "mps" in here:
-        return text
-    raise InvalidParameterError(f"device {_short(text)} is not available here; devices here: {listed}")
-
-
-def device_arg(allow_auto: bool = False):
-    """An argparse ``type=`` running :func:`check_device`."""
-
-    def parse(text: str) -> str:
-        try:
-            return check_device(text, allow_auto=allow_auto)
-        except InvalidParameterError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    parse.__name__ = "device"
-    return parse
-
-
-def _short(value, limit: int = 60) -> str:
-    """A repr of a user's value for a message: never long, surrogates and control characters escaped."""
-    shown = reprlib.Repr()
-    shown.maxstring = shown.maxother = limit
-    return shown.repr(value)
-
-
 def _has_surrogate(text: str) -> bool:
     try:
         text.encode("utf-8")
@@ -172,9 +71,9 @@ def _kind(value) -> str:
     if isinstance(value, bool):
         return "true/false"
     if isinstance(value, (int, float)):
-        return f"the number {_short(value, 20)}"
+        return f"the number {short_repr(value, 20)}"
     if isinstance(value, str):
-        return f"the string {_short(value, 40)}"
+        return f"the string {short_repr(value, 40)}"
     if isinstance(value, list):
         return f"a list of {len(value)}"
     if isinstance(value, dict):
@@ -208,9 +107,9 @@ def check_image_field(raw: dict) -> str:
     if not value.strip():
         raise InvalidImageError("'image' is empty; give an image file path")
     if "\x00" in value:
-        raise InvalidImageError(f"'image' {_short(value)} contains a NUL character; give an image file path")
+        raise InvalidImageError(f"'image' {short_repr(value)} contains a NUL character; give an image file path")
     if _has_surrogate(value):
-        raise InvalidImageError(f"'image' {_short(value)} is not valid Unicode (a lone surrogate); give the "
+        raise InvalidImageError(f"'image' {short_repr(value)} is not valid Unicode (a lone surrogate); give the "
                                 "path as UTF-8 text")
     return value
 
@@ -257,12 +156,12 @@ def check_boxes_field(raw: dict) -> list[tuple[float, float, float, float]]:
         numbers = isinstance(box, (list, tuple)) and len(box) == 4 and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
         if not numbers:
-            raise InvalidBoxError(f"boxes[{i}] must be 4 numbers [x1, y1, x2, y2], got {_short(box)}")
+            raise InvalidBoxError(f"boxes[{i}] must be 4 numbers [x1, y1, x2, y2], got {short_repr(box)}")
         try:
             boxes.append(as_box(box))
         except OverflowError:
             raise InvalidBoxError(f"boxes[{i}] has a coordinate too large for a number: "
-                                  f"{_short(box)}") from None
+                                  f"{short_repr(box)}") from None
     return boxes
 
 
@@ -280,48 +179,45 @@ def _echo(raw: dict, keys: tuple[str, ...]) -> dict:
     return echo
 
 
-# ---- inference tasks -------------------------------------------------------------------------------
+# ---- inference subcommands ------------------------------------------------------------------------
 
 @dataclass
-class Task:
-    """How one inference subcommand turns requests into predictor calls and JSON results."""
+class Command:
+    """An inference subcommand: the registry task it runs (``inference.tasks``), and how its requests
+    become that task's call and its results JSON."""
 
-    name: str
+    task: str  # the registry name: refer / caption_regions / caption / dense_caption
     inputs: tuple[str, ...]  # request keys echoed into the result
-    call: Callable  # (predictor, images, requests, args) -> list[dict] (one result dict per request)
+    options: Callable  # (args) -> the task's keyword options
+    to_json: Callable  # (one result of the task) -> the result dict of its request
     draw: Callable  # (image, result dict) -> PIL image
     check: Callable | None = None  # (raw request dict, Request) -> None: fills the task's fields or raises
-
-
-def _refer(predictor, images, requests, args):
-    results = predictor.refer(images, [r.texts for r in requests], adapter=args.adapter)
-    return [{"detections": [d.to_dict() for per_text in r for d in per_text]} for r in results]
+    item_arg: Callable | None = None  # (Request) -> its per-image argument (texts, boxes)
 
 
 def _check_refer(raw: dict, request: Request) -> None:
     request.texts = check_texts_field(raw)
 
 
-def _caption_regions(predictor, images, requests, args):
-    results = predictor.caption_regions(images, [r.boxes for r in requests], adapter=args.adapter,
-                                        num_beams=args.beams)
-    return [{"captions": [c.to_dict() for c in r]} for r in results]
-
-
 def _check_regions(raw: dict, request: Request) -> None:
     request.boxes = check_boxes_field(raw)
 
 
-def _caption(predictor, images, requests, args):
-    results = predictor.caption(images, trace=args.trace, adapter=args.adapter, num_beams=args.beams)
-    return [{"caption": r.text, "score": r.score, "words": [w.to_dict() for w in r.words],
-             "model_version": r.model_version} for r in results]
+def _detections_json(per_text) -> dict:
+    return {"detections": [d.to_dict() for dets in per_text for d in dets]}
 
 
-def _dense(predictor, images, requests, args):
-    results = predictor.dense_caption(images, max_regions=args.max_regions, min_score=args.min_score,
-                                      adapter=args.adapter)
-    return [{"regions": [c.to_dict() for c in r]} for r in results]
+def _captions_json(regions) -> dict:
+    return {"captions": [c.to_dict() for c in regions]}
+
+
+def _caption_json(r) -> dict:
+    return {"caption": r.text, "score": r.score, "words": [w.to_dict() for w in r.words],
+            "model_version": r.model_version}
+
+
+def _regions_json(regions) -> dict:
+    return {"regions": [c.to_dict() for c in regions]}
 
 
 def _draw_boxes(image, result):
@@ -341,15 +237,21 @@ def _draw_trace(image, result):
     return draw_trace(image, TracedCaption(result["caption"], words))
 
 
-TASKS = {
-    "refer": Task("refer", ("text", "texts"), _refer, _draw_boxes, _check_refer),
-    "caption-regions": Task("caption-regions", ("boxes",), _caption_regions, _draw_boxes, _check_regions),
-    "caption": Task("caption", (), _caption, _draw_trace),
-    "dense-caption": Task("dense-caption", (), _dense, _draw_boxes),
+# subcommand -> registry task: the one place the CLI's names meet the registry's
+COMMANDS = {
+    "refer": Command("refer", ("text", "texts"), lambda a: {"adapter": a.adapter}, _detections_json,
+                     _draw_boxes, _check_refer, item_arg=lambda r: r.texts),
+    "caption-regions": Command("caption_regions", ("boxes",), lambda a: {"adapter": a.adapter, "num_beams": a.beams},
+                               _captions_json, _draw_boxes, _check_regions, item_arg=lambda r: r.boxes),
+    "caption": Command("caption", (), lambda a: {"trace": a.trace, "adapter": a.adapter, "num_beams": a.beams},
+                       _caption_json, _draw_trace),
+    "dense-caption": Command("dense_caption", (), lambda a: {"max_regions": a.max_regions,
+                                                             "min_score": a.min_score, "adapter": a.adapter},
+                             _regions_json, _draw_boxes),
 }
 
 
-def _check_request(task: Task, raw: dict | None, error: str | None = None) -> Request:
+def _check_request(task: Command, raw: dict | None, error: str | None = None) -> Request:
     """A raw request (a parsed line, or the command line's) checked field by field; never raises."""
     if raw is None:
         return Request({}, error=error or "not a request")
@@ -384,7 +286,7 @@ def _request_from_args(args) -> dict:
     return req
 
 
-def _requests_from_args(args, task: Task) -> list[Request]:
+def _requests_from_args(args, task: Command) -> list[Request]:
     if args.batch:
         from .batch_io import read_batch
 
@@ -402,7 +304,7 @@ def _load_predictor(model: str | None, device: str | None):
     try:
         return Predictor(model, device=device)
     except OSError as exc:
-        raise CheckpointError(f"cannot read the model {_short(model)}: {exc.strerror or exc}") from exc
+        raise CheckpointError(f"cannot read the model {short_repr(model)}: {exc.strerror or exc}") from exc
 
 
 def _load_adapter(predictor, adapter: str) -> None:
@@ -419,7 +321,7 @@ def _load_adapter(predictor, adapter: str) -> None:
         raise
     except Exception as exc:
         raise PixelLLMError(f"--adapter {adapter}: not a usable LoRA adapter folder "
-                            f"({type(exc).__name__}: {_short(str(exc), 200)})") from exc
+                            f"({type(exc).__name__}: {short_repr(str(exc), 200)})") from exc
 
 
 def check_draw_target(target: str) -> Path:
@@ -451,7 +353,7 @@ def check_draw_target(target: str) -> Path:
 
 
 def _run_inference(args) -> int:
-    task = TASKS[args.command]
+    task = COMMANDS[args.command]
     draw_target = check_draw_target(args.draw) if args.draw else None
     requests = _requests_from_args(args, task)
     predictor = _load_predictor(args.model, args.device)
@@ -481,7 +383,7 @@ def _run_inference(args) -> int:
     return EXIT_FAILED if "drawing_error" in result else EXIT_OK
 
 
-def _answer(task: Task, predictor, chunk: list[Request], args) -> list[tuple[dict, object]]:
+def _answer(task: Command, predictor, chunk: list[Request], args) -> list[tuple[dict, object]]:
     """(result, loaded image or None) for each request of a chunk, in order; never raises but
     KeyboardInterrupt. Images are loaded first so a bad one fails only its own request."""
     from .geometry import clip_box
@@ -524,20 +426,23 @@ def _load_image(load_image, path: str, limits):
         raise InvalidImageError(f"{path}: cannot read the file ({exc})") from exc
 
 
-def _call(task: Task, predictor, images: list, requests: list[Request], args) -> list[dict]:
-    """One predictor call for a chunk; when it fails, each request alone, so the failure stays with the
-    request(s) that caused it."""
-    try:
-        outs = task.call(predictor, images, requests, args)
-        if len(outs) != len(requests):
-            raise RuntimeError(f"{task.name} answered {len(outs)} results for {len(requests)} requests")
-        return outs
-    except Exception as exc:
-        if len(requests) == 1:
-            return [_error_result(exc, args)]
-        log.debug("a chunk of %d requests failed (%s); answering them one by one", len(requests),
-                  _message(exc))
-    return [_call(task, predictor, [image], [request], args)[0] for image, request in zip(images, requests)]
+def _call(task: Command, predictor, images: list, requests: list[Request], args) -> list[dict]:
+    """The result fields of each request of a chunk: one predictor call for the chunk and, when it fails,
+    each request alone (``run_isolated``), so a failure stays with the request that caused it."""
+    from .inference.tasks import TASKS, run_isolated
+
+    spec, options = TASKS[task.task], task.options(args)
+    items = list(zip(images, requests))
+
+    def call(chunk: list) -> list:
+        item_args = [task.item_arg(r) for _, r in chunk] if task.item_arg is not None else None
+        return [task.to_json(r) for r in spec.call(predictor, [image for image, _ in chunk], item_args, **options)]
+
+    def retrying(n: int, exc: BaseException) -> None:
+        log.debug("a chunk of %d requests failed (%s); answering them one by one", n, _message(exc))
+
+    outcomes = run_isolated(call, items, on_retry=retrying)
+    return [_error_result(o, args) if isinstance(o, Exception) else o for o in outcomes]
 
 
 def _error_result(exc: Exception, args) -> dict:
@@ -546,11 +451,11 @@ def _error_result(exc: Exception, args) -> dict:
         return {"error": _message(exc)}
     if getattr(args, "verbose", False):
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
-    return {"error": f"internal error ({type(exc).__name__}: {_short(str(exc), 200)}); rerun with -v for the "
+    return {"error": f"internal error ({type(exc).__name__}: {short_repr(str(exc), 200)}); rerun with -v for the "
                      "traceback", "_internal": True}
 
 
-def _save_drawing(task: Task, image, result: dict, out: Path, args) -> None:
+def _save_drawing(task: Command, image, result: dict, out: Path, args) -> None:
     """Save the picture of one result; a failure is the result's ``drawing_error`` and a warning."""
     from PIL import Image
 
@@ -562,7 +467,7 @@ def _save_drawing(task: Task, image, result: dict, out: Path, args) -> None:
     except Exception as exc:
         if getattr(args, "verbose", False):
             traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _short(_message(exc), 200)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else short_repr(_message(exc), 200)
         result["drawing_error"] = f"could not save the drawing {out}: {reason}"
         print(f"warning: {result['drawing_error']}", file=sys.stderr)
 
@@ -768,7 +673,7 @@ def _serve(args) -> int:
     else:
         require_extra("serve", "fastapi", "uvicorn", "starlette", "httpx", "prometheus_client",
                       feature="pixelllm serve")
-        from .serving.app import run
+        from .serving.run import run
 
         run(args.host, args.port, model=args.model, device=args.device, warmup=args.warmup,
             engine=args.engine, fronts=args.fronts)
@@ -811,7 +716,7 @@ def _internal_error(exc: BaseException, verbose: bool) -> int:
 
 
 def _dispatch(args) -> int:
-    if args.command in TASKS:
+    if args.command in COMMANDS:
         return _run_inference(args)
     if args.command == "info":
         return _info(args)
@@ -826,7 +731,7 @@ def main(argv: list[str] | None = None) -> int:
             for a in (sys.argv[1:] if argv is None else argv)]
     bad = _undecodable_argument(argv)
     if bad is not None:
-        print(f"error: the argument {_short(bad)} is not valid UTF-8 (bytes the shell passed that do not "
+        print(f"error: the argument {short_repr(bad)} is not valid UTF-8 (bytes the shell passed that do not "
               "decode); give file names and texts as UTF-8", file=sys.stderr)
         return EXIT_USAGE
     parser = build_parser()

@@ -1,53 +1,16 @@
-"""Inference: the Predictor, its result types and the protocol both plugins use.
+"""Inference: the Predictor, its result types, the protocol both plugins use and the task registry.
 
-``get_predictor()`` is what plugins call: a ``RemotePredictor`` when ``PIXELLLM_WORKER_URL`` is set,
-otherwise one in-process ``Predictor`` per (model, device), loaded once per process.
+- ``protocol.PredictorProtocol``: the one seam (``Predictor`` in-process, ``serving.client.RemotePredictor``);
+- ``results``: ``Detection``, ``RegionCaption``, ``TracedCaption``, ``Word``;
+- ``tasks``: the four tasks (``refer``, ``caption_regions``, ``caption``, ``dense_caption``) and
+  ``run_isolated``, the batch-then-one-by-one rule of every caller.
+
+The process's shared predictor (``get_predictor`` / ``release_predictors``) is in ``pixelllm_plugins.predictors``.
 """
 
 from __future__ import annotations
 
-import os
-import threading
-
 from .protocol import PredictorProtocol
 from .results import Detection, RegionCaption, TracedCaption, Word
 
-__all__ = ["PredictorProtocol", "Detection", "RegionCaption", "TracedCaption", "Word", "get_predictor",
-           "release_predictors"]
-
-_lock = threading.Lock()
-_predictors: dict[tuple, PredictorProtocol] = {}
-
-
-def get_predictor(model: str | None = None, *, device: str | None = None,
-                  worker_url: str | None = None) -> PredictorProtocol:
-    """Shared predictor for this process (plugins call this instead of loading models themselves)."""
-    url = worker_url if worker_url is not None else os.environ.get("PIXELLLM_WORKER_URL", "")
-    key = ("remote", url, model) if url else ("local", model, device)
-    with _lock:
-        if key not in _predictors:
-            if url:
-                from ..serving.client import RemotePredictor
-
-                _predictors[key] = RemotePredictor(url, token=os.environ.get("PIXELLLM_WORKER_TOKEN"),
-                                                   model=model)
-            else:
-                from .predictor import Predictor
-
-                _predictors[key] = Predictor(model, device=device)
-        return _predictors[key]
-
-
-def release_predictors() -> int:
-    """Drop every cached predictor (frees GPU memory); returns how many were released."""
-    with _lock:
-        n = len(_predictors)
-        _predictors.clear()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:  # pragma: no cover
-        pass
-    return n
+__all__ = ["PredictorProtocol", "Detection", "RegionCaption", "TracedCaption", "Word"]

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--log-level", default="warning")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    from .app import run
+    from .run import run
 
     run(args.host, args.port, model=args.model, factory=args.factory, log_level=args.log_level,
         device=args.device, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,

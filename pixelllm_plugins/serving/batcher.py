@@ -4,7 +4,8 @@ One model per process, driven by one inference thread. HTTP handlers (asyncio) `
 await its future; the thread takes the oldest waiting job, gathers the other waiting jobs with the same
 key (up to ``max_batch_size`` images), waits at most ``max_wait_ms`` after the oldest job arrived for
 more, then calls the Predictor once with the combined lists and hands each job its own result. If the
-combined call fails, each job is retried alone so one bad request cannot fail its neighbours.
+combined call fails, each job is retried alone (``inference.tasks.run_isolated``) so one bad request
+cannot fail its neighbours. A job's task is a registry name (``inference.tasks.TASKS``), as is its route.
 
 ``run_jobs`` (grouped execution with that fallback) is shared with the Ray Serve deployment, which
 batches with ``@serve.batch`` instead of this thread.
@@ -25,17 +26,17 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PixelLLMError
+from ..inference.tasks import run_isolated, task_spec
 from .adapters import AdapterLRU
 
 log = logging.getLogger(__name__)
 
-TASKS = ("refer", "caption_regions", "caption", "dense_caption")
-
 
 @dataclass(eq=False)
 class Job:
-    """One image's worth of work. ``arg``: texts (refer) or boxes (caption_regions); ``options``: keyword
-    arguments of the Predictor call as sorted (name, value) pairs (they must match to share a batch)."""
+    """One image's worth of work. ``task``: a registry name (``inference.tasks.TASKS``); ``arg``: texts
+    (refer) or boxes (caption_regions); ``options``: keyword arguments of the Predictor call as sorted
+    (name, value) pairs (they must match to share a batch)."""
 
     task: str
     image: Any
@@ -47,26 +48,6 @@ class Job:
     @property
     def key(self) -> tuple:
         return (self.task, self.adapter, self.options)
-
-
-def call_predictor(predictor, task: str, adapter: str | None, options: tuple, images: list,
-                   args: list) -> list:
-    """One Predictor call for a group of jobs sharing (task, adapter, options); one result per image."""
-    kwargs = dict(options)
-    if task == "refer":
-        out = predictor.refer(images, args, adapter=adapter)
-    elif task == "caption_regions":
-        out = predictor.caption_regions(images, args, adapter=adapter, **kwargs)
-    elif task == "caption":
-        out = predictor.caption(images, adapter=adapter, **kwargs)
-    elif task == "dense_caption":
-        out = predictor.dense_caption(images, adapter=adapter, **kwargs)
-    else:  # pragma: no cover - the app only builds known tasks
-        raise ValueError(f"unknown task {task!r}")
-    out = list(out)
-    if len(out) != len(images):
-        raise RuntimeError(f"predictor.{task} returned {len(out)} results for {len(images)} images")
-    return out
 
 
 def predictor_factory(model: Any = None, device: str | None = None) -> Callable[[], Any]:
@@ -103,22 +84,26 @@ def run_jobs(predictor, jobs: list[Job], adapters: AdapterLRU | None = None,
     if not jobs:
         return []
     task, adapter, options = jobs[0].key
-    try:
+
+    def call(group: list[Job]) -> list:
+        spec = task_spec(task)  # an unknown task (the app builds known ones only) fails its jobs
         if adapters is not None:
             adapters.activate(adapter)
         start = time.perf_counter()
-        results = call_predictor(predictor, task, adapter, options, [j.image for j in jobs],
-                                 [j.arg for j in jobs])
+        results = spec.call(predictor, [j.image for j in group],
+                            [j.arg for j in group] if spec.item_arg else None, adapter=adapter, **dict(options))
         if observe is not None:
-            observe(task, len(jobs), time.perf_counter() - start)
+            observe(task, len(group), time.perf_counter() - start)
         return results
-    except Exception as exc:  # noqa: BLE001 - reported per job
-        if len(jobs) == 1:
-            if not isinstance(exc, PixelLLMError):
-                log.exception("%s failed", task)
-            return [exc]
-        log.info("%s batch of %d failed (%s); running its jobs one by one", task, len(jobs), exc)
-        return [run_jobs(predictor, [j], adapters, observe)[0] for j in jobs]
+
+    def retrying(n: int, exc: BaseException) -> None:
+        log.info("%s batch of %d failed (%s); running its jobs one by one", task, n, exc)
+
+    outcomes = run_isolated(call, jobs, on_retry=retrying)
+    for outcome in outcomes:
+        if isinstance(outcome, Exception) and not isinstance(outcome, PixelLLMError):
+            log.error("%s failed", task, exc_info=outcome)
+    return outcomes
 
 
 def group_jobs(jobs: list[Job]) -> list[list[int]]:

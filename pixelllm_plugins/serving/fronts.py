@@ -23,6 +23,7 @@ import tempfile
 import threading
 from multiprocessing.connection import Listener
 
+from .engines import batcher_options
 from .process_engine import Links, ProcessEngine, engine_spec, serve_link, start_batcher
 from .settings import WorkerSettings
 
@@ -81,8 +82,6 @@ def run_fronts(host: str, port: int, model: str | None, settings: WorkerSettings
     address, authkey = os.path.join(folder, "model.sock"), os.urandom(32)
     metrics_dir = os.path.join(folder, "metrics")
     os.mkdir(metrics_dir)
-    from .app import batcher_options  # app imports this module lazily in its turn
-
     spec = engine_spec(model, factory=factory, device=settings.device,
                        log_level=logging.getLogger().getEffectiveLevel(), **batcher_options(model, settings))
     ctx = multiprocessing.get_context("spawn")

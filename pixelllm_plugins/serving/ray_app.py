@@ -21,7 +21,7 @@ from typing import Any
 
 from ray import serve
 
-from .app import adapter_roots, create_app
+from .app import create_app
 from .batcher import (
     EngineInfo,
     Job,
@@ -32,6 +32,7 @@ from .batcher import (
     wants_warmup,
     warm_up,
 )
+from .engines import adapter_roots
 from .metrics import WorkerMetrics
 from .settings import WorkerSettings
 

@@ -18,8 +18,8 @@ CAPTION_METRIC_TASKS = ("region", "caption")
 
 
 def add_training_parsers(sub) -> None:
+    from ..argtypes import device_arg, float_arg, int_arg
     from ..bounds import argtype as bound_arg
-    from ..cli import device_arg, float_arg, int_arg
 
     positive, non_negative = int_arg(1), int_arg(0)
     p = sub.add_parser("train", help="train a model with a named recipe (resumes OUT/checkpoint-last)",
@@ -156,7 +156,7 @@ def _eval(args) -> int:
     if os.environ.get("PIXELLLM_WORKER_URL"):
         require_extra("serve", "httpx", feature="pixelllm eval with PIXELLLM_WORKER_URL")
     from ..evaluation.evaluate import evaluate, markdown_table, write_report
-    from ..inference import get_predictor
+    from ..predictors import get_predictor
 
     predictor = get_predictor(args.model, device=args.device)
     results = evaluate(predictor, args.data, args.split, tasks=args.tasks, limit=args.limit,

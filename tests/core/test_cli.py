@@ -318,17 +318,18 @@ def test_cuda_without_cuda_says_which_devices_exist(capsys, scene_files, monkeyp
 def test_check_device_with_two_cuda_devices(monkeypatch):
     import torch
 
+    from pixelllm_plugins.argtypes import check_device
     from pixelllm_plugins.errors import InvalidParameterError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     for ok in ("cpu", "cuda", "cuda:0", "cuda:1"):
-        assert cli.check_device(ok) == ok
-    assert cli.check_device("auto", allow_auto=True) == "auto"
+        assert check_device(ok) == ok
+    assert check_device("auto", allow_auto=True) == "auto"
     for bad, message in (("cuda:2", "has 2 CUDA device(s); devices here: cpu, cuda:0, cuda:1, cuda"),
                          ("auto", "unknown device 'auto'"), ("gpu9", "unknown device")):
         with pytest.raises(InvalidParameterError) as exc:
-            cli.check_device(bad)
+            check_device(bad)
         assert message in str(exc.value)
 
 
@@ -373,9 +374,9 @@ def test_internal_errors_are_one_line_and_v_shows_the_traceback(capsys, monkeypa
 def _no_servers(monkeypatch):
     """Make sure no test below starts a server even if the extra check let it through."""
     import label_studio_backend.server
-    import pixelllm_plugins.serving.app
+    import pixelllm_plugins.serving.run
 
-    for module in (label_studio_backend.server, pixelllm_plugins.serving.app):
+    for module in (label_studio_backend.server, pixelllm_plugins.serving.run):
         monkeypatch.setattr(module, "run", lambda *a, **kw: pytest.fail("started a server"))
     ray_app = sys.modules.get("pixelllm_plugins.serving.ray_app")
     if ray_app is not None:

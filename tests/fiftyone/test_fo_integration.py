@@ -15,7 +15,7 @@ import pytest
 from fiftyone.operators.delegated import DelegatedOperationService
 from fiftyone.operators.executor import ExecutionContext, Executor
 
-from pixelllm_plugins import inference
+from pixelllm_plugins import predictors
 from pixelllm_plugins.geometry import fo_relative_to_xyxy, xyxy_to_fo_relative
 from pixelllm_plugins.integrations import fiftyone as pxfo
 
@@ -26,9 +26,9 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture()
 def fresh_predictors():
-    inference.release_predictors()
+    predictors.release_predictors()
     yield
-    inference.release_predictors()
+    predictors.release_predictors()
 
 
 def _approx_box(values, abs=1e-4):
@@ -72,7 +72,7 @@ def test_operators_with_the_real_predictor(plugin_installed, dataset, tiny_check
         regions = tiny_predictor.dense_caption([sample.filepath], max_regions=3, min_score=0.0)[0]
         assert [d.caption for d in sample.pixelllm_regions.detections] == [r.text for r in regions]
     # one model load for all four runs (the cache lives in pixelllm_plugins, not in the plugin module)
-    assert len(inference._predictors) == 1
+    assert len(predictors._predictors) == 1
 
 
 def test_apply_model_with_the_real_predictor(dataset, tiny_predictor):
@@ -141,7 +141,7 @@ def test_remote_mode_uses_the_worker(plugin_installed, dataset, worker, tiny_pre
     assert worker in form["pixelllm_mode"].view.label
     res = foo.execute_operator(f"{PLUGIN}/refer", ctx=dict(dataset=dataset, params={"prompt_field": "refexp"}))
     assert res.result["processed"] == 6 and res.result["model_version"] == tiny_predictor.model_version
-    assert [type(p) for p in inference._predictors.values()] == [RemotePredictor]
+    assert [type(p) for p in predictors._predictors.values()] == [RemotePredictor]
     for sample in dataset.limit(3):
         (expected,) = tiny_predictor.refer([sample.filepath], [[sample.refexp]])[0][0]
         w, h = _size(sample)

@@ -147,18 +147,18 @@ def test_request_errors_surface_as_execution_errors(plugin_installed, dataset, f
 
 
 def test_free_model_operator(plugin_installed, dataset):
-    from pixelllm_plugins import inference
+    from pixelllm_plugins import predictors
 
-    inference._predictors[("local", "x", None)] = object()
+    predictors._predictors[("local", "x", None)] = object()
     res = foo.execute_operator(uri("free_model"), ctx=dict(dataset=dataset, params={}))
-    assert res.result["released"] >= 1 and inference._predictors == {}
+    assert res.result["released"] >= 1 and predictors._predictors == {}
 
 
 def test_model_is_loaded_once_across_operator_runs(plugin_installed, dataset, monkeypatch):
     """The plugin module is re-imported per run; the predictor cache lives in pixelllm_plugins."""
     from fakes import FakePredictor
 
-    from pixelllm_plugins import inference
+    from pixelllm_plugins import predictors
 
     built = []
 
@@ -168,14 +168,14 @@ def test_model_is_loaded_once_across_operator_runs(plugin_installed, dataset, mo
             built.append(self)
 
     monkeypatch.setattr("pixelllm_plugins.inference.predictor.Predictor", Counting)
-    inference.release_predictors()
+    predictors.release_predictors()
     try:
         for field in ("a", "b", "c"):
             foo.execute_operator(uri("refer"), ctx=dict(dataset=dataset, params={"prompt": "x", "label_field": field,
                                                                                  "model": "some-model"}))
         assert len(built) == 1 and dataset.count("c") == 6
     finally:
-        inference.release_predictors()
+        predictors.release_predictors()
 
 
 def test_zoo_resolve_input_form():

@@ -270,8 +270,8 @@ def test_foreign_labels_in_output_field_are_not_clobbered(dataset, fake):
 
 
 def test_free_model_releases_cached_predictors():
-    from pixelllm_plugins import inference
+    from pixelllm_plugins import predictors
 
-    inference._predictors[("local", "dummy", None)] = object()
+    predictors._predictors[("local", "dummy", None)] = object()
     assert pxfo.free_model() >= 1
-    assert inference._predictors == {}
+    assert predictors._predictors == {}

@@ -21,9 +21,9 @@ from pixelllm_plugins.errors import (
     InvalidImageError,
     RemoteError,
 )
-from pixelllm_plugins.inference import get_predictor, release_predictors
 from pixelllm_plugins.inference.protocol import PredictorProtocol
 from pixelllm_plugins.io import ImageLimits, open_encoded
+from pixelllm_plugins.predictors import get_predictor, release_predictors
 from pixelllm_plugins.serving.app import create_app
 from pixelllm_plugins.serving.client import RemotePredictor, encode_image
 from pixelllm_plugins.serving.settings import WorkerSettings

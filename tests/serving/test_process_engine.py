@@ -17,9 +17,9 @@ from PIL import Image
 from serving_helpers import WorkerProcess, image_field, png_bytes, tiny_available, wait_until
 
 from pixelllm_plugins.errors import InvalidPromptError
-from pixelllm_plugins.serving.app import build_engine
 from pixelllm_plugins.serving.batcher import DynamicBatcher, Job, ShuttingDown
 from pixelllm_plugins.serving.client import RemotePredictor
+from pixelllm_plugins.serving.engines import build_engine
 from pixelllm_plugins.serving.process_engine import ModelProcessError, ProcessEngine
 from pixelllm_plugins.serving.settings import WorkerSettings
 

@@ -6,8 +6,8 @@ swaps the model for every run and every ``PixelLLMModel`` of the process.
 
 from __future__ import annotations
 
-from ...inference import get_predictor, release_predictors
 from ...inference.protocol import PredictorProtocol
+from ...predictors import get_predictor, release_predictors
 
 
 def resolve_predictor(predictor: PredictorProtocol | None, model: str | None) -> PredictorProtocol:

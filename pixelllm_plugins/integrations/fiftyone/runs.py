@@ -16,6 +16,7 @@ import fiftyone.core.collections as foc
 
 from ...errors import InvalidParameterError, PixelLLMError, RemoteError
 from ...inference.protocol import PredictorProtocol
+from ...inference.tasks import run_isolated
 from ...io import open_encoded
 from .params import (
     DEFAULT_BATCH_SIZE,
@@ -71,29 +72,20 @@ class RunSummary:
 
 
 def _infer_isolated(task: _Task, items: list[_Item]) -> None:
-    """Run the batch; if it fails, run its samples one by one so one bad sample fails alone."""
-    try:
-        results = task.infer(items)
-        if len(results) != len(items):
-            raise PixelLLMError(f"the predictor returned {len(results)} results for {len(items)} images")
-        for item, res in zip(items, results):
-            item.result = res
-        return
-    except PixelLLMError as exc:
-        if len(items) == 1:
-            items[0].error = str(exc)
-            return
-        logger.info("batch of %d failed (%s); retrying one sample at a time", len(items), exc)
-    remote_errors = 0
-    for item in items:
-        try:
-            item.result = task.infer([item])[0]
-        except RemoteError as exc:
-            item.error = str(exc)
-            remote_errors += 1
-        except PixelLLMError as exc:
-            item.error = str(exc)
-    if remote_errors == len(items):
+    """Run the batch; if it fails, run its samples one by one (``run_isolated``) so one bad sample fails
+    alone. Only project errors stay with their sample (anything else stops the run), and a batch whose
+    every sample failed on the GPU worker stops the run with ``RemoteError``."""
+
+    def retrying(n: int, exc: BaseException) -> None:
+        logger.info("batch of %d failed (%s); retrying one sample at a time", n, exc)
+
+    outcomes = run_isolated(task.infer, items, isolate=PixelLLMError, on_retry=retrying)
+    for item, outcome in zip(items, outcomes):
+        if isinstance(outcome, BaseException):
+            item.error = str(outcome)
+        else:
+            item.result = outcome
+    if len(items) > 1 and all(isinstance(o, RemoteError) for o in outcomes):
         raise RemoteError(f"the GPU worker failed on every sample of a batch: {items[0].error}")
 
 
