@@ -24,7 +24,7 @@ import bson
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from pixelllm_plugins.bounds import BOUNDS
+from pixelllm_plugins.bounds import BOUNDS, DEFAULT_MIN_SCORE
 from pixelllm_plugins.integrations import fiftyone as pxfo
 
 PLUGIN = "@pixelllm/pixelllm"
@@ -234,7 +234,7 @@ class DenseCaption(_PixelLLMOperator):
         inputs.str("label_field", default=pxfo.DEFAULT_DENSE_FIELD, required=False, label="Output field")
         inputs.int("max_regions", default=20, required=False, label="Max regions per image",
                    **_range("max_regions"))
-        inputs.float("min_score", default=0.3, required=False, label="Min proposal score",
+        inputs.float("min_score", default=DEFAULT_MIN_SCORE, required=False, label="Min proposal score",
                      **_range("min_score"))
         _common_inputs(ctx, inputs)
         _check_form(ctx, inputs, self.name)

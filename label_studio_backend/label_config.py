@@ -58,7 +58,7 @@ class ModelOptions:
 
     max_regions: int = 20  # model_max_regions: dense-caption regions per image
     max_boxes: int = 1  # model_max_boxes: boxes per referring expression
-    score_threshold: float | None = None  # model_score_threshold: lowest score kept (dense default: 0.3)
+    score_threshold: float | None = None  # model_score_threshold: lowest score kept (dense default: bounds.DEFAULT_MIN_SCORE)
 
 
 @dataclass

@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from pixelllm_plugins.bounds import BOUNDS
+from pixelllm_plugins.bounds import BOUNDS, DEFAULT_MIN_SCORE
 from pixelllm_plugins.errors import InvalidPromptError, PixelLLMError
 from pixelllm_plugins.inference.tasks import TASKS, run_isolated
 from pixelllm_plugins.tokenizer import validate_text
@@ -302,7 +302,7 @@ class PixelLLMBackend(LabelStudioMLBase):
         kw: dict = {"adapter": adapter} if adapter else {}
         max_boxes, threshold = options.max_boxes, options.score_threshold
         if op == "dense_caption":
-            kw |= {"max_regions": options.max_regions, "min_score": 0.3 if threshold is None else threshold}
+            kw |= {"max_regions": options.max_regions, "min_score": DEFAULT_MIN_SCORE if threshold is None else threshold}
         elif op == "caption":  # the config's caption_trace
             kw["trace"] = True
 

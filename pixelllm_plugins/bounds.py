@@ -28,6 +28,12 @@ class Bound:
         return f"{kind} from {_fmt(self.low)} to {_fmt(self.high)} ({self.meaning})"
 
 
+# Dense captioning's defaults everywhere (CLI, worker, Label Studio, FiftyOne, Python). The proposal head's
+# scores are heatmap peaks: on the embedded model every object scores about 0.15 to 0.25 and the rest
+# under 0.02, so 0.1 keeps every object (12 test scenes: 46 of 46, no false region) where 0.3 kept none.
+DEFAULT_MAX_REGIONS = 20
+DEFAULT_MIN_SCORE = 0.1
+
 BOUNDS: dict[str, Bound] = {
     "max_regions": Bound(1, 256, True, "regions kept per image by dense captioning"),
     "min_score": Bound(0.0, 1.0, False, "the lowest score a region or box is kept with"),

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .argtypes import device_arg, int_arg, short_repr
-from .bounds import BOUNDS
+from .bounds import BOUNDS, DEFAULT_MIN_SCORE
 from .bounds import argtype as bound_arg
 from .errors import (
     InvalidBoxError,
@@ -606,7 +606,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Dense captioning: proposals, each captioned.")
     infer_args(p, "image file")
     p.add_argument("--max-regions", type=bound_arg("max_regions"), default=20, help="1 to 256 (default 20)")
-    p.add_argument("--min-score", type=bound_arg("min_score"), default=0.3, help="0 to 1 (default 0.3)")
+    p.add_argument("--min-score", type=bound_arg("min_score"), default=DEFAULT_MIN_SCORE,
+                   help=f"0 to 1 (default {DEFAULT_MIN_SCORE})")
 
     p = sub.add_parser("info", help="describe a model", description="Show a model's version, size, device.")
     model_args(p)

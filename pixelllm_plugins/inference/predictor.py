@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..bounds import DEFAULT_MAX_REGIONS, DEFAULT_MIN_SCORE
 from ..bounds import check as check_bound
 from ..config import VisionConfig
 from ..errors import InvalidPromptError, PixelLLMError
@@ -452,7 +453,7 @@ class Predictor:
         return words
 
     @torch.inference_mode()
-    def dense_caption(self, images: Sequence[ImageInput], *, max_regions: int = 20, min_score: float = 0.3,
+    def dense_caption(self, images: Sequence[ImageInput], *, max_regions: int = DEFAULT_MAX_REGIONS, min_score: float = DEFAULT_MIN_SCORE,
                       adapter: str | None = None, max_new_tokens: int = 20) -> list[list[RegionCaption]]:
         if self.model.proposal_head is None:
             raise PixelLLMError(f"model {self.base_version} has no proposal head; dense captioning needs a "

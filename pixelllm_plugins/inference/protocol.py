@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
+from ..bounds import DEFAULT_MAX_REGIONS, DEFAULT_MIN_SCORE
 from ..io import ImageInput
 from .results import Detection, RegionCaption, TracedCaption
 
@@ -30,6 +31,6 @@ class PredictorProtocol(Protocol):
                 max_new_tokens: int = 40, num_beams: int = 1) -> list[TracedCaption]:
         """One whole-image caption per image; with ``trace`` every word carries a box and points."""
 
-    def dense_caption(self, images: Sequence[ImageInput], *, max_regions: int = 20, min_score: float = 0.3,
+    def dense_caption(self, images: Sequence[ImageInput], *, max_regions: int = DEFAULT_MAX_REGIONS, min_score: float = DEFAULT_MIN_SCORE,
                       adapter: str | None = None) -> list[list[RegionCaption]]:
         """Proposals from the detection head, each captioned; sorted by score."""

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from .. import errors as errors_module
+from ..bounds import DEFAULT_MAX_REGIONS, DEFAULT_MIN_SCORE
 from ..errors import (
     InvalidBoxError,
     InvalidPromptError,
@@ -263,7 +264,7 @@ class RemotePredictor:
                               score=float(a.get("score", 1.0)), model_version=a.get("model_version", ""))
                 for a in answers]
 
-    def dense_caption(self, images: Sequence[ImageInput], *, max_regions: int = 20, min_score: float = 0.3,
+    def dense_caption(self, images: Sequence[ImageInput], *, max_regions: int = DEFAULT_MAX_REGIONS, min_score: float = DEFAULT_MIN_SCORE,
                       adapter: str | None = None) -> list[list[RegionCaption]]:
         bodies = [self._body(im, adapter, max_regions=max_regions, min_score=min_score) for im in images]
         answers = self._post_each("/v1/dense_caption", bodies)

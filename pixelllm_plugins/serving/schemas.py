@@ -12,7 +12,7 @@ from typing import Annotated
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from ..bounds import BOUNDS, check
+from ..bounds import BOUNDS, DEFAULT_MIN_SCORE, check
 from ..errors import InvalidParameterError
 
 ADAPTER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
@@ -97,7 +97,7 @@ class CaptionRequest(_Request):
 
 class DenseCaptionRequest(_Request):
     max_regions: MaxRegions = 20
-    min_score: MinScore = 0.3
+    min_score: MinScore = DEFAULT_MIN_SCORE
 
 
 class DetectionOut(BaseModel):

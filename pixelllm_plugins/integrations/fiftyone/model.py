@@ -11,6 +11,7 @@ import fiftyone.core.models as fom
 import numpy as np
 from PIL import Image
 
+from ...bounds import DEFAULT_MAX_REGIONS, DEFAULT_MIN_SCORE
 from ...errors import PixelLLMError
 from ...inference.protocol import PredictorProtocol
 from ...io import load_image, open_encoded
@@ -39,7 +40,7 @@ class PixelLLMModel(fom.Model, fom.SamplesMixin):
     """
 
     def __init__(self, operation: str = "refer", *, prompt: str | None = None, model: str | None = None,
-                 predictor: PredictorProtocol | None = None, max_regions: int = 20, min_score: float = 0.3,
+                 predictor: PredictorProtocol | None = None, max_regions: int = DEFAULT_MAX_REGIONS, min_score: float = DEFAULT_MIN_SCORE,
                  caption_attribute: str = DEFAULT_CAPTION_ATTRIBUTE, max_new_tokens: int | None = None,
                  num_beams: int = 1):
         fom.SamplesMixin.__init__(self)

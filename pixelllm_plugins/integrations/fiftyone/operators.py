@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from ...bounds import DEFAULT_MAX_REGIONS, DEFAULT_MIN_SCORE
 from ...errors import InvalidParameterError
 from .params import _check_common, _shown
 from .tasks import _CaptionRegionsTask, _DenseTask, _ReferTask, _TraceTask
@@ -16,7 +17,7 @@ OPERATOR_PARAMETERS: dict[str, tuple[str, ...]] = {
     "caption_with_trace": ("caption_field", "trace_field"),
 }
 COMMON_PARAMETERS = ("model", "batch_size", "overwrite")
-_OPERATOR_DEFAULTS = {"max_regions": 20, "min_score": 0.3}
+_OPERATOR_DEFAULTS = {"max_regions": DEFAULT_MAX_REGIONS, "min_score": DEFAULT_MIN_SCORE}
 
 
 def operator_kwargs(operation: str, params: Mapping | None) -> dict:

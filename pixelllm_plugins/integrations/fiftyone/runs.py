@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import fiftyone.core.collections as foc
 
+from ...bounds import DEFAULT_MIN_SCORE
 from ...errors import InvalidParameterError, PixelLLMError, RemoteError
 from ...inference.protocol import PredictorProtocol
 from ...inference.tasks import run_isolated
@@ -205,7 +206,7 @@ def run_caption_regions(samples, *, boxes_field: str | None = None,
 
 
 def run_dense_caption(samples, *, label_field: str = DEFAULT_DENSE_FIELD, max_regions: int = 20,
-                      min_score: float = 0.3, overwrite: bool = False, batch_size: int = DEFAULT_BATCH_SIZE,
+                      min_score: float = DEFAULT_MIN_SCORE, overwrite: bool = False, batch_size: int = DEFAULT_BATCH_SIZE,
                       model: str | None = None, predictor: PredictorProtocol | None = None,
                       progress: ProgressCallback | None = None) -> RunSummary:
     """Propose regions and caption each: ``fo.Detections`` with a short ``label`` and a ``caption``."""
