@@ -6,6 +6,8 @@ No sleeps as synchronisation: everything waits on events or polls a condition ag
 from __future__ import annotations
 
 import base64
+import contextlib
+import http.server
 import importlib.util
 import io
 import os
@@ -187,3 +189,39 @@ class WorkerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+# ---- a loopback image host for URL images --------------------------------------------------------------
+
+def _image_host_handler(routes: dict):
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            status, body = routes.get(self.path, (404, b"no"))
+            if status in (301, 302, 303, 307, 308):
+                self.send_response(status)
+                self.send_header("Location", body)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    return Handler
+
+
+@contextlib.contextmanager
+def image_host(routes: dict):
+    """Serve ``routes`` (path -> (status, body), or (302, location) for a redirect) on 127.0.0.1; yields
+    "127.0.0.1:PORT"."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _image_host_handler(routes))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import http.server
 import io
 import threading
 
@@ -13,6 +12,7 @@ import pytest
 from fakes import FakePredictor
 from PIL import Image
 from serving_helpers import GateFake, ThreadedServer, free_port, png_bytes, wait_until
+from serving_helpers import image_host as serve_image_host
 
 from pixelllm_plugins.errors import (
     ImageFetchError,
@@ -211,44 +211,15 @@ def test_get_predictor_returns_a_remote_predictor_when_the_worker_url_is_set(mon
 
 # ---- image URLs from allowed hosts ---------------------------------------------------------------------
 
-class _ImageHost(http.server.BaseHTTPRequestHandler):
-    png = png_bytes(50, 40)
-
-    def do_GET(self):  # noqa: N802
-        if self.path == "/img.png":
-            self._send(200, self.png)
-        elif self.path == "/hop":
-            self._redirect("/img.png")
-        elif self.path == "/away":
-            self._redirect("http://elsewhere.test/img.png")
-        elif self.path == "/big":
-            self._send(200, self.png + bytes(200_000))
-        else:
-            self._send(404, b"no")
-
-    def _send(self, status, body):
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _redirect(self, where):
-        self.send_response(302)
-        self.send_header("Location", where)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
+URL_PNG = png_bytes(50, 40)
 
 
 @pytest.fixture(scope="module")
 def image_host():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ImageHost)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    routes = {"/img.png": (200, URL_PNG), "/hop": (302, "/img.png"), "/away": (302, "http://elsewhere.test/img.png"),
+              "/big": (200, URL_PNG + bytes(200_000))}
+    with serve_image_host(routes) as host:
+        yield host
 
 
 def test_url_images_only_from_allowed_hosts_with_limits(make_client, image_host):

@@ -12,7 +12,6 @@ After the examples, a good request is still answered 200.
 from __future__ import annotations
 
 import concurrent.futures
-import http.server
 import io
 import json
 import math
@@ -29,6 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from serving_helpers import WorkerProcess, b64, png_bytes, tiny_available, wait_until
+from serving_helpers import image_host as serve_image_host
 
 from pixelllm_plugins.serving.app import create_app
 from pixelllm_plugins.serving.settings import WorkerSettings
@@ -55,43 +55,14 @@ FILES = [PNG] + [_encoded(fmt) for fmt in ("JPEG", "WEBP", "BMP", "TIFF", "GIF")
 
 # ---- a loopback image host for URL images --------------------------------------------------------------
 
-class _ImageHost(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802
-        if self.path == "/ok.png":
-            self._send(200, PNG)
-        elif self.path == "/redirect":
-            self._redirect("/ok.png")
-        elif self.path == "/away":
-            self._redirect("http://elsewhere.test/ok.png")
-        elif self.path == "/loop":
-            self._redirect("/loop")
-        elif self.path == "/junk":
-            self._send(200, b"not an image at all")
-        else:
-            self._send(404, b"no")
-
-    def _send(self, status, body):
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _redirect(self, where):
-        self.send_response(302)
-        self.send_header("Location", where)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
+IMAGE_HOST_ROUTES = {"/ok.png": (200, PNG), "/redirect": (302, "/ok.png"), "/away": (302, "http://elsewhere.test/ok.png"),
+                     "/loop": (302, "/loop"), "/junk": (200, b"not an image at all")}
 
 
 @pytest.fixture(scope="module")
 def image_host():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ImageHost)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with serve_image_host(IMAGE_HOST_ROUTES) as host:
+        yield host
 
 
 @pytest.fixture(scope="module")
