@@ -2,7 +2,8 @@
 
 Public boundary convention: ``x1, y1, x2, y2`` in pixels of the original image.
 Label Studio uses percent ``x, y, width, height`` (0-100); FiftyOne uses relative
-``[x, y, w, h]`` (0-1).
+``[x, y, w, h]`` (0-1). Masks and polygons (COCO RLE / polygons, Label Studio polygon points, FiftyOne
+polylines and instance masks) convert in :mod:`pixelllm_plugins.masks`.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Flow: ``write_synthetic_dataset`` (or the real LN / RefCOCO / VG / COCO files) -
 ``make_dataloader`` draws one source per batch by weight.
 """
 
-from .collate import collate, encode_prompt, utterance_assignment
+from .collate import MaskTargets, collate, collate_with_masks, encode_prompt, utterance_assignment
 from .formats import SyntheticDataset, annotate_scene, write_synthetic_dataset
 from .loaders import load_coco_captions, load_localized_narratives, load_refcoco, load_vg
 from .mixture import (
@@ -16,15 +16,26 @@ from .mixture import (
     make_dataloader,
     synthetic_sources,
 )
-from .synthetic import EXTRA_SHAPES, SHAPES, Scene, SceneConfig, generate_scene, render_scene, scene_seed
+from .synthetic import (
+    EXTRA_SHAPES,
+    SHAPES,
+    Scene,
+    SceneConfig,
+    generate_scene,
+    object_mask,
+    render_scene,
+    scene_masks,
+    scene_seed,
+)
 from .transforms import TASK_AUGMENT, AugmentConfig, TransformedSample, eval_transform, train_transform
 from .types import AnnotationError, AnnotationWarning, GroundedSample, PromptRecord
 
 __all__ = [
-    "DEFAULT_SYNTHETIC_WEIGHTS", "EXTRA_SHAPES", "SHAPES", "TASK_AUGMENT", "AnnotationError", "AnnotationWarning",
-    "AugmentConfig", "GroundedSample", "MixtureDataset", "PromptRecord", "Scene", "SceneConfig", "Source",
-    "SyntheticDataset", "TransformedSample", "annotate_scene", "collate", "encode_prompt", "eval_transform",
-    "generate_scene", "iterate_eval_batches", "load_coco_captions", "load_localized_narratives", "load_refcoco",
-    "load_vg", "make_dataloader", "render_scene", "scene_seed", "synthetic_sources", "train_transform",
+    "DEFAULT_SYNTHETIC_WEIGHTS", "EXTRA_SHAPES", "SHAPES", "TASK_AUGMENT", "AnnotationError",
+    "AnnotationWarning", "AugmentConfig", "GroundedSample", "MaskTargets", "MixtureDataset", "PromptRecord",
+    "Scene", "SceneConfig", "Source", "SyntheticDataset", "TransformedSample", "annotate_scene", "collate",
+    "collate_with_masks", "encode_prompt", "eval_transform", "generate_scene", "iterate_eval_batches",
+    "load_coco_captions", "load_localized_narratives", "load_refcoco", "load_vg", "make_dataloader",
+    "object_mask", "render_scene", "scene_masks", "scene_seed", "synthetic_sources", "train_transform",
     "utterance_assignment", "write_synthetic_dataset",
 ]

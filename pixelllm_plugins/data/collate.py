@@ -11,6 +11,11 @@
 All targets are normalised by the un-padded image size. Padding prompt rows (``prompt_mask`` False) hold a
 minimal valid sequence (context ``[EOS]``, text ``[BOS, EOS]``) so that no attention row is empty; they
 carry no loss.
+
+Masks: the model reads none yet, so :func:`collate` ignores ``PromptRecord.target_mask`` (its transforms
+drop them rather than map them: no cost);
+:func:`collate_with_masks` returns the same :class:`ModelInputs` (the same random draws) plus
+:class:`MaskTargets`, each prompt row's target mask on the padded canvas, for a mask loss.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import numpy as np
 import torch
 
 from ..config import PixelLLMConfig, PromptTemplates
+from ..masks import rle_to_mask
 from ..modeling.inputs import ModelInputs
 from ..tokenizer import PixelTokenizer
 from .transforms import TASK_AUGMENT, AugmentConfig, TransformedSample, _Rng, eval_transform, train_transform
@@ -134,6 +140,15 @@ def _select(prompts: list[PromptRecord], max_prompts: int, rng: _Rng | None) -> 
     return [prompts[i] for i in chosen]
 
 
+@dataclass
+class MaskTargets:
+    """Target masks of a batch's prompt rows, aligned with :class:`ModelInputs`' ``[B, N]`` rows."""
+
+    masks: torch.Tensor  # [B, N, S // stride, S // stride] bool, on the padded canvas; zeros where no mask
+    mask_valid: torch.Tensor  # [B, N] bool: the row is a prompt with an annotated mask
+    stride: int = 1  # canvas pixels per mask cell (a cell is in when >= half its pixels are)
+
+
 def collate(samples: Sequence[GroundedSample | TransformedSample], tokenizer: PixelTokenizer,
             config: PixelLLMConfig, train: bool = False,
             generator: torch.Generator | np.random.Generator | None = None, *,
@@ -146,6 +161,51 @@ def collate(samples: Sequence[GroundedSample | TransformedSample], tokenizer: Pi
     sequences are truncated to ``config.language.max_context_tokens`` / ``max_text_tokens`` and padded to
     the longest in the batch.
     """
+    return _collate(samples, tokenizer, config, train, generator, max_prompts, augment, task, masks=False)[0]
+
+
+def collate_with_masks(samples: Sequence[GroundedSample | TransformedSample], tokenizer: PixelTokenizer,
+                       config: PixelLLMConfig, train: bool = False,
+                       generator: torch.Generator | np.random.Generator | None = None, *,
+                       max_prompts: int = DEFAULT_MAX_PROMPTS,
+                       augment: AugmentConfig | Mapping[str, AugmentConfig] | None = None,
+                       task: str | None = None, mask_stride: int = 1) -> tuple[ModelInputs, MaskTargets]:
+    """:func:`collate` (identical inputs for the same generator state) plus the rows' target masks."""
+    inputs, items, selected = _collate(samples, tokenizer, config, train, generator, max_prompts, augment,
+                                       task, masks=True)
+    return inputs, prompt_masks(items, selected, config.vision.image_size, inputs.prompt_mask.shape[1],
+                                mask_stride)
+
+
+def prompt_masks(items: Sequence[TransformedSample], selected: Sequence[Sequence[PromptRecord]], size: int,
+                 num_rows: int, stride: int = 1) -> MaskTargets:
+    """``selected[b][n]``'s ``target_mask`` (un-padded canvas frame) on the ``size`` x ``size`` padded canvas,
+    downsampled by ``stride`` (a cell is in when at least half its pixels are)."""
+    if stride < 1 or size % stride:
+        raise ValueError(f"mask stride {stride} must divide the canvas size {size}")
+    g = size // stride
+    masks = np.zeros((len(items), num_rows, g, g), bool)
+    valid = np.zeros((len(items), num_rows), bool)
+    for b, prompts in enumerate(selected):
+        for n, p in enumerate(prompts[:num_rows]):
+            if p.target_mask is None:
+                continue
+            m = rle_to_mask(p.target_mask)
+            canvas = np.zeros((size, size), bool)
+            h, w = min(m.shape[0], size), min(m.shape[1], size)
+            canvas[:h, :w] = m[:h, :w]
+            if stride > 1:
+                canvas = canvas.reshape(g, stride, g, stride).mean(axis=(1, 3)) >= 0.5
+            masks[b, n] = canvas
+            valid[b, n] = True
+    return MaskTargets(torch.from_numpy(masks), torch.from_numpy(valid), stride)
+
+
+def _collate(samples: Sequence[GroundedSample | TransformedSample], tokenizer: PixelTokenizer,
+             config: PixelLLMConfig, train: bool, generator: torch.Generator | np.random.Generator | None,
+             max_prompts: int, augment: AugmentConfig | Mapping[str, AugmentConfig] | None,
+             task: str | None, *, masks: bool
+             ) -> tuple[ModelInputs, list[TransformedSample], list[list[PromptRecord]]]:
     if not samples:
         raise ValueError("collate needs at least one sample")
     rng = _Rng(generator) if train else None
@@ -154,11 +214,12 @@ def collate(samples: Sequence[GroundedSample | TransformedSample], tokenizer: Pi
         if isinstance(s, TransformedSample):
             items.append(s)
         elif train:
-            items.append(train_transform(s, config.vision, _augment_for(s, augment), generator))
+            items.append(train_transform(s, config.vision, _augment_for(s, augment), generator, masks=masks))
         else:
-            items.append(eval_transform(s, config.vision))
-    encoded = [[encode_prompt(p, it.image_size, tokenizer, config) for p in _select(it.prompts, max_prompts, rng)]
-               for it in items]
+            items.append(eval_transform(s, config.vision, masks=masks))
+    selected = [_select(it.prompts, max_prompts, rng) for it in items]  # the same draws, in the same order
+    encoded = [[encode_prompt(p, it.image_size, tokenizer, config) for p in sel]
+               for it, sel in zip(items, selected)]
     B = len(items)
     N = max(1, max(len(e) for e in encoded))
     Tc = max([1] + [len(p.context_ids) for e in encoded for p in e])
@@ -201,13 +262,14 @@ def collate(samples: Sequence[GroundedSample | TransformedSample], tokenizer: Pi
     if task is None:
         task = "+".join(sorted({p.task for it in items for p in it.prompts})) or "none"
     t = torch.from_numpy
-    return ModelInputs(
+    inputs = ModelInputs(
         pixel_values=_stack_pixels(items, config.vision.image_size),
         image_sizes=t(np.asarray([it.image_size for it in items], np.float32)),
         prompt_boxes=t(prompt_boxes), prompt_mask=t(prompt_mask), context_ids=t(context_ids),
         context_mask=t(context_mask), text_ids=t(text_ids), text_mask=t(text_mask),
         target_points=t(target_points), point_mask=t(point_mask), text_loss_mask=t(text_loss_mask),
         gt_boxes=t(gt_boxes), gt_boxes_mask=t(gt_boxes_mask), task=task)
+    return inputs, items, selected
 
 
 def _stack_pixels(items: list[TransformedSample], size: int) -> torch.Tensor:

@@ -4,9 +4,18 @@ Formats (field names as the real releases, see docs of the loaders):
 - Localized Narratives JSONL: ``dataset_id, image_id, annotator_id, caption, timed_caption
   [{utterance, start_time, end_time}], traces [[{x, y, t}]], voice_recording``.
 - MDETR RefCOCO json: one image record per expression (``caption, file_name, width, height,
-  original_img_id``) and one annotation each (``bbox`` xywh, ``tokens_positive`` char spans).
-- GRiT / Visual Genome json: COCO-style images and annotations with ``bbox`` xywh and ``caption``.
+  original_img_id``) and one annotation each (``bbox`` xywh, ``tokens_positive`` char spans,
+  ``segmentation``).
+- COCO instances json: ``images`` + ``annotations`` (``bbox`` xywh, ``category_id``, ``segmentation``,
+  ``area``).
+- GRiT / Visual Genome json: COCO-style images and annotations with ``bbox`` xywh and ``caption`` (no masks,
+  as in the real data).
 - COCO captions json: ``images`` + ``annotations`` with ``image_id, caption``.
+
+``segmentation`` is COCO's: polygons (flat ``[x1, y1, ...]`` lists, pixel corners) for shapes without holes,
+compressed RLE (``{"size": [h, w], "counts": str}``) for a shape with a hole (the ring), since COCO polygons
+cannot carry holes. Masks are amodal like the boxes (:func:`..synthetic.object_mask`); ``area`` is then the
+segmentation's pixel count as COCO rasterises it, while ``bbox`` stays the object's amodal box.
 """
 
 from __future__ import annotations
@@ -18,9 +27,26 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..masks import (
+    mask_to_polygons,
+    mask_to_rle,
+    offset_polygons,
+    polygons_to_segmentation,
+    rle_area,
+    segmentation_to_rle,
+)
 from .expressions import ReferringExpression, referring_expressions, region_caption, short_captions
 from .narrative import Narrative, narrate
-from .synthetic import SHAPES, Scene, SceneConfig, generate_scene, render_scene, scene_seed
+from .synthetic import (
+    SHAPES,
+    Scene,
+    SceneConfig,
+    generate_scene,
+    object_mask,
+    object_patch_mask,
+    render_scene,
+    scene_seed,
+)
 
 DATASET_ID = "synthetic_scenes"
 
@@ -36,6 +62,11 @@ class AnnotatedScene:
     region_captions: tuple[str, ...]  # one per object, in object order
     captions: tuple[str, ...]
     narrative: Narrative
+    # per object: (COCO segmentation, area); filled by the dataset writer, computed on demand when empty
+    segmentations: tuple[tuple[list | dict, float], ...] = ()
+
+    def object_segmentations(self) -> tuple[tuple[list | dict, float], ...]:
+        return self.segmentations or scene_segmentations(self.scene)
 
 
 def annotate_scene(seed: int, config: SceneConfig | None = None, image_id: int = 1) -> AnnotatedScene:
@@ -52,6 +83,23 @@ def demo_scene(index: int = 7, seed: int = 0):
     return render_scene(a.scene), [e.text for e in a.expressions]
 
 
+def object_segmentation(scene: Scene, index: int, *, min_iou: float = 0.98) -> tuple[list | dict, float]:
+    """COCO ``segmentation`` of object ``index`` (its amodal instance mask) and its ``area`` (pixels of the
+    segmentation as COCO rasterises it): polygons when the shape has no hole, compressed RLE otherwise."""
+    patch, left, top = object_patch_mask(scene.objects[index])
+    polygons = mask_to_polygons(patch, min_iou=min_iou)  # on the patch: cheap; then moved to the image
+    if polygons and not any(p["holes"] for p in polygons):
+        segmentation: list | dict = polygons_to_segmentation(offset_polygons(polygons, left, top))
+    else:
+        segmentation = mask_to_rle(object_mask(scene, index))
+    return segmentation, float(rle_area(segmentation_to_rle(segmentation, scene.height, scene.width)))
+
+
+def scene_segmentations(scene: Scene) -> tuple[tuple[list | dict, float], ...]:
+    """``(segmentation, area)`` of every object, in object order."""
+    return tuple(object_segmentation(scene, i) for i in range(len(scene.objects)))
+
+
 def _xywh(box) -> list[float]:
     return [round(box[0], 2), round(box[1], 2), round(box[2] - box[0], 2), round(box[3] - box[1], 2)]
 
@@ -61,16 +109,23 @@ OBJECT_CATEGORIES = [{"id": 1, "name": "object", "supercategory": "object"}]
 
 def refcoco_entry(image: dict, ref_id: int, text: str, box, *, original_img_id: int, sentence_id: int,
                   dataset_name: str = "refcoco", category_id: int = 1, original_id: int | None = None,
-                  span: tuple[int, int] | None = None, **extra) -> tuple[dict, dict]:
+                  span: tuple[int, int] | None = None, segmentation: list | dict | None = None,
+                  area: float | None = None, **extra) -> tuple[dict, dict]:
     """One referring expression in MDETR's RefCOCO format: its image record (MDETR writes one per expression,
     carrying the text) and its box annotation; ``image`` holds ``file_name``, ``width``, ``height``, ``box``
-    is x1,y1,x2,y2 pixels, ``span`` the characters of the referred object's words (default: all of them)."""
+    is x1,y1,x2,y2 pixels, ``span`` the characters of the referred object's words (default: all of them),
+    ``segmentation`` the object's COCO mask (polygons or RLE; omitted when None) and ``area`` its area
+    (default: the box's)."""
     x, y, w, h = _xywh(box)
     record = image | {"id": ref_id, "caption": text, "original_img_id": original_img_id,
                       "dataset_name": dataset_name, "sentence_id": sentence_id, "tokens_negative": [], **extra}
     annotation = {"id": ref_id, "image_id": ref_id, "bbox": [x, y, w, h], "area": round(w * h, 2), "iscrowd": 0,
                   "category_id": category_id, "original_id": ref_id if original_id is None else original_id,
                   "tokens_positive": [list(span or (0, len(text)))]}
+    if segmentation is not None:
+        annotation["segmentation"] = segmentation
+    if area is not None:
+        annotation["area"] = round(float(area), 2)
     return record, annotation
 
 
@@ -104,6 +159,7 @@ def mdetr_refcoco_json(scenes: list[AnnotatedScene], shapes=SHAPES) -> dict:
     images, annotations = [], []
     category = {s: i + 1 for i, s in enumerate(shapes)}
     for a in scenes:
+        segmentations = a.object_segmentations() if a.expressions else ()
         for k, ref in enumerate(a.expressions):
             rid = a.image_id * 100 + k
             obj = a.scene.objects[ref.target]
@@ -113,10 +169,25 @@ def mdetr_refcoco_json(scenes: list[AnnotatedScene], shapes=SHAPES) -> dict:
             record, annotation = refcoco_entry(
                 image, rid, ref.text, obj.box, original_img_id=a.image_id, sentence_id=k,
                 category_id=category.get(obj.shape, 0), original_id=a.image_id * 100 + obj.index,
-                span=(start, start + len(e.target.text())), expression_kind=e.kind)
+                span=(start, start + len(e.target.text())), segmentation=segmentations[ref.target][0],
+                area=segmentations[ref.target][1], expression_kind=e.kind)
             images.append(record)
             annotations.append(annotation)
     return {"images": images, "annotations": annotations, "categories": _categories(shapes)}
+
+
+def coco_instances_json(scenes: list[AnnotatedScene], shapes=SHAPES) -> dict:
+    """COCO instances: one annotation per object with its ``segmentation`` (category = shape)."""
+    images, annotations = [], []
+    category = {s: i + 1 for i, s in enumerate(shapes)}
+    for a in scenes:
+        images.append(_image_entry(a))
+        for obj, (segmentation, area) in zip(a.scene.objects, a.object_segmentations()):
+            annotations.append({"id": a.image_id * 100 + obj.index, "image_id": a.image_id,
+                                "category_id": category.get(obj.shape, 0), "bbox": _xywh(obj.box),
+                                "area": round(area, 2), "iscrowd": 0, "segmentation": segmentation})
+    return {"info": {"description": "pixelllm synthetic scenes"}, "licenses": [], "images": images,
+            "annotations": annotations, "categories": _categories(shapes)}
 
 
 def grit_vg_json(scenes: list[AnnotatedScene]) -> dict:
@@ -162,6 +233,7 @@ class SyntheticDataset:
     vg: Path
     coco_captions: Path
     num_images: int
+    instances: Path | None = None  # COCO instances json (object masks)
 
     def __str__(self) -> str:
         return str(self.root)
@@ -170,7 +242,8 @@ class SyntheticDataset:
     def at(cls, root: str | Path, split: str, num_images: int = 0) -> SyntheticDataset:
         root = Path(root)
         return cls(root, split, root / "images" / split, root / f"ln_{split}.jsonl", root / f"refcoco_{split}.json",
-                   root / f"vg_{split}.json", root / f"coco_captions_{split}.json", num_images)
+                   root / f"vg_{split}.json", root / f"coco_captions_{split}.json", num_images,
+                   root / f"instances_{split}.json")
 
 
 def _render_chunk(args) -> list[AnnotatedScene]:
@@ -179,19 +252,19 @@ def _render_chunk(args) -> list[AnnotatedScene]:
     for seed, image_id in seeds_ids:
         a = annotate_scene(seed, config, image_id)
         render_scene(a.scene).save(Path(image_dir) / a.file_name, quality=quality)
-        out.append(a)
+        out.append(dataclasses.replace(a, segmentations=scene_segmentations(a.scene)))  # in the workers
     return out
 
 
 def write_synthetic_dataset(out_dir: str | Path, split: str, num_images: int, seed: int = 0,
                             extra_shapes: tuple[str, ...] = (), *, config: SceneConfig | None = None,
                             num_workers: int = 0, jpeg_quality: int = 92) -> SyntheticDataset:
-    """Render ``num_images`` scenes of ``split`` and write them in the four public formats.
+    """Render ``num_images`` scenes of ``split`` and write them in the public formats.
 
-    Layout: ``images/<split>/%012d.jpg``, ``ln_<split>.jsonl``, ``refcoco_<split>.json`` (MDETR),
-    ``vg_<split>.json`` (GRiT), ``coco_captions_<split>.json``. Scene ``i`` of a split is seeded by
-    ``scene_seed(seed, split, i)``, so splits never share scenes and output is identical run to run
-    (also with ``num_workers``).
+    Layout: ``images/<split>/%012d.jpg``, ``ln_<split>.jsonl``, ``refcoco_<split>.json`` (MDETR, with masks),
+    ``instances_<split>.json`` (COCO instances, masks), ``vg_<split>.json`` (GRiT),
+    ``coco_captions_<split>.json``. Scene ``i`` of a split is seeded by ``scene_seed(seed, split, i)``, so
+    splits never share scenes and output is identical run to run (also with ``num_workers``).
     """
     cfg = config or SceneConfig(extra_shapes=tuple(extra_shapes))
     if extra_shapes and config is not None:
@@ -211,8 +284,10 @@ def write_synthetic_dataset(out_dir: str | Path, split: str, num_images: int, se
     write_json(ds.refcoco, mdetr_refcoco_json(scenes, shapes))
     write_json(ds.vg, grit_vg_json(scenes))
     write_json(ds.coco_captions, coco_captions_json(scenes))
+    write_json(ds.instances, coco_instances_json(scenes, shapes))
     write_json(ds.root / f"manifest_{split}.json",
                {"split": split, "num_images": num_images, "seed": seed, "shapes": list(shapes),
                 "files": {"images": f"images/{split}", "ln": ds.ln.name, "refcoco": ds.refcoco.name,
-                          "vg": ds.vg.name, "coco_captions": ds.coco_captions.name}})
+                          "vg": ds.vg.name, "coco_captions": ds.coco_captions.name,
+                          "instances": ds.instances.name}})
     return ds

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ..masks import segmentation_to_rle
 from .types import AnnotationError, AnnotationWarning, Box, GroundedSample, PromptRecord
 
 LN_SAMPLES_PER_UTTERANCE = 16
@@ -124,13 +125,28 @@ def _sample(rec: dict, image_dir: Path, prompts: list[PromptRecord], gt_boxes: l
 
 # ---- RefCOCO (MDETR) -----------------------------------------------------------------------------------
 
+def _mask(ann: dict, rec: dict, k: int, warner: _Warner) -> dict | None:
+    """The annotation's ``segmentation`` as compressed RLE of the image record's size; None when absent or
+    malformed (warned; the box is kept)."""
+    segmentation = ann.get("segmentation")
+    if segmentation is None or segmentation == []:
+        return None
+    try:
+        return segmentation_to_rle(segmentation, int(rec["height"]), int(rec["width"]))
+    except (ValueError, TypeError, OverflowError) as exc:
+        warner.skip(f"annotations[{k}] 'segmentation'", f"{exc}; the box is kept without a mask")
+        return None
+
+
 def load_refcoco(path: str | Path, image_dir: str | Path, *, task: str = "refer",
                  source: str = "refcoco") -> list[GroundedSample]:
     """MDETR RefCOCO json -> one sample per original image, one prompt per expression.
 
     ``task="refer"`` gives referring-localization prompts (global box, the expression as text, the object
     box as target); ``task="region"`` gives location-conditioned captioning prompts (box -> expression).
-    ``gt_boxes`` are the distinct referred objects of the image.
+    ``gt_boxes`` are the distinct referred objects of the image. An annotation's optional ``segmentation``
+    (COCO polygons, compressed or uncompressed RLE) becomes the prompt's ``target_mask`` (compressed RLE of
+    the image record's size); a malformed one is dropped with a warning and the box kept.
     """
     if task not in ("refer", "region"):
         raise ValueError(f"task must be 'refer' or 'region', got {task!r}")
@@ -138,7 +154,7 @@ def load_refcoco(path: str | Path, image_dir: str | Path, *, task: str = "refer"
     data = _read_json(path)
     warner = _Warner(path)
     images = _images(data, path, warner, need_caption=True)
-    boxes: dict[Any, tuple[Box, Any]] = {}
+    boxes: dict[Any, tuple[Box, Any, dict | None]] = {}
     for k, ann in enumerate(_top_list(data, "annotations", path)):
         try:
             image_id = _field(ann, "image_id", (int, str))
@@ -148,7 +164,7 @@ def load_refcoco(path: str | Path, image_dir: str | Path, *, task: str = "refer"
             if image_id in boxes:
                 continue  # MDETR refexp records have one annotation; keep the first
             box = _xywh_box(ann, rec["width"], rec["height"])
-            boxes[image_id] = (box, ann.get("original_id", ann.get("id")))
+            boxes[image_id] = (box, ann.get("original_id", ann.get("id")), _mask(ann, rec, k, warner))
         except _Skip as exc:
             warner.skip(f"annotations[{k}]", str(exc))
     grouped: dict[Any, tuple[dict, list[PromptRecord], dict[Any, Box]]] = {}
@@ -156,11 +172,13 @@ def load_refcoco(path: str | Path, image_dir: str | Path, *, task: str = "refer"
         if image_id not in boxes:
             warner.skip(f"image {image_id!r}", "no usable annotation with a 'bbox'")
             continue
-        box, object_id = boxes[image_id]
+        box, object_id, mask = boxes[image_id]
         original = rec.get("original_img_id", rec.get("original_id", rec["file_name"]))
         caption = rec["caption"].strip()
-        prompt = (PromptRecord("refer", caption, target_box=box, ref_id=str(image_id)) if task == "refer"
-                  else PromptRecord("region", caption, box=box, target_box=box, ref_id=str(image_id)))
+        prompt = (PromptRecord("refer", caption, target_box=box, ref_id=str(image_id), target_mask=mask)
+                  if task == "refer" else
+                  PromptRecord("region", caption, box=box, target_box=box, ref_id=str(image_id),
+                               target_mask=mask))
         entry = grouped.setdefault(original, (rec, [], {}))
         entry[1].append(prompt)
         entry[2].setdefault(object_id if object_id is not None else box, box)

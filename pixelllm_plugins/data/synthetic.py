@@ -6,6 +6,11 @@ and box-downsampled (anti-aliased, exact sub-pixel geometry) and pasted over a b
 
 Object boxes are the *amodal* bounding boxes of the shapes (xyxy, pixels). Occlusion is kept partial:
 an object overlaps another by at most ``SceneConfig.max_overlap`` of the smaller box.
+
+Instance masks (:func:`object_mask`, :func:`scene_masks`) come from the very patch the render pastes (same
+drawing code, same 2x supersampling), kept where more than half covered, so they are aligned with the pixels:
+a mask pixel is one whose colour is more the object's than what lies under it. They are amodal like the boxes
+(``visible=True`` removes what later objects cover); the ring keeps its hole.
 """
 
 from __future__ import annotations
@@ -279,3 +284,48 @@ def render_scene(scene: Scene) -> Image.Image:
         mask, left, top = shape_mask(obj.shape, obj.box)
         canvas.paste(obj.rgb, (left, top, left + mask.width, top + mask.height), mask)
     return canvas
+
+
+# ---- instance masks --------------------------------------------------------------------------------
+
+def object_patch_mask(obj: SceneObject) -> tuple[np.ndarray, int, int]:
+    """The object's binary mask on its patch: the pixels of the render's anti-aliased patch
+    (:func:`shape_mask`) covered more than half (alpha > 128: an exactly half-covered pixel, 2 of its 4
+    samples, is out, so a box edge on a pixel boundary does not spill a pixel) -> (mask [ph, pw] bool, left,
+    top) to place at."""
+    patch, left, top = shape_mask(obj.shape, obj.box)
+    return np.asarray(patch) > 128, left, top
+
+
+def _place(patch: np.ndarray, left: int, top: int, width: int, height: int) -> np.ndarray:
+    out = np.zeros((height, width), bool)
+    x0, y0 = max(0, left), max(0, top)
+    x1, y1 = min(width, left + patch.shape[1]), min(height, top + patch.shape[0])
+    if x1 > x0 and y1 > y0:
+        out[y0:y1, x0:x1] = patch[y0 - top:y1 - top, x0 - left:x1 - left]
+    return out
+
+
+def object_mask(scene: Scene, index: int, *, visible: bool = False) -> np.ndarray:
+    """Instance mask [height, width] (bool) of object ``index``, aligned with :func:`render_scene`'s pixels.
+
+    Amodal (the whole shape, like the object's box) unless ``visible``: then the pixels that later objects
+    cover are removed."""
+    obj = scene.objects[index]
+    mask = _place(*object_patch_mask(obj), scene.width, scene.height)
+    if visible:
+        for other in scene.objects[index + 1:]:
+            mask &= ~_place(*object_patch_mask(other), scene.width, scene.height)
+    return mask
+
+
+def scene_masks(scene: Scene, *, visible: bool = False) -> list[np.ndarray]:
+    """Instance masks of all objects, in object order (see :func:`object_mask`)."""
+    masks = [_place(*object_patch_mask(o), scene.width, scene.height) for o in scene.objects]
+    if visible:
+        covered = np.zeros((scene.height, scene.width), bool)
+        for m in reversed(masks):  # later objects are drawn over earlier ones
+            amodal = m.copy()
+            m &= ~covered
+            covered |= amodal
+    return masks

@@ -1,15 +1,19 @@
 """Image + box transforms (spec 5.4): resize the longer side to S*U(a,b), random S crop, pad to S.
 
 Every box of a sample (prompt boxes, target boxes, LN utterance boxes, gt boxes) goes through the same
-affine map as the pixels. A crop drops a whole prompt (context, text and boxes together) whose target
-keeps less than ``min_visible`` of its area; contexts are built from the surviving prompts only, so the
-upstream context/box desync (spec section 8) cannot happen. Randomness comes only from the generator.
+affine map as the pixels; a prompt's ``target_mask`` goes through the same flip, resize (bilinear, then half
+coverage) and crop as the pixels, into the un-padded canvas image's frame. A crop drops a whole prompt
+(context, text, boxes and mask together) whose target keeps less than ``min_visible`` of its area; contexts
+are built from the surviving prompts only, so the upstream context/box desync (spec section 8) cannot
+happen. Randomness comes only from the generator (masks draw none).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +22,8 @@ from PIL import Image
 
 from ..config import VisionConfig
 from ..inference.preprocess import normalise_and_pad, resize_longer_side
-from .types import Box, GroundedSample, PromptRecord
+from ..masks import mask_to_rle, rle_to_mask
+from .types import AnnotationWarning, Box, GroundedSample, PromptRecord
 
 
 @dataclass(frozen=True)
@@ -160,6 +165,64 @@ def _annotation_scale(sample: GroundedSample, W: int, H: int) -> tuple[list[Prom
     return prompts, [s(b) for b in sample.gt_boxes]  # type: ignore[misc]
 
 
+def _mask_on_canvas(rle: dict, flip: bool, nw: int, nh: int, ox: int, oy: int, cw: int, ch: int,
+                    image_pixels: int = 0) -> dict:
+    """A mask (RLE of any size: the annotation's frame) -> RLE of the ``cw x ch`` canvas window at
+    ``(ox, oy)`` of the image flipped (``flip``) and resized to ``nw x nh``: the pixels' own ops (PIL
+    bilinear, as ``resize_longer_side``), kept where coverage >= 1/2. Only the mask's neighbourhood is
+    resampled (PIL's ``box``: the same filter taps as the whole image's resize). A mask stated far larger
+    than the image (``image_pixels``) is refused before it is decoded."""
+    h0, w0 = (int(v) for v in rle["size"])
+    if h0 * w0 > 16 * max(1, nw * nh, image_pixels):
+        raise ValueError(f"mask size {w0}x{h0} is far larger than the image")  # before decoding it
+    m = rle_to_mask(rle)
+    out = np.zeros((ch, cw), bool)
+    rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
+    if not len(rows):
+        return mask_to_rle(out)
+    if flip:
+        m = m[:, ::-1]
+        cols = w0 - 1 - cols[::-1]
+    if (nw, nh) == (w0, h0):
+        out[:] = m[oy:oy + ch, ox:ox + cw]
+        return mask_to_rle(out)
+    sx, sy = nw / w0, nh / h0
+    rx, ry = max(1.0, 1.0 / sx) + 1.0, max(1.0, 1.0 / sy) + 1.0  # filter reach in source pixels, and a margin
+    j0 = max(ox, math.floor((cols[0] - rx) * sx) - 1)
+    j1 = min(ox + cw, math.ceil((cols[-1] + 1 + rx) * sx) + 1)
+    i0 = max(oy, math.floor((rows[0] - ry) * sy) - 1)
+    i1 = min(oy + ch, math.ceil((rows[-1] + 1 + ry) * sy) + 1)
+    if j1 <= j0 or i1 <= i0:
+        return mask_to_rle(out)
+    source = Image.fromarray(np.ascontiguousarray(m, dtype=np.uint8) * np.uint8(255), "L")
+    region = source.resize((j1 - j0, i1 - i0), Image.BILINEAR, box=(j0 / sx, i0 / sy, j1 / sx, i1 / sy))
+    out[i0 - oy:i1 - oy, j0 - ox:j1 - ox] = np.asarray(region) >= 128
+    return mask_to_rle(out)
+
+
+def _masks(prompts: list[PromptRecord], flip: bool, nw: int, nh: int, ox: int, oy: int, cw: int,
+           ch: int, enabled: bool = True, image_pixels: int = 0) -> list[PromptRecord]:
+    """Map every prompt's ``target_mask`` onto the canvas (a mask shared by prompts is mapped once); a
+    malformed mask is dropped with a warning. ``enabled=False`` drops them all (never left in the wrong
+    frame)."""
+    done: dict[tuple, dict | None] = {}
+    out = []
+    for p in prompts:
+        if p.target_mask is None or not enabled:
+            out.append(p if p.target_mask is None else dataclasses.replace(p, target_mask=None))
+            continue
+        key = (tuple(p.target_mask.get("size", ())), str(p.target_mask.get("counts")))
+        if key not in done:
+            try:
+                done[key] = _mask_on_canvas(p.target_mask, flip, nw, nh, ox, oy, cw, ch, image_pixels)
+            except (ValueError, TypeError, KeyError) as exc:
+                warnings.warn(f"prompt {p.ref_id!r}: target_mask dropped: {exc}", AnnotationWarning,
+                              stacklevel=3)
+                done[key] = None
+        out.append(dataclasses.replace(p, target_mask=done[key]))
+    return out
+
+
 def _to_tensor(image: Image.Image, size: int, vision: VisionConfig) -> torch.Tensor:
     return normalise_and_pad(image, size, vision)  # the same pixels the Predictor feeds the model
 
@@ -176,8 +239,10 @@ def _resize(image: Image.Image, longer: int) -> tuple[Image.Image, float, float]
     return resize_longer_side(image, longer)
 
 
-def eval_transform(sample: GroundedSample, vision: VisionConfig, image: Image.Image | None = None) -> TransformedSample:
-    """Resize the longer side to ``vision.image_size`` and pad; no prompt is dropped."""
+def eval_transform(sample: GroundedSample, vision: VisionConfig, image: Image.Image | None = None, *,
+                   masks: bool = True) -> TransformedSample:
+    """Resize the longer side to ``vision.image_size`` and pad; no prompt is dropped. ``masks=False`` drops
+    the prompts' ``target_mask`` instead of mapping them (for batches that do not use them)."""
     image = image if image is not None else sample.load_image()
     W, H = image.size
     S = vision.image_size
@@ -185,14 +250,16 @@ def eval_transform(sample: GroundedSample, vision: VisionConfig, image: Image.Im
     resized, sx, sy = _resize(image, S)
     cw, ch = resized.size
     prompts, boxes = _geometry(sample, prompts, gt, W, H, False, sx, sy, 0.0, 0.0, cw, ch, 0.0)
+    prompts = _masks(prompts, False, cw, ch, 0, 0, cw, ch, masks, W * H)
     return TransformedSample(_to_tensor(resized, S, vision), (float(cw), float(ch)), prompts, boxes, (W, H),
                              (sx, sy), (0.0, 0.0), sample.image_id, sample.source)
 
 
 def train_transform(sample: GroundedSample, vision: VisionConfig, augment: AugmentConfig | None = None,
                     generator: torch.Generator | np.random.Generator | None = None,
-                    image: Image.Image | None = None) -> TransformedSample:
-    """Random flip (``augment.hflip``), random resize, random S crop, pad; deterministic given the generator."""
+                    image: Image.Image | None = None, *, masks: bool = True) -> TransformedSample:
+    """Random flip (``augment.hflip``), random resize, random S crop, pad; deterministic given the generator
+    (masks draw nothing: ``masks=False``, which drops them, gives the same sample otherwise)."""
     aug = augment or AugmentConfig()
     rng = _Rng(generator)
     image = image if image is not None else sample.load_image()
@@ -211,7 +278,9 @@ def train_transform(sample: GroundedSample, vision: VisionConfig, augment: Augme
         if kept or not prompts:
             break
     else:
-        return eval_transform(sample, vision, image=image.transpose(Image.FLIP_LEFT_RIGHT) if flip else image)
+        return eval_transform(sample, vision, image=image.transpose(Image.FLIP_LEFT_RIGHT) if flip else image,
+                              masks=masks)
     crop = resized if (cw, ch) == (nw, nh) else resized.crop((ox, oy, ox + cw, oy + ch))
+    kept = _masks(kept, flip, nw, nh, ox, oy, cw, ch, masks, W * H)
     return TransformedSample(_to_tensor(crop, S, vision), (float(cw), float(ch)), kept, boxes, (W, H),
                              (sx, sy), (float(ox), float(oy)), sample.image_id, sample.source, flip)

@@ -29,7 +29,10 @@ class PromptRecord:
 
     Frames: ``box``/``target_box`` are xyxy pixels of the sample's image (original pixels for a
     :class:`GroundedSample`, canvas pixels after a transform). ``utterance_boxes_rel`` are xyxy relative to
-    that image (0..1), the way Localized Narratives stores traces.
+    that image (0..1), the way Localized Narratives stores traces. ``target_mask`` (optional) is the target's
+    instance mask as COCO RLE ``{"size": [h, w], "counts": str}`` (:mod:`pixelllm_plugins.masks`): of the
+    annotation's image for a :class:`GroundedSample` (its ``size`` says which; the transforms rescale it when
+    the image differs), of the un-padded canvas image after a transform.
     """
 
     task: str  # "refer" | "trace" | "region" | "caption"
@@ -41,6 +44,7 @@ class PromptRecord:
     utterance_valid: tuple[bool, ...] = ()  # trace: validity by the LN rule (text and trace centre)
     utterance_boxes_rel: tuple[Box | None, ...] = ()  # trace: per utterance; None = invalid or cropped out
     ref_id: str = ""  # id in the source file (refexp / region / caption id)
+    target_mask: dict | None = None  # refer / region: COCO RLE of the target; None = no mask annotated
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:

@@ -86,3 +86,52 @@ class TracedCaption:
     def from_dict(cls, d: dict) -> TracedCaption:
         return cls(text=d["text"], words=[Word.from_dict(w) for w in d.get("words", [])],
                    score=float(d.get("score", 1.0)), model_version=d.get("model_version", ""))
+
+
+@dataclass
+class MaskResult:
+    """A mask found for a prompt (text / box / point -> mask).
+
+    ``mask`` is COCO RLE of the original image, ``{"size": [h, w], "counts": str}``; ``polygons`` the same
+    region as pixel polygons ``[{"exterior": [[x, y], ...], "holes": [...]}]`` (pixel corners, see
+    :mod:`pixelllm_plugins.masks`); ``box_xyxy`` the box that was found (or prompted), ``score`` its score and
+    ``mask_score`` the mask's own quality score.
+    """
+
+    box_xyxy: Box
+    score: float
+    mask: dict
+    polygons: list[dict]
+    mask_score: float
+    text: str | None = None
+    model_version: str = ""
+
+    def to_dict(self) -> dict:
+        counts = self.mask["counts"]
+        return {"box_xyxy": list(self.box_xyxy), "score": self.score,
+                "mask": {"size": [int(v) for v in self.mask["size"]],
+                         "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts},
+                "polygons": [{"exterior": [list(p) for p in poly["exterior"]],
+                              "holes": [[list(p) for p in hole] for hole in poly.get("holes", [])]}
+                             for poly in self.polygons],
+                "mask_score": self.mask_score, "text": self.text, "model_version": self.model_version}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MaskResult:
+        mask = d["mask"]
+        counts = mask["counts"]
+        return cls(box_xyxy=_box(d["box_xyxy"]), score=float(d["score"]),
+                   mask={"size": [int(v) for v in mask["size"]],
+                         "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts},
+                   polygons=[{"exterior": [[float(v) for v in p] for p in poly["exterior"]],
+                              "holes": [[[float(v) for v in p] for p in hole]
+                                        for hole in poly.get("holes", [])]}
+                             for poly in d.get("polygons", [])],
+                   mask_score=float(d["mask_score"]), text=d.get("text"),
+                   model_version=d.get("model_version", ""))
+
+    def to_mask(self):
+        """The mask as a boolean array ``[h, w]``."""
+        from ..masks import rle_to_mask  # pycocotools only when masks are used
+
+        return rle_to_mask(self.mask)
