@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError
+from .errors import CheckpointError, PixelLLMError
 
 CONFIG_VERSION = 1
 
@@ -102,15 +102,14 @@ class HeadsConfig:
     point_layers: int = 3
     num_points: int = 2  # per token: box corners (x0, y0), (x1, y1)
     # "mlp": the paper's MLP on the token's hidden state. "grid" (ours): the token points at a cell of
-    # the proposal map and takes the box that cell proposes (modeling/heads.py::GridPointHead); needs
+    # the proposal map and takes the box that cell proposes (modeling/extensions/grid_pointing.py); needs
     # proposals and num_points 2. Small models trained from scratch localise far sooner with it.
     point_mode: str = "mlp"
-    # Ours, grid point head only: the strongest ``relation_candidates`` candidates of each row pass through
-    # ``relation_layers`` transformer layers (self-attention among candidates with their boxes, cross-
-    # attention to the row's text) before the tokens score them, so "the star above the red square" and
-    # "the leftmost circle" can compare objects. 0 = each candidate is scored on its own.
+    # Ours, grid point head only: the 8 strongest candidates of each row pass through ``relation_layers``
+    # transformer layers (self-attention among candidates with their boxes, cross-attention to the row's
+    # text) before the tokens score them, so "the star above the red square" and "the leftmost circle" can
+    # compare objects. 0 = each candidate is scored on its own.
     relation_layers: int = 0
-    relation_candidates: int = 8
     # Ours, grid point head only: ``point_context_layers`` bidirectional self-attention layers over the
     # row's token states form the pointing queries, so a word's point may depend on the words after it
     # (a trace puts "a small" on the object the phrase goes on to name; the causal LM cannot know it yet).
@@ -190,6 +189,33 @@ class PixelLLMConfig:
                 data[key] = build(klass, data[key])
         return build(cls, data)
 
+    # ---- checks across sections ---------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ``PixelLLMError`` when an option needs a part that this config turns off (``PixelLLM``
+        calls it before building anything). The vision encoder checks its own options when built."""
+        vision, prompt, heads = self.vision, self.prompt, self.heads
+        if prompt.map_tokens > 0 and not heads.proposals:
+            raise PixelLLMError("prompt.map_tokens samples the proposal head's features: it needs "
+                                "heads.proposals true")
+        if vision.fine_channels and vision.kind != "vit":
+            raise PixelLLMError("vision.fine_channels needs the built-in ViT (vision.kind 'vit')")
+        if prompt.fine_grid > 0 and (not vision.fine_channels or prompt.map_tokens <= 0):
+            raise PixelLLMError("prompt.fine_grid adds samples of the fine map to the map tokens: it needs "
+                                "vision.fine_channels > 0 and prompt.map_tokens > 0")
+        if heads.box_words and not heads.proposals:
+            raise PixelLLMError("heads.box_words reads the proposal head's features: it needs "
+                                "heads.proposals")
+        if heads.point_mode == "grid":
+            if not heads.proposals or heads.num_points != 2:
+                raise PixelLLMError("heads.point_mode 'grid' points at proposal-map cells: it needs "
+                                    "heads.proposals true and heads.num_points 2")
+        elif heads.point_mode == "mlp":
+            if heads.point_context_layers or heads.point_refine or heads.point_coords:
+                raise PixelLLMError("heads.point_context_layers, point_refine and point_coords belong to the "
+                                    "grid point head: set heads.point_mode 'grid' or leave them at 0 / false")
+        else:
+            raise PixelLLMError(f"unknown heads.point_mode {heads.point_mode!r}; use 'mlp' or 'grid'")
+
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
@@ -202,8 +228,9 @@ class PixelLLMConfig:
 
 
 # Options that no preset or shipped checkpoint used, since removed: a config that sets one to this
-# value (its old default, "off") still loads; any other value is an unknown key.
-RETIRED = {"stem_blocks": 0, "candidate_fine_grid": 0}
+# value (its old default) still loads; any other value is an unknown key. relation_candidates: how many
+# candidates the relation layers compare, now GridPointHead.relation_candidates (8).
+RETIRED = {"stem_blocks": 0, "candidate_fine_grid": 0, "relation_candidates": 8}
 
 
 # ---- presets -----------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """PixelLLM: vision encoder -> box-prompted adapter -> language model -> per-token points (+ proposals).
 
+The parts beyond the paper live in ``extensions/`` and are called through named hooks (see ``PixelLLM``).
+
 Prompts are flattened to ``M`` valid (image, prompt) pairs for the language model; outputs are scattered
 back to ``[B,N,...]`` with zeros at invalid prompts. Frames and shapes are documented in ``inputs.py``.
 """
@@ -12,12 +14,16 @@ from torch import Tensor, nn
 from ..config import PixelLLMConfig
 from ..errors import PixelLLMError
 from .build import build_language_model, build_vision_encoder
-from .common import zero_linear
-from .heads import ConfidenceHead, GridPointHead, PointHead, ProposalHead
+from .extensions.box_extent import BoxExtentEncoder
+from .extensions.box_words import BoxWordHead
+from .extensions.confidence import ConfidenceHead
+from .extensions.grid_pointing import GridPointHead
+from .extensions.map_tokens import MapTokens
+from .heads import PointHead, ProposalHead
 from .inputs import ImageEmbedding, ModelInputs, ModelOutput, PromptOutput
 from .losses import combine_losses
-from .prompt_adapter import PromptAdapter, sample_lattice
-from .prompt_encoder import BoxExtentEncoder, PromptEncoder
+from .prompt_adapter import PromptAdapter
+from .prompt_encoder import PromptEncoder
 
 
 def _scatter(flat: Tensor, valid: Tensor) -> Tensor:
@@ -31,67 +37,47 @@ def _scatter(flat: Tensor, valid: Tensor) -> Tensor:
 
 
 class PixelLLM(nn.Module):
+    """The paper's model: vision encoder, prompt encoder and adapter, language model, point head, plus
+    the proposal head for dense captioning. The parts beyond the paper (``modeling/extensions``) hang on
+    named hooks, each None when its option is off: ``map_tokens``, ``box_extent``, ``word_head``,
+    ``confidence_head``, a grid ``point_head`` (and, inside the ViT, ``stem``, ``detail``, ``fine``)."""
+
     def __init__(self, config: PixelLLMConfig, vocab_size: int):
         super().__init__()
+        config.validate()
         config.language.vocab_size = vocab_size
         self.config = config
         self.canvas_size = config.vision.image_size
         self.model_version = f"{config.preset}-random"  # set by load_pretrained / save_pretrained
+        prompt, heads = config.prompt, config.heads
+        # (the order below is the order of a seeded model's random weights: keep it)
         self.vision = build_vision_encoder(config.vision)
         if config.vision.freeze and config.vision.kind == "vit":
             self.vision.requires_grad_(False)
-        self.prompt_encoder = PromptEncoder(config.prompt.embed_dim, self.canvas_size)
-        self.prompt_adapter = PromptAdapter(config.prompt, vision_dim=self.vision.out_dim)
-        self.language = build_language_model(config.language, visual_dim=config.prompt.output_dim,
+        self.prompt_encoder = PromptEncoder(prompt.embed_dim, self.canvas_size)
+        self.prompt_adapter = PromptAdapter(prompt, vision_dim=self.vision.out_dim)
+        self.language = build_language_model(config.language, visual_dim=prompt.output_dim,
                                              vocab_size=vocab_size)
         if config.language.freeze and config.language.kind == "git":
             self.language.requires_grad_(False)
-        h, heads = self.language.hidden_size, config.heads
+        h = self.language.hidden_size
         self.confidence_head = ConfidenceHead(h, heads.point_hidden) if heads.confidence else None
         self.proposal_head = (ProposalHead(self.vision.out_dim, heads.proposal_hidden, self.vision.grid_size,
                                            detail_dim=getattr(self.vision, "detail_dim", 0))
                               if heads.proposals else None)
-        self.map_token_proj = None
-        if config.prompt.map_tokens > 0:
-            if self.proposal_head is None:
-                raise PixelLLMError("prompt.map_tokens samples the proposal head's features: it needs "
-                                    "heads.proposals true")
-            self.map_token_proj = nn.Linear(self.proposal_head.feature_dim, config.prompt.output_dim)
-            self.map_token_pe = nn.Linear(config.prompt.embed_dim, config.prompt.output_dim)
-        fine_dim = getattr(self.vision, "fine_dim", 0)
-        if config.vision.fine_channels and not fine_dim:
-            raise PixelLLMError("vision.fine_channels needs the built-in ViT (vision.kind 'vit')")
-        self.fine_token_proj = None
-        if config.prompt.fine_grid > 0:
-            if not fine_dim or self.map_token_proj is None:
-                raise PixelLLMError("prompt.fine_grid adds samples of the fine map to the map tokens: it needs "
-                                    "vision.fine_channels > 0 and prompt.map_tokens > 0")
-            g, m = config.prompt.fine_grid, config.prompt.map_tokens
-            self.fine_token_proj = zero_linear(g * g * fine_dim, m * m * config.prompt.output_dim)
-        self.box_extent = (BoxExtentEncoder(config.prompt.output_dim, self.canvas_size)
-                           if config.prompt.box_extent else None)
-        self.word_head = None
-        if heads.box_words:
-            if self.proposal_head is None:
-                raise PixelLLMError("heads.box_words reads the proposal head's features: it needs heads.proposals")
-            dim = self.proposal_head.feature_dim
-            self.word_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, vocab_size))
+        feature_dim = self.proposal_head.feature_dim if self.proposal_head is not None else 0
+        self.map_tokens = MapTokens.from_config(prompt)
+        self.map_token_proj = self.map_token_pe = self.fine_token_proj = None  # its layers (checkpoint names)
+        if self.map_tokens is not None:
+            self.map_token_proj, self.map_token_pe, self.fine_token_proj = self.map_tokens.layers(
+                feature_dim, getattr(self.vision, "fine_dim", 0), prompt.embed_dim, prompt.output_dim)
+        self.box_extent = BoxExtentEncoder(prompt.output_dim, self.canvas_size) if prompt.box_extent else None
+        self.word_head = BoxWordHead(feature_dim, vocab_size, self.canvas_size) if heads.box_words else None
         if heads.point_mode == "grid":
-            if self.proposal_head is None or heads.num_points != 2:
-                raise PixelLLMError("heads.point_mode 'grid' points at proposal-map cells: it needs "
-                                    "heads.proposals true and heads.num_points 2")
-            self.point_head = GridPointHead(h, self.proposal_head.feature_dim, heads.point_hidden,
-                                            self.proposal_head.map_size, self.canvas_size,
-                                            heads.relation_layers, heads.relation_candidates,
-                                            heads.point_context_layers, config.language.max_positions,
-                                            heads.point_refine, heads.point_coords)
-        elif heads.point_mode == "mlp":
-            if heads.point_context_layers or heads.point_refine or heads.point_coords:
-                raise PixelLLMError("heads.point_context_layers, point_refine and point_coords belong to the grid "
-                                    "point head: set heads.point_mode 'grid' or leave them at 0 / false")
-            self.point_head = PointHead(h, heads.point_hidden, heads.point_layers, heads.num_points)
+            self.point_head = GridPointHead(heads, h, feature_dim, self.proposal_head.map_size,
+                                            self.canvas_size, config.language.max_positions)
         else:
-            raise PixelLLMError(f"unknown heads.point_mode {heads.point_mode!r}; use 'mlp' or 'grid'")
+            self.point_head = PointHead(h, heads.point_hidden, heads.point_layers, heads.num_points)
 
     # ---- the public surface: embed images once, then run any number of prompt passes ---------------------
     def embed_images(self, pixel_values: Tensor, *, maps: bool | None = None) -> ImageEmbedding:
@@ -117,15 +103,13 @@ class PixelLLM(nn.Module):
         """Location prompts -> the visual tokens the language model reads: boxes [M,4] in canvas pixels,
         ``image_index`` [M] into the embedding, ``image_sizes`` [B,2] (w,h of the resized, un-padded images
         in canvas pixels) -> [M,Q(+extra),Dv]."""
-        maps = self._maps_for_prompts(embedding)
-        visual = self._adapter_tokens(embedding.tokens, boxes, image_index, maps)
-        if self.box_extent is None:
-            return visual
-        if image_sizes is None:
-            raise PixelLLMError("this model's prompt.box_extent reads each image's size: pass image_sizes [B,2] "
-                                "(w,h of the resized, un-padded images in canvas pixels)")
-        extent = self.box_extent(boxes, image_sizes.index_select(0, image_index))
-        return visual + extent[:, None, :].to(visual.dtype)
+        boxes01 = (boxes.float() / self.canvas_size).clamp(0, 1)
+        visual = self._adapter_tokens(embedding.tokens, boxes, boxes01, image_index)
+        if self.map_tokens is not None:
+            visual = self.map_tokens(self, visual, self._maps_for_prompts(embedding), boxes01, image_index)
+        if self.box_extent is not None:
+            visual = self.box_extent.add_to(visual, boxes, image_index, image_sizes)
+        return visual
 
     def prompt_pass(self, embedding: ImageEmbedding, boxes: Tensor, image_index: Tensor, image_sizes: Tensor,
                     context_ids: Tensor, context_mask: Tensor, text_ids: Tensor, text_mask: Tensor
@@ -136,7 +120,7 @@ class PixelLLM(nn.Module):
         visual = self.prompt_tokens(embedding, boxes, image_index, image_sizes)
         logits, hidden = self.language(visual, context_ids, context_mask, text_ids, text_mask)
         if self._points_need_maps:
-            maps = self._maps_for_prompts(embedding, need=True)
+            maps = self._maps_for_prompts(embedding)
             points, cell_logits, cell_boxes = self.point_head(hidden, maps, image_index, image_sizes,
                                                               text_mask=text_mask, with_choices=True)
         else:
@@ -197,69 +181,29 @@ class PixelLLM(nn.Module):
     @property
     def _needs_maps(self) -> bool:
         """Whether visual tokens or points read the proposal head's maps."""
-        return self._points_need_maps or self.map_token_proj is not None
+        return self._points_need_maps or self.map_tokens is not None
 
-    def _maps_for_prompts(self, embedding: ImageEmbedding, need: bool = False) -> dict[str, Tensor] | None:
-        if embedding.maps is None and (need or self.map_token_proj is not None):
+    def _maps_for_prompts(self, embedding: ImageEmbedding) -> dict[str, Tensor]:
+        if embedding.maps is None:
             raise PixelLLMError("this model's prompts read the proposal maps: embed the images with "
                                 "PixelLLM.embed_images (maps are computed when the model needs them)")
         return embedding.maps
 
-    def _adapter_tokens(self, image_tokens: Tensor, boxes: Tensor, image_index: Tensor,
-                        maps: dict[str, Tensor] | None) -> Tensor:
+    def _adapter_tokens(self, image_tokens: Tensor, boxes: Tensor, boxes01: Tensor,
+                        image_index: Tensor) -> Tensor:
+        """The prompt encoder and adapter: Q visual tokens per box (with ``prompt.roi_grid``, RoI samples of
+        the image tokens join the adapter's tokens)."""
         pe = self.prompt_encoder
-        boxes01 = (boxes.float() / self.canvas_size).clamp(0, 1)
         roi = None
         if self.prompt_adapter.roi_grid > 0:
-            roi = self.prompt_adapter.roi_tokens(image_tokens, self.vision.grid_size, boxes01, image_index, pe.pe)
-        visual = self.prompt_adapter(image_tokens, pe.dense_pe(self.vision.grid_size), pe.dense_embedding(),
-                                     pe.embed_boxes(boxes), image_index, roi)
-        if self.map_token_proj is None:
-            return visual
-        sampled, points = sample_lattice(maps["features"], boxes01.to(maps["features"].dtype), image_index,
-                                         self.config.prompt.map_tokens)
-        extra = self.map_token_proj(sampled) + self.map_token_pe(pe.pe.encode(points).to(sampled.dtype))
-        if self.fine_token_proj is not None:
-            if "fine" not in maps:
-                raise PixelLLMError("this model's prompt.fine_grid reads the fine map: embed the images with "
-                                    "PixelLLM.embed_images")
-            fine, _ = sample_lattice(maps["fine"], boxes01.to(maps["fine"].dtype), image_index,
-                                     self.config.prompt.fine_grid)
-            extra = extra + self.fine_token_proj(fine.flatten(1).to(extra.dtype)).view(extra.shape)
-        return torch.cat([visual, extra.to(visual.dtype)], dim=1)
-
-    BOX_WORD_TASKS = ("region", "refer")  # sources whose text describes the object in the target box
-
-    def _box_word_logits(self, maps: dict[str, Tensor], boxes: Tensor, image_index: Tensor,
-                        image_sizes: Tensor) -> Tensor:
-        """Word logits [R,V] from the proposal features inside boxes [R,4] (normalised to each image)."""
-        scale = (image_sizes.float().index_select(0, image_index) / self.canvas_size).repeat(1, 2)
-        boxes01 = (boxes.float() * scale).clamp(0, 1)
-        sampled, _ = sample_lattice(maps["features"], boxes01.to(maps["features"].dtype), image_index, 2)
-        return self.word_head(sampled.mean(1))
-
-    def _box_words(self, inputs: ModelInputs, valid: Tensor, maps: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Inputs of the box-words loss for region/refer batches: each prompt's text against its target box."""
-        if self.word_head is None or not maps:
-            return {}
-        has = None
-        if (inputs.task in self.BOX_WORD_TASKS and inputs.target_points is not None
-                and inputs.point_mask is not None and inputs.text_ids is not None):
-            pm = inputs.point_mask.bool() & valid[..., None]
-            has = pm.any(-1)  # [B,N]
-        if has is None or not has.any():
-            # the head still joins the graph (with weight 0), as DDP expects of every parameter
-            return {"word_logits": self.word_head(maps["features"].flatten(2).mean(-1))}
-        first = pm.float().argmax(-1)  # [B,N] first position with a target
-        boxes = inputs.target_points.gather(2, first[..., None, None].expand(-1, -1, 1, 4))[:, :, 0][has]
-        b_idx = has.nonzero(as_tuple=True)[0]
-        text_mask = inputs.text_mask if inputs.text_mask is not None else torch.ones_like(inputs.text_ids, dtype=torch.bool)
-        return {"word_logits": self._box_word_logits(maps, boxes, b_idx, inputs.image_sizes),
-                "word_text_ids": inputs.text_ids[has], "word_text_mask": text_mask[has]}
+            roi = self.prompt_adapter.roi_tokens(image_tokens, self.vision.grid_size, boxes01, image_index,
+                                                 pe.pe)
+        return self.prompt_adapter(image_tokens, pe.dense_pe(self.vision.grid_size), pe.dense_embedding(),
+                                   pe.embed_boxes(boxes), image_index, roi)
 
     def _loss(self, inputs: ModelInputs, valid: Tensor, flat: dict[str, Tensor],
               maps: dict[str, Tensor]) -> tuple[Tensor | None, dict[str, float]]:
-        kw: dict = self._box_words(inputs, valid, maps)
+        kw: dict = self.word_head.loss_inputs(inputs, valid, maps) if self.word_head is not None else {}
         if flat:
             kw.update(logits=flat["logits"], points=flat["points"],
                       confidence=flat["confidence"] if self.confidence_head is not None else None,

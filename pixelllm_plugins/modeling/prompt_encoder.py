@@ -11,8 +11,6 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .common import zero_linear
-
 NUM_FILLER_TOKENS = 3  # the reference pads the 2 box-corner tokens to 5 with the no-mask embedding
 
 
@@ -69,29 +67,3 @@ class PromptEncoder(nn.Module):
     def dense_embedding(self) -> Tensor:
         """The "no mask" dense prompt added to every image token -> [1, embed_dim]."""
         return self.no_mask_embed
-
-
-class BoxExtentEncoder(nn.Module):
-    """A prompt box relative to its image (``prompt.box_extent``) -> a vector added to every visual token.
-
-    Features: the corners in the image frame, the sides over the image's shorter side, and the image's
-    sides over the canvas. The last layer starts at zero, so growing it onto a trained model is a no-op."""
-
-    NUM_FEATURES = 8
-
-    def __init__(self, output_dim: int, canvas_size: int, hidden: int = 64):
-        super().__init__()
-        self.canvas_size = canvas_size
-        self.mlp = nn.Sequential(nn.Linear(self.NUM_FEATURES, hidden), nn.GELU(), zero_linear(hidden, output_dim))
-
-    def features(self, boxes: Tensor, image_sizes: Tensor) -> Tensor:
-        """boxes [M,4] canvas px, image_sizes [M,2] (w,h of each box's image, canvas px) -> [M,8]."""
-        boxes, size = boxes.float(), image_sizes.float().clamp(min=1)
-        corners = boxes / size.repeat(1, 2)
-        sides = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0) / size.min(dim=1, keepdim=True).values
-        return torch.cat([corners, sides, size / self.canvas_size], dim=1).clamp(-1, 4)
-
-    def forward(self, boxes: Tensor, image_sizes: Tensor) -> Tensor:
-        """-> [M,output_dim]."""
-        weight = self.mlp[0].weight
-        return self.mlp(self.features(boxes, image_sizes).to(weight.dtype))

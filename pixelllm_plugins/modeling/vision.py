@@ -1,4 +1,4 @@
-"""Built-in ViT image encoder and the vision-encoder factory.
+"""Built-in ViT image encoder.
 
 Every vision encoder maps a normalised, padded canvas ``[B,3,S,S]`` to image tokens ``[B,gh*gw,out_dim]``
 (no cls token) and exposes ``out_dim`` and ``grid_size``. Pixel normalisation happens in the data
@@ -13,6 +13,9 @@ from torch import Tensor, nn
 
 from ..config import VisionConfig
 from ..errors import CheckpointError
+from .extensions.conv_stem import ConvStem, stem_plan
+from .extensions.detail_tokens import DetailBranch
+from .extensions.fine_map import FineBranch
 
 
 class DropPath(nn.Module):
@@ -61,113 +64,20 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-def _stem_plan(patch_size: int) -> tuple[int, int]:
-    """(number of stride-2 3x3 convs, kernel/stride of the final patch projection)."""
-    k = 0
-    while k < 3 and patch_size % (2 ** (k + 1)) == 0:
-        k += 1
-    return k, patch_size // (2**k)
-
-
-class ResidualConvBlock(nn.Module):
-    """Two 3x3 convs with GroupNorm and a skip connection (a ResNet basic block)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        groups = min(8, channels)
-        self.body = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False),
-                                  nn.GroupNorm(groups, channels), nn.GELU(),
-                                  nn.Conv2d(channels, channels, 3, padding=1, bias=False),
-                                  nn.GroupNorm(groups, channels))
-        self.act = nn.GELU()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.act(x + self.body(x))
-
-
-class ConvStem(nn.Module):
-    """Strided 3x3 convs (Xiao et al. 2021, "Early convolutions help transformers see better").
-
-    Widths grow dim/8 -> dim/4 -> dim/2; GroupNorm keeps it batch-size independent.
-    """
-
-    def __init__(self, dim: int, num_convs: int):
-        super().__init__()
-        layers: list[nn.Module] = []
-        c_in = 3
-        self.stage_channels: list[int] = []  # output channels after each stride-2 stage
-        for i in range(num_convs):
-            c_out = max(8, dim // (2 ** (num_convs - i)))
-            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False),
-                       nn.GroupNorm(min(8, c_out), c_out), nn.GELU()]
-            c_in = c_out
-            self.stage_channels.append(c_out)
-        self.layers = nn.Sequential(*layers)
-        self.out_channels = c_in
-        self._per_stage = 3
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.layers(x)
-
-    def forward_stages(self, x: Tensor) -> list[Tensor]:
-        """The output of every stage (strides 2, 4, 8, ...); the last one is ``forward``'s."""
-        outs = []
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if (i + 1) % self._per_stage == 0:
-                outs.append(x)
-        return outs
-
-
-class FineBranch(nn.Module):
-    """A 3x3 conv on the stem's stride-4 map: shape features at a quarter of the patch stride.
-
-    Kept out of the image tokens (the prompt adapter samples it inside prompt boxes, see
-    ``PromptConfig.fine_grid``), so adding it to a trained model leaves the tokens as they were.
-    """
-
-    def __init__(self, in_channels: int, channels: int):
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(in_channels, channels, 3, padding=1, bias=False),
-                                  nn.GroupNorm(min(8, channels), channels), nn.GELU())
-        self.out_dim = channels
-
-    def forward(self, stride4_map: Tensor) -> Tensor:
-        return self.body(stride4_map)
-
-
-class DetailBranch(nn.Module):
-    """Conv features at half the patch stride, packed into the tokens as 2x2 sub-patches (space-to-depth).
-
-    A 3x3 conv and one residual block on the stem's last map (receptive field about 60 px at patch 16):
-    enough to tell a small hexagon from a circle, which a 16 px patch token learns only slowly.
-    """
-
-    def __init__(self, in_channels: int, channels: int):
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(in_channels, channels, 3, padding=1, bias=False),
-                                  nn.GroupNorm(min(8, channels), channels), nn.GELU(),
-                                  ResidualConvBlock(channels))
-        self.out_dim = 4 * channels
-
-    def forward(self, stem_map: Tensor, grid_size: tuple[int, int]) -> Tensor:
-        """stem map [B,C,h,w] -> [B,gh*gw,4*channels] (channel-major blocks of each token's 2x2 cells)."""
-        gh, gw = grid_size
-        x = self.body(stem_map)[..., : 2 * gh, : 2 * gw]
-        return F.pixel_unshuffle(x, 2).flatten(2).transpose(1, 2)
-
-
 class ViT(nn.Module):
-    """Plain ViT: (optional conv stem) -> patch projection -> learned abs pos-embed -> pre-LN blocks -> LN.
+    """Plain ViT: patch projection -> learned abs pos-embed -> pre-LN blocks -> LN.
 
-    With ``detail_channels`` the tokens end with :class:`DetailBranch` channels (``detail_dim`` of them).
+    Beyond the paper (``modeling/extensions``), each None / identity when its option is off: ``stem``, a conv
+    stem before the patch projection (``conv_stem``); ``detail``, whose channels end every token
+    (``detail_channels``, ``detail_dim`` of them); ``fine``, a stride-4 map returned next to the tokens by
+    ``forward_with_fine`` (``fine_channels``).
     """
 
     def __init__(self, config: VisionConfig):
         super().__init__()
         dim, size = config.hidden_size, config.image_size
         if config.conv_stem:
-            num_convs, proj = _stem_plan(config.patch_size)
+            num_convs, proj = stem_plan(config.patch_size)
             self.stem: nn.Module = ConvStem(dim, num_convs)
             in_ch = self.stem.out_channels
             n = size
@@ -187,7 +97,7 @@ class ViT(nn.Module):
         self.detail_dim: int = self.detail.out_dim if self.detail is not None else 0
         self.fine = None
         if config.fine_channels > 0:
-            if not config.conv_stem or _stem_plan(config.patch_size)[0] < 2:
+            if not config.conv_stem or stem_plan(config.patch_size)[0] < 2:
                 raise CheckpointError("vision.fine_channels needs vision.conv_stem and a patch_size divisible by "
                                       "4 (it reads the stem's stride-4 map)")
             self.fine = FineBranch(self.stem.stage_channels[1], config.fine_channels)

@@ -189,7 +189,23 @@ def test_grow_adds_zero_started_point_modules_and_refuses_what_would_drop_weight
 def test_retired_options_load_when_off_and_are_unknown_otherwise():
     data = get_preset("tiny").to_dict()
     data["vision"]["stem_blocks"], data["heads"]["candidate_fine_grid"] = 0, 0
+    data["heads"]["relation_candidates"] = 8  # the shipped config.json still says so
     assert PixelLLMConfig.from_dict(data).to_dict() == get_preset("tiny").to_dict()
-    data["heads"]["candidate_fine_grid"] = 2
-    with pytest.raises(CheckpointError, match="unknown keys"):
-        PixelLLMConfig.from_dict(data)
+    for key, value in (("candidate_fine_grid", 2), ("relation_candidates", 3)):
+        changed = json.loads(json.dumps(data))
+        changed["heads"][key] = value
+        with pytest.raises(CheckpointError, match="unknown keys"):
+            PixelLLMConfig.from_dict(changed)
+
+
+def test_shipped_checkpoint_holds_exactly_the_weights_of_a_fresh_synth_small_model():
+    folder = ckpt.DEFAULT_MODEL_DIR
+    tensors, aliases = ckpt._read_weights(folder / ckpt.WEIGHTS_FILE)
+    shipped = PixelLLMConfig.load(folder / "config.json")
+    fresh = PixelLLM(get_preset("synth-small"), shipped.language.vocab_size)
+    expected = fresh.state_dict()
+    assert sorted(set(tensors) | set(aliases)) == sorted(expected)
+    state = {k: tensors[aliases.get(k, k)] for k in expected}
+    assert {k: tuple(v.shape) for k, v in state.items()} == {k: tuple(v.shape) for k, v in expected.items()}
+    result = fresh.load_state_dict(state, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys

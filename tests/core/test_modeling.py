@@ -5,11 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pixelllm_plugins.config import LanguageConfig, LossConfig, PromptConfig, VisionConfig, get_preset
+from pixelllm_plugins.config import (
+    HeadsConfig,
+    LanguageConfig,
+    LossConfig,
+    PromptConfig,
+    VisionConfig,
+    get_preset,
+)
 from pixelllm_plugins.errors import CheckpointError, PixelLLMError
 from pixelllm_plugins.modeling import losses as L
 from pixelllm_plugins.modeling.build import build_vision_encoder
-from pixelllm_plugins.modeling.heads import ConfidenceHead, GridPointHead, PointHead, ProposalHead
+from pixelllm_plugins.modeling.extensions.confidence import ConfidenceHead
+from pixelllm_plugins.modeling.extensions.grid_pointing import GridPointHead
+from pixelllm_plugins.modeling.heads import PointHead, ProposalHead
 from pixelllm_plugins.modeling.inputs import ImageEmbedding, ModelInputs
 from pixelllm_plugins.modeling.language_git import GitDecoder
 from pixelllm_plugins.modeling.pixel_llm import PixelLLM
@@ -332,6 +341,12 @@ def test_proposal_planted_peak_decodes_to_box():
     assert det["det_heatmap"] < random["det_heatmap"]
 
 
+def grid_head(canvas, max_positions=128, **options):
+    """A grid point head on 16-d hidden states and an 8x8 map of 8-d features (query width 12)."""
+    return GridPointHead(HeadsConfig(point_hidden=12, point_mode="grid", **options), 16, 8, (8, 8), canvas,
+                         max_positions)
+
+
 def test_grid_point_head_picks_the_proposed_box_of_the_detected_object():
     canvas = 64
     sizes = torch.tensor([[64.0, 48.0], [32.0, 64.0]])
@@ -339,7 +354,7 @@ def test_grid_point_head_picks_the_proposed_box_of_the_detected_object():
     mask = torch.tensor([[True, True], [True, False]])
     maps, t = _perfect_maps((8, 8), gt, mask, sizes, canvas)
     maps["features"] = torch.zeros(2, 8, 8, 8)
-    head = GridPointHead(16, 8, 12, (8, 8), canvas)
+    head = grid_head(canvas)
     # image 1 has one detected object: whatever the query, the detection prior picks its box
     points = head(torch.randn(3, 5, 16), maps, torch.tensor([1, 1, 0]), sizes)
     assert points.shape == (3, 5, 4)
@@ -381,8 +396,9 @@ def _two_image_scene():
 
 def test_relation_layers_start_as_the_plain_grid_head_and_ignore_padding():
     canvas, sizes, maps = _two_image_scene()
-    plain = GridPointHead(16, 8, 12, (8, 8), canvas).eval()
-    related = GridPointHead(16, 8, 12, (8, 8), canvas, relation_layers=1, relation_candidates=3).eval()
+    plain = grid_head(canvas).eval()
+    related = grid_head(canvas, relation_layers=1).eval()
+    related.relation_candidates = 3  # fewer than the scene's candidate cells
     related.load_state_dict(plain.state_dict(), strict=False)
     hidden, index = torch.randn(3, 5, 16), torch.tensor([0, 1, 0])
     _, want, _ = plain(hidden, maps, index, sizes, with_choices=True)
@@ -401,8 +417,8 @@ def test_relation_layers_start_as_the_plain_grid_head_and_ignore_padding():
 
 def test_point_context_lets_a_word_point_where_later_words_say_and_starts_as_the_causal_head():
     canvas, sizes, maps = _two_image_scene()
-    plain = GridPointHead(16, 8, 12, (8, 8), canvas).train()
-    grown = GridPointHead(16, 8, 12, (8, 8), canvas, context_layers=1, max_positions=10, refine=True).train()
+    plain = grid_head(canvas).train()
+    grown = grid_head(canvas, max_positions=10, point_context_layers=1, point_refine=True).train()
     missing = grown.load_state_dict(plain.state_dict(), strict=False).missing_keys
     assert missing and all(k.startswith(("context.", "refine.")) for k in missing)
     hidden, index = torch.randn(3, 5, 16), torch.tensor([0, 1, 0])
@@ -445,8 +461,8 @@ def test_point_coords_prefer_candidates_along_x_and_y():
     maps, _ = _perfect_maps((8, 8), gt, torch.tensor([[True, True]]), sizes, canvas)
     maps["features"] = torch.zeros(1, 8, 8, 8)  # content cannot tell them apart
     torch.manual_seed(0)
-    plain = GridPointHead(16, 8, 12, (8, 8), canvas).eval()
-    head = GridPointHead(16, 8, 12, (8, 8), canvas, coords=True).eval()
+    plain = grid_head(canvas).eval()
+    head = grid_head(canvas, point_coords=True).eval()
     head.load_state_dict(plain.state_dict(), strict=False)
     hidden, index = torch.randn(1, 1, 16), torch.tensor([0])
     torch.testing.assert_close(head(hidden, maps, index, sizes), plain(hidden, maps, index, sizes))
@@ -460,6 +476,27 @@ def test_point_coords_prefer_candidates_along_x_and_y():
     torch.testing.assert_close(picks["topmost"], gt[0, 1], atol=1e-4, rtol=0)
     torch.testing.assert_close(picks["leftmost"], gt[0, 0], atol=1e-4, rtol=0)
     torch.testing.assert_close(picks["bottom-most"], gt[0, 0], atol=1e-4, rtol=0)
+
+
+def test_config_checks_run_before_anything_is_built():
+    for name in ("tiny", "synth-small", "base", "hf:vision+t5"):
+        get_preset(name).validate()
+    cfg = get_preset("synth-small")
+    cfg.heads.proposals = False  # map tokens, box words and the grid head all read the proposal features
+    with pytest.raises(PixelLLMError, match="map_tokens samples the proposal head"):
+        cfg.validate()
+    cfg.prompt.map_tokens = cfg.prompt.fine_grid = 0
+    with pytest.raises(PixelLLMError, match="box_words reads the proposal head"):
+        cfg.validate()
+    cfg.vision.kind = "hf"  # the check fails before a Hugging Face tower would be fetched
+    with pytest.raises(PixelLLMError, match="fine_channels needs the built-in ViT"):
+        PixelLLM(cfg, V)
+
+
+def test_extension_hooks_are_none_in_a_paper_model(tiny):
+    assert tiny.map_tokens is None and tiny.box_extent is None and tiny.word_head is None
+    assert type(tiny.point_head) is PointHead and tiny.map_token_proj is None and tiny.fine_token_proj is None
+    assert not any(k.startswith(("map_token", "fine_token", "box_extent", "word_head")) for k in tiny.state_dict())
 
 
 def test_point_context_belongs_to_the_grid_head():
