@@ -95,6 +95,8 @@ class Request:
     image: str = ""
     texts: list[str] = field(default_factory=list)
     boxes: list[tuple[float, float, float, float]] = field(default_factory=list)
+    points: list[tuple[float, float]] = field(default_factory=list)
+    point_labels: list[int] | None = None
     error: str | None = None
 
 
@@ -165,6 +167,59 @@ def check_boxes_field(raw: dict) -> list[tuple[float, float, float, float]]:
     return boxes
 
 
+def check_points_field(raw: dict) -> tuple[list[tuple[float, float]], list[int] | None]:
+    """The points of a request (a non-empty list of [x, y] in image pixels, one prompt each) and their
+    ``point_labels`` (1 the object, 0 not the object; None: all 1)."""
+    value = raw.get("points")
+    if not isinstance(value, list) or not value:
+        raise InvalidPromptError(f"'points' must be a non-empty list of [x, y] points in image pixels, "
+                                 f"got {_kind(value)}")
+    limit = int(BOUNDS["max_boxes"].high)
+    if len(value) > limit:
+        raise InvalidParameterError(f"'points' has {len(value)} points, more than the limit of {limit} "
+                                    "per image")
+    points = []
+    for i, point in enumerate(value):
+        numbers = isinstance(point, (list, tuple)) and len(point) == 2 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in point)
+        if not numbers or not all(math.isfinite(v) for v in point):
+            raise InvalidPromptError(f"points[{i}] must be 2 finite numbers [x, y], got {short_repr(point)}")
+        points.append((float(point[0]), float(point[1])))
+    labels = raw.get("point_labels")
+    if labels is None:
+        return points, None
+    if not isinstance(labels, list) or len(labels) != len(points):
+        raise InvalidPromptError(f"'point_labels' must be a list of one label per point ({len(points)}), "
+                                 f"got {_kind(labels)}")
+    for i, label in enumerate(labels):
+        if isinstance(label, bool) or label not in (0, 1):
+            raise InvalidPromptError(f"point_labels[{i}] must be 1 (the object) or 0 (not the object), "
+                                     f"got {short_repr(label)}")
+    return points, [int(v) for v in labels]
+
+
+SEGMENT_PROMPTS = ("text/texts", "boxes", "points")
+
+
+def check_segment_fields(raw: dict, request: Request) -> None:
+    """A segment request's one kind of prompt: ``text``/``texts``, ``boxes`` or ``points``
+    (+ ``point_labels``)."""
+    given = [name for name, keys in zip(SEGMENT_PROMPTS, (("text", "texts"), ("boxes",), ("points",)))
+             if any(raw.get(k) is not None for k in keys)]
+    if not given:
+        raise InvalidPromptError("request needs one of 'text'/'texts', 'boxes' or 'points'")
+    if len(given) > 1:
+        raise InvalidPromptError(f"give only one kind of prompt, not {' and '.join(repr(g) for g in given)}")
+    if raw.get("point_labels") is not None and given != ["points"]:
+        raise InvalidPromptError("'point_labels' go with 'points'")
+    if given == ["text/texts"]:
+        request.texts = check_texts_field(raw)
+    elif given == ["boxes"]:
+        request.boxes = check_boxes_field(raw)
+    else:
+        request.points, request.point_labels = check_points_field(raw)
+
+
 def _echo(raw: dict, keys: tuple[str, ...]) -> dict:
     """The request fields echoed into its result: those that are plain, small JSON."""
     echo = {}
@@ -192,7 +247,7 @@ class Command:
     to_json: Callable  # (one result of the task) -> the result dict of its request
     draw: Callable  # (image, result dict) -> PIL image
     check: Callable | None = None  # (raw request dict, Request) -> None: fills the task's fields or raises
-    item_arg: Callable | None = None  # (Request) -> its per-image argument (texts, boxes)
+    item_arg: Callable | None = None  # (Request) -> its per-image argument (texts, boxes, segment's prompts)
 
 
 def _check_refer(raw: dict, request: Request) -> None:
@@ -201,6 +256,26 @@ def _check_refer(raw: dict, request: Request) -> None:
 
 def _check_regions(raw: dict, request: Request) -> None:
     request.boxes = check_boxes_field(raw)
+
+
+def _segment_prompts(request: Request) -> dict:
+    if request.texts:
+        return {"texts": request.texts}
+    if request.boxes:
+        return {"boxes": [list(b) for b in request.boxes]}
+    return {"points": [list(p) for p in request.points], "point_labels": request.point_labels}
+
+
+def mask_json(result) -> dict:
+    """A ``MaskResult`` as a result's detection (``text`` only for text prompts)."""
+    out = result.to_dict()
+    if out.get("text") is None:
+        out.pop("text", None)
+    return out
+
+
+def _masks_json(masks) -> dict:
+    return {"detections": [mask_json(m) for m in masks]}
 
 
 def _detections_json(per_text) -> dict:
@@ -229,6 +304,13 @@ def _draw_boxes(image, result):
     return draw_boxes(image, items)
 
 
+def _draw_masks(image, result):
+    from .inference.results import MaskResult
+    from .visualize import draw_masks
+
+    return draw_masks(image, [MaskResult.from_dict(d) for d in result.get("detections", [])])
+
+
 def _draw_trace(image, result):
     from .inference.results import TracedCaption, Word
     from .visualize import draw_trace
@@ -248,6 +330,9 @@ COMMANDS = {
     "dense-caption": Command("dense_caption", (), lambda a: {"max_regions": a.max_regions,
                                                              "min_score": a.min_score, "adapter": a.adapter},
                              _regions_json, _draw_boxes),
+    "segment": Command("segment", ("text", "texts", "boxes", "points", "point_labels"),
+                       lambda a: {"adapter": a.adapter}, _masks_json, _draw_masks, check_segment_fields,
+                       item_arg=_segment_prompts),
 }
 
 
@@ -283,26 +368,61 @@ def _request_from_args(args) -> dict:
         if not args.box:
             raise PixelLLMError("give at least one --box x1,y1,x2,y2 (image pixels)")
         req["boxes"] = [list(parse_box(b)) for b in args.box]
+    if args.command == "segment":
+        req.update(_segment_request_from_args(args))
     return req
+
+
+def _segment_request_from_args(args) -> dict:
+    from .geometry import parse_box
+
+    req: dict = {}
+    if args.text:
+        req["texts"] = list(args.text)
+    if args.box:
+        req["boxes"] = [list(parse_box(b)) for b in args.box]
+    if args.point:
+        points = [parse_point(p) for p in args.point]
+        req["points"] = [[x, y] for x, y, _ in points]
+        if any(label != 1 for _, _, label in points):
+            req["point_labels"] = [label for _, _, label in points]
+    if not req:
+        raise PixelLLMError("give a referring TEXT, --box x1,y1,x2,y2 or --point x,y after the image, e.g. "
+                            "pixelllm segment img.png 'the red circle' --mask-engine sam:PATH")
+    return req
+
+
+def parse_point(text: str) -> tuple[float, float, int]:
+    """``"x,y"`` or ``"x,y,label"`` (label 1 the object, 0 not the object) -> (x, y, label)."""
+    parts = [p for p in text.replace(" ", "").split(",") if p]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (2, 3) or not all(math.isfinite(v) for v in values) or (
+            len(values) == 3 and values[2] not in (0.0, 1.0)):
+        raise InvalidPromptError(f"--point {text}: give x,y in image pixels (or x,y,0 for a point off the object)")
+    return values[0], values[1], int(values[2]) if len(values) == 3 else 1
 
 
 def _requests_from_args(args, task: Command) -> list[Request]:
     if args.batch:
         from .batch_io import read_batch
 
-        if args.image or getattr(args, "text", None) or getattr(args, "box", None):
-            raise PixelLLMError("give an IMAGE (with its text or boxes) or --batch FILE.jsonl, not both")
+        if args.image or getattr(args, "text", None) or getattr(args, "box", None) or getattr(args, "point", None):
+            raise PixelLLMError("give an IMAGE (with its text, boxes or points) or --batch FILE.jsonl, not both")
         return [_check_request(task, line.request, line.error) for line in read_batch(args.batch)]
     return [_check_request(task, _request_from_args(args))]
 
 
-def _load_predictor(model: str | None, device: str | None):
-    """The in-process Predictor for ``--model``/``--device`` (tests replace this to reuse one)."""
+def _load_predictor(model: str | None, device: str | None, **options):
+    """The in-process Predictor for ``--model``/``--device`` (tests replace this to reuse one); ``options``:
+    more ``Predictor`` arguments (``mask_engine`` for ``segment``)."""
     from .errors import CheckpointError
     from .inference.predictor import Predictor
 
     try:
-        return Predictor(model, device=device)
+        return Predictor(model, device=device, **options)
     except OSError as exc:
         raise CheckpointError(f"cannot read the model {short_repr(model)}: {exc.strerror or exc}") from exc
 
@@ -356,7 +476,10 @@ def _run_inference(args) -> int:
     task = COMMANDS[args.command]
     draw_target = check_draw_target(args.draw) if args.draw else None
     requests = _requests_from_args(args, task)
-    predictor = _load_predictor(args.model, args.device)
+    if task.task == "segment":
+        predictor = _load_segment_predictor(args)
+    else:
+        predictor = _load_predictor(args.model, args.device)
     if args.adapter:
         _load_adapter(predictor, args.adapter)
     as_json = bool(args.json or args.batch)
@@ -381,6 +504,18 @@ def _run_inference(args) -> int:
     if "error" in result:
         return EXIT_INTERNAL if result.get("_internal") else EXIT_FAILED
     return EXIT_FAILED if "drawing_error" in result else EXIT_OK
+
+
+def _load_segment_predictor(args):
+    """The Predictor with the mask engine of ``--mask-engine`` (else ``PIXELLLM_MASK_ENGINE``); refused up
+    front when there is none."""
+    from .inference.predictor import NO_MASK_ENGINE
+
+    options = {"mask_engine": args.mask_engine} if args.mask_engine else {}
+    predictor = _load_predictor(args.model, args.device, **options)
+    if getattr(predictor, "mask_engine", None) is None:
+        raise PixelLLMError(NO_MASK_ENGINE)
+    return predictor
 
 
 def _answer(task: Command, predictor, chunk: list[Request], args) -> list[tuple[dict, object]]:
@@ -513,7 +648,11 @@ def _human(command: str, r: dict) -> str:
     lines = [f"{r.get('image')} ({r['image_size'][0]}x{r['image_size'][1]})"]
     fmt = "  [{:.0f}, {:.0f}, {:.0f}, {:.0f}]"
     for d in r.get("detections", []):
-        lines.append(f"  {d['text']!r}: " + fmt.format(*d["box_xyxy"]).strip() + f" score {d['score']:.2f}")
+        label = repr(d["text"]) if d.get("text") is not None else "mask"
+        line = f"  {label}: " + fmt.format(*d["box_xyxy"]).strip() + f" score {d['score']:.2f}"
+        if "mask" in d:
+            line += f" mask score {d.get('mask_score', 0):.2f}, {len(d.get('polygons', []))} polygon(s)"
+        lines.append(line)
     for c in r.get("captions", []) + r.get("regions", []):
         lines.append(fmt.format(*c["box_xyxy"]) + f" {c['text']!r} score {c['score']:.2f}")
     if "caption" in r:
@@ -609,6 +748,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-score", type=bound_arg("min_score"), default=DEFAULT_MIN_SCORE,
                    help=f"0 to 1 (default {DEFAULT_MIN_SCORE})")
 
+    p = sub.add_parser("segment", help="masks for texts, boxes or points (text/box/point -> mask)",
+                       description="Referring segmentation: each text is referred to a box, and the box (or a "
+                                   "given box, or a point) prompts a mask engine. The embedded model has no "
+                                   "mask decoder yet: give --mask-engine sam:PATH, a local SAM checkpoint "
+                                   "folder (or set PIXELLLM_MASK_ENGINE).")
+    infer_args(p, "image file")
+    p.add_argument("text", nargs="*", help="referring expression(s), each -> one mask")
+    p.add_argument("--box", action="append", metavar="x1,y1,x2,y2", help="a box in image pixels (repeatable)")
+    p.add_argument("--point", action="append", metavar="x,y",
+                   help="a point on the object in image pixels, one mask each (repeatable; x,y,0 for a point "
+                        "off the object)")
+    p.add_argument("--mask-engine", default=None, metavar="sam:PATH",
+                   help="the mask engine: sam:PATH, a local SAM checkpoint folder (config.json + "
+                        "model.safetensors); default: env PIXELLLM_MASK_ENGINE")
+
     p = sub.add_parser("info", help="describe a model", description="Show a model's version, size, device.")
     model_args(p)
 
@@ -631,6 +785,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int_arg(0, 65535), default=8000)
     p.add_argument("--model", default=None, help="checkpoint folder or preset; default: the embedded model")
     p.add_argument("--device", default=None, type=device_arg())
+    p.add_argument("--mask-engine", default=None, metavar="sam:PATH",
+                   help="mask engine for /v1/segment: sam:PATH, a local SAM checkpoint folder "
+                        "(env PIXELLLM_MASK_ENGINE)")
     p.add_argument("--ray", action="store_true", help="deploy on Ray Serve instead of a single process")
     p.add_argument("--replicas", type=int_arg(1), default=1, help="Ray Serve replicas (one per GPU)")
     p.add_argument("--warmup", choices=["auto", "on", "off"], default=None,
@@ -677,7 +834,7 @@ def _serve(args) -> int:
         from .serving.run import run
 
         run(args.host, args.port, model=args.model, device=args.device, warmup=args.warmup,
-            engine=args.engine, fronts=args.fronts)
+            engine=args.engine, fronts=args.fronts, mask_engine=args.mask_engine)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Pictures of results: boxes with their text, and word traces like the paper's figures."""
+"""Pictures of results: boxes with their text, masks, and word traces like the paper's figures."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .inference.results import Detection, RegionCaption, TracedCaption
+from .inference.results import Detection, MaskResult, RegionCaption, TracedCaption
 
 
 def _palette(n: int) -> list[tuple[int, int, int]]:
@@ -44,6 +44,36 @@ def draw_boxes(image: Image.Image, items: Sequence[Detection | RegionCaption]) -
         draw.rectangle((x1, y1, x2, y2), outline=color, width=width)
         _label(draw, (x1 + 2, y1 - font.size - 4 if y1 > font.size + 4 else y1 + 2),
                f"{item.text} {item.score:.2f}", color, font)
+    return canvas
+
+
+def draw_masks(image: Image.Image, items: Sequence[MaskResult], alpha: int = 110) -> Image.Image:
+    """Masks filled translucent (``alpha`` of 255) with their outlines, each labelled with its text (text
+    prompts) and score at its box."""
+    import numpy as np
+
+    canvas = image.convert("RGB").copy()
+    font = _font(canvas)
+    width = max(1, min(canvas.size) // 200)
+    overlay = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
+    odraw = ImageDraw.Draw(overlay)
+    colors = _palette(len(items))
+    for item, color in zip(items, colors):
+        mask = item.to_mask()
+        if mask.shape != (canvas.height, canvas.width):
+            continue  # a mask of another image: nothing sensible to draw
+        fill = Image.fromarray(np.where(mask, alpha, 0).astype(np.uint8), "L")
+        overlay.paste(Image.new("RGBA", canvas.size, color + (255,)), (0, 0), fill)
+        for poly in item.polygons:
+            for ring in [poly["exterior"], *poly.get("holes", [])]:
+                if len(ring) >= 2:
+                    odraw.line([tuple(p) for p in ring] + [tuple(ring[0])], fill=color + (255,), width=width)
+    canvas = Image.alpha_composite(canvas.convert("RGBA"), overlay).convert("RGB")
+    draw = ImageDraw.Draw(canvas)
+    for item, color in zip(items, colors):
+        x1, y1 = item.box_xyxy[:2]
+        label = f"{item.text} {item.score:.2f}" if item.text else f"{item.score:.2f}"
+        _label(draw, (x1 + 2, y1 - font.size - 4 if y1 > font.size + 4 else y1 + 2), label, color, font)
     return canvas
 
 

@@ -8,6 +8,8 @@ only runs the prompt adapter, the language model and the heads.
 from __future__ import annotations
 
 import logging
+import math
+import os
 import threading
 import warnings
 from collections import OrderedDict
@@ -15,23 +17,27 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..bounds import DEFAULT_MAX_REGIONS, DEFAULT_MIN_SCORE
 from ..bounds import check as check_bound
 from ..config import VisionConfig
-from ..errors import InvalidPromptError, PixelLLMError
+from ..errors import InvalidBoxError, InvalidImageError, InvalidPromptError, PixelLLMError
 from ..geometry import clip_box
-from ..io import ImageInput, ImageLimits, load_image_scaled
+from ..io import ImageInput, ImageLimits, load_image, load_image_scaled
 from ..modeling.inputs import ImageEmbedding
 from ..tokenizer import validate_text
 from .preprocess import PreparedImage, prepare_image_keyed
-from .results import Detection, RegionCaption, TracedCaption, Word
+from .results import Detection, MaskResult, RegionCaption, TracedCaption, Word
 
 log = logging.getLogger(__name__)
 
 MAX_PROMPT_CHARS = 2000
 TEXT_CACHE_SIZE = 4096  # prompts whose token ids are kept
+MASK_ENGINE_ENV = "PIXELLLM_MASK_ENGINE"
+NO_MASK_ENGINE = ("this model has no mask decoder yet; pass --mask-engine sam:PATH (a local SAM checkpoint "
+                  "folder) or set PIXELLLM_MASK_ENGINE")
 
 
 def default_device() -> torch.device:
@@ -90,15 +96,20 @@ class Predictor:
     """Run PixelLLM on images. Implements ``PredictorProtocol``.
 
     ``model`` is a checkpoint folder, a preset name (``tiny``: random weights, for tests), or None for
-    the embedded default model.
+    the embedded default model. ``mask_engine`` (for ``segment``): a mask engine
+    (``inference.mask_engine``) or its spec ``"sam:PATH"`` (a local SAM checkpoint folder, loaded now);
+    without one, ``PIXELLLM_MASK_ENGINE`` is loaded on the first ``segment`` call.
     """
 
     def __init__(self, model: str | Path | torch.nn.Module | None = None, *, tokenizer=None,
                  model_version: str | None = None, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, cache_size: int = 32, batch_size: int = 32,
-                 limits: ImageLimits | None = None):
+                 limits: ImageLimits | None = None, mask_engine=None):
         self.device = torch.device(device) if device else default_device()
         self.dtype = dtype or default_dtype(self.device)
+        from .mask_engine import resolve_mask_engine
+
+        self._mask_engine = resolve_mask_engine(mask_engine, self.device)  # a bad spec fails before the model
         if isinstance(model, torch.nn.Module):  # an in-memory model (trainer evaluation, tests)
             if tokenizer is None:
                 raise PixelLLMError("Predictor(model=<module>) needs tokenizer=")
@@ -489,6 +500,135 @@ class Predictor:
                 out[row.image].append(RegionCaption(original, text, round(score, 4), self.model_version))
             return out
 
+    # ---- segmentation (text / box / point -> mask) ---------------------------------------------------
+    @property
+    def mask_engine(self):
+        """The mask engine ``segment`` uses: the constructor's, else ``PIXELLLM_MASK_ENGINE`` (loaded on first
+        use), else None."""
+        if self._mask_engine is None:
+            spec = os.environ.get(MASK_ENGINE_ENV, "").strip()
+            if spec:
+                from .mask_engine import parse_mask_engine
+
+                with self._lock:
+                    if self._mask_engine is None:
+                        self._mask_engine = parse_mask_engine(spec, self.device)
+        return self._mask_engine
+
+    def segment(self, images: Sequence[ImageInput], texts: Sequence[Sequence[str] | None] | None = None,
+                boxes: Sequence[Sequence[Sequence[float]] | None] | None = None,
+                points: Sequence[Sequence[Sequence[float]] | None] | None = None,
+                point_labels: Sequence[Sequence[int] | None] | None = None, *,
+                adapter: str | None = None) -> list[list[MaskResult]]:
+        """Masks for prompts: per image exactly one of its ``texts`` (each referred to a box by ``refer``, the
+        box then prompts the mask engine), its ``boxes`` (``x1, y1, x2, y2`` image pixels) or its ``points``
+        (``x, y`` image pixels, one prompt per point; ``point_labels`` 1 object / 0 not the object, default
+        1). Each argument is None or one entry per image (None for an image prompted another way).
+
+        Per image, one ``MaskResult`` per prompt in prompt order: ``box_xyxy`` the referred box (text), the
+        given box clipped to the image (box) or the mask's box (point); ``score`` refer's score (text) or the
+        mask score; ``mask`` COCO RLE and ``polygons`` in original image pixels."""
+        n = len(images)
+        given = {"texts": texts, "boxes": boxes, "points": points, "point_labels": point_labels}
+        for name, value in given.items():
+            if value is not None and len(value) != n:
+                raise InvalidPromptError(f"segment got {n} images but {len(value)} entries of {name}; give one "
+                                         f"per image (None for an image prompted another way)")
+        kinds = [self._segment_kind(i, texts, boxes, points, point_labels) for i in range(n)]
+        engine = self.mask_engine
+        if engine is None:
+            raise PixelLLMError(NO_MASK_ENGINE)
+        with self._lock, torch.inference_mode():
+            loaded = []
+            for i, source in enumerate(images):
+                if isinstance(source, PreparedInput):
+                    raise InvalidImageError(f"image {i}: segment needs the image itself (masks are in its "
+                                            "original pixels), not a PreparedInput")
+                try:
+                    loaded.append(load_image(source, self.limits))
+                except PixelLLMError as exc:
+                    raise type(exc)(f"image {i}: {exc}") from exc
+            # text prompts: checked, then one refer call for every image that has them
+            text_images = [i for i, kind in enumerate(kinds) if kind == "texts"]
+            clean = {i: [self._clean_text(t, f"image {i} text {j}") if isinstance(t, str) else _not_text(i, j, t)
+                         for j, t in enumerate(_as_list(texts[i]))] for i in text_images}
+            referred: dict[int, list[Detection]] = {}
+            asked = [i for i in text_images if clean[i]]
+            if asked:
+                found = self.refer([loaded[i] for i in asked], [clean[i] for i in asked], adapter=adapter)
+                referred = {i: [dets[0] for dets in per_text] for i, per_text in zip(asked, found)}
+            out: list[list[MaskResult]] = []
+            for i, (image, kind) in enumerate(zip(loaded, kinds)):
+                out.append(self._segment_image(engine, i, image, kind, referred.get(i),
+                                               boxes[i] if kind == "boxes" else None,
+                                               points[i] if kind == "points" else None,
+                                               point_labels[i] if point_labels is not None else None))
+            return out
+
+    @staticmethod
+    def _segment_kind(i: int, texts, boxes, points, point_labels) -> str:
+        present = [name for name, value in (("texts", texts), ("boxes", boxes), ("points", points))
+                   if value is not None and value[i] is not None]
+        if not present:
+            raise InvalidPromptError(f"image {i}: segment needs texts, boxes or points")
+        if len(present) > 1:
+            raise InvalidPromptError(f"image {i}: give only one of texts, boxes or points, not "
+                                     f"{' and '.join(present)}")
+        if point_labels is not None and point_labels[i] is not None and present[0] != "points":
+            raise InvalidPromptError(f"image {i}: point_labels go with points, not {present[0]}")
+        return present[0]
+
+    def _segment_image(self, engine, i: int, image, kind: str, referred, boxes, points,
+                       labels) -> list[MaskResult]:
+        from ..masks import mask_to_box, mask_to_polygons, mask_to_rle
+
+        w, h = image.size
+        if kind == "texts":
+            if not referred:
+                return []
+            prompts = [tuple(d.box_xyxy) for d in referred]
+            masks = engine.predict(image, boxes=[_at_least_a_pixel(b, w, h) for b in prompts])
+            what = [f"text {j} ({d.text!r})" for j, d in enumerate(referred)]
+        elif kind == "boxes":
+            prompts = []
+            for j, box in enumerate(_as_list(boxes)):
+                try:
+                    prompts.append(clip_box(box, w, h))
+                except InvalidBoxError as exc:
+                    raise InvalidBoxError(f"image {i} box {j}: {exc}") from None
+            if not prompts:
+                return []
+            masks = engine.predict(image, boxes=prompts)
+            what = [f"box {j}" for j in range(len(prompts))]
+        else:
+            pts = [_check_point(i, j, p, w, h) for j, p in enumerate(_as_list(points))]
+            labels = [1] * len(pts) if labels is None else _check_labels(i, labels, len(pts))
+            if not pts:
+                return []
+            masks = engine.predict(image, points=pts, point_labels=labels)
+            what = [f"point {j} ({p[0]:g}, {p[1]:g})" for j, p in enumerate(pts)]
+        if len(masks) != len(what):
+            raise PixelLLMError(f"image {i}: the mask engine answered {len(masks)} masks for {len(what)} prompts")
+        results = []
+        for j, (mask, mask_score) in enumerate(masks):
+            mask = np.asarray(mask, dtype=bool)
+            if mask.shape != (h, w):
+                raise PixelLLMError(f"image {i}: the mask engine answered a {mask.shape[1]}x{mask.shape[0]} mask "
+                                    f"for the {w}x{h} image")
+            if not mask.any():
+                raise PixelLLMError(f"image {i} {what[j]}: the mask engine predicted an empty mask; try another "
+                                    "prompt (a tighter box, a point on the object)")
+            mask_score = round(float(mask_score), 4)
+            if kind == "texts":
+                box, score, text = prompts[j], referred[j].score, referred[j].text
+            elif kind == "boxes":
+                box, score, text = prompts[j], mask_score, None
+            else:
+                box, score, text = mask_to_box(mask), mask_score, None
+            results.append(MaskResult(tuple(round(float(v), 2) for v in box), score, mask_to_rle(mask),
+                                      mask_to_polygons(mask), mask_score, text, self.model_version))
+        return results
+
 
 def _check_generation(max_new_tokens: int, num_beams: int) -> None:
     check_bound("max_new_tokens", max_new_tokens)
@@ -501,3 +641,50 @@ def _clip_soft(box, width: float, height: float) -> tuple[float, float, float, f
     x0, x1 = sorted((min(max(x0, 0.0), width), min(max(x1, 0.0), width)))
     y0, y1 = sorted((min(max(y0, 0.0), height), min(max(y1, 0.0), height)))
     return (round(x0, 2), round(y0, 2), round(x1, 2), round(y1, 2))
+
+
+def _as_list(value) -> list:
+    """A per-image prompt list (a lone string is one text)."""
+    if isinstance(value, str):
+        return [value]
+    try:
+        return list(value)
+    except TypeError:
+        raise InvalidPromptError(f"prompts must be a list, got {type(value).__name__}") from None
+
+
+def _not_text(i: int, j: int, value) -> str:
+    raise InvalidPromptError(f"image {i} text {j}: must be a string, got {type(value).__name__}")
+
+
+def _at_least_a_pixel(box, width: float, height: float) -> tuple[float, float, float, float]:
+    """A referred box as a SAM prompt: at least one pixel wide and high, inside the image."""
+    x0, y0, x1, y1 = box
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    x0, x1 = min(x0, cx - 0.5), max(x1, cx + 0.5)
+    y0, y1 = min(y0, cy - 0.5), max(y1, cy + 0.5)
+    return (max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height)))
+
+
+def _check_point(i: int, j: int, point, width: int, height: int) -> tuple[float, float]:
+    numbers = (isinstance(point, (list, tuple)) and len(point) == 2
+               and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in point))
+    if not numbers or not all(math.isfinite(float(v)) for v in point):
+        raise InvalidPromptError(f"image {i} point {j}: must be 2 finite numbers [x, y] in image pixels, "
+                                 f"got {str(point)[:60]}")
+    x, y = float(point[0]), float(point[1])
+    if not (0 <= x <= width and 0 <= y <= height):
+        raise InvalidPromptError(f"image {i} point {j}: ({x:g}, {y:g}) lies outside the {width}x{height} image")
+    return (x, y)
+
+
+def _check_labels(i: int, labels, count: int) -> list[int]:
+    labels = list(labels)
+    if len(labels) != count:
+        raise InvalidPromptError(f"image {i}: {count} points but {len(labels)} point_labels; give one label per "
+                                 "point (1 the object, 0 not the object)")
+    for j, label in enumerate(labels):
+        if isinstance(label, bool) or label not in (0, 1):
+            raise InvalidPromptError(f"image {i} point_labels[{j}]: must be 1 (the object) or 0 (not the "
+                                     f"object), got {str(label)[:20]}")
+    return [int(v) for v in labels]

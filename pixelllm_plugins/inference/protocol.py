@@ -11,7 +11,7 @@ from typing import Protocol, runtime_checkable
 
 from ..bounds import DEFAULT_MAX_REGIONS, DEFAULT_MIN_SCORE
 from ..io import ImageInput
-from .results import Detection, RegionCaption, TracedCaption
+from .results import Detection, MaskResult, RegionCaption, TracedCaption
 
 
 @runtime_checkable
@@ -34,3 +34,11 @@ class PredictorProtocol(Protocol):
     def dense_caption(self, images: Sequence[ImageInput], *, max_regions: int = DEFAULT_MAX_REGIONS, min_score: float = DEFAULT_MIN_SCORE,
                       adapter: str | None = None) -> list[list[RegionCaption]]:
         """Proposals from the detection head, each captioned; sorted by score."""
+
+    def segment(self, images: Sequence[ImageInput], texts: Sequence[Sequence[str] | None] | None = None,
+                boxes: Sequence[Sequence[Sequence[float]] | None] | None = None,
+                points: Sequence[Sequence[Sequence[float]] | None] | None = None,
+                point_labels: Sequence[Sequence[int] | None] | None = None, *,
+                adapter: str | None = None) -> list[list[MaskResult]]:
+        """For each image, one mask per prompt, in order: per image exactly one of its texts (text -> box ->
+        mask), its boxes or its points (one prompt per point; ``point_labels`` 1/0, default 1)."""

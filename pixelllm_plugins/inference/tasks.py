@@ -1,4 +1,4 @@
-"""The four inference tasks, one name each, and the one rule for running a batch of them.
+"""The five inference tasks, one name each, and the one rule for running a batch of them.
 
 A task's name is the ``PredictorProtocol`` method that runs it and the worker's route (``/v1/<name>``):
 
@@ -12,6 +12,9 @@ name                what                               per-image argument       
                     a box and points per word)                                    max_new_tokens, num_beams
 ``dense_caption``   proposals, each captioned          --                         adapter, max_regions,
                                                                                   min_score
+``segment``         text / box / point -> mask         its prompts: a mapping     adapter
+                    (``MaskResult``)                   with one of texts, boxes,
+                                                       points (+ point_labels)
 ==================  =================================  =========================  ==========================
 
 Every caller (the CLI, the worker's batcher, the Label Studio backend, the FiftyOne runs) calls the
@@ -40,11 +43,14 @@ class TaskSpec:
 
     ``name``: the predictor method and the worker route (``route``); ``item_arg``: the name of the
     per-image argument the method takes after the images (``texts``, ``boxes``), or None; ``options``: the
-    keyword options it takes (``adapter`` included)."""
+    keyword options it takes (``adapter`` included); ``item_fields``: when set, each per-image argument is
+    a mapping holding some of these keys, and the method takes each key as a keyword list with one entry
+    per image (None where an image has none): ``segment``'s texts / boxes / points / point_labels."""
 
     name: str
     item_arg: str | None
     options: tuple[str, ...]
+    item_fields: tuple[str, ...] = ()
 
     @property
     def route(self) -> str:
@@ -63,6 +69,10 @@ class TaskSpec:
             return list(method(images, **options))
         if item_args is None:
             raise TypeError(f"{self.name} needs the {self.item_arg} of every image")
+        if self.item_fields:
+            fields = {key: [(arg or {}).get(key) for arg in item_args] for key in self.item_fields}
+            fields = {key: values for key, values in fields.items() if any(v is not None for v in values)}
+            return list(method(images, **fields, **options))
         return list(method(images, item_args, **options))
 
 
@@ -71,6 +81,7 @@ TASKS: Mapping[str, TaskSpec] = {spec.name: spec for spec in (
     TaskSpec("caption_regions", "boxes", ("adapter", "max_new_tokens", "num_beams")),
     TaskSpec("caption", None, ("adapter", "trace", "max_new_tokens", "num_beams")),
     TaskSpec("dense_caption", None, ("adapter", "max_regions", "min_score")),
+    TaskSpec("segment", "prompts", ("adapter",), ("texts", "boxes", "points", "point_labels")),
 )}
 
 

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 @dataclass(eq=False)
 class Job:
     """One image's worth of work. ``task``: a registry name (``inference.tasks.TASKS``); ``arg``: texts
-    (refer) or boxes (caption_regions); ``options``: keyword arguments of the Predictor call as sorted
+    (refer), boxes (caption_regions) or a mapping of prompts (segment); ``options``: keyword arguments of the Predictor call as sorted
     (name, value) pairs (they must match to share a batch)."""
 
     task: str
@@ -50,8 +50,10 @@ class Job:
         return (self.task, self.adapter, self.options)
 
 
-def predictor_factory(model: Any = None, device: str | None = None) -> Callable[[], Any]:
-    """A zero-argument callable that builds the predictor: from a factory, an instance, or a model name."""
+def predictor_factory(model: Any = None, device: str | None = None,
+                      mask_engine: str | None = None) -> Callable[[], Any]:
+    """A zero-argument callable that builds the predictor: from a factory, an instance, or a model name
+    (with ``mask_engine``, ``"sam:PATH"``, for ``segment``; factories and instances bring their own)."""
     if model is not None and not isinstance(model, (str, Path)):
         if isinstance(model, type) or not hasattr(model, "refer"):  # a class or a factory function
             return model
@@ -60,7 +62,7 @@ def predictor_factory(model: Any = None, device: str | None = None) -> Callable[
     def make():
         from ..inference.predictor import Predictor
 
-        return Predictor(model, device=device)
+        return Predictor(model, device=device, **({"mask_engine": mask_engine} if mask_engine else {}))
 
     return make
 
@@ -73,9 +75,10 @@ def load_factory(spec: str) -> Callable[[], Any]:
     return getattr(importlib.import_module(module), attr)
 
 
-def make_factory(model: Any = None, factory: str | None = None, device: str | None = None) -> Callable[[], Any]:
+def make_factory(model: Any = None, factory: str | None = None, device: str | None = None,
+                 mask_engine: str | None = None) -> Callable[[], Any]:
     """The predictor builder of a worker: ``factory`` (``"module:callable"``) when given, else ``model``."""
-    return predictor_factory(load_factory(factory) if factory else model, device)
+    return predictor_factory(load_factory(factory) if factory else model, device, mask_engine)
 
 
 def run_jobs(predictor, jobs: list[Job], adapters: AdapterLRU | None = None,

@@ -33,7 +33,7 @@ from ..errors import (
     RemoteError,
 )
 from ..geometry import as_box
-from ..inference.results import Detection, RegionCaption, TracedCaption, Word
+from ..inference.results import Detection, MaskResult, RegionCaption, TracedCaption, Word
 from ..io import ImageInput, ImageLimits, load_image, read_image_bytes
 
 log = logging.getLogger(__name__)
@@ -269,3 +269,42 @@ class RemotePredictor:
         bodies = [self._body(im, adapter, max_regions=max_regions, min_score=min_score) for im in images]
         answers = self._post_each("/v1/dense_caption", bodies)
         return [[RegionCaption.from_dict(r) for r in a["regions"]] for a in answers]
+
+    def segment(self, images: Sequence[ImageInput], texts: Sequence[Sequence[str] | None] | None = None,
+                boxes: Sequence[Sequence[Sequence[float]] | None] | None = None,
+                points: Sequence[Sequence[Sequence[float]] | None] | None = None,
+                point_labels: Sequence[Sequence[int] | None] | None = None, *,
+                adapter: str | None = None) -> list[list[MaskResult]]:
+        n = len(images)
+        given = {"texts": texts, "boxes": boxes, "points": points, "point_labels": point_labels}
+        for name, value in given.items():
+            if value is not None and len(value) != n:
+                raise InvalidPromptError(f"segment got {n} images but {len(value)} entries of {name}; give one "
+                                         "per image (None for an image prompted another way)")
+        bodies: list[dict | None] = []
+        for i, image in enumerate(images):
+            present = [name for name in ("texts", "boxes", "points")
+                       if given[name] is not None and given[name][i] is not None]
+            if len(present) != 1:
+                raise InvalidPromptError(f"image {i}: segment needs texts, boxes or points" if not present else
+                                         f"image {i}: give only one of texts, boxes or points, not "
+                                         f"{' and '.join(present)}")
+            kind = present[0]
+            labels = point_labels[i] if point_labels is not None else None
+            if labels is not None and kind != "points":
+                raise InvalidPromptError(f"image {i}: point_labels go with points, not {kind}")
+            items = given[kind][i]
+            items = [items] if isinstance(items, str) else list(items)
+            if not items:
+                bodies.append(None)
+            elif kind == "texts":
+                bodies.append(self._body(image, adapter, texts=items))
+            elif kind == "boxes":
+                bodies.append(self._body(image, adapter, boxes=[list(as_box(b)) for b in items]))
+            else:
+                fields: dict[str, Any] = {"points": [[float(v) for v in p] for p in items]}
+                if labels is not None:
+                    fields["point_labels"] = [int(v) for v in labels]
+                bodies.append(self._body(image, adapter, **fields))
+        answers = self._post_each("/v1/segment", bodies)
+        return [[MaskResult.from_dict(d) for d in a["detections"]] if a else [] for a in answers]

@@ -40,5 +40,6 @@ def build_engine(model: Any, settings: WorkerSettings, metrics: WorkerMetrics | 
         from .process_engine import ProcessEngine
 
         return ProcessEngine(None if model is None else str(model), factory=factory, device=settings.device,
-                             log_level=logging.getLogger().getEffectiveLevel(), **batching)
-    return DynamicBatcher(make_factory(model, factory, settings.device), **batching)
+                             mask_engine=settings.mask_engine, log_level=logging.getLogger().getEffectiveLevel(),
+                             **batching)
+    return DynamicBatcher(make_factory(model, factory, settings.device, settings.mask_engine), **batching)

@@ -82,7 +82,7 @@ def run_fronts(host: str, port: int, model: str | None, settings: WorkerSettings
     address, authkey = os.path.join(folder, "model.sock"), os.urandom(32)
     metrics_dir = os.path.join(folder, "metrics")
     os.mkdir(metrics_dir)
-    spec = engine_spec(model, factory=factory, device=settings.device,
+    spec = engine_spec(model, factory=factory, device=settings.device, mask_engine=settings.mask_engine,
                        log_level=logging.getLogger().getEffectiveLevel(), **batcher_options(model, settings))
     ctx = multiprocessing.get_context("spawn")
     keep, lifeline = ctx.Pipe()

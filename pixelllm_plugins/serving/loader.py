@@ -42,9 +42,10 @@ class ImageLoader:
     def shutdown(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
-    async def load(self, ref: ImageRef):
+    async def load(self, ref: ImageRef, *, prepare: bool = True):
         """The image of ``ref``, prepared by the engine's predictor when it can (resize + hash here, off
-        the inference thread), else decoded."""
+        the inference thread), else decoded; ``prepare=False``: decoded at full size (``segment``: masks
+        are in the original image's pixels)."""
         settings, limits = self.settings, self.limits
         if ref.b64 is not None:
             data = image_io.decode_b64(ref.b64, limits)
@@ -56,7 +57,7 @@ class ImageLoader:
         header = (image_io.open_header(data, limits) if small_file
                   else await loop.run_in_executor(self.pool, image_io.open_header, data, limits))
         cost = self.budget.check(header)  # 413 when the image alone could never fit
-        prepare = getattr(self.engine.predictor, "prepare", None)
+        prepare = getattr(self.engine.predictor, "prepare", None) if prepare else None
 
         def decode_and_prepare():  # decode (JPEG at a reduced scale), resize, hash
             return prepare(header, limits) if prepare is not None else image_io.decode(header.data, limits)

@@ -62,10 +62,11 @@ class ProcessEngine:
     """
 
     def __init__(self, model: str | None = None, *, factory: str | None = None, device: str | None = None,
-                 max_batch_size: int = 8, max_wait_ms: float = 5.0, adapter_roots: list | None = None,
+                 mask_engine: str | None = None, max_batch_size: int = 8, max_wait_ms: float = 5.0, adapter_roots: list | None = None,
                  max_adapters: int = 4, metrics=None, torch_threads: int | None = None, warmup: str = "auto",
                  log_level: int | str = logging.WARNING, connect: tuple[str, bytes] | None = None):
-        self.spec = engine_spec(model, factory=factory, device=device, max_batch_size=max_batch_size,
+        self.spec = engine_spec(model, factory=factory, device=device, mask_engine=mask_engine,
+                                max_batch_size=max_batch_size,
                                 max_wait_ms=max_wait_ms, adapter_roots=adapter_roots, max_adapters=max_adapters,
                                 torch_threads=torch_threads, warmup=warmup, log_level=log_level)
         # (socket path, key): join a model process that serves several fronts (``fronts.py``) instead of
@@ -252,12 +253,12 @@ class ProcessEngine:
 # ---- the child ----------------------------------------------------------------------------------------
 
 def engine_spec(model: str | None = None, *, factory: str | None = None, device: str | None = None,
-                max_batch_size: int = 8, max_wait_ms: float = 5.0, adapter_roots: list | None = None,
+                mask_engine: str | None = None, max_batch_size: int = 8, max_wait_ms: float = 5.0, adapter_roots: list | None = None,
                 max_adapters: int = 4, torch_threads: int | None = None, warmup: str = "auto",
                 log_level: int | str = logging.WARNING) -> dict:
     """What a model process needs to build its predictor and batcher (plain, picklable values)."""
     return {"model": None if model is None else str(model), "factory": factory, "device": device,
-            "log_level": log_level,
+            "mask_engine": mask_engine, "log_level": log_level,
             "batcher": {"max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms,
                         "adapter_roots": [str(r) for r in adapter_roots or []],
                         "max_adapters": max_adapters, "torch_threads": torch_threads, "warmup": warmup}}
@@ -337,7 +338,8 @@ def start_batcher(spec: dict, links: Links) -> DynamicBatcher:
     """Configure logging and start loading the model of a model process (``wait_settled`` to know)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the front stops us
     logging.basicConfig(level=spec["log_level"], format="%(levelname)s %(name)s [model]: %(message)s")
-    factory = make_factory(spec["model"], spec["factory"], spec["device"])  # imported without the HTTP app
+    factory = make_factory(spec["model"], spec["factory"], spec["device"],  # imported without the HTTP app
+                           spec.get("mask_engine"))
     batcher = DynamicBatcher(factory, metrics=_ReportBatches(links.send_one), **spec["batcher"])
     batcher.start()
     return batcher

@@ -57,7 +57,7 @@ class PixelLLMDeployment(EngineInfo):
         self._waiting = 0
         self._batched.set_max_batch_size(self.settings.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.settings.max_wait_ms / 1000.0)
-        make = make_factory(model, factory, self.settings.device)
+        make = make_factory(model, factory, self.settings.device, self.settings.mask_engine)
         roots = adapter_roots(model, self.settings)
         loop = asyncio.get_running_loop()
         # load before taking traffic: Serve routes to a replica only once its constructor has returned

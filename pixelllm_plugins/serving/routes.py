@@ -37,6 +37,8 @@ from .schemas import (
     DenseCaptionResponse,
     ReferRequest,
     ReferResponse,
+    SegmentRequest,
+    SegmentResponse,
 )
 from .settings import WorkerSettings
 
@@ -113,12 +115,13 @@ class Worker:
     async def _run(self, task: str, req, arg: Any, options: tuple):
         """Load the request's image and submit its job: (image, result)."""
         engine = self.engine
+        prepare = task != "segment"  # segment: the full image (masks are in its original pixels)
         if self.announce is None:
-            image = await self.loader.load(req.image)
+            image = await self.loader.load(req.image, prepare=prepare)
             return image, await engine.submit(Job(task, image, arg, req.adapter, options))
         self.announce()  # tell the batcher a job is coming, so a forming batch can wait for it
         try:
-            image = await self.loader.load(req.image)
+            image = await self.loader.load(req.image, prepare=prepare)
         except BaseException:
             engine.unexpect()
             raise
@@ -182,6 +185,53 @@ class Worker:
         return JSONResponse({"model_version": _version(result, version), "image_size": size,
                              "regions": [r.to_dict() for r in result]})
 
+    async def segment(self, req: SegmentRequest):
+        settings = self.settings
+        texts = req.all_texts()
+        given = [name for name, value in (("text/texts", texts), ("boxes", req.boxes), ("points", req.points))
+                 if value is not None]
+        if not given:
+            raise APIError(400, "InvalidPromptError", "segment needs one of text/texts, boxes or points")
+        if len(given) > 1 or (req.text is not None and req.texts is not None):
+            what = " and ".join(given) if len(given) > 1 else "text and texts"
+            raise APIError(400, "InvalidPromptError", f"give only one kind of prompt, not {what}")
+        if req.point_labels is not None and req.points is None:
+            raise APIError(400, "InvalidPromptError", "point_labels go with points")
+        if texts is not None:
+            if not texts:
+                raise APIError(400, "InvalidPromptError", "texts is empty; give at least one referring expression")
+            self.check_limit("len(texts)", len(texts), settings.max_texts)
+            for i, t in enumerate(texts):
+                try:
+                    validate_text(t, "text" if req.text is not None else f"texts[{i}]",
+                                  max_chars=settings.max_text_chars)
+                except InvalidPromptError as exc:
+                    raise APIError(400, "InvalidPromptError", str(exc)) from None
+            arg: dict = {"texts": texts}
+        elif req.boxes is not None:
+            if not req.boxes:
+                raise APIError(400, "InvalidBoxError", "boxes is empty; give [[x1, y1, x2, y2], ...] in pixels")
+            self.check_limit("len(boxes)", len(req.boxes), settings.max_boxes)
+            arg = {"boxes": [_checked_box(i, b) for i, b in enumerate(req.boxes)]}
+        else:
+            points = req.points or []
+            if not points:
+                raise APIError(400, "InvalidPromptError", "points is empty; give [[x, y], ...] in pixels")
+            self.check_limit("len(points)", len(points), settings.max_boxes)
+            for i, p in enumerate(points):
+                if len(p) != 2 or not all(math.isfinite(v) for v in p):
+                    raise APIError(400, "InvalidPromptError", f"points[{i}] must be 2 finite numbers [x, y] in "
+                                   "pixels")
+            labels = req.point_labels
+            if labels is not None and (len(labels) != len(points) or any(v not in (0, 1) for v in labels)):
+                raise APIError(400, "InvalidPromptError", "point_labels must hold one label per point: 1 (the "
+                               "object) or 0 (not the object)")
+            arg = {"points": [list(p) for p in points], "point_labels": labels}
+        result, size, version = await self.serve("segment", req, arg, ())
+        detections = [_mask_dict(m) for m in result]
+        return JSONResponse({"model_version": _version(result, version), "image_size": size,
+                             "detections": detections})
+
     # ---- health, readiness, metrics --------------------------------------------------------------------
     async def health(self):
         return {"status": "ok", "ready": bool(self.engine.ready)}
@@ -211,6 +261,8 @@ _TASK_ROUTES = {
     "caption_regions": (CaptionRegionsResponse, "box -> text: a caption for each given box"),
     "caption": (CaptionResponse, "a whole-image caption; with trace every word carries a box and points"),
     "dense_caption": (DenseCaptionResponse, "dense captioning: proposals, each with a caption and a score"),
+    "segment": (SegmentResponse, "text / box / point -> mask (COCO RLE and polygons); needs the worker's "
+                                 "--mask-engine sam:PATH"),
 }
 
 
@@ -227,6 +279,24 @@ def add_routes(app: FastAPI, worker: Worker) -> None:
                       summary="readiness: 200 once the model is loaded, else 503 (no auth)")
     app.add_api_route("/metrics", worker.metrics_route, methods=["GET"], dependencies=auth,
                       summary="Prometheus metrics (text format)")
+
+
+def _checked_box(i: int, b: list[float]) -> list[float]:
+    """A request's box as 4 finite numbers (the message names the box, not its numbers)."""
+    if len(b) != 4:
+        raise APIError(400, "InvalidBoxError", f"boxes[{i}] must be 4 numbers [x1, y1, x2, y2] in pixels, "
+                       f"got {len(b)} numbers")
+    if not all(math.isfinite(v) for v in b):
+        raise APIError(400, "InvalidBoxError", f"boxes[{i}] has a coordinate that is not a finite number; give "
+                       "[x1, y1, x2, y2] in pixels")
+    return list(as_box(b))
+
+
+def _mask_dict(mask) -> dict:
+    out = mask.to_dict()
+    if out.get("text") is None:
+        out.pop("text", None)
+    return out
 
 
 def _version(results, fallback: str) -> str:

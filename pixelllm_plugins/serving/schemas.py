@@ -1,7 +1,8 @@
 """JSON shapes of the worker (request bodies and responses); they are also the OpenAPI schema.
 
-Fields follow the CLI's ``--batch`` lines: ``text``/``texts``, ``boxes``; results carry ``detections`` /
-``captions`` / ``caption`` + ``words`` / ``regions``, ``image_size`` ``[w, h]`` and ``model_version``.
+Fields follow the CLI's ``--batch`` lines: ``text``/``texts``, ``boxes``, ``points`` + ``point_labels``;
+results carry ``detections`` / ``captions`` / ``caption`` + ``words`` / ``regions``, ``image_size``
+``[w, h]`` and ``model_version``.
 Boxes are ``[x1, y1, x2, y2]`` in pixels of the original image.
 """
 
@@ -100,6 +101,22 @@ class DenseCaptionRequest(_Request):
     min_score: MinScore = DEFAULT_MIN_SCORE
 
 
+class SegmentRequest(_Request):
+    """Exactly one kind of prompt: ``text``/``texts`` (each referred to a box, the box prompts the mask),
+    ``boxes`` or ``points`` (one mask per point; ``point_labels`` 1 the object / 0 not, default 1)."""
+
+    text: str | None = Field(None, description="one referring expression")
+    texts: list[str] | None = Field(None, description="several referring expressions, one mask each")
+    boxes: list[list[float]] | None = Field(None, description="[[x1, y1, x2, y2], ...] in image pixels")
+    points: list[list[float]] | None = Field(None, description="[[x, y], ...] in image pixels, one mask each")
+    point_labels: list[int] | None = Field(None, description="one per point: 1 the object, 0 not the object")
+
+    def all_texts(self) -> list[str] | None:
+        if self.text is None and self.texts is None:
+            return None
+        return ([self.text] if self.text is not None else []) + list(self.texts or [])
+
+
 class DetectionOut(BaseModel):
     box_xyxy: list[float]
     score: float
@@ -118,6 +135,26 @@ class WordOut(BaseModel):
     text: str
     box_xyxy: list[float]
     points: list[list[float]]
+
+
+class RLEOut(BaseModel):
+    size: list[int] = Field(..., description="[height, width] of the image")
+    counts: str = Field(..., description="COCO compressed RLE counts (pycocotools)")
+
+
+class PolygonOut(BaseModel):
+    exterior: list[list[float]] = Field(..., description="[[x, y], ...] pixel corners, not closed")
+    holes: list[list[list[float]]] = Field(default_factory=list)
+
+
+class MaskOut(BaseModel):
+    text: str | None = Field(None, description="the referring expression (text prompts only)")
+    box_xyxy: list[float]
+    score: float
+    mask: RLEOut
+    polygons: list[PolygonOut]
+    mask_score: float
+    model_version: str = ""
 
 
 class _Response(BaseModel):
@@ -142,6 +179,10 @@ class CaptionResponse(_Response):
 
 class DenseCaptionResponse(_Response):
     regions: list[RegionCaptionOut]
+
+
+class SegmentResponse(_Response):
+    detections: list[MaskOut] = Field(..., description="one mask per prompt, in prompt order")
 
 
 class ErrorResponse(BaseModel):

@@ -37,6 +37,7 @@ ENV_VARS: dict[str, str] = {
     "PIXELLLM_WORKER_INLINE_DECODE_BYTES": "inline_decode_bytes",
     "PIXELLLM_WORKER_INLINE_DECODE_PIXELS": "inline_decode_pixels",
     "PIXELLLM_WORKER_DECODE_BUDGET_BYTES": "decode_budget_bytes",
+    "PIXELLLM_MASK_ENGINE": "mask_engine",
 }
 
 # request-field limits of the worker -> the knob of ``bounds.BOUNDS`` they may lower, never raise
@@ -102,6 +103,9 @@ class WorkerSettings:
     # memory that decoding may hold at once in this process (each image's decoded pixels and RGB copy,
     # from its header): requests beyond it wait for their turn; an image costing more alone gets a 413
     decode_budget_bytes: int = 1024 * 1024 * 1024
+    # the mask engine of /v1/segment, "sam:PATH" (a local SAM checkpoint folder); None: /v1/segment answers
+    # that the model has no mask decoder yet
+    mask_engine: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.allowed_hosts, str):

@@ -16,7 +16,7 @@ def _img(w=64, h=48):
 
 
 def test_one_spec_per_predictor_method_and_route():
-    assert list(TASKS) == ["refer", "caption_regions", "caption", "dense_caption"]
+    assert list(TASKS) == ["refer", "caption_regions", "caption", "dense_caption", "segment"]
     for name, spec in TASKS.items():
         assert spec.name == name and spec.route == f"/v1/{name}"
         assert callable(getattr(PredictorProtocol, name))
