@@ -8,10 +8,10 @@ import io
 
 import numpy as np
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 from serving_helpers import ThreadedServer, image_field, png_bytes, wait_until
+from tiny_sam import save_tiny_sam
 
 from pixelllm_plugins.errors import InvalidBoxError, InvalidPromptError, PixelLLMError
 from pixelllm_plugins.inference.predictor import Predictor
@@ -22,22 +22,6 @@ from pixelllm_plugins.serving.client import RemotePredictor
 from pixelllm_plugins.serving.process_engine import engine_spec
 from pixelllm_plugins.serving.schemas import SegmentResponse
 from pixelllm_plugins.serving.settings import WorkerSettings
-
-
-def save_tiny_sam(path, seed: int = 0):
-    """A tiny random SAM (64 px input, one vision layer) saved as safetensors in ``path``."""
-    from transformers import SamConfig, SamModel
-
-    torch.manual_seed(seed)
-    config = SamConfig(
-        vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=64,
-                           patch_size=16, output_channels=32, window_size=2, global_attn_indexes=[0],
-                           num_pos_feats=16, mlp_dim=64, initializer_range=0.02),
-        prompt_encoder_config=dict(hidden_size=32, image_size=64, patch_size=16, mask_input_channels=8),
-        mask_decoder_config=dict(hidden_size=32, mlp_dim=64, num_hidden_layers=1, num_attention_heads=2,
-                                 iou_head_hidden_dim=32))
-    SamModel(config).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
