@@ -16,6 +16,7 @@ from typing import Any
 from .errors import CheckpointError, PixelLLMError
 
 CONFIG_VERSION = 1
+MAX_MASK_OUTPUTS = 8  # heads.mask_decoder
 
 
 @dataclass
@@ -73,6 +74,11 @@ class PromptConfig:
     # to the image, and a non-square image is padded to the square canvas, so neither the box corners
     # (canvas frame) nor the image tokens say how large the box is for its image. False = paper-exact.
     box_extent: bool = False
+    # Point prompts (SAM's): Fourier PE of a point plus a learned positive / negative embedding, next to the
+    # box's tokens wherever a prompt is read (the prompt adapter and the mask decoder). Adds two parameters
+    # to the prompt encoder (``point_embed``, ``not_a_point_embed``); without points given, every output is
+    # exactly as without the option. False = box prompts only.
+    points: bool = False
 
 
 @dataclass
@@ -127,6 +133,10 @@ class HeadsConfig:
     proposals: bool = True  # CenterNet-style class-agnostic proposal head for dense captioning
     proposal_hidden: int = 256
     max_proposals: int = 100
+    # Referring segmentation (SAM's mask decoder, ``modeling/mask_decoder.py``): the number K of mask
+    # outputs per prompt (K mask tokens and an IoU token through a two-way transformer with the prompt's
+    # tokens; masks at stride 4 on the canvas, each with a predicted IoU). 0 = no mask decoder.
+    mask_decoder: int = 0
 
 
 @dataclass
@@ -138,6 +148,11 @@ class LossConfig:
     detection_weight: float = 1.0
     pointer_weight: float = 1.0  # grid point head only: cross-entropy toward the best-matching candidate
     box_words_weight: float = 1.0  # heads.box_words only
+    # heads.mask_decoder only, SAM's 20:1:1: focal and dice of the best of the K masks, MSE of the
+    # predicted IoU against each mask's real IoU
+    mask_focal_weight: float = 20.0
+    mask_dice_weight: float = 1.0
+    mask_iou_weight: float = 1.0
 
 
 @dataclass
@@ -215,6 +230,12 @@ class PixelLLMConfig:
                                     "grid point head: set heads.point_mode 'grid' or leave them at 0 / false")
         else:
             raise PixelLLMError(f"unknown heads.point_mode {heads.point_mode!r}; use 'mlp' or 'grid'")
+        if heads.mask_decoder < 0 or heads.mask_decoder > MAX_MASK_OUTPUTS:
+            raise PixelLLMError(f"heads.mask_decoder is the number of mask outputs per prompt: 0 (none) to "
+                                f"{MAX_MASK_OUTPUTS}, got {heads.mask_decoder}")
+        if heads.mask_decoder and vision.image_size % 4:
+            raise PixelLLMError(f"heads.mask_decoder predicts masks at stride 4: vision.image_size must be "
+                                f"divisible by 4, got {vision.image_size}")
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")

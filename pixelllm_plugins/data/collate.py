@@ -12,14 +12,16 @@ All targets are normalised by the un-padded image size. Padding prompt rows (``p
 minimal valid sequence (context ``[EOS]``, text ``[BOS, EOS]``) so that no attention row is empty; they
 carry no loss.
 
-Masks: the model reads none yet, so :func:`collate` ignores ``PromptRecord.target_mask`` (its transforms
-drop them rather than map them: no cost);
-:func:`collate_with_masks` returns the same :class:`ModelInputs` (the same random draws) plus
-:class:`MaskTargets`, each prompt row's target mask on the padded canvas, for a mask loss.
+Masks: :func:`collate` ignores ``PromptRecord.target_mask`` (its transforms drop them rather than map them:
+no cost); :func:`collate_with_masks` returns the same :class:`ModelInputs` (the same random draws) with
+``target_masks`` / ``mask_valid`` and ``mask_boxes`` (each row's target box: the mask decoder's box prompt)
+filled, plus :class:`MaskTargets`, each prompt row's target mask on the
+padded canvas, for the mask decoder's loss (``heads.mask_decoder``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -170,11 +172,20 @@ def collate_with_masks(samples: Sequence[GroundedSample | TransformedSample], to
                        max_prompts: int = DEFAULT_MAX_PROMPTS,
                        augment: AugmentConfig | Mapping[str, AugmentConfig] | None = None,
                        task: str | None = None, mask_stride: int = 1) -> tuple[ModelInputs, MaskTargets]:
-    """:func:`collate` (identical inputs for the same generator state) plus the rows' target masks."""
+    """:func:`collate` (identical inputs for the same generator state) plus the rows' target masks, which
+    also fill the inputs' ``target_masks`` and ``mask_valid`` (what ``PixelLLM.forward``'s mask loss reads;
+    ``mask_stride`` 4 matches the mask decoder's logits), and ``mask_boxes``: each row's target box (canvas
+    pixels), which prompts the mask decoder (a refer row's prompt box is the whole image)."""
     inputs, items, selected = _collate(samples, tokenizer, config, train, generator, max_prompts, augment,
                                        task, masks=True)
-    return inputs, prompt_masks(items, selected, config.vision.image_size, inputs.prompt_mask.shape[1],
-                                mask_stride)
+    targets = prompt_masks(items, selected, config.vision.image_size, inputs.prompt_mask.shape[1], mask_stride)
+    mask_boxes = inputs.prompt_boxes.clone()  # the decoder's box prompt: the target's box (refer rows)
+    for b, prompts in enumerate(selected):
+        for n, p in enumerate(prompts[: mask_boxes.shape[1]]):
+            if p.target_box is not None:
+                mask_boxes[b, n] = torch.tensor(p.target_box, dtype=mask_boxes.dtype)
+    return dataclasses.replace(inputs, target_masks=targets.masks, mask_valid=targets.mask_valid,
+                               mask_boxes=mask_boxes), targets
 
 
 def prompt_masks(items: Sequence[TransformedSample], selected: Sequence[Sequence[PromptRecord]], size: int,

@@ -32,6 +32,13 @@ class ModelInputs:
     text_loss_mask: Tensor | None = None  # [B,N] bool, prompts whose text gets cross-entropy
     gt_boxes: Tensor | None = None  # [B,M,4] normalised xyxy, for the proposal head
     gt_boxes_mask: Tensor | None = None  # [B,M] bool
+    # target masks (heads.mask_decoder; data.collate_with_masks fills them): each prompt row's mask on the
+    # padded canvas at S/stride x S/stride (stride 4 matches the decoder; others are resized to its logits)
+    target_masks: Tensor | None = None  # [B,N,S/stride,S/stride] bool
+    mask_valid: Tensor | None = None  # [B,N] bool, rows with a target mask
+    # the box that prompts the mask decoder, canvas pixels: the target's box (a refer row's prompt box is the
+    # whole image; at inference the refer head's box takes its place); None = prompt_boxes
+    mask_boxes: Tensor | None = None  # [B,N,4] float
     task: str = ""  # source/task name of the batch (for logging)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> ModelInputs:
@@ -57,6 +64,9 @@ class ModelOutput:
     hidden: Tensor | None = None  # [B,N,T,H]
     points: Tensor | None = None  # [B,N,T,4] normalised x0,y0,x1,y1 (unclipped, as in the paper)
     confidence: Tensor | None = None  # [B,N,T] logits of the predicted-IoU head
+    # heads.mask_decoder, when the batch has target masks (zeros at rows without one)
+    mask_logits: Tensor | None = None  # [B,N,K,S/4,S/4] on the padded canvas
+    mask_iou: Tensor | None = None  # [B,N,K] predicted IoU of each mask
     proposals: dict[str, Tensor] = field(default_factory=dict)  # raw proposal-head maps
     loss: Tensor | None = None
     losses: dict[str, float] = field(default_factory=dict)

@@ -1,4 +1,5 @@
-"""Training losses (spec 4): label-smoothed CE, point L1, confidence (IoU) BCE, CenterNet detection.
+"""Training losses (spec 4): label-smoothed CE, point L1, confidence (IoU) BCE, CenterNet detection; with
+``heads.mask_decoder``, SAM's mask losses (focal + dice of the best of K masks, MSE of the predicted IoU).
 
 Each function returns a scalar and is given already-flattened valid prompts. ``combine_losses`` weights
 the terms from ``LossConfig`` and skips a term whose targets are absent.
@@ -105,6 +106,54 @@ def box_words_loss(word_logits: Tensor, text_ids: Tensor, text_mask: Tensor) -> 
     return -(target * F.log_softmax(word_logits[rows].float(), -1)).sum(1).mean()
 
 
+def sigmoid_focal_loss(logits: Tensor, target: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """Sigmoid focal loss (Lin et al. 2017; SAM's mask loss, as in DETR) averaged over the last two dims:
+    logits/target [..., H, W] -> [...]."""
+    logits, target = logits.float(), target.float()
+    p = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_t = p * target + (1 - p) * (1 - target)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = (alpha * target + (1 - alpha) * (1 - target)) * loss
+    return loss.flatten(-2).mean(-1)
+
+
+def dice_loss(logits: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor:
+    """``1 - (2 sum(p t) + s) / (sum(p) + sum(t) + s)`` of the sigmoid over the last two dims (DETR's, SAM's):
+    logits/target [..., H, W] -> [...]."""
+    p, target = logits.float().sigmoid().flatten(-2), target.float().flatten(-2)
+    return 1 - (2 * (p * target).sum(-1) + smooth) / (p.sum(-1) + target.sum(-1) + smooth)
+
+
+def mask_iou_values(logits: Tensor, target: Tensor) -> Tensor:
+    """IoU of the binarised masks (logit > 0) with the target over the last two dims -> [...] (1 when both
+    are empty)."""
+    pred, target = logits > 0, target.bool()
+    inter = (pred & target).flatten(-2).sum(-1).float()
+    union = (pred | target).flatten(-2).sum(-1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+def mask_losses(logits: Tensor, iou_pred: Tensor, target: Tensor, focal_weight: float = 20.0,
+                dice_weight: float = 1.0) -> dict[str, Tensor]:
+    """SAM's mask losses for R prompts with K masks each: logits [R,K,h,w], iou_pred [R,K], target [R,H,W].
+
+    The logits are resized (bilinear) to the target's H x W when they differ. Per prompt, the mask with the
+    lowest ``focal_weight * focal + dice_weight * dice`` is the one trained (SAM's minimum over the masks of
+    an ambiguous prompt); ``mask_focal`` and ``mask_dice`` are its terms averaged over prompts. ``mask_iou``
+    is the MSE of every mask's predicted IoU against its real IoU with the target (binarised at logit 0,
+    no gradient). Unweighted; ``combine_losses`` applies ``LossConfig``'s weights."""
+    if logits.shape[-2:] != target.shape[-2:]:
+        logits = F.interpolate(logits.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
+    target = target[:, None].expand_as(logits).float()
+    focal, dice = sigmoid_focal_loss(logits, target), dice_loss(logits, target)  # [R,K]
+    best = (focal_weight * focal + dice_weight * dice).argmin(1, keepdim=True)
+    iou = mask_iou_values(logits.detach(), target)
+    return {"mask_focal": focal.gather(1, best).mean(), "mask_dice": dice.gather(1, best).mean(),
+            "mask_iou": F.mse_loss(iou_pred.float(), iou)}
+
+
 def focal_heatmap_loss(logits: Tensor, target: Tensor, alpha: float = 2.0, beta: float = 4.0) -> Tensor:
     """CenterNet penalty-reduced focal loss over Gaussian heatmap targets, per positive."""
     logits, target = logits.float(), target.float()
@@ -143,8 +192,14 @@ def combine_losses(config: LossConfig, *, logits: Tensor | None = None, text_ids
                    word_text_ids: Tensor | None = None, word_text_mask: Tensor | None = None,
                    maps: dict[str, Tensor] | None = None,
                    gt_boxes: Tensor | None = None, gt_mask: Tensor | None = None,
-                   image_sizes: Tensor | None = None, canvas_size: int = 0) -> tuple[Tensor, dict[str, float]]:
+                   image_sizes: Tensor | None = None, canvas_size: int = 0,
+                   mask_logits: Tensor | None = None, mask_iou: Tensor | None = None,
+                   target_masks: Tensor | None = None, mask_valid: Tensor | None = None
+                   ) -> tuple[Tensor, dict[str, float]]:
     """Weighted sum of the terms whose targets are given -> (total, {name: float}).
+
+    Masks (``heads.mask_decoder``): mask_logits [M,K,h,w], mask_iou [M,K], target_masks [M,H,W] and
+    mask_valid [M] (the rows with a target mask) for the same M prompts.
 
     ``text_mask`` must already exclude prompts without text loss. Outputs that are present but have no
     targets still join the graph with weight 0, so every parameter gets a (zero) gradient (DDP-friendly).
@@ -176,6 +231,19 @@ def combine_losses(config: LossConfig, *, logits: Tensor | None = None, text_ids
         terms["det_offset"] = config.detection_weight * OFFSET_WEIGHT * det["det_offset"]
     elif maps:
         zero_terms += [x.sum() for x in maps.values()]
+    if mask_logits is not None and mask_iou is not None and target_masks is not None:
+        rows = (mask_valid.bool() if mask_valid is not None
+                else torch.ones(len(target_masks), dtype=torch.bool, device=target_masks.device))
+        if rows.any():
+            mask = mask_losses(mask_logits[rows], mask_iou[rows], target_masks[rows],
+                               config.mask_focal_weight, config.mask_dice_weight)
+            terms["mask_focal"] = config.mask_focal_weight * mask["mask_focal"]
+            terms["mask_dice"] = config.mask_dice_weight * mask["mask_dice"]
+            terms["mask_iou"] = config.mask_iou_weight * mask["mask_iou"]
+        else:
+            zero_terms += [mask_logits.sum(), mask_iou.sum()]
+    else:
+        zero_terms += [x.sum() for x in (mask_logits, mask_iou) if x is not None]
     if not terms and not zero_terms:
         raise ValueError("combine_losses needs at least one output")
     total = sum(terms.values()) + sum(z.float() * 0.0 for z in zero_terms)

@@ -22,6 +22,7 @@ from .extensions.map_tokens import MapTokens
 from .heads import PointHead, ProposalHead
 from .inputs import ImageEmbedding, ModelInputs, ModelOutput, PromptOutput
 from .losses import combine_losses
+from .mask_decoder import MaskDecoder
 from .prompt_adapter import PromptAdapter
 from .prompt_encoder import PromptEncoder
 
@@ -40,7 +41,9 @@ class PixelLLM(nn.Module):
     """The paper's model: vision encoder, prompt encoder and adapter, language model, point head, plus
     the proposal head for dense captioning. The parts beyond the paper (``modeling/extensions``) hang on
     named hooks, each None when its option is off: ``map_tokens``, ``box_extent``, ``word_head``,
-    ``confidence_head``, a grid ``point_head`` (and, inside the ViT, ``stem``, ``detail``, ``fine``)."""
+    ``confidence_head``, a grid ``point_head`` (and, inside the ViT, ``stem``, ``detail``, ``fine``).
+    Referring segmentation: ``mask_decoder`` (``heads.mask_decoder``; SAM's) and point prompts in the prompt
+    encoder (``prompt.points``), both None / off unless asked for."""
 
     def __init__(self, config: PixelLLMConfig, vocab_size: int):
         super().__init__()
@@ -78,6 +81,16 @@ class PixelLLM(nn.Module):
                                             self.canvas_size, config.language.max_positions)
         else:
             self.point_head = PointHead(h, heads.point_hidden, heads.point_layers, heads.num_points)
+        # created last: a seeded model's other weights are the same with or without them
+        if prompt.points:
+            self.prompt_encoder.add_points()
+        self.mask_decoder = None
+        if heads.mask_decoder:
+            self.mask_decoder = MaskDecoder(
+                heads.mask_decoder, vision_dim=self.vision.out_dim, embed_dim=prompt.embed_dim,
+                dim=prompt.hidden_size, num_heads=prompt.num_heads, mlp_dim=prompt.mlp_dim,
+                downsample=prompt.attention_downsample, grid=self.vision.grid_size[0],
+                canvas_size=self.canvas_size, fine_dim=getattr(self.vision, "fine_dim", 0))
 
     # ---- the public surface: embed images once, then run any number of prompt passes ---------------------
     def embed_images(self, pixel_values: Tensor, *, maps: bool | None = None) -> ImageEmbedding:
@@ -92,6 +105,8 @@ class PixelLLM(nn.Module):
             tokens, fine = self.vision.forward_with_fine(pixel_values)
         want = self._needs_maps if maps is None else maps
         if not want or self.proposal_head is None:
+            if fine is not None and self._masks_read_fine:  # the mask decoder's, even without the other maps
+                return ImageEmbedding(tokens, {"fine": fine})
             return ImageEmbedding(tokens)
         image_maps = self.proposal_head(tokens)
         if fine is not None:
@@ -99,12 +114,14 @@ class PixelLLM(nn.Module):
         return ImageEmbedding(tokens, image_maps)
 
     def prompt_tokens(self, embedding: ImageEmbedding, boxes: Tensor, image_index: Tensor,
-                      image_sizes: Tensor | None = None) -> Tensor:
+                      image_sizes: Tensor | None = None, points: Tensor | None = None,
+                      point_labels: Tensor | None = None) -> Tensor:
         """Location prompts -> the visual tokens the language model reads: boxes [M,4] in canvas pixels,
         ``image_index`` [M] into the embedding, ``image_sizes`` [B,2] (w,h of the resized, un-padded images
-        in canvas pixels) -> [M,Q(+extra),Dv]."""
+        in canvas pixels), optional point prompts (``prompt.points``): points [M,P,2] x,y in canvas pixels and
+        point_labels [M,P] (1 positive, 0 negative, -1 padding) -> [M,Q(+extra),Dv]."""
         boxes01 = (boxes.float() / self.canvas_size).clamp(0, 1)
-        visual = self._adapter_tokens(embedding.tokens, boxes, boxes01, image_index)
+        visual = self._adapter_tokens(embedding.tokens, boxes, boxes01, image_index, points, point_labels)
         if self.map_tokens is not None:
             visual = self.map_tokens(self, visual, self._maps_for_prompts(embedding), boxes01, image_index)
         if self.box_extent is not None:
@@ -112,22 +129,45 @@ class PixelLLM(nn.Module):
         return visual
 
     def prompt_pass(self, embedding: ImageEmbedding, boxes: Tensor, image_index: Tensor, image_sizes: Tensor,
-                    context_ids: Tensor, context_mask: Tensor, text_ids: Tensor, text_mask: Tensor
-                    ) -> PromptOutput:
+                    context_ids: Tensor, context_mask: Tensor, text_ids: Tensor, text_mask: Tensor, *,
+                    points: Tensor | None = None, point_labels: Tensor | None = None) -> PromptOutput:
         """The one pass over M (image, prompt) rows that training and inference share: visual tokens of
         each box, the language model over [visual | context | text], then points and confidence at every
-        text position. Shapes: boxes [M,4], context [M,Tc], text [M,T] (BOS + text + EOS, padded)."""
-        visual = self.prompt_tokens(embedding, boxes, image_index, image_sizes)
+        text position. Shapes: boxes [M,4], context [M,Tc], text [M,T] (BOS + text + EOS, padded); optional
+        point prompts as in ``prompt_tokens``. Masks are ``prompt_masks``'s: their box is the object's, which
+        for refer is not the prompt box here (the whole image) but the box this pass answers."""
+        visual = self.prompt_tokens(embedding, boxes, image_index, image_sizes, points, point_labels)
         logits, hidden = self.language(visual, context_ids, context_mask, text_ids, text_mask)
         if self._points_need_maps:
             maps = self._maps_for_prompts(embedding)
-            points, cell_logits, cell_boxes = self.point_head(hidden, maps, image_index, image_sizes,
-                                                              text_mask=text_mask, with_choices=True)
+            out_points, cell_logits, cell_boxes = self.point_head(hidden, maps, image_index, image_sizes,
+                                                                  text_mask=text_mask, with_choices=True)
         else:
-            points, cell_logits, cell_boxes = self.point_head(hidden), None, None
+            out_points, cell_logits, cell_boxes = self.point_head(hidden), None, None
         confidence = (hidden.new_zeros(hidden.shape[:-1]) if self.confidence_head is None
                       else self.confidence_head(hidden))
-        return PromptOutput(logits, hidden, points, confidence, cell_logits, cell_boxes)
+        return PromptOutput(logits, hidden, out_points, confidence, cell_logits, cell_boxes)
+
+    def prompt_masks(self, embedding: ImageEmbedding, boxes: Tensor, image_index: Tensor,
+                     image_sizes: Tensor | None = None, points: Tensor | None = None,
+                     point_labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Segmentation (``heads.mask_decoder = K``, SAM's decoder): prompts as in ``prompt_tokens`` (the
+        object's box, plus optional points) -> (mask logits [M,K,S/4,S/4] on the padded canvas at stride 4,
+        predicted IoU [M,K]). No language model runs: for referring segmentation, the box is the one a refer
+        pass answers (training: the target's, ``ModelInputs.mask_boxes``). ``image_sizes`` is accepted for a
+        uniform seam; the decoder does not read it."""
+        if self.mask_decoder is None:
+            raise PixelLLMError("this model has no mask decoder (heads.mask_decoder is 0); segment with a "
+                                "model built with heads.mask_decoder > 0")
+        pe = self.prompt_encoder
+        fine = None
+        if self._masks_read_fine:
+            if embedding.maps is None or "fine" not in embedding.maps:
+                raise PixelLLMError("this model's mask decoder reads the fine map: embed the images with "
+                                    "PixelLLM.embed_images")
+            fine = embedding.maps["fine"]
+        return self.mask_decoder(embedding.tokens, self.vision.grid_size, pe.dense_pe(self.vision.grid_size),
+                                 pe.dense_embedding(), pe.embed(boxes, points, point_labels), image_index, fine)
 
     @torch.no_grad()
     def propose(self, embedding: ImageEmbedding, image_sizes: Tensor, max_proposals: int | None = None,
@@ -138,7 +178,9 @@ class PixelLLM(nn.Module):
             raise PixelLLMError("this model has no proposal head (heads.proposals is false), so it cannot "
                                 "propose regions for dense captioning; pass boxes or use another checkpoint")
         k = max_proposals or self.config.heads.max_proposals
-        maps = embedding.maps if embedding.maps is not None else self.proposal_head(embedding.tokens)
+        maps = embedding.maps
+        if maps is None or "heatmap" not in maps:  # (a mask decoder's embedding may hold only the fine map)
+            maps = self.proposal_head(embedding.tokens)
         return self.proposal_head.decode(maps, image_sizes, self.canvas_size, k, min_score)
 
     def forward(self, inputs: ModelInputs, embedding: ImageEmbedding | None = None) -> ModelOutput:
@@ -147,9 +189,17 @@ class PixelLLM(nn.Module):
             wants_maps = self.proposal_head is not None and (
                 self.training or inputs.gt_boxes is not None or (self._needs_maps and inputs.text_ids is not None))
             embedding = self.embed_images(inputs.pixel_values, maps=wants_maps)
-        out = ModelOutput(proposals=embedding.maps or {})
+        out = ModelOutput(proposals=(embedding.maps or {}) if self.proposal_head is not None else {})
         valid = inputs.prompt_mask.bool()
+        with_masks = self.mask_decoder is not None and inputs.target_masks is not None
         flat: dict[str, Tensor] = {}
+        rows = self._mask_rows(inputs, valid)
+        if with_masks and rows.any():  # prompted by the target's box (mask_boxes), not the row's prompt box
+            mask_boxes = inputs.mask_boxes if inputs.mask_boxes is not None else inputs.prompt_boxes
+            m_idx = rows.nonzero(as_tuple=True)[0]
+            flat["mask_logits"], flat["mask_iou"] = self.prompt_masks(embedding, mask_boxes[rows], m_idx,
+                                                                      inputs.image_sizes)
+            out.mask_logits, out.mask_iou = _scatter(flat["mask_logits"], rows), _scatter(flat["mask_iou"], rows)
         if inputs.text_ids is not None:
             text_mask = inputs.text_mask if inputs.text_mask is not None else torch.ones_like(inputs.text_ids,
                                                                                             dtype=torch.bool)
@@ -158,10 +208,11 @@ class PixelLLM(nn.Module):
                 result = self.prompt_pass(embedding, inputs.prompt_boxes[valid], b_idx, inputs.image_sizes,
                                           inputs.context_ids[valid], inputs.context_mask[valid],
                                           inputs.text_ids[valid], text_mask[valid])
-                flat = {"logits": result.logits, "hidden": result.hidden, "points": result.points,
-                        "confidence": result.confidence}
-                for name, value in flat.items():
+                text_flat = {"logits": result.logits, "hidden": result.hidden, "points": result.points,
+                             "confidence": result.confidence}
+                for name, value in text_flat.items():
                     setattr(out, name, _scatter(value, valid))
+                flat.update(text_flat)
                 if result.cell_logits is not None:
                     flat.update(cell_logits=result.cell_logits, cell_boxes=result.cell_boxes)
             else:
@@ -169,7 +220,8 @@ class PixelLLM(nn.Module):
                 z = embedding.tokens.new_zeros
                 out.logits, out.hidden = z(b, n, t, self.language.vocab_size), z(b, n, t, self.language.hidden_size)
                 out.points, out.confidence = z(b, n, t, 2 * self.config.heads.num_points), z(b, n, t)
-        if inputs.text_loss_mask is not None or inputs.target_points is not None or inputs.gt_boxes is not None:
+        if (inputs.text_loss_mask is not None or inputs.target_points is not None or inputs.gt_boxes is not None
+                or with_masks):
             out.loss, out.losses = self._loss(inputs, valid, flat, out.proposals)
         return out
 
@@ -180,8 +232,18 @@ class PixelLLM(nn.Module):
 
     @property
     def _needs_maps(self) -> bool:
-        """Whether visual tokens or points read the proposal head's maps."""
-        return self._points_need_maps or self.map_tokens is not None
+        """Whether visual tokens, points or masks read the proposal head's maps (or the fine map kept with
+        them)."""
+        return self._points_need_maps or self.map_tokens is not None or self._masks_read_fine
+
+    @property
+    def _masks_read_fine(self) -> bool:
+        return self.mask_decoder is not None and self.mask_decoder.fine_proj is not None
+
+    @staticmethod
+    def _mask_rows(inputs: ModelInputs, valid: Tensor) -> Tensor:
+        """[B,N]: the prompt rows with a target mask (the rows the mask decoder runs on in training)."""
+        return valid & inputs.mask_valid.bool() if inputs.mask_valid is not None else valid
 
     def _maps_for_prompts(self, embedding: ImageEmbedding) -> dict[str, Tensor]:
         if embedding.maps is None:
@@ -189,22 +251,25 @@ class PixelLLM(nn.Module):
                                 "PixelLLM.embed_images (maps are computed when the model needs them)")
         return embedding.maps
 
-    def _adapter_tokens(self, image_tokens: Tensor, boxes: Tensor, boxes01: Tensor,
-                        image_index: Tensor) -> Tensor:
-        """The prompt encoder and adapter: Q visual tokens per box (with ``prompt.roi_grid``, RoI samples of
-        the image tokens join the adapter's tokens)."""
+    def _adapter_tokens(self, image_tokens: Tensor, boxes: Tensor, boxes01: Tensor, image_index: Tensor,
+                        points: Tensor | None = None, point_labels: Tensor | None = None) -> Tensor:
+        """The prompt encoder and adapter: Q visual tokens per box (and its points, if any; with
+        ``prompt.roi_grid``, RoI samples of the image tokens join the adapter's tokens)."""
         pe = self.prompt_encoder
         roi = None
         if self.prompt_adapter.roi_grid > 0:
             roi = self.prompt_adapter.roi_tokens(image_tokens, self.vision.grid_size, boxes01, image_index,
                                                  pe.pe)
         return self.prompt_adapter(image_tokens, pe.dense_pe(self.vision.grid_size), pe.dense_embedding(),
-                                   pe.embed_boxes(boxes), image_index, roi)
+                                   pe.embed(boxes, points, point_labels), image_index, roi)
 
     def _loss(self, inputs: ModelInputs, valid: Tensor, flat: dict[str, Tensor],
               maps: dict[str, Tensor]) -> tuple[Tensor | None, dict[str, float]]:
         kw: dict = self.word_head.loss_inputs(inputs, valid, maps) if self.word_head is not None else {}
-        if flat:
+        if "mask_logits" in flat and inputs.target_masks is not None:
+            kw.update(mask_logits=flat["mask_logits"], mask_iou=flat["mask_iou"],
+                      target_masks=inputs.target_masks[self._mask_rows(inputs, valid)])
+        if "logits" in flat:
             kw.update(logits=flat["logits"], points=flat["points"],
                       confidence=flat["confidence"] if self.confidence_head is not None else None,
                       cell_logits=flat.get("cell_logits"), cell_boxes=flat.get("cell_boxes"))
@@ -223,7 +288,15 @@ class PixelLLM(nn.Module):
                           canvas_size=self.canvas_size)
         if not kw:
             return None, {}
-        return combine_losses(self.config.loss, **kw)
+        total, losses = combine_losses(self.config.loss, **kw)
+        if self.training and torch.is_grad_enabled():  # parts this batch did not use: a zero gradient (DDP)
+            unused = [p for p in (self.prompt_encoder.point_embed, self.prompt_encoder.not_a_point_embed)
+                      if p is not None]
+            if self.mask_decoder is not None and "mask_logits" not in flat:
+                unused += list(self.mask_decoder.parameters())
+            if unused:
+                total = total + sum(p.sum() for p in unused) * 0.0
+        return total, losses
 
     # ---- utilities -----------------------------------------------------------------------------------
     def num_parameters(self, trainable_only: bool = False) -> int:
