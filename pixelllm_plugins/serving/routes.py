@@ -155,15 +155,7 @@ class Worker:
         self.check_limit("len(boxes)", len(req.boxes), settings.max_boxes)
         self.check_limit("max_new_tokens", req.max_new_tokens, settings.max_new_tokens)
         self.check_limit("num_beams", req.num_beams, settings.max_beams)
-        boxes = []
-        for i, b in enumerate(req.boxes):  # checked here so that the message names the box, not its numbers
-            if len(b) != 4:
-                raise APIError(400, "InvalidBoxError", f"boxes[{i}] must be 4 numbers [x1, y1, x2, y2] in "
-                               f"pixels, got {len(b)} numbers")
-            if not all(math.isfinite(v) for v in b):
-                raise APIError(400, "InvalidBoxError", f"boxes[{i}] has a coordinate that is not a finite "
-                               "number; give [x1, y1, x2, y2] in pixels")
-            boxes.append(list(as_box(b)))
+        boxes = [_checked_box(i, b) for i, b in enumerate(req.boxes)]
         options = (("max_new_tokens", req.max_new_tokens), ("num_beams", req.num_beams))
         result, size, version = await self.serve("caption_regions", req, boxes, options)
         captions = [c.to_dict() for c in result]
