@@ -37,7 +37,9 @@ SIZES: tuple[str, ...] = ("small", "large")
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 ORDINALS: tuple[str, ...] = ("leftmost", "rightmost", "topmost", "bottom-most")
 BACKGROUNDS: tuple[str, ...] = ("flat", "gradient", "noise", "stripes", "checker", "dots")
+VARIED_BACKGROUNDS: tuple[str, ...] = BACKGROUNDS + ("photo", "texture")
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+LOOKS: tuple[str, ...] = ("classic", "varied")
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,27 @@ class SceneConfig:
     max_overlap: float = 0.25  # intersection / smaller box area, for any pair
     duplicate_prob: float = 0.5  # a new object copies attributes of an earlier one (distractors)
     backgrounds: tuple[str, ...] = BACKGROUNDS
+    # Domain randomisation (all off in the classic look; :meth:`varied` turns them on):
+    rotate_prob: float = 0.0  # an object is turned by a uniform angle; the others keep the canonical pose
+    outline_prob: float = 0.0  # an object is drawn as its outline only (its mask is still the whole shape)
+    proportion_jitter: bool = False  # star points and inner radius, cross and ring strokes, aspect
+    effects: bool = False  # lighting, contrast, colour cast, blur, noise, JPEG, anti-aliasing (``Look``)
+
+    @property
+    def varied(self) -> bool:
+        return bool(self.rotate_prob or self.outline_prob or self.proportion_jitter or self.effects)
+
+    @classmethod
+    def preset(cls, look: str = "classic", **overrides) -> SceneConfig:
+        """``"classic"``: one pose and style per shape (the scenes the first models were trained on);
+        ``"varied"``: domain randomisation (see ``docs/training.md``)."""
+        if look == "classic":
+            return cls(**overrides)
+        if look != "varied":
+            raise ValueError(f"unknown look {look!r}; use one of {LOOKS}")
+        return cls(**({"min_side": 112, "max_side": 640, "min_aspect": 0.45, "max_overlap": 0.35,
+                       "backgrounds": VARIED_BACKGROUNDS, "rotate_prob": 0.7, "outline_prob": 0.15,
+                       "proportion_jitter": True, "effects": True} | overrides))
 
     @property
     def shape_pool(self) -> tuple[str, ...]:
@@ -71,6 +94,8 @@ class SceneObject:
     size: str  # "small" | "large"
     box: Box  # amodal xyxy pixels
     rgb: tuple[int, int, int]  # jittered fill colour
+    # Varied scenes only (``pose`` None: the classic drawing, the shape stretched to fill ``box``):
+    pose: Pose | None = None
 
     @cached_property
     def center(self) -> tuple[float, float]:
@@ -79,6 +104,34 @@ class SceneObject:
     @property
     def attributes(self) -> dict[str, str]:
         return {"shape": self.shape, "color": self.color, "size": self.size}
+
+
+@dataclass(frozen=True)
+class Pose:
+    """How a varied object is drawn: the shape at ``center``, ``extent`` (w, h) before it is turned by
+    ``rotation`` degrees (clockwise on screen), with its proportions and style."""
+
+    center: tuple[float, float]
+    extent: tuple[float, float]
+    rotation: float = 0.0
+    detail: float = 0.0  # star: inner radius; cross: arm width; ring: stroke (fractions of the extent)
+    points: int = 5  # star points
+    outline: float = 0.0  # > 0: drawn as an outline this wide (fraction of the shorter extent)
+    shading: float = 0.0  # fill brightness change across the object (-: darker at the bottom right)
+
+
+@dataclass(frozen=True)
+class Look:
+    """Image-level effects of a varied scene (applied after the objects are drawn)."""
+
+    supersample: int = 2  # 1: aliased edges, 2 or 4: anti-aliased
+    brightness: float = 1.0
+    contrast: float = 1.0
+    gamma: float = 1.0
+    cast: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    blur: float = 0.0  # Gaussian radius, pixels
+    noise: float = 0.0  # Gaussian sigma, grey levels
+    jpeg: int = 0  # re-encoded at this quality (0: not)
 
 
 @dataclass(frozen=True)
@@ -97,6 +150,7 @@ class Scene:
     height: int
     background: Background
     objects: tuple[SceneObject, ...] = field(default_factory=tuple)
+    look: Look | None = None  # varied scenes only
 
     def fingerprint(self) -> tuple:
         """A content key (used to check that splits share no scene)."""
@@ -166,21 +220,87 @@ def generate_scene(seed: int, config: SceneConfig | None = None) -> Scene:
             shape, color, size = rng.choice(pool), rng.choice(cfg.colors), rng.choice(SIZES)
         lo, hi = cfg.small_range if size == "small" else cfg.large_range
         s = rng.uniform(lo, hi) * side
-        aspect = rng.uniform(0.85, 1.18)
-        w, h = s * math.sqrt(aspect), s / math.sqrt(aspect)
-        for _attempt in range(12):
-            x1 = rng.uniform(1, width - w - 1)
-            y1 = rng.uniform(1, height - h - 1)
-            box = (x1, y1, x1 + w, y1 + h)
-            if _overlap_ok(box, boxes, cfg.max_overlap):
-                break
+        if cfg.varied:
+            placed = _place_varied(rng, cfg, shape, s, width, height, boxes)
+            if placed is None:
+                continue
+            box, pose = placed
         else:
-            continue
+            aspect = rng.uniform(0.85, 1.18)
+            w, h = s * math.sqrt(aspect), s / math.sqrt(aspect)
+            for _attempt in range(12):
+                x1 = rng.uniform(1, width - w - 1)
+                y1 = rng.uniform(1, height - h - 1)
+                box = (x1, y1, x1 + w, y1 + h)
+                if _overlap_ok(box, boxes, cfg.max_overlap):
+                    break
+            else:
+                continue
+            pose = None
         base = COLORS[color]
         rgb = tuple(min(255, max(0, c + rng.randint(-14, 14))) for c in base)
-        objects.append(SceneObject(len(objects), shape, color, size, box, rgb))  # type: ignore[arg-type]
+        objects.append(SceneObject(len(objects), shape, color, size, box, rgb, pose))  # type: ignore[arg-type]
         boxes.append(box)
-    return Scene(seed, width, height, background, tuple(objects))
+    look = _sample_look(rng) if cfg.effects else None
+    return Scene(seed, width, height, background, tuple(objects), look)
+
+
+# Proportions of varied shapes. The unturned extent's aspect (w / h) keeps "diamond" distinct from "square"
+# in every pose: a diamond is a rhombus clearly taller than wide (diagonals 1 : 0.5-0.72, angles of about
+# 53-72 degrees), a square has equal sides and right angles, so a square turned 45 degrees stays a square.
+ASPECTS: dict[str, tuple[float, float]] = {
+    "square": (0.92, 1.08), "diamond": (0.5, 0.72), "circle": (0.85, 1.18), "ring": (0.85, 1.18),
+    "hexagon": (0.88, 1.14), "pentagon": (0.88, 1.14), "triangle": (0.8, 1.25), "star": (0.88, 1.14),
+    "cross": (0.88, 1.14),
+}
+DETAILS: dict[str, tuple[float, float]] = {"star": (0.36, 0.55), "cross": (0.26, 0.42), "ring": (0.14, 0.3)}
+CANONICAL_DETAIL = {"star": 0.45, "cross": 1 / 3, "ring": 0.22}
+
+
+def _sample_pose(rng: random.Random, cfg: SceneConfig, shape: str, s: float) -> Pose:
+    lo, hi = ASPECTS.get(shape, (0.85, 1.18)) if cfg.proportion_jitter else (1.0, 1.0)
+    if shape == "diamond" and not cfg.proportion_jitter:
+        lo, hi = 0.62, 0.62
+    aspect = rng.uniform(lo, hi)
+    rotation = rng.uniform(0.0, 360.0) if rng.random() < cfg.rotate_prob else 0.0
+    if cfg.proportion_jitter and shape in DETAILS:
+        detail = rng.uniform(*DETAILS[shape])
+    else:
+        detail = CANONICAL_DETAIL.get(shape, 0.0)
+    points = rng.choice((5, 5, 6)) if cfg.proportion_jitter and shape == "star" else 5
+    # a circle drawn as its outline would be a ring: circles are always filled
+    outline = rng.uniform(0.1, 0.2) if rng.random() < cfg.outline_prob and shape != "circle" else 0.0
+    shading = rng.uniform(-0.15, 0.15) if cfg.effects else 0.0
+    return Pose((0.0, 0.0), (s * math.sqrt(aspect), s / math.sqrt(aspect)), rotation, detail, points, outline,
+                shading)
+
+
+def _place_varied(rng: random.Random, cfg: SceneConfig, shape: str, s: float, width: int, height: int,
+                  boxes: list[Box]) -> tuple[Box, Pose] | None:
+    """Pose a varied object and place it: its box is the tight box of the turned shape."""
+    pose = _sample_pose(rng, cfg, shape, s)
+    x0, y0, x1, y1 = _bounds(shape_polygons(shape, pose))
+    if x1 - x0 > width - 2 or y1 - y0 > height - 2:
+        return None
+    for _attempt in range(12):
+        cx = rng.uniform(1 - x0, width - 1 - x1)
+        cy = rng.uniform(1 - y0, height - 1 - y1)
+        box = (cx + x0, cy + y0, cx + x1, cy + y1)
+        if _overlap_ok(box, boxes, cfg.max_overlap):
+            return box, Pose((cx, cy), pose.extent, pose.rotation, pose.detail, pose.points, pose.outline,
+                             pose.shading)
+    return None
+
+
+def _sample_look(rng: random.Random) -> Look:
+    def maybe(p: float, lo: float, hi: float) -> float:
+        return rng.uniform(lo, hi) if rng.random() < p else 0.0
+
+    cast = tuple(rng.uniform(0.95, 1.05) for _ in range(3)) if rng.random() < 0.4 else (1.0, 1.0, 1.0)
+    return Look(supersample=rng.choice((1, 2, 2, 4)), brightness=rng.uniform(0.86, 1.12),
+                contrast=rng.uniform(0.8, 1.15), gamma=rng.uniform(0.85, 1.18), cast=cast,  # type: ignore[arg-type]
+                blur=maybe(0.3, 0.4, 1.2), noise=maybe(0.3, 2.0, 9.0),
+                jpeg=rng.randint(30, 85) if rng.random() < 0.4 else 0)
 
 
 # ---- rendering -------------------------------------------------------------------------------------
@@ -217,6 +337,85 @@ POLYGONS: dict[str, list[tuple[float, float]]] = {
               (_t, 1), (_t, 2 * _t), (0, 2 * _t), (0, _t), (_t, _t)],
 }
 DRAWABLE = frozenset(POLYGONS) | {"circle", "ring"}
+
+
+def _unit_polygons(shape: str, detail: float, points: int) -> list[tuple[list[tuple[float, float]], list]]:
+    """The shape in a unit box centred on the origin: [(exterior, [holes])]."""
+    if shape in ("circle", "ring"):
+        outer = [(0.5 * x, 0.5 * y) for x, y in _regular(72, 0.0)]
+        if shape == "circle":
+            return [(outer, [])]
+        r = 0.5 - detail
+        return [(outer, [[(r * x, r * y) for x, y in _regular(72, 0.0)]])]
+    if shape == "star":
+        pts = []
+        for k in range(2 * points):
+            r = 1.0 if k % 2 == 0 else detail
+            a = -math.pi / 2 + math.pi * k / points
+            pts.append((r * math.cos(a), r * math.sin(a)))
+        unit = _fit_unit(pts)
+    elif shape == "cross":
+        a, b = 0.5 - detail / 2, 0.5 + detail / 2
+        unit = [(a, 0), (b, 0), (b, a), (1, a), (1, b), (b, b), (b, 1), (a, 1), (a, b), (0, b), (0, a), (a, a)]
+    else:
+        unit = POLYGONS[shape]
+    return [([(x - 0.5, y - 0.5) for x, y in unit], [])]
+
+
+def shape_polygons(shape: str, pose: Pose) -> list[tuple[list[tuple[float, float]], list]]:
+    """A posed shape in image pixels: [(exterior, [holes])], each ring a list of (x, y)."""
+    if shape not in DRAWABLE:
+        raise ValueError(f"unknown shape {shape!r}; drawable shapes are {sorted(DRAWABLE)}")
+    w, h = pose.extent
+    cos, sin = math.cos(math.radians(pose.rotation)), math.sin(math.radians(pose.rotation))
+    cx, cy = pose.center
+
+    def move(ring):
+        return [(cx + x * w * cos - y * h * sin, cy + x * w * sin + y * h * cos) for x, y in ring]
+
+    return [(move(ext), [move(hole) for hole in holes])
+            for ext, holes in _unit_polygons(shape, pose.detail, pose.points)]
+
+
+def _bounds(polygons) -> Box:
+    xs = [x for ext, _ in polygons for x, _ in ext]
+    ys = [y for ext, _ in polygons for _, y in ext]
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+def posed_mask(shape: str, pose: Pose, supersample: int = 2, *, outline: bool = False
+               ) -> tuple[Image.Image, int, int]:
+    """An ``L`` mask of a posed shape drawn at ``supersample``x and box-downsampled -> (mask, left, top).
+    ``outline``: only the band of width ``pose.outline`` inside the shape's edges (its strokes)."""
+    polygons = shape_polygons(shape, pose)
+    x0, y0, x1, y1 = _bounds(polygons)
+    left, top = int(math.floor(x0)), int(math.floor(y0))
+    pw, ph = int(math.ceil(x1)) - left + 1, int(math.ceil(y1)) - top + 1
+    k = supersample
+
+    def draw_rings(target: Image.Image, rings, inset: float = 0.0) -> None:
+        draw = ImageDraw.Draw(target)
+        for ext, holes in rings:
+            draw.polygon([(k * (x - left), k * (y - top)) for x, y in ext], fill=255)
+            for hole in holes:
+                draw.polygon([(k * (x - left), k * (y - top)) for x, y in hole], fill=0)
+
+    big = Image.new("L", (k * pw, k * ph), 0)
+    if outline and pose.outline > 0:
+        from shapely.geometry import Polygon
+
+        stroke = max(1.5, pose.outline * min(pose.extent))
+        band = []
+        for ext, holes in polygons:
+            shape_poly = Polygon(ext, holes)
+            inner = shape_poly.buffer(-stroke, join_style=2)
+            ring = shape_poly.difference(inner)
+            parts = getattr(ring, "geoms", [ring])
+            band += [(list(p.exterior.coords), [list(i.coords) for i in p.interiors]) for p in parts if not p.is_empty]
+        draw_rings(big, band)
+    else:
+        draw_rings(big, polygons)
+    return (big.reduce(k) if k > 1 else big), left, top
 
 
 def shape_mask(shape: str, box: Box) -> tuple[Image.Image, int, int]:
@@ -261,6 +460,23 @@ def _background(scene: Scene) -> Image.Image:
     elif bg.kind == "dots":
         p = bg.period
         t = (((xs % p) - p / 2) ** 2 + ((ys % p) - p / 2) ** 2 < (p * 0.22) ** 2).astype(np.float32)
+    elif bg.kind == "photo":  # several octaves of smooth noise: a blurry, photo-like backdrop
+        t = np.zeros((h, w), np.float32)
+        for cell, weight in ((64, 0.5), (16, 0.3), (4, 0.2)):
+            octave = rng.random((max(2, h // cell + 2), max(2, w // cell + 2)))
+            t += weight * np.asarray(Image.fromarray((octave * 255).astype(np.uint8), "L").resize(
+                (w, h), Image.BICUBIC), np.float32) / 255.0
+        t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
+    elif bg.kind == "texture":  # short strokes in random directions (grass, fabric, scribbles)
+        field = Image.new("L", (w, h), 0)
+        draw = ImageDraw.Draw(field)
+        for _ in range(int(w * h / max(bg.period, 8) ** 2 * 6)):
+            x, y = rng.random() * w, rng.random() * h
+            a = bg.angle + rng.normal(0, 0.6)
+            length = bg.period * rng.uniform(0.3, 1.0)
+            draw.line((x, y, x + length * math.cos(a), y + length * math.sin(a)), fill=int(rng.integers(90, 256)),
+                      width=int(rng.integers(1, 3)))
+        t = np.asarray(field, np.float32) / 255.0
     else:  # noise: smooth low-frequency field plus fine grain
         low = Image.fromarray((rng.random((max(2, h // 32), max(2, w // 32))) * 255).astype(np.uint8), "L")
         t = np.asarray(low.resize((w, h), Image.BICUBIC), np.float32) / 255.0
@@ -281,9 +497,50 @@ def render_scene(scene: Scene) -> Image.Image:
     """Draw the scene as an RGB image of ``scene.width`` x ``scene.height``."""
     canvas = _background(scene)
     for obj in scene.objects:
-        mask, left, top = shape_mask(obj.shape, obj.box)
-        canvas.paste(obj.rgb, (left, top, left + mask.width, top + mask.height), mask)
-    return canvas
+        if obj.pose is None:
+            mask, left, top = shape_mask(obj.shape, obj.box)
+            canvas.paste(obj.rgb, (left, top, left + mask.width, top + mask.height), mask)
+            continue
+        supersample = scene.look.supersample if scene.look else 2
+        mask, left, top = posed_mask(obj.shape, obj.pose, supersample, outline=obj.pose.outline > 0)
+        canvas.paste(_shaded_fill(obj, mask.size), (left, top, left + mask.width, top + mask.height), mask)
+    return apply_look(canvas, scene.look, scene.background.texture_seed) if scene.look else canvas
+
+
+def _shaded_fill(obj: SceneObject, size: tuple[int, int]) -> Image.Image:
+    """The object's colour, brighter towards one corner and darker towards the other by ``pose.shading``."""
+    w, h = size
+    ramp = (np.arange(w, dtype=np.float32)[None, :] / max(w - 1, 1)
+            + np.arange(h, dtype=np.float32)[:, None] / max(h - 1, 1)) / 2 - 0.5
+    scale = 1.0 + 2 * obj.pose.shading * ramp if obj.pose else np.ones((h, w), np.float32)
+    rgb = np.asarray(obj.rgb, np.float32)[None, None, :] * scale[..., None]
+    return Image.fromarray(np.clip(rgb, 0, 255).round().astype(np.uint8), "RGB")
+
+
+def apply_look(image: Image.Image, look: Look, seed: int) -> Image.Image:
+    """Lighting, contrast, colour cast, blur, sensor noise and JPEG artefacts, in that order."""
+    from io import BytesIO
+
+    from PIL import ImageFilter
+
+    x = np.asarray(image, np.float32) / 255.0
+    x = (x - 0.5) * look.contrast + 0.5
+    x = np.clip(x * look.brightness, 0, 1) ** look.gamma
+    x = x * np.asarray(look.cast, np.float32)[None, None, :]
+    out = Image.fromarray(np.clip(x * 255, 0, 255).round().astype(np.uint8), "RGB")
+    if look.blur > 0:
+        out = out.filter(ImageFilter.GaussianBlur(look.blur))
+    if look.noise > 0:
+        rng = np.random.default_rng(seed ^ 0x9E3779B9)
+        grain = rng.normal(0, look.noise, size=(61, 67, 3)).astype(np.float32)  # a tile, as for backgrounds
+        h, w = out.height, out.width
+        noisy = np.asarray(out, np.float32) + np.tile(grain, (h // 61 + 1, w // 67 + 1, 1))[:h, :w]
+        out = Image.fromarray(np.clip(noisy, 0, 255).round().astype(np.uint8), "RGB")
+    if look.jpeg:
+        buffer = BytesIO()
+        out.save(buffer, format="JPEG", quality=look.jpeg)
+        out = Image.open(BytesIO(buffer.getvalue())).convert("RGB")
+    return out
 
 
 # ---- instance masks --------------------------------------------------------------------------------
@@ -293,7 +550,10 @@ def object_patch_mask(obj: SceneObject) -> tuple[np.ndarray, int, int]:
     (:func:`shape_mask`) covered more than half (alpha > 128: an exactly half-covered pixel, 2 of its 4
     samples, is out, so a box edge on a pixel boundary does not spill a pixel) -> (mask [ph, pw] bool, left,
     top) to place at."""
-    patch, left, top = shape_mask(obj.shape, obj.box)
+    if obj.pose is None:
+        patch, left, top = shape_mask(obj.shape, obj.box)
+    else:  # the whole shape, also for an object drawn as an outline (a labeller outlines the whole object)
+        patch, left, top = posed_mask(obj.shape, obj.pose, 2)
     return np.asarray(patch) > 128, left, top
 
 
