@@ -23,9 +23,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 from ..masks import (
     mask_to_polygons,
@@ -41,14 +45,40 @@ from .synthetic import (
     SHAPES,
     Scene,
     SceneConfig,
+    SceneObject,
     generate_scene,
-    object_mask,
     object_patch_mask,
+    place_patch,
     render_scene,
     scene_seed,
 )
 
 DATASET_ID = "synthetic_scenes"
+
+
+@dataclass(frozen=True)
+class Renderer:
+    """How a split's scenes are drawn: ``restyle`` (the scene as this renderer draws it: tight boxes),
+    ``render`` (pixels) and ``patch_mask`` (an object's mask on a patch, with where it goes)."""
+
+    name: str
+    restyle: Callable[[Scene], Scene]
+    render: Callable[[Scene], Image.Image]
+    patch_mask: Callable[[SceneObject], tuple[np.ndarray, int, int]]
+
+
+DEFAULT_RENDERER = Renderer("default", lambda scene: scene, render_scene, object_patch_mask)
+SHIFT_SUFFIX = "_shift"  # a split named like "test_shift" is drawn by the second renderer (style shift)
+
+
+def renderer_for(split: str) -> Renderer:
+    """The renderer of ``split``: the second one (``data/style_shift.py``, styles never used in training,
+    over varied geometry) for splits ending in ``_shift``, the training renderer otherwise."""
+    if not split.endswith(SHIFT_SUFFIX):
+        return DEFAULT_RENDERER
+    from . import style_shift
+
+    return Renderer("shift", style_shift.restyle, style_shift.render_scene, style_shift.object_patch_mask)
 
 
 @dataclass(frozen=True)
@@ -69,8 +99,9 @@ class AnnotatedScene:
         return self.segmentations or scene_segmentations(self.scene)
 
 
-def annotate_scene(seed: int, config: SceneConfig | None = None, image_id: int = 1) -> AnnotatedScene:
-    scene = generate_scene(seed, config)
+def annotate_scene(seed: int, config: SceneConfig | None = None, image_id: int = 1,
+                   renderer: Renderer = DEFAULT_RENDERER) -> AnnotatedScene:
+    scene = renderer.restyle(generate_scene(seed, config))
     rng = random.Random(seed ^ 0x5EED)
     return AnnotatedScene(image_id, f"{image_id:012d}.jpg", scene, tuple(referring_expressions(scene, rng)),
                           tuple(region_caption(o) for o in scene.objects), tuple(short_captions(scene, rng)),
@@ -83,21 +114,22 @@ def demo_scene(index: int = 7, seed: int = 0):
     return render_scene(a.scene), [e.text for e in a.expressions]
 
 
-def object_segmentation(scene: Scene, index: int, *, min_iou: float = 0.98) -> tuple[list | dict, float]:
+def object_segmentation(scene: Scene, index: int, *, min_iou: float = 0.98,
+                        renderer: Renderer = DEFAULT_RENDERER) -> tuple[list | dict, float]:
     """COCO ``segmentation`` of object ``index`` (its amodal instance mask) and its ``area`` (pixels of the
     segmentation as COCO rasterises it): polygons when the shape has no hole, compressed RLE otherwise."""
-    patch, left, top = object_patch_mask(scene.objects[index])
+    patch, left, top = renderer.patch_mask(scene.objects[index])
     polygons = mask_to_polygons(patch, min_iou=min_iou)  # on the patch: cheap; then moved to the image
     if polygons and not any(p["holes"] for p in polygons):
         segmentation: list | dict = polygons_to_segmentation(offset_polygons(polygons, left, top))
     else:
-        segmentation = mask_to_rle(object_mask(scene, index))
+        segmentation = mask_to_rle(place_patch(patch, left, top, scene.width, scene.height))
     return segmentation, float(rle_area(segmentation_to_rle(segmentation, scene.height, scene.width)))
 
 
-def scene_segmentations(scene: Scene) -> tuple[tuple[list | dict, float], ...]:
+def scene_segmentations(scene: Scene, renderer: Renderer = DEFAULT_RENDERER) -> tuple[tuple[list | dict, float], ...]:
     """``(segmentation, area)`` of every object, in object order."""
-    return tuple(object_segmentation(scene, i) for i in range(len(scene.objects)))
+    return tuple(object_segmentation(scene, i, renderer=renderer) for i in range(len(scene.objects)))
 
 
 def _xywh(box) -> list[float]:
@@ -247,33 +279,39 @@ class SyntheticDataset:
 
 
 def _render_chunk(args) -> list[AnnotatedScene]:
-    seeds_ids, config, image_dir, quality = args
+    seeds_ids, config, image_dir, quality, split = args
+    renderer = renderer_for(split)
     out = []
     for seed, image_id in seeds_ids:
-        a = annotate_scene(seed, config, image_id)
-        render_scene(a.scene).save(Path(image_dir) / a.file_name, quality=quality)
-        out.append(dataclasses.replace(a, segmentations=scene_segmentations(a.scene)))  # in the workers
+        a = annotate_scene(seed, config, image_id, renderer)
+        renderer.render(a.scene).save(Path(image_dir) / a.file_name, quality=quality)
+        out.append(dataclasses.replace(a, segmentations=scene_segmentations(a.scene, renderer)))  # in the workers
     return out
 
 
 def write_synthetic_dataset(out_dir: str | Path, split: str, num_images: int, seed: int = 0,
                             extra_shapes: tuple[str, ...] = (), *, config: SceneConfig | None = None,
-                            num_workers: int = 0, jpeg_quality: int = 92) -> SyntheticDataset:
+                            num_workers: int = 0, jpeg_quality: int = 92, look: str | None = None) -> SyntheticDataset:
     """Render ``num_images`` scenes of ``split`` and write them in the public formats.
+
+    ``look`` (``"classic"`` or ``"varied"``, see :meth:`SceneConfig.preset`) picks the scene config when
+    ``config`` is not given; a ``*_shift`` split is always varied geometry drawn by the second renderer.
 
     Layout: ``images/<split>/%012d.jpg``, ``ln_<split>.jsonl``, ``refcoco_<split>.json`` (MDETR, with masks),
     ``instances_<split>.json`` (COCO instances, masks), ``vg_<split>.json`` (GRiT),
     ``coco_captions_<split>.json``. Scene ``i`` of a split is seeded by ``scene_seed(seed, split, i)``, so
     splits never share scenes and output is identical run to run (also with ``num_workers``).
     """
-    cfg = config or SceneConfig(extra_shapes=tuple(extra_shapes))
+    if split.endswith(SHIFT_SUFFIX) and config is None:
+        look = "varied"
+    cfg = config or SceneConfig.preset(look or "classic", extra_shapes=tuple(extra_shapes))
     if extra_shapes and config is not None:
         cfg = dataclasses.replace(cfg, extra_shapes=tuple(extra_shapes))
     ds = SyntheticDataset.at(out_dir, split, num_images)
     ds.image_dir.mkdir(parents=True, exist_ok=True)
     items = [(scene_seed(seed, split, i), i + 1) for i in range(num_images)]
     chunk = max(1, min(256, num_images // max(1, 4 * num_workers) or 1))
-    jobs = [(items[k:k + chunk], cfg, str(ds.image_dir), jpeg_quality) for k in range(0, num_images, chunk)]
+    jobs = [(items[k:k + chunk], cfg, str(ds.image_dir), jpeg_quality, split) for k in range(0, num_images, chunk)]
     if num_workers > 0:
         with ProcessPoolExecutor(num_workers) as pool:
             scenes = [a for part in pool.map(_render_chunk, jobs) for a in part]
@@ -287,6 +325,7 @@ def write_synthetic_dataset(out_dir: str | Path, split: str, num_images: int, se
     write_json(ds.instances, coco_instances_json(scenes, shapes))
     write_json(ds.root / f"manifest_{split}.json",
                {"split": split, "num_images": num_images, "seed": seed, "shapes": list(shapes),
+                "look": "varied" if cfg.varied else "classic", "renderer": renderer_for(split).name,
                 "files": {"images": f"images/{split}", "ln": ds.ln.name, "refcoco": ds.refcoco.name,
                           "vg": ds.vg.name, "coco_captions": ds.coco_captions.name,
                           "instances": ds.instances.name}})

@@ -557,7 +557,7 @@ def object_patch_mask(obj: SceneObject) -> tuple[np.ndarray, int, int]:
     return np.asarray(patch) > 128, left, top
 
 
-def _place(patch: np.ndarray, left: int, top: int, width: int, height: int) -> np.ndarray:
+def place_patch(patch: np.ndarray, left: int, top: int, width: int, height: int) -> np.ndarray:
     out = np.zeros((height, width), bool)
     x0, y0 = max(0, left), max(0, top)
     x1, y1 = min(width, left + patch.shape[1]), min(height, top + patch.shape[0])
@@ -572,16 +572,16 @@ def object_mask(scene: Scene, index: int, *, visible: bool = False) -> np.ndarra
     Amodal (the whole shape, like the object's box) unless ``visible``: then the pixels that later objects
     cover are removed."""
     obj = scene.objects[index]
-    mask = _place(*object_patch_mask(obj), scene.width, scene.height)
+    mask = place_patch(*object_patch_mask(obj), scene.width, scene.height)
     if visible:
         for other in scene.objects[index + 1:]:
-            mask &= ~_place(*object_patch_mask(other), scene.width, scene.height)
+            mask &= ~place_patch(*object_patch_mask(other), scene.width, scene.height)
     return mask
 
 
 def scene_masks(scene: Scene, *, visible: bool = False) -> list[np.ndarray]:
     """Instance masks of all objects, in object order (see :func:`object_mask`)."""
-    masks = [_place(*object_patch_mask(o), scene.width, scene.height) for o in scene.objects]
+    masks = [place_patch(*object_patch_mask(o), scene.width, scene.height) for o in scene.objects]
     if visible:
         covered = np.zeros((scene.height, scene.width), bool)
         for m in reversed(masks):  # later objects are drawn over earlier ones
