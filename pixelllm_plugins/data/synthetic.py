@@ -64,10 +64,12 @@ class SceneConfig:
     outline_prob: float = 0.0  # an object is drawn as its outline only (its mask is still the whole shape)
     proportion_jitter: bool = False  # star points and inner radius, cross and ring strokes, aspect
     effects: bool = False  # lighting, contrast, colour cast, blur, noise, JPEG, anti-aliasing (``Look``)
+    fixed_rotation: float | None = None  # every object turned by exactly this angle (the rotation sweep)
 
     @property
     def varied(self) -> bool:
-        return bool(self.rotate_prob or self.outline_prob or self.proportion_jitter or self.effects)
+        return bool(self.rotate_prob or self.outline_prob or self.proportion_jitter or self.effects
+                    or self.fixed_rotation is not None)
 
     @classmethod
     def preset(cls, look: str = "classic", **overrides) -> SceneConfig:
@@ -263,6 +265,8 @@ def _sample_pose(rng: random.Random, cfg: SceneConfig, shape: str, s: float) -> 
         lo, hi = 0.62, 0.62
     aspect = rng.uniform(lo, hi)
     rotation = rng.uniform(0.0, 360.0) if rng.random() < cfg.rotate_prob else 0.0
+    if cfg.fixed_rotation is not None:
+        rotation = cfg.fixed_rotation
     if cfg.proportion_jitter and shape in DETAILS:
         detail = rng.uniform(*DETAILS[shape])
     else:
