@@ -17,11 +17,19 @@ no cost); :func:`collate_with_masks` returns the same :class:`ModelInputs` (the 
 ``target_masks`` / ``mask_valid`` and ``mask_boxes`` (each row's target box: the mask decoder's box prompt)
 filled, plus :class:`MaskTargets`, each prompt row's target mask on the
 padded canvas, for the mask decoder's loss (``heads.mask_decoder``).
+
+Training batches for a given model: :func:`collate_for_model` is :func:`collate` for a model without a mask
+decoder or point prompts (the very same batch), and otherwise adds what that model trains on: target
+masks at stride 4 (``heads.mask_decoder > 0``) and, with ``point_prompt_prob`` (``prompt.points``), point
+prompts (:func:`sample_point_prompts`): a fraction of region rows (box -> text) and of mask rows get a
+positive point inside the object's mask (near the box centre without one), sometimes a negative point
+outside it, and half of them lose their box for the whole image's (a point alone).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -37,6 +45,14 @@ from .types import Box, GroundedSample, PromptRecord
 
 CAPTION_SHORT_PROMPT = "a photo of "  # spec 3.6; the config has no template for short captions
 DEFAULT_MAX_PROMPTS = 8
+MASK_STRIDE = 4  # the mask decoder's logits: stride 4 on the canvas
+# point prompts (collate_for_model): per point-prompted row
+POINT_SLOTS = 2  # a positive point, then a negative one or padding (label -1)
+POINT_KEEP_BOX_PROB = 0.5  # the row keeps its box (box + points); else the whole image's box (points alone)
+POINT_NEGATIVE_PROB = 0.5  # a negative point outside the object joins the positive one
+POINT_NEGATIVE_MARGIN = 0.5  # ... drawn in the object's box grown by this fraction of its sides per side
+POINT_NEGATIVE_TRIES = 16
+POINT_CENTRE_JITTER = 0.1  # no mask: the positive point is the box centre +- this fraction of its sides
 
 
 @dataclass
@@ -178,7 +194,12 @@ def collate_with_masks(samples: Sequence[GroundedSample | TransformedSample], to
     pixels), which prompts the mask decoder (a refer row's prompt box is the whole image)."""
     inputs, items, selected = _collate(samples, tokenizer, config, train, generator, max_prompts, augment,
                                        task, masks=True)
-    targets = prompt_masks(items, selected, config.vision.image_size, inputs.prompt_mask.shape[1], mask_stride)
+    return _with_masks(inputs, items, selected, config, mask_stride)
+
+
+def _with_masks(inputs: ModelInputs, items: Sequence[TransformedSample], selected: Sequence[Sequence[PromptRecord]],
+                config: PixelLLMConfig, stride: int) -> tuple[ModelInputs, MaskTargets]:
+    targets = prompt_masks(items, selected, config.vision.image_size, inputs.prompt_mask.shape[1], stride)
     mask_boxes = inputs.prompt_boxes.clone()  # the decoder's box prompt: the target's box (refer rows)
     for b, prompts in enumerate(selected):
         for n, p in enumerate(prompts[: mask_boxes.shape[1]]):
@@ -186,6 +207,112 @@ def collate_with_masks(samples: Sequence[GroundedSample | TransformedSample], to
                 mask_boxes[b, n] = torch.tensor(p.target_box, dtype=mask_boxes.dtype)
     return dataclasses.replace(inputs, target_masks=targets.masks, mask_valid=targets.mask_valid,
                                mask_boxes=mask_boxes), targets
+
+
+def collate_for_model(samples: Sequence[GroundedSample | TransformedSample], tokenizer: PixelTokenizer,
+                      config: PixelLLMConfig, train: bool = False,
+                      generator: torch.Generator | np.random.Generator | None = None, *,
+                      max_prompts: int = DEFAULT_MAX_PROMPTS,
+                      augment: AugmentConfig | Mapping[str, AugmentConfig] | None = None,
+                      task: str | None = None, point_prompt_prob: float = 0.0,
+                      point_rng: torch.Generator | np.random.Generator | None = None) -> ModelInputs:
+    """The training batch of ``config``'s model: :func:`collate` (the same batch, bit for bit) for a model
+    without a mask decoder or point prompts; otherwise the same inputs (the same draws from ``generator``)
+    plus target masks at stride :data:`MASK_STRIDE` (``heads.mask_decoder > 0``, as
+    :func:`collate_with_masks`; a row whose mask is empty at that stride, an object smaller than about two
+    cells, gets ``mask_valid`` False) and, when ``train`` and ``point_prompt_prob > 0`` with ``prompt.points``,
+    point prompts drawn from ``point_rng`` (default: ``generator``, after every other draw) by
+    :func:`sample_point_prompts`."""
+    with_masks = config.heads.mask_decoder > 0
+    with_points = train and point_prompt_prob > 0 and config.prompt.points
+    if not with_masks and not with_points:
+        return collate(samples, tokenizer, config, train, generator, max_prompts=max_prompts, augment=augment,
+                       task=task)
+    inputs, items, selected = _collate(samples, tokenizer, config, train, generator, max_prompts, augment,
+                                       task, masks=True)
+    if with_masks:
+        inputs = _with_masks(inputs, items, selected, config, MASK_STRIDE)[0]
+        # an object too small to fill half a cell at the decoder's stride has no target there: no mask loss
+        inputs.mask_valid = inputs.mask_valid & inputs.target_masks.flatten(2).any(-1)
+    if with_points:
+        inputs = sample_point_prompts(inputs, items, selected, point_prompt_prob,
+                                      point_rng if point_rng is not None else generator, masks=with_masks)
+    return inputs
+
+
+def sample_point_prompts(inputs: ModelInputs, items: Sequence[TransformedSample],
+                         selected: Sequence[Sequence[PromptRecord]], prob: float,
+                         generator: torch.Generator | np.random.Generator | None, *, masks: bool) -> ModelInputs:
+    """Point prompts for a fraction ``prob`` of the batch's region rows and, with ``masks`` (the batch trains
+    the mask decoder), of its refer rows with a target mask: one positive point, uniform over the object's
+    mask (``target_mask``; without one, the box centre +- :data:`POINT_CENTRE_JITTER`), plus, with
+    :data:`POINT_NEGATIVE_PROB`, one negative point in the grown box outside the mask (outside the box without
+    one). With :data:`POINT_KEEP_BOX_PROB` the row keeps its box, else its box becomes the whole image's
+    ``[0, 0, w, h]`` (the point is the only location). Region rows: ``prompt_points`` (the language model's
+    prompt) and ``mask_points``; refer rows (whose language prompt is the whole image): ``mask_points`` only.
+    Points are canvas pixels (integer pixel indices; the prompt encoder takes pixel centres), labels 1 / 0,
+    -1 for an empty slot; a row without points has only -1 (a box-only prompt in the model)."""
+    rng = _Rng(generator)
+    b_, n_ = inputs.prompt_mask.shape
+    text_points = np.zeros((b_, n_, POINT_SLOTS, 2), np.float32)
+    text_labels = np.full((b_, n_, POINT_SLOTS), -1, np.int64)
+    mask_points, mask_labels = text_points.copy(), text_labels.copy()
+    prompt_boxes = inputs.prompt_boxes.clone()
+    mask_boxes = inputs.mask_boxes.clone() if inputs.mask_boxes is not None else None
+    for b, (it, prompts) in enumerate(zip(items, selected)):
+        w, h = it.image_size
+        for n, p in enumerate(prompts[:n_]):
+            region = p.task == "region"
+            if not (region or (masks and p.task == "refer" and p.target_mask is not None)):
+                continue
+            if rng.uniform(0.0, 1.0) >= prob:
+                continue
+            box = p.target_box if p.target_box is not None else p.box
+            if box is None:
+                continue
+            mask = rle_to_mask(p.target_mask) if p.target_mask is not None else None
+            points, labels = _draw_points(rng, box, mask, w, h)
+            whole_image = rng.uniform(0.0, 1.0) >= POINT_KEEP_BOX_PROB
+            mask_points[b, n, : len(points)], mask_labels[b, n, : len(labels)] = points, labels
+            if mask_boxes is not None and whole_image:
+                mask_boxes[b, n] = torch.tensor((0.0, 0.0, w, h), dtype=mask_boxes.dtype)
+            if region:
+                text_points[b, n], text_labels[b, n] = mask_points[b, n], mask_labels[b, n]
+                if whole_image:
+                    prompt_boxes[b, n] = torch.tensor((0.0, 0.0, w, h), dtype=prompt_boxes.dtype)
+    t = torch.from_numpy
+    return dataclasses.replace(inputs, prompt_boxes=prompt_boxes, mask_boxes=mask_boxes,
+                               prompt_points=t(text_points), prompt_point_labels=t(text_labels),
+                               mask_points=t(mask_points), mask_point_labels=t(mask_labels))
+
+
+def _draw_points(rng: _Rng, box: Box, mask: np.ndarray | None, w: float, h: float
+                 ) -> tuple[list[tuple[float, float]], list[int]]:
+    """A positive point on the object (and maybe a negative one off it), canvas pixel indices."""
+    x1, y1, x2, y2 = box
+    wmax, hmax = max(0, int(math.ceil(w)) - 1), max(0, int(math.ceil(h)) - 1)
+    ys, xs = np.nonzero(mask) if mask is not None else (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    if len(xs):
+        k = rng.randint(0, len(xs) - 1)
+        pos = (float(xs[k]), float(ys[k]))
+    else:
+        jx, jy = POINT_CENTRE_JITTER * (x2 - x1), POINT_CENTRE_JITTER * (y2 - y1)
+        cx, cy = rng.uniform(-jx, jx) + (x1 + x2) / 2, rng.uniform(-jy, jy) + (y1 + y2) / 2
+        pos = (float(min(max(int(cx), 0), wmax)), float(min(max(int(cy), 0), hmax)))
+    points, labels = [pos], [1]
+    if rng.uniform(0.0, 1.0) < POINT_NEGATIVE_PROB:
+        mx, my = POINT_NEGATIVE_MARGIN * (x2 - x1), POINT_NEGATIVE_MARGIN * (y2 - y1)
+        lo_x, hi_x = max(0, int(x1 - mx)), min(wmax, int(x2 + mx))
+        lo_y, hi_y = max(0, int(y1 - my)), min(hmax, int(y2 + my))
+        for _ in range(POINT_NEGATIVE_TRIES):
+            x, y = rng.randint(lo_x, hi_x), rng.randint(lo_y, hi_y)
+            inside = (bool(mask[y, x]) if mask is not None and y < mask.shape[0] and x < mask.shape[1]
+                      else mask is None and x1 <= x + 0.5 <= x2 and y1 <= y + 0.5 <= y2)
+            if not inside:
+                points.append((float(x), float(y)))
+                labels.append(0)
+                break
+    return points, labels
 
 
 def prompt_masks(items: Sequence[TransformedSample], selected: Sequence[Sequence[PromptRecord]], size: int,

@@ -3,7 +3,8 @@
 - :func:`load_localized_narratives`: LN JSONL (spec 4.1: traces interpolated, 16 samples per utterance,
   utterance bbox, validity). The token <-> utterance assignment happens in collate (it needs the tokenizer).
 - :func:`load_refcoco`: MDETR-style RefCOCO/+/g json, regrouped per original image.
-- :func:`load_vg`: GRiT-style Visual Genome json (region captions).
+- :func:`load_vg`: GRiT-style Visual Genome json (region captions); with ``instances``, the regions that
+  are instances of a COCO instances json (same image id, the same box) get its mask.
 - :func:`load_coco_captions`: COCO captions json.
 
 A file that cannot be used raises :class:`AnnotationError` naming the file and field; a malformed record is
@@ -202,8 +203,18 @@ def _grouped_annotations(path: Path, data: Any, images: dict, warner: _Warner, p
     return per_image
 
 
-def load_vg(path: str | Path, image_dir: str | Path, *, source: str = "vg") -> list[GroundedSample]:
-    """GRiT Visual Genome json -> one sample per image with one region prompt per region (file order)."""
+INSTANCE_MATCH_IOU = 0.9  # a region takes an instance's mask when their boxes overlap at least this much
+
+
+def load_vg(path: str | Path, image_dir: str | Path, *, source: str = "vg",
+            instances: str | Path | None = None) -> list[GroundedSample]:
+    """GRiT Visual Genome json -> one sample per image with one region prompt per region (file order).
+
+    ``instances``: a COCO instances json (``segmentation`` per annotation, e.g. ``instances_<split>.json`` of
+    a synthetic folder) of the same images: a region whose image id has an instance with the same box (IoU
+    >= :data:`INSTANCE_MATCH_IOU`; the same annotation id first) gets that instance's mask as ``target_mask``,
+    so region prompts train the mask decoder too. Regions without a match keep no mask.
+    """
     path, image_dir = Path(path), Path(image_dir)
     data = _read_json(path)
     warner = _Warner(path)
@@ -214,11 +225,59 @@ def load_vg(path: str | Path, image_dir: str | Path, *, source: str = "vg") -> l
 
     per_image = _grouped_annotations(path, data, images, warner, parse)
     warner.done()
+    masks = load_instance_masks(instances) if instances is not None else {}
     out = []
     for image_id, regions in per_image.items():
-        prompts = [PromptRecord("region", cap, box=box, target_box=box, ref_id=rid) for box, cap, rid in regions]
+        objects = masks.get(image_id, [])
+        prompts = [PromptRecord("region", cap, box=box, target_box=box, ref_id=rid,
+                                target_mask=_matching_mask(box, rid, objects))
+                   for box, cap, rid in regions]
         out.append(_sample(images[image_id], image_dir, prompts, [b for b, _, _ in regions], source, image_id))
     return out
+
+
+def load_instance_masks(path: str | Path) -> dict[Any, list[tuple[str, Box, dict]]]:
+    """COCO instances json -> per image id: (annotation id, xyxy box, mask as compressed RLE of the image
+    record's size) of every annotation with a usable ``segmentation`` (malformed ones are warned and skipped)."""
+    path = Path(path)
+    data = _read_json(path)
+    warner = _Warner(path)
+    images = _images(data, path, warner)
+    out: dict[Any, list[tuple[str, Box, dict]]] = {}
+    for k, ann in enumerate(_top_list(data, "annotations", path)):
+        try:
+            image_id = _field(ann, "image_id", (int, str))
+            if image_id not in images:
+                raise _Skip(f"image_id {image_id!r} has no image record")
+            rec = images[image_id]
+            box = _xywh_box(ann, rec["width"], rec["height"])
+        except _Skip as exc:
+            warner.skip(f"annotations[{k}]", str(exc))
+            continue
+        mask = _mask(ann, rec, k, warner)
+        if mask is not None:
+            out.setdefault(image_id, []).append((str(ann.get("id", "")), box, mask))
+    warner.done()
+    return out
+
+
+def _box_iou(a: Box, b: Box) -> float:
+    iw, ih = min(a[2], b[2]) - max(a[0], b[0]), min(a[3], b[3]) - max(a[1], b[1])
+    if iw <= 0 or ih <= 0:
+        return 0.0
+    inter = iw * ih
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def _matching_mask(box: Box, region_id: str, objects: list[tuple[str, Box, dict]]) -> dict | None:
+    """The mask of the instance whose box is the region's (the same id first, then the best IoU)."""
+    best, best_key = None, (False, INSTANCE_MATCH_IOU)
+    for ann_id, obj_box, mask in objects:
+        overlap = _box_iou(box, obj_box)
+        key = (bool(region_id) and ann_id == region_id, overlap)
+        if overlap >= INSTANCE_MATCH_IOU and key >= best_key:
+            best, best_key = mask, key
+    return best
 
 
 def load_coco_captions(path: str | Path, image_dir: str | Path, *, source: str = "coco_captions") -> list[GroundedSample]:

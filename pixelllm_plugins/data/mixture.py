@@ -3,6 +3,11 @@
 Batch ``k`` is a pure function of ``(seed, k)``: the source, the images and every augmentation are drawn
 from generators seeded by ``(seed, k)``. So the stream is the same for any worker count, and a restarted
 trainer continues it exactly by passing ``start_step`` = the number of batches already consumed.
+
+Masks and point prompts (issue 17): for a model with a mask decoder (``heads.mask_decoder > 0``) batches
+carry each row's target mask (:func:`collate_for_model`); with ``point_prompt_prob > 0`` (and
+``prompt.points``) some region and mask prompts get points, drawn from a third generator seeded by
+``(seed, k, 1)``. A model with neither gets exactly the batches it got before.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..config import PixelLLMConfig
 from ..modeling.inputs import ModelInputs
 from ..tokenizer import PixelTokenizer
-from .collate import collate
+from .collate import collate, collate_for_model
 from .formats import SyntheticDataset
 from .loaders import load_coco_captions, load_localized_narratives, load_refcoco, load_vg
 from .transforms import AugmentConfig
@@ -42,7 +47,7 @@ class MixtureDataset(IterableDataset):
 
     def __init__(self, sources: Sequence[Source], tokenizer: PixelTokenizer, config: PixelLLMConfig,
                  batch_size: int, *, seed: int = 0, start_step: int = 0, num_steps: int | None = None,
-                 train: bool = True):
+                 train: bool = True, point_prompt_prob: float = 0.0):
         sources = [s for s in sources if s.weight > 0]
         if not sources:
             raise ValueError("a mixture needs at least one source with a positive weight")
@@ -54,6 +59,7 @@ class MixtureDataset(IterableDataset):
         self.batch_size = batch_size
         self.seed, self.step, self.num_steps = int(seed), int(start_step), num_steps
         self.train = train
+        self.point_prompt_prob = float(point_prompt_prob)
         w = np.asarray([s.weight for s in self.sources], dtype=np.float64)
         self.probs = w / w.sum()
 
@@ -77,9 +83,19 @@ class MixtureDataset(IterableDataset):
         bs = source.batch_size or self.batch_size
         idx = rng.choice(n, size=bs, replace=n < bs)
         generator = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
-        return collate([source.samples[int(i)] for i in idx], self.tokenizer, self.config, train=self.train,
-                       generator=generator, max_prompts=source.max_prompts, augment=source.augment,
-                       task=source.name)
+        samples = [source.samples[int(i)] for i in idx]
+        if self.config.heads.mask_decoder <= 0 and not self._points:
+            return collate(samples, self.tokenizer, self.config, train=self.train, generator=generator,
+                           max_prompts=source.max_prompts, augment=source.augment, task=source.name)
+        point_rng = np.random.default_rng([self.seed, step, 1]) if self._points else None
+        return collate_for_model(samples, self.tokenizer, self.config, train=self.train, generator=generator,
+                                 max_prompts=source.max_prompts, augment=source.augment, task=source.name,
+                                 point_prompt_prob=self.point_prompt_prob if self._points else 0.0,
+                                 point_rng=point_rng)
+
+    @property
+    def _points(self) -> bool:
+        return self.train and self.point_prompt_prob > 0 and self.config.prompt.points
 
     def __iter__(self) -> Iterator[ModelInputs]:
         info = get_worker_info()
@@ -101,13 +117,13 @@ def _identity(x):
 def make_dataloader(sources: Sequence[Source], tokenizer: PixelTokenizer, config: PixelLLMConfig,
                     batch_size: int, *, seed: int = 0, start_step: int = 0, num_steps: int | None = None,
                     num_workers: int = 0, train: bool = True, pin_memory: bool = False,
-                    prefetch_factor: int | None = None) -> DataLoader:
+                    prefetch_factor: int | None = None, point_prompt_prob: float = 0.0) -> DataLoader:
     """A DataLoader over a :class:`MixtureDataset`; batches arrive in step order for any ``num_workers``.
 
     Resume: pass ``start_step`` = batches already consumed (the trainer's step count).
     """
     dataset = MixtureDataset(sources, tokenizer, config, batch_size, seed=seed, start_step=start_step,
-                             num_steps=num_steps, train=train)
+                             num_steps=num_steps, train=train, point_prompt_prob=point_prompt_prob)
     kwargs = {"prefetch_factor": prefetch_factor} if num_workers > 0 and prefetch_factor else {}
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=_identity,
                       pin_memory=pin_memory, persistent_workers=False, **kwargs)
@@ -122,18 +138,21 @@ def iterate_eval_batches(samples: Sequence[GroundedSample], tokenizer: PixelToke
 
 
 def synthetic_sources(data_dir: str | Path, split: str = "train", weights: dict[str, float] | None = None,
-                      *, max_prompts: dict[str, int] | None = None) -> list[Source]:
+                      *, max_prompts: dict[str, int] | None = None, masks: bool = False) -> list[Source]:
     """The default training mixture over a directory written by ``write_synthetic_dataset``.
 
     Sources ``refer`` (RefCOCO json), ``region`` (VG json), ``trace`` (LN jsonl), ``caption`` (COCO
-    captions), weighted by ``weights`` (default :data:`DEFAULT_SYNTHETIC_WEIGHTS`).
+    captions), weighted by ``weights`` (default :data:`DEFAULT_SYNTHETIC_WEIGHTS`). ``masks``: region
+    prompts also take the masks of ``instances_<split>.json`` (when the folder has it; refer prompts always
+    carry the RefCOCO json's masks), for a model with a mask decoder or point prompts.
     """
     ds = SyntheticDataset.at(data_dir, split)
     weights = {**DEFAULT_SYNTHETIC_WEIGHTS, **(weights or {})}
     caps = {"refer": 8, "region": 8, "trace": 1, "caption": 1, **(max_prompts or {})}
     loaders = {
         "refer": lambda: load_refcoco(ds.refcoco, ds.image_dir, source="refer"),
-        "region": lambda: load_vg(ds.vg, ds.image_dir, source="region"),
+        "region": lambda: load_vg(ds.vg, ds.image_dir, source="region",
+                                  instances=ds.instances if masks and ds.instances and ds.instances.is_file() else None),
         "trace": lambda: load_localized_narratives(ds.ln, ds.image_dir, source="trace"),
         "caption": lambda: load_coco_captions(ds.coco_captions, ds.image_dir, source="caption"),
     }

@@ -39,6 +39,14 @@ class ModelInputs:
     # the box that prompts the mask decoder, canvas pixels: the target's box (a refer row's prompt box is the
     # whole image; at inference the refer head's box takes its place); None = prompt_boxes
     mask_boxes: Tensor | None = None  # [B,N,4] float
+    # point prompts (prompt.points; data.collate_for_model draws them in training): canvas pixels x,y and
+    # labels 1 positive, 0 negative, -1 padding; a row whose labels are all -1 is a box-only prompt.
+    # prompt_points go with prompt_boxes (the language model's prompt), mask_points with mask_boxes (the
+    # mask decoder's): a refer row's language prompt is the whole image, so it never carries the object's point
+    prompt_points: Tensor | None = None  # [B,N,P,2] float
+    prompt_point_labels: Tensor | None = None  # [B,N,P] long
+    mask_points: Tensor | None = None  # [B,N,P,2] float
+    mask_point_labels: Tensor | None = None  # [B,N,P] long
     task: str = ""  # source/task name of the batch (for logging)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> ModelInputs:

@@ -37,6 +37,37 @@ def _scatter(flat: Tensor, valid: Tensor) -> Tensor:
     return out
 
 
+def _rows_of(points: Tensor | None, labels: Tensor | None, rows: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """The point prompts ``[B,N,P,...]`` of the True rows of ``rows`` [B,N] (None when there are none)."""
+    if points is None or labels is None:
+        return None, None
+    return points[rows], labels[rows]
+
+
+def _by_point_rows(fn, row_args: tuple[Tensor, ...], points: Tensor | None, labels: Tensor | None):
+    """``fn(*row_args, points, labels)`` over M prompt rows, where a row whose point labels are all padding
+    (-1) is a box-only prompt (``fn`` gets None for its points): a batch that mixes rows with and without
+    points gives each row the answer it gets alone. ``fn`` returns a tensor or a tuple of tensors [M,...]."""
+    if points is None or labels is None:
+        return fn(*row_args, None, None)
+    has = (labels >= 0).any(-1)
+    if bool(has.all()):
+        return fn(*row_args, points, labels)
+    if not bool(has.any()):
+        return fn(*row_args, None, None)
+    plain = fn(*(a[~has] for a in row_args), None, None)
+    pointed = fn(*(a[has] for a in row_args), points[has], labels[has])
+
+    def merge(x: Tensor, y: Tensor) -> Tensor:
+        out = x.new_empty(has.shape[0], *x.shape[1:])
+        out[~has], out[has] = x, y.to(x.dtype)
+        return out
+
+    if isinstance(plain, tuple):
+        return tuple(merge(x, y) for x, y in zip(plain, pointed))
+    return merge(plain, pointed)
+
+
 class PixelLLM(nn.Module):
     """The paper's model: vision encoder, prompt encoder and adapter, language model, point head, plus
     the proposal head for dense captioning. The parts beyond the paper (``modeling/extensions``) hang on
@@ -166,8 +197,13 @@ class PixelLLM(nn.Module):
                 raise PixelLLMError("this model's mask decoder reads the fine map: embed the images with "
                                     "PixelLLM.embed_images")
             fine = embedding.maps["fine"]
-        return self.mask_decoder(embedding.tokens, self.vision.grid_size, pe.dense_pe(self.vision.grid_size),
-                                 pe.dense_embedding(), pe.embed(boxes, points, point_labels), image_index, fine)
+        dense_pe, dense = pe.dense_pe(self.vision.grid_size), pe.dense_embedding()
+
+        def decode(rows_boxes, rows_index, rows_points, rows_labels):
+            return self.mask_decoder(embedding.tokens, self.vision.grid_size, dense_pe, dense,
+                                     pe.embed(rows_boxes, rows_points, rows_labels), rows_index, fine)
+
+        return _by_point_rows(decode, (boxes, image_index), points, point_labels)
 
     @torch.no_grad()
     def propose(self, embedding: ImageEmbedding, image_sizes: Tensor, max_proposals: int | None = None,
@@ -197,17 +233,20 @@ class PixelLLM(nn.Module):
         if with_masks and rows.any():  # prompted by the target's box (mask_boxes), not the row's prompt box
             mask_boxes = inputs.mask_boxes if inputs.mask_boxes is not None else inputs.prompt_boxes
             m_idx = rows.nonzero(as_tuple=True)[0]
+            m_points, m_labels = _rows_of(inputs.mask_points, inputs.mask_point_labels, rows)
             flat["mask_logits"], flat["mask_iou"] = self.prompt_masks(embedding, mask_boxes[rows], m_idx,
-                                                                      inputs.image_sizes)
+                                                                      inputs.image_sizes, m_points, m_labels)
             out.mask_logits, out.mask_iou = _scatter(flat["mask_logits"], rows), _scatter(flat["mask_iou"], rows)
         if inputs.text_ids is not None:
             text_mask = inputs.text_mask if inputs.text_mask is not None else torch.ones_like(inputs.text_ids,
                                                                                             dtype=torch.bool)
             b_idx = valid.nonzero(as_tuple=True)[0]
             if b_idx.numel():
+                p_points, p_labels = _rows_of(inputs.prompt_points, inputs.prompt_point_labels, valid)
                 result = self.prompt_pass(embedding, inputs.prompt_boxes[valid], b_idx, inputs.image_sizes,
                                           inputs.context_ids[valid], inputs.context_mask[valid],
-                                          inputs.text_ids[valid], text_mask[valid])
+                                          inputs.text_ids[valid], text_mask[valid], points=p_points,
+                                          point_labels=p_labels)
                 text_flat = {"logits": result.logits, "hidden": result.hidden, "points": result.points,
                              "confidence": result.confidence}
                 for name, value in text_flat.items():
@@ -256,12 +295,17 @@ class PixelLLM(nn.Module):
         """The prompt encoder and adapter: Q visual tokens per box (and its points, if any; with
         ``prompt.roi_grid``, RoI samples of the image tokens join the adapter's tokens)."""
         pe = self.prompt_encoder
-        roi = None
-        if self.prompt_adapter.roi_grid > 0:
-            roi = self.prompt_adapter.roi_tokens(image_tokens, self.vision.grid_size, boxes01, image_index,
-                                                 pe.pe)
-        return self.prompt_adapter(image_tokens, pe.dense_pe(self.vision.grid_size), pe.dense_embedding(),
-                                   pe.embed(boxes, points, point_labels), image_index, roi)
+        dense_pe, dense = pe.dense_pe(self.vision.grid_size), pe.dense_embedding()
+
+        def adapt(rows_boxes, rows_boxes01, rows_index, rows_points, rows_labels):
+            roi = None
+            if self.prompt_adapter.roi_grid > 0:
+                roi = self.prompt_adapter.roi_tokens(image_tokens, self.vision.grid_size, rows_boxes01, rows_index,
+                                                     pe.pe)
+            return self.prompt_adapter(image_tokens, dense_pe, dense, pe.embed(rows_boxes, rows_points, rows_labels),
+                                       rows_index, roi)
+
+        return _by_point_rows(adapt, (boxes, boxes01, image_index), points, point_labels)
 
     def _loss(self, inputs: ModelInputs, valid: Tensor, flat: dict[str, Tensor],
               maps: dict[str, Tensor]) -> tuple[Tensor | None, dict[str, float]]:

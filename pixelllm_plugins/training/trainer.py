@@ -9,6 +9,12 @@ continues exactly where it stopped (same losses, same weights) when started agai
 Data parallel: launch with ``torchrun --nproc_per_node=N``; rank ``r`` of ``W`` takes global batches
 ``r, r + W, ...`` of the stream, so W ranks with accumulation A see the batches one process sees with
 accumulation A·W. Only rank 0 writes.
+
+Referring segmentation (issue 17): a model with a mask decoder (``heads.mask_decoder > 0``, e.g. grown with
+``scripts/grow_model.py SRC DST heads.mask_decoder=3 prompt.points=true``) trains it on every batch whose
+rows have masks (refer: the RefCOCO json's, region: ``instances_<split>.json``'s); with ``prompt.points``,
+``point_prompt_prob`` of the region and mask prompts take points (``data.collate.collate_for_model``). A
+model with neither gets the batches it always got.
 """
 
 from __future__ import annotations
@@ -93,6 +99,10 @@ class TrainConfig:
     lora_extra_modules_to_save: list[str] | None = None  # more full per-adapter copies (e.g. vision.stem)
     # learning-rate multipliers by parameter-name prefix (first match wins), e.g. {"vision.": 0.2}
     lr_multipliers: dict[str, float] = field(default_factory=dict)
+    # point prompts (a model with prompt.points): this fraction of the region rows (box -> text) and of the
+    # mask decoder's rows gets a positive point on the object (maybe plus a negative one), half of them
+    # instead of the box (data.collate.sample_point_prompts); 0: box prompts only, as before
+    point_prompt_prob: float = 0.0
     # testing aid: stop (as if killed) once this many steps are done, without the final save
     stop_after: int | None = None
 
@@ -120,6 +130,8 @@ class TrainConfig:
                                 f"{self.batch_size}, {self.grad_accum})")
         if self.lr <= 0:
             raise TrainingError(f"lr must be positive, got {self.lr}")
+        if not 0.0 <= self.point_prompt_prob <= 1.0:
+            raise TrainingError(f"point_prompt_prob is a fraction of the prompts: 0 to 1, got {self.point_prompt_prob}")
         strays = sorted(set(self.augment_scale) - {k for k, w in self.sources.items() if w > 0})
         if strays:
             raise TrainingError(f"augment_scale names {strays}, which are not sources of this mixture "
@@ -169,8 +181,10 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.opti
 # ---- data --------------------------------------------------------------------------------------------
 
 def build_sources(data_dir: str | Path, split: str, weights: dict[str, float], max_prompts: dict[str, int],
-                  augment_scale: dict[str, list[float]] | None = None):
-    """Mixture sources for the files present in ``data_dir`` (a source whose file is missing is dropped)."""
+                  augment_scale: dict[str, list[float]] | None = None, *, masks: bool = False):
+    """Mixture sources for the files present in ``data_dir`` (a source whose file is missing is dropped).
+    ``masks``: region prompts also take the masks of ``instances_<split>.json`` when it is there (for a model
+    with a mask decoder or point prompts; refer prompts always carry their json's masks)."""
     from ..data.formats import SyntheticDataset
     from ..data.mixture import synthetic_sources
     from ..data.transforms import TASK_AUGMENT
@@ -188,7 +202,8 @@ def build_sources(data_dir: str | Path, split: str, weights: dict[str, float], m
                             "in these formats")
     zeroed = {k: 0.0 for k in files if k not in present}
     try:
-        sources = synthetic_sources(data_dir, split, {**present, **zeroed}, max_prompts=max_prompts or None)
+        sources = synthetic_sources(data_dir, split, {**present, **zeroed}, max_prompts=max_prompts or None,
+                                    masks=masks)
     except (ValueError, OSError) as exc:
         raise TrainingError(f"cannot load training data from {data_dir}: {exc}") from exc
     for source in sources:
@@ -456,6 +471,10 @@ def _setup(cfg: TrainConfig, ctx: D.DistContext) -> _Run:
         out.mkdir(parents=True, exist_ok=True)
 
     model, tokenizer, base_version = build_model(cfg)
+    if cfg.point_prompt_prob > 0 and not model.config.prompt.points:
+        raise TrainingError(f"point_prompt_prob {cfg.point_prompt_prob} needs a model that reads point prompts; "
+                            f"{cfg.init!r} has prompt.points false: grow it first with `python scripts/grow_model.py "
+                            "SRC DST prompt.points=true`, or set point_prompt_prob 0")
     model.to(device).train()
     optimizer, names = make_optimizer(model, cfg)
     _seed_process(cfg.seed, ctx.rank)
@@ -468,8 +487,10 @@ def _setup(cfg: TrainConfig, ctx: D.DistContext) -> _Run:
     if step >= cfg.steps:
         log.info("%s is already at step %d of %d", ckpt_dir, step, cfg.steps)
 
-    sources = build_sources(cfg.data_dir, cfg.split, cfg.sources, cfg.max_prompts, cfg.augment_scale)
-    mixture = MixtureDataset(sources, tokenizer, model.config, cfg.batch_size, seed=cfg.seed)
+    masks = model.config.heads.mask_decoder > 0 or cfg.point_prompt_prob > 0
+    sources = build_sources(cfg.data_dir, cfg.split, cfg.sources, cfg.max_prompts, cfg.augment_scale, masks=masks)
+    mixture = MixtureDataset(sources, tokenizer, model.config, cfg.batch_size, seed=cfg.seed,
+                             point_prompt_prob=cfg.point_prompt_prob)
     loader = DataLoader(RankStream(mixture, micro_batches, ctx.rank, ctx.world_size), batch_size=None,
                         num_workers=cfg.num_workers, collate_fn=_identity)
     batches = iter(loader)
