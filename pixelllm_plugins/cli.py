@@ -255,7 +255,26 @@ def _check_refer(raw: dict, request: Request) -> None:
 
 
 def _check_regions(raw: dict, request: Request) -> None:
-    request.boxes = check_boxes_field(raw)
+    """A caption-regions request's prompts: ``boxes``, or ``points`` (each point a prompt of its own)."""
+    has_boxes, has_points = raw.get("boxes") is not None, raw.get("points") is not None
+    if has_boxes and has_points:
+        raise InvalidPromptError("give 'boxes' or 'points', not both (each point is a prompt of its own)")
+    if raw.get("point_labels") is not None:
+        raise InvalidPromptError("'point_labels' go with segment; caption-regions takes points on the object only")
+    if has_points:
+        request.points = check_points_field(raw)[0]
+    elif not has_boxes:
+        raise InvalidBoxError("request needs 'boxes': [[x1, y1, x2, y2], ...] or 'points': [[x, y], ...] in image "
+                              "pixels")
+    else:
+        request.boxes = check_boxes_field(raw)
+
+
+def _region_prompts(request: Request):
+    """caption_regions' per-image argument: the boxes (a list, as before points), or ``{"points": ...}``."""
+    if request.points:
+        return {"points": [list(p) for p in request.points]}
+    return request.boxes
 
 
 def _segment_prompts(request: Request) -> dict:
@@ -323,8 +342,9 @@ def _draw_trace(image, result):
 COMMANDS = {
     "refer": Command("refer", ("text", "texts"), lambda a: {"adapter": a.adapter}, _detections_json,
                      _draw_boxes, _check_refer, item_arg=lambda r: r.texts),
-    "caption-regions": Command("caption_regions", ("boxes",), lambda a: {"adapter": a.adapter, "num_beams": a.beams},
-                               _captions_json, _draw_boxes, _check_regions, item_arg=lambda r: r.boxes),
+    "caption-regions": Command("caption_regions", ("boxes", "points"),
+                               lambda a: {"adapter": a.adapter, "num_beams": a.beams},
+                               _captions_json, _draw_boxes, _check_regions, item_arg=_region_prompts),
     "caption": Command("caption", (), lambda a: {"trace": a.trace, "adapter": a.adapter, "num_beams": a.beams},
                        _caption_json, _draw_trace),
     "dense-caption": Command("dense_caption", (), lambda a: {"max_regions": a.max_regions,
@@ -365,9 +385,12 @@ def _request_from_args(args) -> dict:
     if args.command == "caption-regions":
         from .geometry import parse_box
 
-        if not args.box:
-            raise PixelLLMError("give at least one --box x1,y1,x2,y2 (image pixels)")
-        req["boxes"] = [list(parse_box(b)) for b in args.box]
+        if not args.box and not args.point:
+            raise PixelLLMError("give at least one --box x1,y1,x2,y2 or --point x,y (image pixels)")
+        if args.box:
+            req["boxes"] = [list(parse_box(b)) for b in args.box]
+        if args.point:
+            req["points"] = [_region_point(p) for p in args.point]
     if args.command == "segment":
         req.update(_segment_request_from_args(args))
     return req
@@ -390,6 +413,13 @@ def _segment_request_from_args(args) -> dict:
         raise PixelLLMError("give a referring TEXT, --box x1,y1,x2,y2 or --point x,y after the image, e.g. "
                             "pixelllm segment img.png 'the red circle' --mask-engine sam:PATH")
     return req
+
+
+def _region_point(text: str) -> list[float]:
+    x, y, label = parse_point(text)
+    if label != 1:
+        raise InvalidPromptError(f"--point {text}: caption-regions takes points on the object only (x,y)")
+    return [x, y]
 
 
 def parse_point(text: str) -> tuple[float, float, int]:
@@ -478,6 +508,8 @@ def _run_inference(args) -> int:
     requests = _requests_from_args(args, task)
     if task.task == "segment":
         predictor = _load_segment_predictor(args)
+    elif getattr(args, "mask_engine", None):
+        predictor = _load_predictor(args.model, args.device, mask_engine=args.mask_engine)
     else:
         predictor = _load_predictor(args.model, args.device)
     if args.adapter:
@@ -507,13 +539,17 @@ def _run_inference(args) -> int:
 
 
 def _load_segment_predictor(args):
-    """The Predictor with the mask engine of ``--mask-engine`` (else ``PIXELLLM_MASK_ENGINE``); refused up
-    front when there is none."""
+    """The Predictor with the mask engine of ``--mask-engine`` (else ``PIXELLLM_MASK_ENGINE``, else the model's
+    own mask decoder); refused up front when it has none of them."""
     from .inference.predictor import NO_MASK_ENGINE
 
     options = {"mask_engine": args.mask_engine} if args.mask_engine else {}
     predictor = _load_predictor(args.model, args.device, **options)
-    if getattr(predictor, "mask_engine", None) is None:
+    if hasattr(predictor, "mask_source"):
+        source = predictor.mask_source
+    else:  # a predictor of another kind (tests): its engine
+        source = getattr(predictor, "mask_engine", None)
+    if source is None:
         raise PixelLLMError(NO_MASK_ENGINE)
     return predictor
 
@@ -536,6 +572,10 @@ def _answer(task: Command, predictor, chunk: list[Request], args) -> list[tuple[
                 image = _load_image(load_image, request.image, predictor.limits)
                 for box in request.boxes:  # a box with no area inside the image fails here, not in the model
                     clip_box(box, image.width, image.height)
+                for j, (x, y) in enumerate(request.points):  # so does a point outside it
+                    if not (0 <= x <= image.width and 0 <= y <= image.height):
+                        raise InvalidPromptError(f"points[{j}] ({x:g}, {y:g}) lies outside the "
+                                                 f"{image.width}x{image.height} image")
                 result["image_size"] = list(image.size)
             except Exception as exc:
                 image = None
@@ -654,7 +694,10 @@ def _human(command: str, r: dict) -> str:
             line += f" mask score {d.get('mask_score', 0):.2f}, {len(d.get('polygons', []))} polygon(s)"
         lines.append(line)
     for c in r.get("captions", []) + r.get("regions", []):
-        lines.append(fmt.format(*c["box_xyxy"]) + f" {c['text']!r} score {c['score']:.2f}")
+        box = fmt.format(*c["box_xyxy"])
+        if c.get("point"):
+            box = f"  point ({c['point'][0]:g}, {c['point'][1]:g}) -> {box.strip()}"
+        lines.append(box + f" {c['text']!r} score {c['score']:.2f}")
     if "caption" in r:
         lines.append(f"  {r['caption']}")
         for w in r.get("words", []):
@@ -685,7 +728,7 @@ def _synth(args) -> int:
             raise PixelLLMError(f"--out {args.out} is a file; give a folder for the dataset")
         for split in args.split:
             write_synthetic_dataset(args.out, split, args.num_images, seed=args.seed, extra_shapes=extra,
-                                    num_workers=args.workers)
+                                    num_workers=args.workers, look=args.look)
             print(f"wrote the {split} split ({args.num_images} images) to {args.out}")
     except OSError as exc:
         raise PixelLLMError(f"cannot write the dataset to {args.out}: {exc.strerror or exc}") from exc
@@ -736,10 +779,18 @@ def build_parser() -> argparse.ArgumentParser:
     infer_args(p, "image file")
     p.add_argument("--trace", action="store_true", help="give every word a box (pointer trace)")
 
-    p = sub.add_parser("caption-regions", help="caption given boxes (box -> text)",
-                       description="Location-conditioned captioning: box -> text.")
+    p = sub.add_parser("caption-regions", help="caption given boxes or points (box / point -> text)",
+                       description="Location-conditioned captioning: box -> text, or point -> text. A point is "
+                                   "captioned as the region the mask engine (--mask-engine, else the model's "
+                                   "own mask decoder) finds there, and a model built with prompt.points also "
+                                   "reads the point itself; each result names its point.")
     infer_args(p, "image file")
     p.add_argument("--box", action="append", metavar="x1,y1,x2,y2", help="a box in image pixels (repeatable)")
+    p.add_argument("--point", action="append", metavar="x,y",
+                   help="a point on an object in image pixels, one caption each (repeatable; not with --box)")
+    p.add_argument("--mask-engine", default=None, metavar="sam:PATH",
+                   help="turns each --point into the box of its mask: sam:PATH, a local SAM checkpoint folder; "
+                        "default: env PIXELLLM_MASK_ENGINE, else the model's own mask decoder")
 
     p = sub.add_parser("dense-caption", help="find regions and caption each",
                        description="Dense captioning: proposals, each captioned.")
@@ -750,9 +801,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("segment", help="masks for texts, boxes or points (text/box/point -> mask)",
                        description="Referring segmentation: each text is referred to a box, and the box (or a "
-                                   "given box, or a point) prompts a mask engine. The embedded model has no "
-                                   "mask decoder yet: give --mask-engine sam:PATH, a local SAM checkpoint "
-                                   "folder (or set PIXELLLM_MASK_ENGINE).")
+                                   "given box, or a point) prompts the model's own mask decoder (a checkpoint "
+                                   "trained with heads.mask_decoder > 0; points need prompt.points) or a mask "
+                                   "engine, which wins when given. The embedded model has no mask decoder yet: "
+                                   "give --mask-engine sam:PATH, a local SAM checkpoint folder (or set "
+                                   "PIXELLLM_MASK_ENGINE).")
     infer_args(p, "image file")
     p.add_argument("text", nargs="*", help="referring expression(s), each -> one mask")
     p.add_argument("--box", action="append", metavar="x1,y1,x2,y2", help="a box in image pixels (repeatable)")
@@ -761,7 +814,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "off the object)")
     p.add_argument("--mask-engine", default=None, metavar="sam:PATH",
                    help="the mask engine: sam:PATH, a local SAM checkpoint folder (config.json + "
-                        "model.safetensors); default: env PIXELLLM_MASK_ENGINE")
+                        "model.safetensors); default: env PIXELLLM_MASK_ENGINE, else the model's own mask "
+                        "decoder")
 
     p = sub.add_parser("info", help="describe a model", description="Show a model's version, size, device.")
     model_args(p)
@@ -770,7 +824,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write synthetic scenes as Localized Narratives, MDETR RefCOCO, GRiT VG "
                                    "and COCO captions files.")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--split", nargs="+", default=["train"], choices=["train", "val", "test"])
+    p.add_argument("--split", nargs="+", default=["train"], choices=["train", "val", "test", "val_shift", "test_shift"],
+                   help="splits to write; *_shift splits are drawn by a second renderer in styles never used "
+                        "in training (the style-shift test)")
+    p.add_argument("--look", choices=["classic", "varied"], default="classic",
+                   help="classic: one pose and style per shape; varied: turned shapes, jittered proportions, "
+                        "outlines, photo-like backgrounds, lighting, blur, noise, JPEG (domain randomisation)")
     p.add_argument("--num-images", type=int_arg(1), default=100)
     p.add_argument("--seed", type=int_arg(), default=0)
     p.add_argument("--extra-shapes", default="", help="comma-separated shapes beyond the default vocabulary")

@@ -34,14 +34,19 @@ def _label(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, color,
 
 
 def draw_boxes(image: Image.Image, items: Sequence[Detection | RegionCaption]) -> Image.Image:
-    """Boxes with their text and score."""
+    """Boxes with their text and score (and, for a point prompt's caption, a dot at its point)."""
     canvas = image.convert("RGB").copy()
     draw = ImageDraw.Draw(canvas)
     font = _font(canvas)
     width = max(2, min(canvas.size) // 150)
+    r = max(3, min(canvas.size) // 80)
     for item, color in zip(items, _palette(len(items))):
         x1, y1, x2, y2 = item.box_xyxy
         draw.rectangle((x1, y1, x2, y2), outline=color, width=width)
+        point = getattr(item, "point", None)
+        if point is not None:
+            px, py = point
+            draw.ellipse((px - r, py - r, px + r, py + r), fill=color, outline=(0, 0, 0))
         _label(draw, (x1 + 2, y1 - font.size - 4 if y1 > font.size + 4 else y1 + 2),
                f"{item.text} {item.score:.2f}", color, font)
     return canvas

@@ -36,13 +36,19 @@ class FakePredictor:
             out.append(per_text)
         return out
 
-    def caption_regions(self, images, boxes, *, adapter=None, max_new_tokens=20, num_beams=1):
+    def caption_regions(self, images, boxes=None, points=None, *, adapter=None, max_new_tokens=20, num_beams=1):
         self.calls.append(("caption_regions", len(images)))
         out = []
-        for image, image_boxes in zip(images, boxes):
+        for k, image in enumerate(images):
             w, h = load_image(image).size
+            image_points = points[k] if points is not None and points[k] is not None else None
+            if image_points is not None:  # a point answers with a small box around it
+                out.append([RegionCaption(clip_box((x - 5, y - 5, x + 5, y + 5), w, h), f"point {i}", 0.9,
+                                          self.model_version, point=(float(x), float(y)))
+                            for i, (x, y) in enumerate(image_points)])
+                continue
             out.append([RegionCaption(clip_box(b, w, h), f"region {i}", 0.9, self.model_version)
-                        for i, b in enumerate(image_boxes)])
+                        for i, b in enumerate(boxes[k] or [])])
         return out
 
     def caption(self, images, *, trace=True, adapter=None, max_new_tokens=40, num_beams=1):

@@ -1,8 +1,9 @@
-"""In-process Predictor: the four PixelLLM tasks over a loaded checkpoint.
+"""In-process Predictor: the PixelLLM tasks over a loaded checkpoint.
 
 Like segment-anything's ``SamPredictor`` it caches image embeddings: the vision encoder runs once per
 image content (``set_image`` or an LRU keyed by a pixel digest), so a second prompt on the same image
-only runs the prompt adapter, the language model and the heads.
+only runs the prompt adapter, the language model and the heads (or, for ``segment`` on a model with its
+own mask decoder, the decoder alone).
 """
 
 from __future__ import annotations
@@ -37,7 +38,13 @@ MAX_PROMPT_CHARS = 2000
 TEXT_CACHE_SIZE = 4096  # prompts whose token ids are kept
 MASK_ENGINE_ENV = "PIXELLLM_MASK_ENGINE"
 NO_MASK_ENGINE = ("this model has no mask decoder yet; pass --mask-engine sam:PATH (a local SAM checkpoint "
-                  "folder) or set PIXELLLM_MASK_ENGINE")
+                  "folder) or set PIXELLLM_MASK_ENGINE, or use a checkpoint trained with heads.mask_decoder > 0")
+NO_POINT_PROMPTS = ("this model's mask decoder takes no point prompts (prompt.points is false): prompt it with "
+                    "texts or boxes, or pass --mask-engine sam:PATH (a local SAM checkpoint folder; or set "
+                    "PIXELLLM_MASK_ENGINE) for points")
+NO_POINT_REGIONS = ("this model takes no point prompts (prompt.points is false) and has no mask engine to turn a "
+                    "point into a box: give boxes, or pass --mask-engine sam:PATH (a local SAM checkpoint folder; "
+                    "or set PIXELLLM_MASK_ENGINE) so that each point is captioned as the box of its mask")
 
 
 def default_device() -> torch.device:
@@ -84,12 +91,30 @@ class _Image:
 
 @dataclass
 class _Row:
-    """One prompt: which image, the prompt box in canvas pixels, context and text token ids."""
+    """One prompt: which image, the prompt box in canvas pixels, context and text token ids, and a point
+    prompt in canvas pixels (``prompt.points`` models only) read next to the box."""
 
     image: int
     box: list[float]
     context: list[int]
     text: list[int] | None = None
+    point: tuple[float, float] | None = None
+
+
+@dataclass
+class _MaskPrompt:
+    """One prompt of the model's own mask decoder: its image, box (and point) in canvas pixels, and what its
+    result reports: ``what`` names it in errors, ``box`` / ``score`` (None: the mask's box / the mask score)
+    and ``text`` (text prompts)."""
+
+    image: int
+    canvas_box: list[float]
+    point: tuple[float, float] | None
+    label: int
+    what: str
+    box: tuple | None = None
+    score: float | None = None
+    text: str | None = None
 
 
 class Predictor:
@@ -98,7 +123,8 @@ class Predictor:
     ``model`` is a checkpoint folder, a preset name (``tiny``: random weights, for tests), or None for
     the embedded default model. ``mask_engine`` (for ``segment``): a mask engine
     (``inference.mask_engine``) or its spec ``"sam:PATH"`` (a local SAM checkpoint folder, loaded now);
-    without one, ``PIXELLLM_MASK_ENGINE`` is loaded on the first ``segment`` call.
+    without one, ``PIXELLLM_MASK_ENGINE`` is loaded on the first ``segment`` call, and without that either, a
+    model with its own mask decoder (``heads.mask_decoder > 0``) segments with it (``mask_source``).
     """
 
     def __init__(self, model: str | Path | torch.nn.Module | None = None, *, tokenizer=None,
@@ -310,11 +336,20 @@ class Predictor:
     def _generate(self, embedding: ImageEmbedding, sizes, rows, max_new_tokens, num_beams):
         from .decoding import generate
 
-        visual = self.model.prompt_tokens(embedding, self._boxes(rows), self._row_index(rows), sizes)
+        visual = self.model.prompt_tokens(embedding, self._boxes(rows), self._row_index(rows), sizes,
+                                          *self._row_points(rows))
         ctx, ctx_mask = self._pad([r.context for r in rows])
         tok = self.tokenizer
         return generate(self.model.language, visual, ctx, ctx_mask, bos_id=tok.bos_id, eos_id=tok.eos_id,
                         pad_id=tok.pad_id, max_new_tokens=max_new_tokens, num_beams=num_beams)
+
+    def _row_points(self, rows: list[_Row]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(points [R,1,2] canvas pixels, labels [R,1]) of rows that all have a point prompt; (None, None) for
+        rows without (a chunk is one or the other: ``_captions`` groups them)."""
+        if rows[0].point is None:
+            return None, None
+        points = torch.tensor([[r.point] for r in rows], dtype=torch.float32, device=self.device).to(self.dtype)
+        return points, torch.ones(len(rows), 1, dtype=torch.long, device=self.device)
 
     def _chunks(self, rows: list) -> list[list]:
         return [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
@@ -343,68 +378,165 @@ class Predictor:
         if len(images) != len(texts):
             raise InvalidPromptError(f"refer got {len(images)} images but {len(texts)} text lists; "
                                      "give one list of texts per image")
-        lang, prefix = self.config.language, self.config.templates.refer_prefix
         with self._lock:
             self._use_adapter(adapter)
-            loaded = self._load(images)
-            rows: list[_Row] = []
-            for i, image_texts in enumerate(texts):
-                if isinstance(image_texts, str):
-                    image_texts = [image_texts]
-                for j, raw in enumerate(image_texts):
-                    text = self._clean_text(raw, f"image {i} text {j}")
-                    context = self._encode(prefix + text, lang.max_context_tokens, add_bos=False,
-                                           what=f"image {i} text {j}")
-                    target = self._encode(text, lang.max_text_tokens, add_bos=True, what=f"image {i} text {j}")
-                    rows.append(_Row(i, self._global_box(loaded[i]), context, target))
-            embedding = self._embed(loaded)
-            sizes = self._sizes(loaded)
-            boxes, scores = [], []
-            for chunk in self._chunks(rows):
-                points, conf = self._teacher_forced(embedding, sizes, chunk)
-                last = torch.tensor([len(r.text) - 2 for r in chunk], device=points.device)
-                ar = torch.arange(len(chunk), device=points.device)
-                boxes.append(points[ar, last])
-                scores.append(torch.sigmoid(conf[ar, last]))
-            out: list[list[list[Detection]]] = [[] for _ in images]
-            if rows:
-                sizes = torch.tensor([loaded[r.image].prepared.original_size for r in rows], dtype=torch.float32)
-                all_boxes = (torch.cat(boxes).float().cpu() * sizes.repeat(1, 2)).tolist()  # to original pixels
-                all_scores = torch.cat(scores).float().cpu().tolist()
-                labels: dict[tuple, str] = {}
-                for row, (x0, y0, x1, y1), score in zip(rows, all_boxes, all_scores):
-                    w, h = loaded[row.image].prepared.original_size
-                    box = _clip_soft((min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)), w, h)
-                    key = tuple(row.text)
-                    if key not in labels:
-                        labels[key] = self.tokenizer.decode(row.text)
-                    out[row.image].append([Detection(box, round(score, 4), labels[key], self.model_version)])
-            return out
+            return self._refer_loaded(self._load(images), texts)
+
+    def _refer_loaded(self, loaded: list[_Image], texts: Sequence[Sequence[str]]) -> list[list[list[Detection]]]:
+        """``refer`` over images already loaded (under the lock, in inference mode)."""
+        lang, prefix = self.config.language, self.config.templates.refer_prefix
+        rows: list[_Row] = []
+        for i, image_texts in enumerate(texts):
+            if isinstance(image_texts, str):
+                image_texts = [image_texts]
+            for j, raw in enumerate(image_texts):
+                text = self._clean_text(raw, f"image {i} text {j}")
+                context = self._encode(prefix + text, lang.max_context_tokens, add_bos=False,
+                                       what=f"image {i} text {j}")
+                target = self._encode(text, lang.max_text_tokens, add_bos=True, what=f"image {i} text {j}")
+                rows.append(_Row(i, self._global_box(loaded[i]), context, target))
+        embedding = self._embed(loaded)
+        sizes = self._sizes(loaded)
+        boxes, scores = [], []
+        for chunk in self._chunks(rows):
+            points, conf = self._teacher_forced(embedding, sizes, chunk)
+            last = torch.tensor([len(r.text) - 2 for r in chunk], device=points.device)
+            ar = torch.arange(len(chunk), device=points.device)
+            boxes.append(points[ar, last])
+            scores.append(torch.sigmoid(conf[ar, last]))
+        out: list[list[list[Detection]]] = [[] for _ in loaded]
+        if rows:
+            sizes = torch.tensor([loaded[r.image].prepared.original_size for r in rows], dtype=torch.float32)
+            all_boxes = (torch.cat(boxes).float().cpu() * sizes.repeat(1, 2)).tolist()  # to original pixels
+            all_scores = torch.cat(scores).float().cpu().tolist()
+            labels: dict[tuple, str] = {}
+            for row, (x0, y0, x1, y1), score in zip(rows, all_boxes, all_scores):
+                w, h = loaded[row.image].prepared.original_size
+                box = _clip_soft((min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)), w, h)
+                key = tuple(row.text)
+                if key not in labels:
+                    labels[key] = self.tokenizer.decode(row.text)
+                out[row.image].append([Detection(box, round(score, 4), labels[key], self.model_version)])
+        return out
 
     @torch.inference_mode()
-    def caption_regions(self, images: Sequence[ImageInput], boxes: Sequence[Sequence[Sequence[float]]], *,
+    def caption_regions(self, images: Sequence[ImageInput],
+                        boxes: Sequence[Sequence[Sequence[float]] | None] | None = None,
+                        points: Sequence[Sequence[Sequence[float]] | None] | None = None, *,
                         adapter: str | None = None, max_new_tokens: int = 20,
                         num_beams: int = 1) -> list[list[RegionCaption]]:
-        if len(images) != len(boxes):
-            raise InvalidPromptError(f"caption_regions got {len(images)} images but {len(boxes)} box lists")
+        """One caption per prompt, per image in prompt order: per image its ``boxes`` (``x1, y1, x2, y2``
+        image pixels) or its ``points`` (``x, y`` image pixels, one prompt each), not both. Each argument is
+        None or one entry per image (None for an image prompted the other way).
+
+        A point's region: when a mask source takes points (a mask engine, else the model's own decoder with
+        ``prompt.points``), the box of the mask it finds at the point (the whole image when that mask is
+        empty and the model reads points); else, on a ``prompt.points`` model, the whole image. The language
+        model then reads that box, plus the point itself on a ``prompt.points`` model. A model with neither
+        refuses points (``NO_POINT_REGIONS``). Each point's ``RegionCaption`` has ``point`` = the given
+        ``[x, y]`` and ``box_xyxy`` = its region."""
+        n = len(images)
+        if boxes is None and points is None:
+            raise InvalidPromptError("caption_regions needs boxes or points: one list per image")
+        if boxes is not None and len(boxes) != n:
+            raise InvalidPromptError(f"caption_regions got {n} images but {len(boxes)} box lists")
+        if points is not None and len(points) != n:
+            raise InvalidPromptError(f"caption_regions got {n} images but {len(points)} point lists")
         _check_generation(max_new_tokens, num_beams)
+        box_lists: list = []
+        for i in range(n):
+            b, p = (boxes[i] if boxes is not None else None), (points[i] if points is not None else None)
+            if b is not None and p is not None:
+                raise InvalidPromptError(f"image {i}: give boxes or points, not both (each point is a prompt of "
+                                         "its own)")
+            if b is None and p is None:
+                raise InvalidPromptError(f"image {i}: caption_regions needs boxes or points")
+            box_lists.append(_as_list(b) if b is not None else [])
         with self._lock:
             self._use_adapter(adapter)
             loaded = self._load(images)
-            rows, originals = self._region_rows(loaded, boxes)
+            rows, originals = self._region_rows(loaded, box_lists)
+            asked: list[tuple[float, float] | None] = [None] * len(rows)
+            point_lists = {i: _as_list(points[i]) for i in range(n) if points is not None and points[i] is not None}
+            checked = {i: [_check_point(i, j, p, *loaded[i].prepared.original_size) for j, p in enumerate(pts)]
+                       for i, pts in point_lists.items()}
+            checked = {i: pts for i, pts in checked.items() if pts}
+            if checked:
+                context = rows[0].context if rows else self._encode(
+                    self.config.templates.region_prompt, self.config.language.max_context_tokens, add_bos=False,
+                    what="region prompt")
+                for i, regions in self._point_regions(images, loaded, checked).items():
+                    for point, (canvas_box, original, canvas_point) in zip(checked[i], regions):
+                        rows.append(_Row(i, canvas_box, context, point=canvas_point))
+                        originals.append(original)
+                        asked.append(point)
+                order = sorted(range(len(rows)), key=lambda k: rows[k].image)  # stable: prompt order per image
+                rows, originals, asked = ([seq[k] for k in order] for seq in (rows, originals, asked))
             embedding = self._embed(loaded)
             texts, scores = self._captions(embedding, self._sizes(loaded), rows, max_new_tokens, num_beams)
             out: list[list[RegionCaption]] = [[] for _ in images]
-            for row, original, text, score in zip(rows, originals, texts, scores):
-                out[row.image].append(RegionCaption(original, text, score, self.model_version))
+            for row, original, text, score, point in zip(rows, originals, texts, scores, asked):
+                out[row.image].append(RegionCaption(original, text, score, self.model_version, point))
             return out
 
+    def _point_regions(self, images, loaded: list[_Image], points: dict[int, list[tuple[float, float]]]
+                       ) -> dict[int, list[tuple[list[float], tuple, tuple[float, float] | None]]]:
+        """Per image, per point (image pixels): (box prompt in canvas pixels, that box in image pixels, the
+        point in canvas pixels for a ``prompt.points`` model else None); see ``caption_regions``."""
+        from ..masks import mask_to_box
+
+        reads_points = bool(self.config.prompt.points)
+        engine = self.mask_engine
+        own = engine is None and reads_points and getattr(self.model, "mask_decoder", None) is not None
+        if engine is None and not reads_points:
+            raise PixelLLMError(NO_POINT_REGIONS)
+        found: dict[int, list[tuple | None]] = {i: [None] * len(pts) for i, pts in points.items()}
+        if engine is not None:
+            for i, pts in points.items():
+                if isinstance(images[i], PreparedInput):
+                    raise InvalidImageError(f"image {i}: a point becomes a box through the mask engine, which "
+                                            "needs the image itself, not a PreparedInput")
+                try:
+                    image = load_image(images[i], self.limits)
+                except PixelLLMError as exc:
+                    raise type(exc)(f"image {i}: {exc}") from exc
+                masks = engine.predict(image, points=pts, point_labels=[1] * len(pts))
+                found[i] = [mask_to_box(m) if np.asarray(m).any() else None for m, _ in masks]
+        elif own:
+            prompts = [_MaskPrompt(i, self._global_box(loaded[i]), tuple(loaded[i].prepared.to_canvas(p)), 1,
+                                   f"point {j}") for i, pts in points.items() for j, p in enumerate(pts)]
+            masks = iter(self._decode_masks(loaded, prompts))
+            for i, pts in points.items():
+                found[i] = [mask_to_box(m) if m.any() else None for m, _ in (next(masks) for _ in pts)]
+        out = {}
+        for i, pts in points.items():
+            prepared = loaded[i].prepared
+            w, h = prepared.original_size
+            regions = []
+            for j, ((x, y), box) in enumerate(zip(pts, found[i])):
+                if box is None:
+                    if not reads_points:
+                        raise PixelLLMError(f"image {i} point {j} ({x:g}, {y:g}): the mask engine found no "
+                                            "object there, so there is no region to caption; give a box, or a "
+                                            "point on an object")
+                    box = (0.0, 0.0, float(w), float(h))
+                canvas_point = tuple(prepared.to_canvas((x, y))) if reads_points else None
+                regions.append((prepared.to_canvas(box), tuple(float(v) for v in box), canvas_point))
+            out[i] = regions
+        return out
+
     def _captions(self, embedding: ImageEmbedding, sizes, rows, max_new_tokens, num_beams) -> tuple[list[str], list[float]]:
-        texts, scores = [], []
-        for chunk in self._chunks(rows):
-            result = self._generate(embedding, sizes, chunk, max_new_tokens, num_beams)
-            texts += [self.tokenizer.decode(t) for t in result.tokens]
-            scores += [round(float(torch.tensor(s).exp().clamp(0, 1)), 4) for s in result.scores]
+        """Generated text and score per row, in row order; rows with and without a point prompt run in
+        separate chunks (a point adds a prompt token)."""
+        texts: list[str] = [""] * len(rows)
+        scores: list[float] = [0.0] * len(rows)
+        for group in ([k for k, r in enumerate(rows) if r.point is None],
+                      [k for k, r in enumerate(rows) if r.point is not None]):
+            for chunk in self._chunks(group):
+                result = self._generate(embedding, sizes, [rows[k] for k in chunk], max_new_tokens, num_beams)
+                for k, tokens, score in zip(chunk, result.tokens, result.scores):
+                    texts[k] = self.tokenizer.decode(tokens)
+                    scores[k] = round(float(torch.tensor(score).exp().clamp(0, 1)), 4)
         return texts, scores
 
     @torch.inference_mode()
@@ -515,19 +647,34 @@ class Predictor:
                         self._mask_engine = parse_mask_engine(spec, self.device)
         return self._mask_engine
 
+    @property
+    def mask_source(self) -> str | None:
+        """What ``segment`` uses: the mask engine's name (one given to the constructor, else
+        ``PIXELLLM_MASK_ENGINE``: an engine asked for wins), else ``"model"`` when the model has its own mask
+        decoder (``heads.mask_decoder > 0``), else None (``segment`` then raises ``NO_MASK_ENGINE``)."""
+        engine = self.mask_engine
+        if engine is not None:
+            return str(getattr(engine, "name", type(engine).__name__))
+        return "model" if getattr(self.model, "mask_decoder", None) is not None else None
+
     def segment(self, images: Sequence[ImageInput], texts: Sequence[Sequence[str] | None] | None = None,
                 boxes: Sequence[Sequence[Sequence[float]] | None] | None = None,
                 points: Sequence[Sequence[Sequence[float]] | None] | None = None,
                 point_labels: Sequence[Sequence[int] | None] | None = None, *,
                 adapter: str | None = None) -> list[list[MaskResult]]:
         """Masks for prompts: per image exactly one of its ``texts`` (each referred to a box by ``refer``, the
-        box then prompts the mask engine), its ``boxes`` (``x1, y1, x2, y2`` image pixels) or its ``points``
+        box then prompts the mask), its ``boxes`` (``x1, y1, x2, y2`` image pixels) or its ``points``
         (``x, y`` image pixels, one prompt per point; ``point_labels`` 1 object / 0 not the object, default
         1). Each argument is None or one entry per image (None for an image prompted another way).
 
+        The masks come from ``mask_source``: a mask engine when one was asked for, else the model's own mask
+        decoder (the prompt's box, or for a point the whole image plus the point, which needs
+        ``prompt.points``; the best of its K masks by predicted IoU, upsampled to the image's pixels).
+
         Per image, one ``MaskResult`` per prompt in prompt order: ``box_xyxy`` the referred box (text), the
         given box clipped to the image (box) or the mask's box (point); ``score`` refer's score (text) or the
-        mask score; ``mask`` COCO RLE and ``polygons`` in original image pixels."""
+        mask score; ``mask`` COCO RLE and ``polygons`` in original image pixels; ``mask_score`` the mask's
+        predicted IoU. An empty mask fails its image's call with a message naming the prompt."""
         n = len(images)
         given = {"texts": texts, "boxes": boxes, "points": points, "point_labels": point_labels}
         for name, value in given.items():
@@ -537,7 +684,9 @@ class Predictor:
         kinds = [self._segment_kind(i, texts, boxes, points, point_labels) for i in range(n)]
         engine = self.mask_engine
         if engine is None:
-            raise PixelLLMError(NO_MASK_ENGINE)
+            if getattr(self.model, "mask_decoder", None) is None:
+                raise PixelLLMError(NO_MASK_ENGINE)
+            return self._segment_model(images, kinds, texts, boxes, points, point_labels, adapter)
         with self._lock, torch.inference_mode():
             loaded = []
             for i, source in enumerate(images):
@@ -565,6 +714,97 @@ class Predictor:
                                                point_labels[i] if point_labels is not None else None))
             return out
 
+    @torch.inference_mode()
+    def _segment_model(self, images, kinds: list[str], texts, boxes, points, point_labels,
+                       adapter: str | None) -> list[list[MaskResult]]:
+        """``segment`` through the model's own mask decoder: every prompt of every image checked, the texts
+        referred (one batched refer), then one decoder pass per chunk of prompts over the cached
+        embeddings."""
+        from ..masks import mask_to_box, mask_to_rle
+
+        with self._lock:
+            self._use_adapter(adapter)
+            loaded = self._load(images)
+            prompts: list[list[_MaskPrompt]] = [[] for _ in loaded]
+            clean: dict[int, list[str]] = {}
+            for i, (image, kind) in enumerate(zip(loaded, kinds)):
+                prepared = image.prepared
+                w, h = prepared.original_size
+                if kind == "texts":
+                    clean[i] = [self._clean_text(t, f"image {i} text {j}") if isinstance(t, str)
+                                else _not_text(i, j, t) for j, t in enumerate(_as_list(texts[i]))]
+                elif kind == "boxes":
+                    for j, box in enumerate(_as_list(boxes[i])):
+                        try:
+                            clipped = clip_box(box, w, h)
+                        except InvalidBoxError as exc:
+                            raise InvalidBoxError(f"image {i} box {j}: {exc}") from None
+                        prompts[i].append(_MaskPrompt(i, prepared.to_canvas(clipped), None, 1, f"box {j}", clipped))
+                else:
+                    pts = [_check_point(i, j, p, w, h) for j, p in enumerate(_as_list(points[i]))]
+                    given = point_labels[i] if point_labels is not None else None
+                    labels = [1] * len(pts) if given is None else _check_labels(i, given, len(pts))
+                    if pts and not self.config.prompt.points:
+                        raise InvalidPromptError(f"image {i}: {NO_POINT_PROMPTS}")
+                    for j, ((x, y), label) in enumerate(zip(pts, labels)):
+                        prompts[i].append(_MaskPrompt(i, self._global_box(image), tuple(prepared.to_canvas((x, y))),
+                                                      label, f"point {j} ({x:g}, {y:g})"))
+            asked = [i for i in clean if clean[i]]
+            if asked:
+                found = self._refer_loaded([loaded[i] for i in asked], [clean[i] for i in asked])
+                for i, per_text in zip(asked, found):
+                    prepared = loaded[i].prepared
+                    w, h = prepared.original_size
+                    for j, (d, *_) in enumerate(per_text):
+                        prompts[i].append(_MaskPrompt(i, prepared.to_canvas(_at_least_a_pixel(d.box_xyxy, w, h)),
+                                                      None, 1, f"text {j} ({d.text!r})", tuple(d.box_xyxy),
+                                                      d.score, d.text))
+            flat = [p for per_image in prompts for p in per_image]
+            masks = self._decode_masks(loaded, flat)
+            for p, (mask, _) in zip(flat, masks):
+                if not mask.any():
+                    raise PixelLLMError(f"image {p.image} {p.what}: the model's mask decoder predicted an empty "
+                                        "mask; try another prompt (a tighter box, a point on the object)")
+            out: list[list[MaskResult]] = [[] for _ in loaded]
+            for p, (mask, mask_score) in zip(flat, masks):
+                box = p.box if p.box is not None else mask_to_box(mask)
+                score = p.score if p.score is not None else mask_score
+                out[p.image].append(MaskResult(tuple(round(float(v), 2) for v in box), score, mask_to_rle(mask),
+                                               _polygons(mask), mask_score, p.text, self.model_version))
+            return out
+
+    def _decode_masks(self, loaded: list[_Image], prompts: list[_MaskPrompt]) -> list[tuple[np.ndarray, float]]:
+        """Per prompt, in order: (the best of the decoder's K masks by predicted IoU, as bool [H, W] of the
+        original image; that predicted IoU clipped to [0, 1]). The image embeddings come from the cache."""
+        import torch.nn.functional as F
+
+        if not prompts:
+            return []
+        embedding = self._embed(loaded)
+        sizes = self._sizes(loaded)
+        canvas = self.config.vision.image_size
+        out: list = [None] * len(prompts)
+        for group in ([k for k, p in enumerate(prompts) if p.point is None],
+                      [k for k, p in enumerate(prompts) if p.point is not None]):
+            for chunk in self._chunks(group):
+                ps = [prompts[k] for k in chunk]
+                boxes = torch.tensor([p.canvas_box for p in ps], dtype=torch.float32, device=self.device)
+                index = torch.tensor([p.image for p in ps], device=self.device)
+                pts = labels = None
+                if ps[0].point is not None:
+                    pts = torch.tensor([[p.point] for p in ps], dtype=torch.float32, device=self.device)
+                    pts = pts.to(self.dtype)
+                    labels = torch.tensor([[p.label] for p in ps], dtype=torch.long, device=self.device)
+                logits, iou = self.model.prompt_masks(embedding, boxes.to(self.dtype), index, sizes, pts, labels)
+                iou = iou.float()
+                best = iou.argmax(-1)
+                ar = torch.arange(len(ps), device=best.device)
+                low = logits[ar, best].float()  # [m, S/4, S/4] on the padded canvas
+                scores = iou[ar, best].clamp(0, 1).cpu().tolist()
+                for n, (k, p) in enumerate(zip(chunk, ps)):
+                    out[k] = (_to_original(low[n], loaded[p.image].prepared, canvas, F), round(float(scores[n]), 4))
+        return out
+
     @staticmethod
     def _segment_kind(i: int, texts, boxes, points, point_labels) -> str:
         present = [name for name, value in (("texts", texts), ("boxes", boxes), ("points", points))
@@ -580,7 +820,7 @@ class Predictor:
 
     def _segment_image(self, engine, i: int, image, kind: str, referred, boxes, points,
                        labels) -> list[MaskResult]:
-        from ..masks import mask_to_box, mask_to_polygons, mask_to_rle
+        from ..masks import mask_to_box, mask_to_rle
 
         w, h = image.size
         if kind == "texts":
@@ -626,8 +866,29 @@ class Predictor:
             else:
                 box, score, text = mask_to_box(mask), mask_score, None
             results.append(MaskResult(tuple(round(float(v), 2) for v in box), score, mask_to_rle(mask),
-                                      mask_to_polygons(mask), mask_score, text, self.model_version))
+                                      _polygons(mask), mask_score, text, self.model_version))
         return results
+
+
+def _polygons(mask: np.ndarray) -> list[dict]:
+    """``masks.mask_to_polygons`` of a mask, traced in its box only (the same polygons, in less time: the
+    outline's work grows with the pixels it scans)."""
+    from ..masks import mask_to_box, mask_to_polygons, offset_polygons
+
+    x0, y0, x1, y1 = (int(v) for v in mask_to_box(mask))
+    if x1 <= x0:
+        return []
+    return offset_polygons(mask_to_polygons(mask[y0:y1, x0:x1]), x0, y0)
+
+
+def _to_original(logits: torch.Tensor, prepared: PreparedImage, canvas: int, F) -> np.ndarray:
+    """Mask logits [s, s] over the padded canvas -> bool mask [H, W] of the original image: bilinear to the
+    canvas's extent in original pixels, the padding cropped away, logits > 0."""
+    w, h = prepared.original_size
+    rw, rh = prepared.resized_size
+    ext_w, ext_h = round(canvas * w / rw), round(canvas * h / rh)  # >= w, h: the image lies top-left
+    up = F.interpolate(logits[None, None], size=(ext_h, ext_w), mode="bilinear", align_corners=False)
+    return (up[0, 0, :h, :w] > 0).cpu().numpy()
 
 
 def _check_generation(max_new_tokens: int, num_beams: int) -> None:

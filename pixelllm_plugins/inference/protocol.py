@@ -22,10 +22,14 @@ class PredictorProtocol(Protocol):
               adapter: str | None = None) -> list[list[list[Detection]]]:
         """For each image, for each of its texts: detections sorted by score (best first)."""
 
-    def caption_regions(self, images: Sequence[ImageInput], boxes: Sequence[Sequence[Sequence[float]]], *,
+    def caption_regions(self, images: Sequence[ImageInput],
+                        boxes: Sequence[Sequence[Sequence[float]] | None] | None = None,
+                        points: Sequence[Sequence[Sequence[float]] | None] | None = None, *,
                         adapter: str | None = None, max_new_tokens: int = 20,
                         num_beams: int = 1) -> list[list[RegionCaption]]:
-        """For each image, one caption per given box (boxes in original-image pixels)."""
+        """For each image, one caption per prompt, in order: per image its boxes or its points (not both;
+        original-image pixels; None for an image prompted the other way). A point's caption names it
+        (``RegionCaption.point``) and its region (``box_xyxy``)."""
 
     def caption(self, images: Sequence[ImageInput], *, trace: bool = True, adapter: str | None = None,
                 max_new_tokens: int = 40, num_beams: int = 1) -> list[TracedCaption]:

@@ -31,20 +31,31 @@ class Detection:
 
 @dataclass
 class RegionCaption:
-    """A caption for a region (box -> text, or a dense-caption proposal)."""
+    """A caption for a region (box -> text, point -> text, or a dense-caption proposal).
+
+    ``point``: for a point prompt (``caption_regions(points=...)``), the ``[x, y]`` it answers, and
+    ``box_xyxy`` the region the caption is of (see ``Predictor.caption_regions``); None for a box prompt
+    (then absent from ``to_dict``)."""
 
     box_xyxy: Box
     text: str
     score: float
     model_version: str = ""
+    point: tuple[float, float] | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self) | {"box_xyxy": list(self.box_xyxy)}
+        out = {"box_xyxy": list(self.box_xyxy), "text": self.text, "score": self.score,
+               "model_version": self.model_version}
+        if self.point is not None:
+            out["point"] = [float(v) for v in self.point]
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> RegionCaption:
+        point = d.get("point")
         return cls(box_xyxy=_box(d["box_xyxy"]), text=d["text"], score=float(d["score"]),
-                   model_version=d.get("model_version", ""))
+                   model_version=d.get("model_version", ""),
+                   point=None if point is None else (float(point[0]), float(point[1])))
 
 
 @dataclass

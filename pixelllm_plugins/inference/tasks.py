@@ -6,8 +6,9 @@ A task's name is the ``PredictorProtocol`` method that runs it and the worker's 
 name                what                               per-image argument         options
 ==================  =================================  =========================  ==========================
 ``refer``           text -> box                        its texts                  adapter
-``caption_regions`` box -> text                        its boxes (image pixels)   adapter, max_new_tokens,
-                                                                                  num_beams
+``caption_regions`` box / point -> text                its boxes (image pixels),  adapter, max_new_tokens,
+                                                       or a mapping with one of   num_beams
+                                                       boxes, points
 ``caption``         whole-image caption (``trace``:    --                         adapter, trace,
                     a box and points per word)                                    max_new_tokens, num_beams
 ``dense_caption``   proposals, each captioned          --                         adapter, max_regions,
@@ -45,7 +46,10 @@ class TaskSpec:
     per-image argument the method takes after the images (``texts``, ``boxes``), or None; ``options``: the
     keyword options it takes (``adapter`` included); ``item_fields``: when set, each per-image argument is
     a mapping holding some of these keys, and the method takes each key as a keyword list with one entry
-    per image (None where an image has none): ``segment``'s texts / boxes / points / point_labels."""
+    per image (None where an image has none): ``segment``'s texts / boxes / points / point_labels. When
+    ``item_arg`` is one of the ``item_fields`` (``caption_regions``: boxes, points), a per-image argument that
+    is not a mapping is that field (a list of boxes), and a batch of boxes only is passed positionally as
+    before (``method(images, boxes)``), so predictors without points keep working."""
 
     name: str
     item_arg: str | None
@@ -70,15 +74,20 @@ class TaskSpec:
         if item_args is None:
             raise TypeError(f"{self.name} needs the {self.item_arg} of every image")
         if self.item_fields:
+            plain = self.item_arg in self.item_fields
+            if plain:
+                item_args = [arg if isinstance(arg, Mapping) else {self.item_arg: arg} for arg in item_args]
             fields = {key: [(arg or {}).get(key) for arg in item_args] for key in self.item_fields}
             fields = {key: values for key, values in fields.items() if any(v is not None for v in values)}
+            if plain and set(fields) <= {self.item_arg}:
+                return list(method(images, fields.get(self.item_arg, [None] * len(item_args)), **options))
             return list(method(images, **fields, **options))
         return list(method(images, item_args, **options))
 
 
 TASKS: Mapping[str, TaskSpec] = {spec.name: spec for spec in (
     TaskSpec("refer", "texts", ("adapter",)),
-    TaskSpec("caption_regions", "boxes", ("adapter", "max_new_tokens", "num_beams")),
+    TaskSpec("caption_regions", "boxes", ("adapter", "max_new_tokens", "num_beams"), ("boxes", "points")),
     TaskSpec("caption", None, ("adapter", "trace", "max_new_tokens", "num_beams")),
     TaskSpec("dense_caption", None, ("adapter", "max_regions", "min_score")),
     TaskSpec("segment", "prompts", ("adapter",), ("texts", "boxes", "points", "point_labels")),

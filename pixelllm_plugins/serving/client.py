@@ -14,6 +14,7 @@ import base64
 import concurrent.futures
 import io
 import logging
+import math
 import random
 import threading
 import time
@@ -56,6 +57,17 @@ def encode_image(image: ImageInput, limits: ImageLimits | None = None) -> dict:
     else:
         data = read_image_bytes(image, limits)
     return {"b64": base64.b64encode(data).decode("ascii")}
+
+
+def _point(i: int, j: int, point) -> list[float]:
+    """A point prompt as JSON: 2 numbers (the worker checks that they are finite and inside the image)."""
+    try:
+        x, y = (float(v) for v in point)
+    except (TypeError, ValueError):
+        x = y = math.nan
+    if not (math.isfinite(x) and math.isfinite(y)):
+        raise InvalidPromptError(f"image {i} point {j}: must be 2 finite numbers [x, y] in image pixels")
+    return [x, y]
 
 
 def _error_class(name: str) -> type[PixelLLMError]:
@@ -244,14 +256,36 @@ class RemotePredictor:
         answers = self._post_each("/v1/refer", bodies)
         return [[[Detection.from_dict(d) for d in dets] for dets in a["per_text"]] if a else [] for a in answers]
 
-    def caption_regions(self, images: Sequence[ImageInput], boxes: Sequence[Sequence[Sequence[float]]], *,
+    def caption_regions(self, images: Sequence[ImageInput],
+                        boxes: Sequence[Sequence[Sequence[float]] | None] | None = None,
+                        points: Sequence[Sequence[Sequence[float]] | None] | None = None, *,
                         adapter: str | None = None, max_new_tokens: int = 20,
                         num_beams: int = 1) -> list[list[RegionCaption]]:
-        if len(images) != len(boxes):
-            raise InvalidBoxError(f"caption_regions got {len(images)} images but {len(boxes)} box lists; "
+        n = len(images)
+        if boxes is None and points is None:
+            raise InvalidPromptError("caption_regions needs boxes or points: one list per image")
+        if boxes is not None and len(boxes) != n:
+            raise InvalidBoxError(f"caption_regions got {n} images but {len(boxes)} box lists; "
                                   "give one list of boxes per image")
-        bodies = [self._body(im, adapter, boxes=[list(as_box(b)) for b in bs], max_new_tokens=max_new_tokens,
-                             num_beams=num_beams) if len(bs) else None for im, bs in zip(images, boxes)]
+        if points is not None and len(points) != n:
+            raise InvalidPromptError(f"caption_regions got {n} images but {len(points)} point lists; "
+                                     "give one list of points per image (None for an image with boxes)")
+        bodies: list[dict | None] = []
+        for i, image in enumerate(images):
+            bs = boxes[i] if boxes is not None else None
+            ps = points[i] if points is not None else None
+            if bs is not None and ps is not None:
+                raise InvalidPromptError(f"image {i}: give boxes or points, not both (each point is a prompt of "
+                                         "its own)")
+            if bs is None and ps is None:
+                raise InvalidPromptError(f"image {i}: caption_regions needs boxes or points")
+            options = {"max_new_tokens": max_new_tokens, "num_beams": num_beams}
+            if ps is not None:
+                fields: dict[str, Any] = {"points": [_point(i, j, p) for j, p in enumerate(ps)]}
+            else:
+                fields = {"boxes": [list(as_box(b)) for b in bs]}
+            prompts = next(iter(fields.values()))
+            bodies.append(self._body(image, adapter, **fields, **options) if prompts else None)
         answers = self._post_each("/v1/caption_regions", bodies)
         return [[RegionCaption.from_dict(c) for c in a["captions"]] if a else [] for a in answers]
 

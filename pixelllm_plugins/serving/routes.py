@@ -84,15 +84,18 @@ class Worker:
             raise self.busy("queue_full", f"the worker is at capacity ({settings.max_queue} requests in "
                             "flight); retry after Retry-After seconds")
 
-    async def serve(self, task: str, req, arg: Any, options: tuple) -> tuple[Any, list, str]:
-        """(result, image size, model version) of one request's job on the engine."""
+    async def serve(self, task: str, req, arg: Any, options: tuple, *,
+                    prepare: bool | None = None) -> tuple[Any, list, str]:
+        """(result, image size, model version) of one request's job on the engine; ``prepare``: load the image
+        resized for the model (default: every task but segment, whose masks are in the full image's pixels)."""
         self.admit()
         timeout = min(req.timeout_s or math.inf, self.settings.request_timeout_s)
         self.in_flight += 1
         self.metrics.in_flight.inc()
         try:
             async with asyncio.timeout(timeout):
-                image, result = await self._run(task, req, arg, options)
+                image, result = await self._run(task, req, arg, options, task != "segment" if prepare is None
+                                                else prepare)
         except TimeoutError:
             self.metrics.rejected.labels("timeout").inc()
             raise APIError(504, "Timeout", f"no answer within {timeout:g} s; the worker is busy: retry later "
@@ -112,10 +115,10 @@ class Worker:
         size = list(image.prepared.original_size) if hasattr(image, "prepared") else [image.width, image.height]
         return result, size, version
 
-    async def _run(self, task: str, req, arg: Any, options: tuple):
-        """Load the request's image and submit its job: (image, result)."""
+    async def _run(self, task: str, req, arg: Any, options: tuple, prepare: bool):
+        """Load the request's image (resized for the model, or in full: ``prepare``) and submit its job:
+        (image, result)."""
         engine = self.engine
-        prepare = task != "segment"  # segment: the full image (masks are in its original pixels)
         if self.announce is None:
             image = await self.loader.load(req.image, prepare=prepare)
             return image, await engine.submit(Job(task, image, arg, req.adapter, options))
@@ -126,6 +129,16 @@ class Worker:
             engine.unexpect()
             raise
         return image, await engine.submit(Job(task, image, arg, req.adapter, options), announced=True)
+
+    def _checked_points(self, points: list[list[float]]) -> list[list[float]]:
+        """A request's points: not empty, within the worker's limit, each 2 finite numbers."""
+        if not points:
+            raise APIError(400, "InvalidPromptError", "points is empty; give [[x, y], ...] in pixels")
+        self.check_limit("len(points)", len(points), self.settings.max_boxes)
+        for i, p in enumerate(points):
+            if len(p) != 2 or not all(math.isfinite(v) for v in p):
+                raise APIError(400, "InvalidPromptError", f"points[{i}] must be 2 finite numbers [x, y] in pixels")
+        return [list(p) for p in points]
 
     def check_limit(self, name: str, value: int, limit: int) -> None:
         if value > limit:
@@ -150,14 +163,24 @@ class Worker:
 
     async def caption_regions(self, req: CaptionRegionsRequest):
         settings = self.settings
-        if not req.boxes:
-            raise APIError(400, "InvalidBoxError", "boxes is empty; give [[x1, y1, x2, y2], ...] in pixels")
-        self.check_limit("len(boxes)", len(req.boxes), settings.max_boxes)
+        if req.boxes is not None and req.points is not None:
+            raise APIError(400, "InvalidPromptError", "give boxes or points, not both (each point is a prompt "
+                           "of its own)")
+        if req.points is not None:
+            arg: Any = {"points": self._checked_points(req.points)}
+        else:
+            if not req.boxes:
+                what = "boxes is empty" if req.boxes is not None else "caption_regions needs boxes or points"
+                raise APIError(400, "InvalidBoxError", f"{what}; give [[x1, y1, x2, y2], ...] (or points "
+                               "[[x, y], ...]) in pixels")
+            self.check_limit("len(boxes)", len(req.boxes), settings.max_boxes)
+            arg = [_checked_box(i, b) for i, b in enumerate(req.boxes)]
         self.check_limit("max_new_tokens", req.max_new_tokens, settings.max_new_tokens)
         self.check_limit("num_beams", req.num_beams, settings.max_beams)
-        boxes = [_checked_box(i, b) for i, b in enumerate(req.boxes)]
         options = (("max_new_tokens", req.max_new_tokens), ("num_beams", req.num_beams))
-        result, size, version = await self.serve("caption_regions", req, boxes, options)
+        # a point may become a box through a mask engine, which reads the full image (as segment does)
+        result, size, version = await self.serve("caption_regions", req, arg, options,
+                                                 prepare=req.points is None)
         captions = [c.to_dict() for c in result]
         return JSONResponse({"model_version": _version(result, version), "image_size": size, "captions": captions})
 
@@ -206,19 +229,12 @@ class Worker:
             self.check_limit("len(boxes)", len(req.boxes), settings.max_boxes)
             arg = {"boxes": [_checked_box(i, b) for i, b in enumerate(req.boxes)]}
         else:
-            points = req.points or []
-            if not points:
-                raise APIError(400, "InvalidPromptError", "points is empty; give [[x, y], ...] in pixels")
-            self.check_limit("len(points)", len(points), settings.max_boxes)
-            for i, p in enumerate(points):
-                if len(p) != 2 or not all(math.isfinite(v) for v in p):
-                    raise APIError(400, "InvalidPromptError", f"points[{i}] must be 2 finite numbers [x, y] in "
-                                   "pixels")
+            points = self._checked_points(req.points or [])
             labels = req.point_labels
             if labels is not None and (len(labels) != len(points) or any(v not in (0, 1) for v in labels)):
                 raise APIError(400, "InvalidPromptError", "point_labels must hold one label per point: 1 (the "
                                "object) or 0 (not the object)")
-            arg = {"points": [list(p) for p in points], "point_labels": labels}
+            arg = {"points": points, "point_labels": labels}
         result, size, version = await self.serve("segment", req, arg, ())
         detections = [_mask_dict(m) for m in result]
         return JSONResponse({"model_version": _version(result, version), "image_size": size,
@@ -250,11 +266,11 @@ class Worker:
 # task -> (response model, summary) of its route
 _TASK_ROUTES = {
     "refer": (ReferResponse, "text -> box: where is each referring expression"),
-    "caption_regions": (CaptionRegionsResponse, "box -> text: a caption for each given box"),
+    "caption_regions": (CaptionRegionsResponse, "box / point -> text: a caption for each given box or point"),
     "caption": (CaptionResponse, "a whole-image caption; with trace every word carries a box and points"),
     "dense_caption": (DenseCaptionResponse, "dense captioning: proposals, each with a caption and a score"),
-    "segment": (SegmentResponse, "text / box / point -> mask (COCO RLE and polygons); needs the worker's "
-                                 "--mask-engine sam:PATH"),
+    "segment": (SegmentResponse, "text / box / point -> mask (COCO RLE and polygons): the model's own mask "
+                                 "decoder, or the worker's --mask-engine sam:PATH"),
 }
 
 

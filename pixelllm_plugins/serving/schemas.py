@@ -85,7 +85,11 @@ class ReferRequest(_Request):
 
 
 class CaptionRegionsRequest(_Request):
-    boxes: list[list[float]] = Field(..., description="[[x1, y1, x2, y2], ...] in image pixels")
+    """Exactly one of ``boxes`` or ``points`` (one caption per point: the region the worker's mask source
+    finds there, and the point itself on a model built with ``prompt.points``)."""
+
+    boxes: list[list[float]] | None = Field(None, description="[[x1, y1, x2, y2], ...] in image pixels")
+    points: list[list[float]] | None = Field(None, description="[[x, y], ...] in image pixels, one caption each")
     max_new_tokens: MaxNewTokens = 20
     num_beams: NumBeams = 1
 
@@ -129,6 +133,8 @@ class RegionCaptionOut(BaseModel):
     text: str
     score: float
     model_version: str = ""
+    point: list[float] | None = Field(None, description="[x, y]: the point prompt this caption answers "
+                                      "(point prompts only; box_xyxy is then the point's region)")
 
 
 class WordOut(BaseModel):
