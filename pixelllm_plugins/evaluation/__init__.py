@@ -10,7 +10,9 @@ _EXPORTS = {
     "evaluate": "evaluate", "write_report": "evaluate", "markdown_table": "evaluate",
     "trace_l1_from_model": "evaluate", "EvaluationError": "metrics", "box_precision": "metrics",
     "mask_scores": "metrics", "caption_scores": "metrics", "densecap_map": "metrics",
-    "trace_point_l1_image": "metrics", "attribute_accuracy": "metrics",
+    "trace_point_l1_image": "metrics", "attribute_accuracy": "metrics", "evaluate_splits": "evaluate",
+    "mask_scores_from_counts": "metrics", "caption_object_f1": "metrics", "caption_objects": "metrics",
+    "interior_point": "metrics", "has_holes": "metrics",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -11,9 +11,25 @@ The folder uses the public formats the generator writes (``refcoco_<split>.json`
   protocol does not return: it runs through the predictor's in-process model (``predictor.model`` and
   ``predictor.tokenizer``, as ``Predictor`` has) or :func:`trace_l1_from_model`; otherwise it is skipped
   with a notice;
-- ``caption`` (not in the defaults): COCO-style whole-image captioning scores (spec 6.4).
+- ``caption`` (not in the defaults): COCO-style whole-image captioning scores (spec 6.4), plus the caption
+  object F1: the ``(size, colour, shape)`` objects each caption names against the image's objects, as
+  listed by the VG region captions of the split (``vg_<split>.json``: one "size colour shape" caption per
+  object in the synthetic data; the instances json names only the shape). Micro precision / recall / F1
+  over the split (``caption_object_*``) and the per-image means (``caption_object_*_per_image``);
+  ``caption_object_f1_references`` is the same F1 of the GT captions themselves (they name at most three
+  objects, so recall below 1 is expected);
+- ``segment`` (not in the defaults): masks from ``predictor.segment`` against the RefCOCO ``segmentation``
+  masks, for three prompts: text -> mask per expression (``cIoU``, ``mIoU``, ``P@0.5``), box -> mask per
+  referred object with its GT box (``box_*``) and point -> mask per referred object with one positive point
+  inside its GT mask (``point_*``: :func:`~.metrics.interior_point`, the pixel farthest from the border).
+  ``ring_*`` / ``box_ring_*`` / ``point_ring_*``: the same on the objects whose GT mask has a hole (rings),
+  so a mask that fills the hole scores lower. Skipped with a notice when the predictor cannot segment (no
+  mask decoder and no mask engine) or the data has no masks; a prompt whose call fails counts as an empty
+  mask (``failed_prompts``); a prompt kind whose every prompt fails is reported as null, not 0, and points
+  are left out (with a notice) for a model's own decoder without ``prompt.points``.
 
-``limit`` caps the number of images per task (the first ones, in file order).
+``limit`` caps the number of images per task (the first ones, in file order). :func:`evaluate_splits`
+evaluates several splits and keys the results by split.
 """
 
 from __future__ import annotations
@@ -39,16 +55,23 @@ from .metrics import (
     attribute_accuracy,
     box_iou_matrix,
     box_precision,
+    caption_object_f1,
+    caption_objects,
     caption_scores,
     densecap_map,
+    has_holes,
+    interior_point,
+    mask_intersection_union,
+    mask_scores_from_counts,
     trace_point_l1,
     trace_point_l1_image,
 )
 
 log = logging.getLogger(__name__)
 
-TASKS = ("refer", "region", "dense", "trace", "caption")
+TASKS = ("refer", "region", "dense", "trace", "caption", "segment")
 DEFAULT_TASKS = ("refer", "region", "dense", "trace")
+SEGMENT_PROMPTS = ("text", "box", "point")
 
 
 # ---- data ---------------------------------------------------------------------------------------------
@@ -58,15 +81,16 @@ def load_task_samples(data_dir: str | Path, split: str, task: str, limit: int | 
     from ..data.loaders import load_coco_captions, load_localized_narratives, load_refcoco, load_vg
 
     ds = SyntheticDataset.at(data_dir, split)
-    files = {"refer": ds.refcoco, "region": ds.vg, "dense": ds.vg, "trace": ds.ln, "caption": ds.coco_captions}
+    files = {"refer": ds.refcoco, "region": ds.vg, "dense": ds.vg, "trace": ds.ln, "caption": ds.coco_captions,
+             "segment": ds.refcoco}
     if task not in files:
         raise EvaluationError(f"unknown evaluation task {task!r}; choose from {TASKS}")
     path = files[task]
     if not path.is_file():
         raise EvaluationError(f"{task}: {path} not found; write the split with "
                               f"`pixelllm synth --out {data_dir} --split {split}` or export it in that format")
-    if task == "refer":
-        samples = load_refcoco(path, ds.image_dir, task="refer", source="refer")
+    if task in ("refer", "segment"):
+        samples = load_refcoco(path, ds.image_dir, task="refer", source=task)
     elif task in ("region", "dense"):
         samples = load_vg(path, ds.image_dir, source=task)
     elif task == "trace":
@@ -151,8 +175,47 @@ def eval_dense(predictor: PredictorProtocol, samples: list[GroundedSample], batc
     return result
 
 
+def scene_objects_from_vg(data_dir: str | Path, split: str) -> tuple[dict[str, list[tuple[str, str, str]]], str | None]:
+    """Each image's objects as ``(size, colour, shape)`` triples, from the split's VG region captions (one
+    "size colour shape" caption per object in the synthetic data), keyed by image path; and a notice when
+    there are none (no VG file, or captions outside the scene vocabulary)."""
+    try:
+        samples = load_task_samples(data_dir, split, "dense")
+    except EvaluationError as exc:
+        return {}, f"caption object F1 skipped: {exc}"
+    objects = {str(s.image): [t for p in s.prompts for t in caption_objects(p.text)] for s in samples}
+    if not any(objects.values()):
+        return {}, ("caption object F1 skipped: no VG region caption of the split names a (size, colour, "
+                    "shape) object of the synthetic vocabulary")
+    return objects, None
+
+
+def _caption_object_report(samples: list[GroundedSample], preds: list[str], refs: list[list[str]],
+                           scene_objects: dict[str, list[tuple[str, str, str]]]) -> tuple[dict, list[str]]:
+    keep = [k for k, s in enumerate(samples) if str(s.image) in scene_objects]
+    notices = []
+    if len(keep) < len(samples):
+        notices.append(f"caption object F1: {len(samples) - len(keep)} of {len(samples)} images have no VG "
+                       "regions and are left out")
+    if not keep:
+        return {}, notices + ["caption object F1 skipped: no captioned image has VG regions"]
+    scenes = [scene_objects[str(samples[k].image)] for k in keep]
+    f1 = caption_object_f1([preds[k] for k in keep], scenes)
+    ref_f1 = caption_object_f1([r for k in keep for r in refs[k]],
+                               [s for k, s in zip(keep, scenes) for _ in refs[k]])
+    report = {f"caption_object_{key}": f1[key] for key in ("f1", "precision", "recall", "f1_per_image",
+                                                           "precision_per_image", "recall_per_image")}
+    report |= {"caption_objects_named": f1["predicted"], "caption_objects_matched": f1["matched"],
+               "caption_objects_in_scenes": f1["ground_truth"], "caption_object_images": f1["images"],
+               "caption_object_f1_references": ref_f1["f1"]}
+    return report, notices
+
+
 def eval_caption(predictor: PredictorProtocol, samples: list[GroundedSample], batch_size: int = 16,
-                 progress: bool = False, adapter: str | None = None, meteor: bool = True) -> dict:
+                 progress: bool = False, adapter: str | None = None, meteor: bool = True,
+                 scene_objects: dict[str, list[tuple[str, str, str]]] | None = None) -> dict:
+    """COCO caption scores; with ``scene_objects`` (image path -> its objects' triples, see
+    :func:`scene_objects_from_vg`) also the caption object F1."""
     preds, refs = [], []
     with _bar(len(samples), "caption", progress) as bar:
         for chunk in _chunks(samples, batch_size):
@@ -162,6 +225,188 @@ def eval_caption(predictor: PredictorProtocol, samples: list[GroundedSample], ba
             bar.update(len(chunk))
     result = caption_scores(preds, refs, meteor=meteor).to_dict()
     result["images"] = len(samples)
+    if scene_objects is not None:
+        report, notices = _caption_object_report(samples, preds, refs, scene_objects)
+        result |= report
+        result.setdefault("notices", []).extend(notices)
+    return result
+
+
+# ---- segment --------------------------------------------------------------------------------------------
+
+_NO_SEGMENT_HINT = "pass --mask-engine sam:PATH (a local SAM checkpoint folder) or set PIXELLLM_MASK_ENGINE"
+
+
+def segment_unavailable(predictor) -> str | None:
+    """Why ``predictor`` cannot segment, or None when it can (or may: a remote predictor tells on its
+    first call). An in-process ``Predictor`` segments with its own mask decoder
+    (``config.heads.mask_decoder > 0``) or its mask engine."""
+    if not callable(getattr(predictor, "segment", None)):
+        return f"{type(predictor).__name__} has no segment method"
+    if not hasattr(predictor, "mask_engine"):
+        return None
+    if hasattr(predictor, "mask_source"):  # "sam" / "model" / None
+        source = predictor.mask_source
+    else:
+        heads = getattr(getattr(predictor, "config", None), "heads", None)
+        source = ("engine" if predictor.mask_engine is not None
+                  else "model" if int(getattr(heads, "mask_decoder", 0) or 0) > 0 else None)
+    if source is None:
+        return f"the model has no mask decoder and no mask engine is given; {_NO_SEGMENT_HINT}"
+    return None
+
+
+def _cannot_segment(exc: Exception) -> bool:
+    """An error that says the predictor cannot segment at all (not that one prompt failed)."""
+    text = str(exc).lower()
+    return "no mask decoder" in text or "no mask engine" in text
+
+
+class _SegmentCounts:
+    """Per prompt kind: (intersection, union, ring?) of every prompt."""
+
+    def __init__(self, kinds: Sequence[str]):
+        self.rows: dict[str, list[tuple[int, int, bool]]] = {k: [] for k in kinds}
+
+    def add(self, kind: str, pred, gt: np.ndarray, ring: bool) -> None:
+        inter, union = mask_intersection_union(None if pred is None else _fit(pred, gt.shape), gt)
+        self.rows[kind].append((inter, union, ring))
+
+    def summary(self) -> dict:
+        out: dict = {}
+        for kind, rows in self.rows.items():
+            prefix = "" if kind == "text" else f"{kind}_"
+            every = mask_scores_from_counts([r[0] for r in rows], [r[1] for r in rows])
+            rings = [r for r in rows if r[2]]
+            ring = mask_scores_from_counts([r[0] for r in rings], [r[1] for r in rings])
+            out |= {f"{prefix}cIoU": every["cIoU"], f"{prefix}mIoU": every["mIoU"],
+                    f"{prefix}P@0.5": every["P@0.5"], f"{prefix}count": every["count"],
+                    f"{prefix}ring_mIoU": ring["mIoU"], f"{prefix}ring_count": ring["count"]}
+        return out
+
+
+def _fit(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A predicted mask at the GT's size (nearest neighbour when the image differs from the annotation)."""
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape == tuple(shape):
+        return mask
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(mask).resize((shape[1], shape[0]), Image.NEAREST), dtype=bool)
+
+
+def eval_segment(predictor: PredictorProtocol, samples: list[GroundedSample], batch_size: int = 16,
+                 progress: bool = False, adapter: str | None = None,
+                 prompts: Sequence[str] = SEGMENT_PROMPTS) -> dict:
+    """Mask IoUs of ``predictor.segment`` on RefCOCO samples with masks (module docstring: ``segment``).
+
+    One ``segment`` call per ``batch_size`` images, each image entered once per prompt kind (its texts, its
+    objects' boxes, its objects' points), so a mask engine that caches image embeddings encodes it once. A
+    call that fails is retried image by image, then prompt by prompt; a prompt that still fails is an empty
+    mask."""
+    from ..errors import PixelLLMError
+    from ..masks import rle_to_mask
+
+    unknown = [k for k in prompts if k not in SEGMENT_PROMPTS]
+    if unknown or not prompts:
+        raise EvaluationError(f"segment prompts must be some of {SEGMENT_PROMPTS}, got {list(prompts)}")
+    reason = segment_unavailable(predictor)
+    if reason:
+        return {"skipped": f"segment: {reason}"}
+    notices = []
+    prompt_config = getattr(getattr(predictor, "config", None), "prompt", None)
+    if ("point" in prompts and getattr(predictor, "mask_source", None) == "model"
+            and not getattr(prompt_config, "points", True)):
+        prompts = tuple(k for k in prompts if k != "point")
+        notices.append("point -> mask skipped: the model's own mask decoder takes no point prompts "
+                       "(prompt.points is false); a mask engine (--mask-engine) takes them")
+        if not prompts:
+            return {"skipped": "segment: " + notices[0]}
+    with_masks = [s for s in samples if any(p.target_mask for p in s.prompts)]
+    if not with_masks:
+        return {"skipped": "segment: no referring expression of the split has a `segmentation` mask; the task "
+                           "needs RefCOCO annotations with masks (pixelllm synth writes them)"}
+    counts = _SegmentCounts(prompts)
+    failed = dict.fromkeys(prompts, 0)
+    failures: dict[str, str] = {}  # the first message per prompt kind
+    images = objects = rings = 0
+
+    def call(entries):
+        """entries: (image, kind, prompt list) -> per entry a list of masks (or None per failed prompt)."""
+        arg = {kind: [e[2] if e[1] == kind else None for e in entries] for kind in ("text", "box", "point")}
+        try:
+            out = predictor.segment([e[0] for e in entries], texts=arg["text"] if any(arg["text"]) else None,
+                                    boxes=arg["box"] if any(arg["box"]) else None,
+                                    points=arg["point"] if any(arg["point"]) else None, adapter=adapter)
+            if len(out) != len(entries) or any(len(r) != len(e[2]) for r, e in zip(out, entries)):
+                raise EvaluationError("segment answered a different number of masks than prompts")
+            return [[rle_to_mask(r.mask) for r in per] for per in out]
+        except PixelLLMError as exc:
+            if _cannot_segment(exc):
+                raise
+            if len(entries) > 1:
+                return [m for e in entries for m in call([e])]
+            (image, kind, items), = entries
+            if len(items) > 1:
+                return [[m for item in items for m in call([(image, kind, [item])])[0]]]
+            failed[kind] += 1
+            failures.setdefault(kind, f"{kind} prompt {items[0]!r}: {exc}")
+            return [[None]]
+
+    with _bar(len(with_masks), "segment", progress) as bar:
+        for chunk in _chunks(with_masks, batch_size):
+            entries, targets = [], []  # targets: per entry, per prompt (GT mask, ring?)
+            for sample in chunk:
+                image = sample.load_image()
+                expressions, seen = [], {}
+                for p in sample.prompts:
+                    if not p.target_mask:
+                        continue
+                    key = (tuple(p.target_mask["size"]), p.target_mask["counts"])
+                    if key not in seen:
+                        gt = rle_to_mask(p.target_mask)
+                        seen[key] = (gt, has_holes(gt), p.target_box)
+                    expressions.append((p.text, key))
+                images += 1
+                objects += len(seen)
+                rings += sum(v[1] for v in seen.values())
+                if "text" in prompts:
+                    entries.append((image, "text", [text for text, _ in expressions]))
+                    targets.append([seen[key][:2] for _, key in expressions])
+                if "box" in prompts:
+                    entries.append((image, "box", [list(v[2]) for v in seen.values()]))
+                    targets.append([v[:2] for v in seen.values()])
+                if "point" in prompts:
+                    entries.append((image, "point", [list(interior_point(v[0])) for v in seen.values()]))
+                    targets.append([v[:2] for v in seen.values()])
+            try:
+                answers = call(entries)
+            except PixelLLMError as exc:  # the predictor cannot segment at all
+                return {"skipped": f"segment: {exc}"}
+            for (_, kind, _), masks, gts in zip(entries, answers, targets):
+                for pred, (gt, ring) in zip(masks, gts):
+                    counts.add(kind, pred, gt, ring)
+            bar.update(len(chunk))
+    result = counts.summary()
+    for kind, n in failed.items():
+        if not n:
+            continue
+        prefix = "" if kind == "text" else f"{kind}_"
+        if n == result[f"{prefix}count"]:  # every prompt of the kind failed: not measured rather than 0
+            for metric in ("cIoU", "mIoU", "P@0.5", "ring_mIoU"):
+                result[f"{prefix}{metric}"] = None
+            notices.append(f"{kind} -> mask not measured: all {n} prompts failed, e.g. {failures[kind]}")
+        else:
+            notices.append(f"{n} {kind} prompts failed and count as empty masks, e.g. {failures[kind]}")
+    source = getattr(predictor, "mask_source", None)
+    if source is not None:
+        result["mask_source"] = source
+    result |= {"images": images, "objects": objects, "ring_objects": rings, "prompts": list(prompts),
+               "failed_prompts": sum(failed.values()), "notices": notices,
+               "point_rule": "one positive point per object: the centre of the GT-mask pixel farthest from "
+                             "the mask border (distance transform)"}
+    if len(with_masks) < len(samples):
+        notices.append(f"{len(samples) - len(with_masks)} of {len(samples)} images have no masks and are left out")
     return result
 
 
@@ -224,11 +469,13 @@ def eval_trace(predictor: PredictorProtocol, samples: list[GroundedSample], batc
 def evaluate(predictor: PredictorProtocol, data_dir: str | Path, split: str = "val",
              tasks: Sequence[str] = DEFAULT_TASKS, limit: int | None = None, batch_size: int = 16,
              progress: bool = True, *, adapter: str | None = None, meteor: bool = True,
-             dense_max_regions: int = 50) -> dict:
+             dense_max_regions: int = 50, segment_prompts: Sequence[str] = SEGMENT_PROMPTS) -> dict:
     """Evaluate ``predictor`` on the ``split`` of ``data_dir``; returns a JSON-ready dict of metrics.
 
-    A task whose annotation file is missing is reported as skipped (with the reason) rather than failing
-    the whole run; an unknown task name raises :class:`EvaluationError`.
+    A task whose annotation file is missing (or ``segment`` with a predictor that cannot segment, or data
+    without masks) is reported as skipped (with the reason) rather than failing the whole run; an unknown
+    task name raises :class:`EvaluationError`. ``segment_prompts``: which of text / box / point -> mask the
+    ``segment`` task runs.
     """
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
@@ -238,7 +485,7 @@ def evaluate(predictor: PredictorProtocol, data_dir: str | Path, split: str = "v
     results: dict = {"model_version": getattr(predictor, "model_version", "unknown"), "data_dir": str(data_dir),
                      "split": split, "limit": limit, "tasks": {}, "timing_s": {}}
     runners = {"refer": eval_refer, "region": eval_region, "dense": eval_dense, "trace": eval_trace,
-               "caption": eval_caption}
+               "caption": eval_caption, "segment": eval_segment}
     for task in tasks:
         started = time.time()
         try:
@@ -252,9 +499,39 @@ def evaluate(predictor: PredictorProtocol, data_dir: str | Path, split: str = "v
             kwargs["meteor"] = meteor
         if task == "dense":
             kwargs["max_regions"] = dense_max_regions
+        if task == "segment":
+            kwargs["prompts"] = tuple(segment_prompts)
+        notice = None
+        if task == "caption":
+            kwargs["scene_objects"], notice = scene_objects_from_vg(data_dir, split)
         results["tasks"][task] = runners[task](predictor, samples, **kwargs)
+        if notice:
+            results["tasks"][task].setdefault("notices", []).append(notice)
+        if "skipped" in results["tasks"][task]:
+            log.warning("%s", results["tasks"][task]["skipped"])
         results["timing_s"][task] = round(time.time() - started, 2)
     return json_safe(results)
+
+
+def evaluate_splits(predictor: PredictorProtocol, data_dir: str | Path, splits: Sequence[str] | str = ("val",),
+                    **kwargs) -> dict:
+    """:func:`evaluate` on each of ``splits`` (e.g. ``["test", "test_shift"]``). One split: exactly
+    :func:`evaluate`'s dict. Several: ``{"model_version", "data_dir", "limit", "splits": {split: <evaluate's
+    dict>}}`` in the given order (:func:`markdown_table` then puts the splits side by side)."""
+    splits = [splits] if isinstance(splits, str) else list(dict.fromkeys(splits))
+    if not splits:
+        raise EvaluationError("give at least one split to evaluate")
+    if len(splits) == 1:
+        return evaluate(predictor, data_dir, splits[0], **kwargs)
+    per_split = {split: evaluate(predictor, data_dir, split, **kwargs) for split in splits}
+    first = per_split[splits[0]]
+    return {"model_version": first["model_version"], "data_dir": first["data_dir"], "limit": first["limit"],
+            "splits": per_split}
+
+
+def is_multi_split(results: dict) -> bool:
+    """True for :func:`evaluate_splits`' several-split form."""
+    return isinstance(results.get("splits"), dict)
 
 
 def json_safe(value):
@@ -274,7 +551,10 @@ def json_safe(value):
 
 HEADLINE = {"refer": ("P@0.5", "mean_IoU"), "region": ("CIDEr", "METEOR", "BLEU-4", "ROUGE-L", "attribute_accuracy"),
             "dense": ("mAP", "mAP_detection"), "trace": ("point_l1",),
-            "caption": ("CIDEr", "METEOR", "BLEU-4", "ROUGE-L")}
+            "caption": ("CIDEr", "METEOR", "BLEU-4", "ROUGE-L", "caption_object_f1", "caption_object_precision",
+                        "caption_object_recall", "caption_object_f1_per_image"),
+            "segment": ("cIoU", "mIoU", "P@0.5", "ring_mIoU", "box_mIoU", "box_ring_mIoU", "point_mIoU",
+                        "point_ring_mIoU")}
 
 
 def _fmt(value) -> str:
@@ -285,8 +565,35 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _split_table(results: dict) -> str:
+    """Several splits side by side: ``| task | metric | <split> | ... |``, with an ``n`` row per task."""
+    per_split = results["splits"]
+    names = list(per_split)
+    rows: dict[tuple[str, str], dict[str, str]] = {}
+    for split, res in per_split.items():
+        for task, values in res.get("tasks", {}).items():
+            if "skipped" in values:
+                rows.setdefault((task, "skipped"), {})[split] = values["skipped"].split(";")[0].replace("|", "/")
+                continue
+            for metric in HEADLINE.get(task, ()):
+                if metric in values:
+                    rows.setdefault((task, metric), {})[split] = _fmt(values[metric])
+            rows.setdefault((task, "n"), {})[split] = _fmt(values.get("count", values.get("images", "")))
+    order: dict[str, int] = {}
+    for task, _ in rows:
+        order.setdefault(task, len(order))
+    keys = sorted(rows, key=lambda k: (order[k[0]], k[1] == "n"))  # tasks as first seen, n last
+    lines = ["| task | metric | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for task, metric in keys:
+        lines.append(f"| {task} | {metric} | " + " | ".join(rows[(task, metric)].get(s, "") for s in names) + " |")
+    return "\n".join(lines)
+
+
 def markdown_table(results: dict) -> str:
-    """One row per headline metric: ``| task | metric | value | n |``."""
+    """One row per headline metric: ``| task | metric | value | n |``; for :func:`evaluate_splits`' several
+    splits, one column per split instead."""
+    if is_multi_split(results):
+        return _split_table(results)
     lines = ["| task | metric | value | n |", "|---|---|---|---|"]
     for task, values in results.get("tasks", {}).items():
         if "skipped" in values:
@@ -304,9 +611,15 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(json_safe(results), indent=2, allow_nan=False) + "\n")
-    notices = [f"- {task}: {n}" for task, v in results.get("tasks", {}).items() for n in v.get("notices", [])]
+    if is_multi_split(results):
+        notices = [f"- {split} {task}: {n}" for split, r in results["splits"].items()
+                   for task, v in r.get("tasks", {}).items() for n in v.get("notices", [])]
+        where = "splits " + ", ".join(f"`{s}`" for s in results["splits"])
+    else:
+        notices = [f"- {task}: {n}" for task, v in results.get("tasks", {}).items() for n in v.get("notices", [])]
+        where = f"split `{results.get('split')}`"
     md = (f"# Evaluation of `{results.get('model_version', 'unknown')}`\n\n"
-          f"Data: `{results.get('data_dir')}` split `{results.get('split')}`"
+          f"Data: `{results.get('data_dir')}` {where}"
           + (f", first {results['limit']} images per task" if results.get("limit") else "") + "\n\n"
           + markdown_table(results) + "\n" + ("\nNotices:\n\n" + "\n".join(notices) + "\n" if notices else ""))
     path = out / "report.md"

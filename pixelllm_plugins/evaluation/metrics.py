@@ -1,10 +1,15 @@
 """Evaluation metrics as pure functions (no model), following the reference protocols.
 
-- Referring localization: box P@0.5 (IoU strictly > 0.5), mask cIoU / gIoU / AP (spec 6.1).
+- Referring localization: box P@0.5 (IoU strictly > 0.5), mask cIoU / gIoU / AP (spec 6.1); for masks
+  also from per-mask pixel counts (``mask_scores_from_counts``: cIoU, mIoU, P@0.5), ``mask_holes`` /
+  ``has_holes`` (rings) and ``interior_point`` (the point prompt of an object), with scipy / OpenCV when
+  installed and pure numpy otherwise.
 - Location-conditioned captioning: BLEU-4, METEOR, ROUGE-L, CIDEr with PTB tokenisation (spec 6.3).
 - Dense captioning: the Visual Genome / Johnson et al. protocol, mAP and mAP_detection (spec 6.2).
 - Trace: point L1 on normalised coordinates against the closest GT point (spec 6.5).
 - Attribute accuracy for region captions (ours): every attribute word of the GT is in the prediction.
+- Caption object F1 (ours): the ``(size, colour, shape)`` objects a whole-image caption names against the
+  scene's objects, as multisets (``caption_objects``, ``object_prf``, ``caption_object_f1``).
 
 Boxes are ``x1, y1, x2, y2`` everywhere. BLEU / ROUGE-L / CIDEr are pure Python (pycocoevalcap);
 METEOR and the reference PTB tokenizer need Java: without it METEOR is skipped with a notice and a
@@ -70,26 +75,138 @@ class MaskScores:
     ap50: float  # fraction of masks with IoU > 0.5
 
 
+def mask_intersection_union(pred: np.ndarray | None, gt: np.ndarray) -> tuple[int, int]:
+    """Pixel counts ``(intersection, union)`` of a predicted and a GT mask of the same shape; a missing
+    prediction (``None``) is an empty mask."""
+    gt = np.asarray(gt, dtype=bool)
+    if pred is None:
+        return 0, int(np.count_nonzero(gt))
+    pred = np.asarray(pred, dtype=bool)
+    if pred.shape != gt.shape:
+        raise EvaluationError(f"mask shapes differ: predicted {pred.shape}, GT {gt.shape}; resize the "
+                              "prediction to the original image first")
+    return int(np.count_nonzero(pred & gt)), int(np.count_nonzero(pred | gt))
+
+
+def mask_scores_from_counts(intersections: Sequence[int], unions: Sequence[int],
+                            threshold: float = 0.5) -> dict:
+    """cIoU (sum of intersections / sum of unions: large objects weigh more), mIoU (mean per-mask IoU:
+    every expression counts the same) and P@``threshold`` (fraction of masks with IoU **strictly greater**
+    than it) from per-mask pixel counts; a mask whose union is empty has IoU 0. NaN when there are none."""
+    if len(intersections) != len(unions):
+        raise EvaluationError(f"{len(intersections)} intersections for {len(unions)} unions")
+    key = f"P@{threshold:g}"
+    if not unions:
+        return {"cIoU": math.nan, "mIoU": math.nan, key: math.nan, "count": 0}
+    inter = np.asarray(intersections, dtype=np.float64)
+    union = np.asarray(unions, dtype=np.float64)
+    ious = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    total = float(union.sum())
+    return {"cIoU": float(inter.sum()) / total if total else 0.0, "mIoU": float(ious.mean()),
+            key: float((ious > threshold).mean()), "count": len(unions)}
+
+
 def mask_scores(pred_masks: Sequence[np.ndarray], gt_masks: Sequence[np.ndarray]) -> MaskScores:
     """Referring-segmentation scores on full-resolution binary masks (spec 6.1)."""
     if len(pred_masks) != len(gt_masks):
         raise EvaluationError(f"{len(pred_masks)} predicted masks for {len(gt_masks)} GT masks")
     if not gt_masks:
         return MaskScores(float("nan"), float("nan"), float("nan"))
-    inter_sum = union_sum = 0
-    ious = []
-    for pred, gt in zip(pred_masks, gt_masks):
-        pred, gt = np.asarray(pred, dtype=bool), np.asarray(gt, dtype=bool)
-        if pred.shape != gt.shape:
-            raise EvaluationError(f"mask shapes differ: predicted {pred.shape}, GT {gt.shape}; resize the "
-                                  "prediction to the original image first")
-        inter = int(np.logical_and(pred, gt).sum())
-        union = int(np.logical_or(pred, gt).sum())
-        inter_sum += inter
-        union_sum += union
-        ious.append(inter / union if union else 0.0)
-    return MaskScores(ciou=inter_sum / union_sum if union_sum else 0.0, giou=float(np.mean(ious)),
-                      ap50=float(np.mean([i > 0.5 for i in ious])))
+    counts = [mask_intersection_union(pred, gt) for pred, gt in zip(pred_masks, gt_masks)]
+    s = mask_scores_from_counts([c[0] for c in counts], [c[1] for c in counts])
+    return MaskScores(ciou=s["cIoU"], giou=s["mIoU"], ap50=s["P@0.5"])
+
+
+def _crop(mask: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """The mask's tight box crop with one background pixel around it, and the crop's offset (x0, y0)."""
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    return np.pad(mask[y0:y1, x0:x1], 1), int(x0) - 1, int(y0) - 1
+
+
+def _shift_or(a: np.ndarray) -> np.ndarray:
+    """``a`` or its 4-neighbours (zeros outside)."""
+    out = a.copy()
+    out[1:] |= a[:-1]
+    out[:-1] |= a[1:]
+    out[:, 1:] |= a[:, :-1]
+    out[:, :-1] |= a[:, 1:]
+    return out
+
+
+def mask_holes(mask: np.ndarray) -> np.ndarray:
+    """The holes of a mask: background pixels not 4-connected to the image border (``bool [H, W]``).
+
+    ``scipy.ndimage.binary_fill_holes`` when scipy is installed, else a numpy flood fill from the border of
+    the mask's box (the same answer)."""
+    m = np.asarray(mask, dtype=bool)
+    if not m.any():
+        return np.zeros_like(m)
+    try:
+        from scipy import ndimage
+    except ImportError:
+        ndimage = None
+    if ndimage is not None:
+        return ndimage.binary_fill_holes(m) & ~m
+    crop, x0, y0 = _crop(m)
+    background = ~crop
+    outside = np.zeros_like(crop)
+    outside[0, :] = outside[-1, :] = outside[:, 0] = outside[:, -1] = True  # the padding is background
+    while True:
+        grown = _shift_or(outside) & background
+        if np.array_equal(grown, outside):
+            break
+        outside = grown
+    holes = np.zeros_like(m)
+    h, w = crop.shape
+    holes[y0 + 1:y0 + h - 1, x0 + 1:x0 + w - 1] = (background & ~outside)[1:-1, 1:-1]
+    return holes
+
+
+def has_holes(mask: np.ndarray) -> bool:
+    """True when the mask encloses background (a ring: its hole is not part of the object)."""
+    return bool(mask_holes(mask).any())
+
+
+def _depth(crop: np.ndarray) -> np.ndarray:
+    """Distance of each mask pixel of ``crop`` (padded with background) to the nearest background pixel:
+    Euclidean with scipy or OpenCV, else the number of 4-neighbour erosions that keep it (city block)."""
+    try:
+        from scipy import ndimage
+
+        return ndimage.distance_transform_edt(crop)
+    except ImportError:
+        pass
+    try:
+        import cv2
+
+        return cv2.distanceTransform(crop.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE).astype(np.float64)
+    except ImportError:
+        pass
+    depth = np.zeros(crop.shape, np.float64)
+    current = crop.copy()
+    k = 0
+    while current.any():
+        k += 1
+        depth[current] = k
+        current = ~_shift_or(~current)  # erosion: a pixel stays when all its 4-neighbours are in the mask
+    return depth
+
+
+def interior_point(mask: np.ndarray) -> tuple[float, float]:
+    """One positive point prompt inside a non-empty mask, deterministically: the centre ``(x + 0.5, y + 0.5)``
+    of the pixel farthest from the mask's border (holes are border too, so on a ring it lies in the band);
+    ties go to the pixel nearest the mask's centroid, then the first in row-major order."""
+    m = np.asarray(mask, dtype=bool)
+    if m.ndim != 2 or not m.any():
+        raise EvaluationError("interior_point needs a non-empty 2-D mask")
+    crop, x0, y0 = _crop(m)
+    depth = _depth(crop)
+    ys, xs = np.nonzero(depth >= depth.max() - 1e-6)
+    my, mx = np.nonzero(crop)
+    cy, cx = my.mean(), mx.mean()
+    k = int(np.lexsort((xs, ys, (ys - cy) ** 2 + (xs - cx) ** 2))[0])
+    return float(xs[k] + x0) + 0.5, float(ys[k] + y0) + 0.5
 
 
 # ------------------------------------------------------------------------------------------------
@@ -320,6 +437,81 @@ def attribute_accuracy(predictions: Sequence[str], references: Sequence[str],
         total += 1
         hits += wanted <= set(_words(pred))
     return hits / total if total else float("nan")
+
+
+# ------------------------------------------------------------------------------------------------
+# caption object F1 (whole-image captions of synthetic scenes)
+# ------------------------------------------------------------------------------------------------
+
+ObjectTriple = tuple[str, str, str]  # (size, colour, shape)
+
+
+@functools.lru_cache(maxsize=1)
+def scene_vocabulary() -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
+    """(sizes, colours, shapes) of the synthetic scenes (``data.synthetic``; the drawable extra shapes
+    included, so a caption naming one is parsed, and counts as a wrong object when the scene has none)."""
+    from ..data.synthetic import COLORS, EXTRA_SHAPES, SHAPES, SIZES
+
+    return frozenset(SIZES), frozenset(COLORS), frozenset(SHAPES) | frozenset(EXTRA_SHAPES)
+
+
+def caption_objects(text: str, vocabulary: tuple[Iterable[str], Iterable[str], Iterable[str]] | None = None
+                    ) -> list[ObjectTriple]:
+    """The ``(size, colour, shape)`` objects a caption names, in order, duplicates kept.
+
+    An object is a size word directly followed by a colour word and a shape word ("a large red circle",
+    "an orange star" has no size and is not one). Case, punctuation, articles and "and" between objects do
+    not matter; words outside the vocabulary (:func:`scene_vocabulary` by default) only separate objects,
+    and plurals are not recognised (the synthetic captions name each object once, in the singular)."""
+    sizes, colours, shapes = (frozenset(v) for v in (vocabulary or scene_vocabulary()))
+    words = re.findall(r"[a-z]+", str(text).lower())
+    found, k = [], 0
+    while k + 2 < len(words):
+        if words[k] in sizes and words[k + 1] in colours and words[k + 2] in shapes:
+            found.append((words[k], words[k + 1], words[k + 2]))
+            k += 3
+        else:
+            k += 1
+    return found
+
+
+def object_prf(predicted: Iterable[ObjectTriple], ground_truth: Iterable[ObjectTriple]) -> dict:
+    """Precision, recall and F1 of named objects against a scene's objects, both multisets of triples
+    (a duplicate counts only as often as the scene has that object). An empty denominator gives 1.0 when
+    both are empty and 0.0 otherwise (an empty caption of a non-empty scene: precision 0, recall 0)."""
+    from collections import Counter
+
+    pred, gt = Counter(predicted), Counter(ground_truth)
+    n_pred, n_gt = sum(pred.values()), sum(gt.values())
+    tp = sum((pred & gt).values())
+    both_empty = 1.0 if n_pred == 0 and n_gt == 0 else 0.0
+    return {"precision": tp / n_pred if n_pred else both_empty, "recall": tp / n_gt if n_gt else both_empty,
+            "f1": 2 * tp / (n_pred + n_gt) if n_pred + n_gt else 1.0,
+            "matched": tp, "predicted": n_pred, "ground_truth": n_gt}
+
+
+def caption_object_f1(predictions: Sequence[str], scenes: Sequence[Iterable[ObjectTriple]],
+                      vocabulary: tuple[Iterable[str], Iterable[str], Iterable[str]] | None = None) -> dict:
+    """Object F1 of whole-image captions: the triples each caption names (:func:`caption_objects`) against
+    its scene's objects, micro over all images (``precision``, ``recall``, ``f1`` from the summed counts)
+    and the mean of the per-image values (``*_per_image``, :func:`object_prf`). NaN with no image."""
+    if len(predictions) != len(scenes):
+        raise EvaluationError(f"{len(predictions)} captions for {len(scenes)} scenes")
+    per_image = [object_prf(caption_objects(p, vocabulary), list(s)) for p, s in zip(predictions, scenes)]
+    if not per_image:
+        return {k: math.nan for k in ("precision", "recall", "f1", "precision_per_image", "recall_per_image",
+                                      "f1_per_image")} | {"matched": 0, "predicted": 0, "ground_truth": 0,
+                                                          "images": 0}
+    tp, n_pred, n_gt = (sum(r[k] for r in per_image) for k in ("matched", "predicted", "ground_truth"))
+    micro = object_prf([], [])  # the empty-denominator convention, then the counts
+    if n_pred or n_gt:
+        micro = {"precision": tp / n_pred if n_pred else 0.0, "recall": tp / n_gt if n_gt else 0.0,
+                 "f1": 2 * tp / (n_pred + n_gt)}
+    return {"precision": micro["precision"], "recall": micro["recall"], "f1": micro["f1"],
+            "precision_per_image": float(np.mean([r["precision"] for r in per_image])),
+            "recall_per_image": float(np.mean([r["recall"] for r in per_image])),
+            "f1_per_image": float(np.mean([r["f1"] for r in per_image])),
+            "matched": tp, "predicted": n_pred, "ground_truth": n_gt, "images": len(per_image)}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -46,21 +46,36 @@ def add_training_parsers(sub) -> None:
                    help="random resize range of the longer side (x canvas) per source, e.g. region=0.6,1.0; "
                         "above 1 the image is cropped, which makes words relative to the whole image "
                         "(small, large) untrue for the crop")
+    p.add_argument("--point-prompt-prob", type=float_arg(0), default=None, metavar="P",
+                   help="for a model with prompt.points: the fraction (0-1) of region and mask prompts that take "
+                        "a point on the object (sometimes plus one off it), half of them instead of the box "
+                        "(default: the recipe's, 0)")
     p.add_argument("--device", default=None, type=device_arg(allow_auto=True), help="auto | cpu | cuda")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT/checkpoint-last exists")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=_train)
 
-    p = sub.add_parser("eval", help="evaluate a model on a data folder (P@0.5, CIDEr/METEOR, mAP, trace L1)",
+    p = sub.add_parser("eval", help="evaluate a model on a data folder (P@0.5, CIDEr/METEOR, mAP, trace L1, "
+                                    "mask IoU)",
                        description="Evaluate through the PredictorProtocol (in-process, or the worker when "
-                                   "PIXELLLM_WORKER_URL is set); writes results.json and report.md.")
+                                   "PIXELLLM_WORKER_URL is set); writes results.json and report.md. Several "
+                                   "--split values are evaluated in turn and shown side by side.")
     p.add_argument("--model", default=None, help="checkpoint folder or preset; default: the embedded model")
     p.add_argument("--device", default=None, type=device_arg())
     p.add_argument("--adapter", default=None, help="LoRA adapter folder")
     p.add_argument("--data", required=True)
-    p.add_argument("--split", default="val")
-    p.add_argument("--tasks", nargs="+", default=["refer", "region", "dense", "trace"],
-                   choices=["refer", "region", "dense", "trace", "caption"])
+    p.add_argument("--split", nargs="+", default=["val"], metavar="SPLIT",
+                   help="split(s) of the data folder, e.g. test test_shift: one column (and one JSON entry "
+                        "under 'splits') each when more than one")
+    p.add_argument("--tasks", nargs="+", default=None,
+                   choices=["refer", "region", "dense", "trace", "caption", "segment"],
+                   help="default: refer region dense trace, and segment when the model can segment (its own "
+                        "mask decoder, or a mask engine)")
+    p.add_argument("--mask-engine", default=None, metavar="sam:PATH",
+                   help="mask engine for the segment task: sam:PATH, a local SAM checkpoint folder; default: "
+                        "the model's own mask decoder, else env PIXELLLM_MASK_ENGINE")
+    p.add_argument("--segment-prompts", nargs="+", default=["text", "box", "point"],
+                   choices=["text", "box", "point"], help="the segment task's prompts (default: all three)")
     p.add_argument("--limit", type=positive, default=None, help="at most this many images per task")
     p.add_argument("--batch-size", type=bound_arg("batch_size"), default=16)
     p.add_argument("--out", default=None, help="folder for results.json and report.md")
@@ -100,7 +115,8 @@ def _train(args) -> int:
                  "lr": args.lr, "warmup_steps": args.warmup_steps, "weight_decay": args.weight_decay,
                  "seed": args.seed,
                  "checkpoint_every": args.checkpoint_every, "eval_every": args.eval_every,
-                 "num_threads": args.num_threads, "num_workers": args.num_workers, "device": args.device}
+                 "num_threads": args.num_threads, "num_workers": args.num_workers, "device": args.device,
+                 "point_prompt_prob": args.point_prompt_prob}
     if args.sources:
         overrides["sources"] = _weights(args.sources, "--sources", "refer=4")
     if args.lr_multiplier:
@@ -148,20 +164,36 @@ def _ranges(items: list[str], flag: str, example: str) -> dict[str, list[float]]
 
 
 def _eval(args) -> int:
+    from ..errors import EvaluationError
+    from ..evaluation.evaluate import DEFAULT_TASKS
     from ..extras import require_extra
 
-    if set(args.tasks) & set(CAPTION_METRIC_TASKS):
+    remote = bool(os.environ.get("PIXELLLM_WORKER_URL"))
+    tasks = list(args.tasks) if args.tasks else list(DEFAULT_TASKS)
+    if set(tasks) & set(CAPTION_METRIC_TASKS):
         require_extra("eval", "pycocoevalcap",
                       feature="pixelllm eval (the caption metrics of tasks region and caption)")
-    if os.environ.get("PIXELLLM_WORKER_URL"):
+    if remote:
         require_extra("serve", "httpx", feature="pixelllm eval with PIXELLLM_WORKER_URL")
-    from ..evaluation.evaluate import evaluate, markdown_table, write_report
-    from ..predictors import get_predictor
+        if args.mask_engine:
+            raise EvaluationError("--mask-engine is for in-process evaluation; with PIXELLLM_WORKER_URL the "
+                                  "worker segments with its own (pixelllm serve --mask-engine sam:PATH)")
+    from ..evaluation.evaluate import evaluate_splits, markdown_table, segment_unavailable, write_report
 
-    predictor = get_predictor(args.model, device=args.device)
-    results = evaluate(predictor, args.data, args.split, tasks=args.tasks, limit=args.limit,
-                       batch_size=args.batch_size, progress=sys.stderr.isatty(), adapter=args.adapter,
-                       meteor=not args.no_meteor)
+    if args.mask_engine:
+        from ..inference.predictor import Predictor
+
+        predictor = Predictor(args.model, device=args.device, mask_engine=args.mask_engine)
+    else:
+        from ..predictors import get_predictor
+
+        predictor = get_predictor(args.model, device=args.device)
+    if (args.tasks is None and "segment" not in tasks and hasattr(predictor, "mask_engine")
+            and segment_unavailable(predictor) is None):
+        tasks.append("segment")  # the model can segment: report its masks too
+    results = evaluate_splits(predictor, args.data, args.split, tasks=tasks, limit=args.limit,
+                              batch_size=args.batch_size, progress=sys.stderr.isatty(), adapter=args.adapter,
+                              meteor=not args.no_meteor, segment_prompts=args.segment_prompts)
     if args.out:
         print(f"report: {write_report(results, args.out)}", file=sys.stderr)
     print(json.dumps(results, indent=2, default=float) if args.json else markdown_table(results))

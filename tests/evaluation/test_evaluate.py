@@ -104,7 +104,7 @@ def test_missing_split_is_skipped_and_unknown_task_raises(data_dir):
     r = evaluate(FakePredictor(), data_dir, "test", tasks=("refer",), progress=False)
     assert "skipped" in r["tasks"]["refer"] and "pixelllm synth" in r["tasks"]["refer"]["skipped"]
     with pytest.raises(EvaluationError):
-        evaluate(FakePredictor(), data_dir, "val", tasks=("segment",), progress=False)
+        evaluate(FakePredictor(), data_dir, "val", tasks=("bogus",), progress=False)
 
 
 class _ShiftModel(torch.nn.Module):
