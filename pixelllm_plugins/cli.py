@@ -345,7 +345,8 @@ COMMANDS = {
     "caption-regions": Command("caption_regions", ("boxes", "points"),
                                lambda a: {"adapter": a.adapter, "num_beams": a.beams},
                                _captions_json, _draw_boxes, _check_regions, item_arg=_region_prompts),
-    "caption": Command("caption", (), lambda a: {"trace": a.trace, "adapter": a.adapter, "num_beams": a.beams},
+    "caption": Command("caption", (), lambda a: {"trace": a.trace, "adapter": a.adapter, "num_beams": a.beams,
+                                                 "from_regions": False if a.free else None},
                        _caption_json, _draw_trace),
     "dense-caption": Command("dense_caption", (), lambda a: {"max_regions": a.max_regions,
                                                              "min_score": a.min_score, "adapter": a.adapter},
@@ -775,9 +776,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", nargs="*", help="referring expression(s), e.g. 'the red circle left of the star'")
 
     p = sub.add_parser("caption", help="caption the whole image; --trace adds a box per word",
-                       description="Whole-image caption, optionally with a location for every word.")
+                       description="Whole-image caption, optionally with a location for every word. A model "
+                                   "with a proposal head composes it from the objects it finds (left to right, "
+                                   "each object's words pointing at its box); --free lets the language model "
+                                   "write it from the whole image instead.")
     infer_args(p, "image file")
     p.add_argument("--trace", action="store_true", help="give every word a box (pointer trace)")
+    p.add_argument("--free", action="store_true",
+                   help="the language model's own caption of the whole image, not one composed from regions")
 
     p = sub.add_parser("caption-regions", help="caption given boxes or points (box / point -> text)",
                        description="Location-conditioned captioning: box -> text, or point -> text. A point is "

@@ -51,7 +51,7 @@ class FakePredictor:
                         for i, b in enumerate(boxes[k] or [])])
         return out
 
-    def caption(self, images, *, trace=True, adapter=None, max_new_tokens=40, num_beams=1):
+    def caption(self, images, *, trace=True, adapter=None, max_new_tokens=40, num_beams=1, from_regions=None):
         self.calls.append(("caption", len(images)))
         out = []
         for image in images:

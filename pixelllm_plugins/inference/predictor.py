@@ -29,6 +29,7 @@ from ..geometry import clip_box
 from ..io import ImageInput, ImageLimits, load_image, load_image_scaled
 from ..modeling.inputs import ImageEmbedding
 from ..tokenizer import validate_text
+from .compose import align_words, compose_caption
 from .preprocess import PreparedImage, prepare_image_keyed
 from .results import Detection, MaskResult, RegionCaption, TracedCaption, Word
 
@@ -541,8 +542,19 @@ class Predictor:
 
     @torch.inference_mode()
     def caption(self, images: Sequence[ImageInput], *, trace: bool = True, adapter: str | None = None,
-                max_new_tokens: int = 40, num_beams: int = 1) -> list[TracedCaption]:
+                max_new_tokens: int = 40, num_beams: int = 1,
+                from_regions: bool | None = None) -> list[TracedCaption]:
+        """Whole-image captions, each word with its location (``trace``).
+
+        ``from_regions`` (default: whenever the model has a proposal head) composes the caption from the
+        model's dense captions, objects left to right, each object's words pointing at its box (see
+        ``inference.compose``); an image where nothing is found gets the language model's own caption.
+        ``from_regions=False``: the language model writes the caption from the whole image."""
         _check_generation(max_new_tokens, num_beams)
+        if from_regions is None:
+            from_regions = self.model.proposal_head is not None
+        if from_regions:
+            return self._caption_from_regions(images, trace, adapter, max_new_tokens, num_beams)
         lang = self.config.language
         with self._lock:
             self._use_adapter(adapter)
@@ -562,6 +574,39 @@ class Predictor:
                     words = self._words(row.text, points[k], loaded[row.image].prepared) if trace else []
                     out.append(TracedCaption(self.tokenizer.decode(row.text), words,
                                              round(float(torch.tensor(score).exp()), 4), self.model_version))
+            return out
+
+    def _caption_from_regions(self, images: Sequence[ImageInput], trace: bool, adapter: str | None,
+                              max_new_tokens: int, num_beams: int) -> list[TracedCaption]:
+        loaded = []
+        for i, image in enumerate(images):  # decoded once; the calls below reuse the prepared images
+            try:
+                loaded.append(self.prepare(image))
+            except PixelLLMError as exc:
+                raise type(exc)(f"image {i}: {exc}") from exc
+        with self._lock:
+            regions = self.dense_caption(loaded, adapter=adapter)
+            composed = [compose_caption([r.text for r in rs], [(r.box_xyxy[0] + r.box_xyxy[2]) / 2 for r in rs])
+                        for rs in regions]
+            found = [i for i, c in enumerate(composed) if c.text]
+            missing = [i for i, c in enumerate(composed) if not c.text]
+            out: list[TracedCaption | None] = [None] * len(images)
+            if missing:
+                free = self.caption([loaded[i] for i in missing], trace=trace, adapter=adapter,
+                                    max_new_tokens=max_new_tokens, num_beams=num_beams, from_regions=False)
+                for i, c in zip(missing, free):
+                    out[i] = c
+            if not found:
+                return out
+            traced = [[] for _ in found]
+            if trace:
+                with warnings.catch_warnings():  # a long list outgrows the text length: completed below
+                    warnings.simplefilter("ignore")
+                    traced = self.trace_points([loaded[i] for i in found], [composed[i].text for i in found])
+            for i, words in zip(found, traced):
+                words[:] = _region_words(words, composed[i].words, regions[i]) if trace else []
+                score = float(np.mean([r.score for r in regions[i]]))
+                out[i] = TracedCaption(composed[i].text, words, round(score, 4), self.model_version)
             return out
 
     def trace_points(self, images: Sequence[ImageInput], captions: Sequence[str]) -> list[list[Word]]:
@@ -889,6 +934,28 @@ def _to_original(logits: torch.Tensor, prepared: PreparedImage, canvas: int, F) 
     ext_w, ext_h = round(canvas * w / rw), round(canvas * h / rh)  # >= w, h: the image lies top-left
     up = F.interpolate(logits[None, None], size=(ext_h, ext_w), mode="bilinear", align_corners=False)
     return (up[0, 0, :h, :w] > 0).cpu().numpy()
+
+
+def _region_words(traced: list[Word], composed: list[tuple[str, int | None]],
+                  regions: list[RegionCaption]) -> list[Word]:
+    """The traced words of a composed caption, each object word on its region's box (rather than the
+    teacher-forced pointer); words past the model's text length are added: an object's on its box, a
+    filler word on the box of the object it leads to (or the last one)."""
+    def on(text: str, k: int) -> Word:
+        b = regions[k].box_xyxy
+        return Word(text, b, [(b[0], b[1]), (b[2], b[3])])
+
+    words = [word if owner is None else on(word.text, owner)
+             for word, owner in zip(traced, align_words([w.text for w in traced], composed))]
+    if len(words) < len(composed) and [w.text for w in words] == [w for w, _ in composed[:len(words)]]:
+        rest = composed[len(words):]
+        for n, (text, owner) in enumerate(rest):
+            if owner is None:
+                owner = next((k for _, k in rest[n:] if k is not None), None)
+                if owner is None:
+                    owner = next(k for _, k in reversed(composed) if k is not None)
+            words.append(on(text, owner))
+    return words
 
 
 def _check_generation(max_new_tokens: int, num_beams: int) -> None:

@@ -32,8 +32,11 @@ class PredictorProtocol(Protocol):
         (``RegionCaption.point``) and its region (``box_xyxy``)."""
 
     def caption(self, images: Sequence[ImageInput], *, trace: bool = True, adapter: str | None = None,
-                max_new_tokens: int = 40, num_beams: int = 1) -> list[TracedCaption]:
-        """One whole-image caption per image; with ``trace`` every word carries a box and points."""
+                max_new_tokens: int = 40, num_beams: int = 1,
+                from_regions: bool | None = None) -> list[TracedCaption]:
+        """One whole-image caption per image; with ``trace`` every word carries a box and points.
+        ``from_regions``: composed from the model's dense captions (default when it has a proposal head),
+        or (False) written by the language model from the whole image."""
 
     def dense_caption(self, images: Sequence[ImageInput], *, max_regions: int = DEFAULT_MAX_REGIONS, min_score: float = DEFAULT_MIN_SCORE,
                       adapter: str | None = None) -> list[list[RegionCaption]]:

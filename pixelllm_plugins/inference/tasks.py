@@ -10,7 +10,8 @@ name                what                               per-image argument       
                                                        or a mapping with one of   num_beams
                                                        boxes, points
 ``caption``         whole-image caption (``trace``:    --                         adapter, trace,
-                    a box and points per word)                                    max_new_tokens, num_beams
+                    a box and points per word)                                    max_new_tokens, num_beams,
+                                                                                  from_regions
 ``dense_caption``   proposals, each captioned          --                         adapter, max_regions,
                                                                                   min_score
 ``segment``         text / box / point -> mask         its prompts: a mapping     adapter
@@ -88,7 +89,7 @@ class TaskSpec:
 TASKS: Mapping[str, TaskSpec] = {spec.name: spec for spec in (
     TaskSpec("refer", "texts", ("adapter",)),
     TaskSpec("caption_regions", "boxes", ("adapter", "max_new_tokens", "num_beams"), ("boxes", "points")),
-    TaskSpec("caption", None, ("adapter", "trace", "max_new_tokens", "num_beams")),
+    TaskSpec("caption", None, ("adapter", "trace", "max_new_tokens", "num_beams", "from_regions")),
     TaskSpec("dense_caption", None, ("adapter", "max_regions", "min_score")),
     TaskSpec("segment", "prompts", ("adapter",), ("texts", "boxes", "points", "point_labels")),
 )}

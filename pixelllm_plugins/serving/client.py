@@ -290,8 +290,10 @@ class RemotePredictor:
         return [[RegionCaption.from_dict(c) for c in a["captions"]] if a else [] for a in answers]
 
     def caption(self, images: Sequence[ImageInput], *, trace: bool = True, adapter: str | None = None,
-                max_new_tokens: int = 40, num_beams: int = 1) -> list[TracedCaption]:
-        bodies = [self._body(im, adapter, trace=trace, max_new_tokens=max_new_tokens, num_beams=num_beams)
+                max_new_tokens: int = 40, num_beams: int = 1,
+                from_regions: bool | None = None) -> list[TracedCaption]:
+        extra = {} if from_regions is None else {"from_regions": from_regions}
+        bodies = [self._body(im, adapter, trace=trace, max_new_tokens=max_new_tokens, num_beams=num_beams, **extra)
                   for im in images]
         answers = self._post_each("/v1/caption", bodies)
         return [TracedCaption(text=a["caption"], words=[Word.from_dict(w) for w in a.get("words", [])],

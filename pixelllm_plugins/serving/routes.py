@@ -187,7 +187,8 @@ class Worker:
     async def caption(self, req: CaptionRequest):
         self.check_limit("max_new_tokens", req.max_new_tokens, self.settings.max_new_tokens)
         self.check_limit("num_beams", req.num_beams, self.settings.max_beams)
-        options = (("max_new_tokens", req.max_new_tokens), ("num_beams", req.num_beams), ("trace", req.trace))
+        options = (("max_new_tokens", req.max_new_tokens), ("num_beams", req.num_beams), ("trace", req.trace),
+                   ("from_regions", req.from_regions))
         result, size, version = await self.serve("caption", req, None, options)
         return JSONResponse({"model_version": result.model_version or version, "image_size": size,
                              "caption": result.text, "score": result.score,

@@ -96,6 +96,9 @@ class CaptionRegionsRequest(_Request):
 
 class CaptionRequest(_Request):
     trace: bool = True
+    from_regions: bool | None = Field(None, description="compose the caption from the objects the model finds "
+                                                        "(default when it has a proposal head); false: the "
+                                                        "language model's own caption")
     max_new_tokens: MaxNewTokens = 40
     num_beams: NumBeams = 1
 

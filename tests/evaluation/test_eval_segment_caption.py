@@ -193,7 +193,7 @@ class OracleCaptioner(FakePredictor):
         self.regions = {str(s.image): [p.text for p in s.prompts]
                         for s in load_task_samples(data_dir, split, "dense")}
 
-    def caption(self, images, *, trace=True, adapter=None, max_new_tokens=40, num_beams=1):
+    def caption(self, images, *, trace=True, adapter=None, max_new_tokens=40, num_beams=1, from_regions=None):
         self.calls.append(("caption", len(images)))
         return [TracedCaption(", ".join(f"a {t}" for t in self.regions[str(im)]) + " on a background", [], 1.0,
                               self.model_version) for im in images]

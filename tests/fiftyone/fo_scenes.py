@@ -98,7 +98,7 @@ class OraclePredictor:
                                       self.model_version) for b in image_boxes])
         return out
 
-    def caption(self, images, *, trace=True, adapter=None, max_new_tokens=40, num_beams=1):
+    def caption(self, images, *, trace=True, adapter=None, max_new_tokens=40, num_beams=1, from_regions=None):
         from pixelllm_plugins.inference.results import TracedCaption, Word
 
         self.calls.append(("caption", len(images)))

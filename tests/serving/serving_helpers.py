@@ -68,7 +68,7 @@ class GateFake(FakePredictor):
         self._wait("refer", len(images), adapter)
         return super().refer(images, texts, adapter=adapter)
 
-    def caption(self, images, *, trace=True, adapter=None, max_new_tokens=40, num_beams=1):
+    def caption(self, images, *, trace=True, adapter=None, max_new_tokens=40, num_beams=1, from_regions=None):
         self._wait("caption", len(images), adapter)
         return super().caption(images, trace=trace, adapter=adapter)
 

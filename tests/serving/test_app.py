@@ -476,3 +476,18 @@ def test_a_slow_image_host_is_cut_off_at_the_total_url_deadline(make_client):
     finally:
         stop.set()
         server.shutdown()
+
+
+def test_caption_passes_from_regions_through(make_client):
+    seen = []
+
+    class Recording(FakePredictor):
+        def caption(self, images, **kw):
+            seen.append(kw.get("from_regions", "missing"))
+            return super().caption(images, **{k: v for k, v in kw.items() if k != "from_regions"})
+
+    c = make_client(Recording())
+    assert c.post("/v1/caption", json={"image": image_field(), "from_regions": False}).status_code == 200
+    assert c.post("/v1/caption", json={"image": image_field()}).status_code == 200
+    assert c.post("/v1/caption", json={"image": image_field(), "from_regions": "sometimes"}).status_code == 422
+    assert seen == [False, None]
