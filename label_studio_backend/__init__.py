@@ -16,7 +16,7 @@ __all__ = ["CONFIGS_DIR", "create_app", "run", "PixelLLMBackend", "labeling_conf
 
 def labeling_config(name: str) -> str:
     """The XML of a shipped labeling config: ``referring``, ``region_captioning``, ``dense_captioning``,
-    ``word_traces``."""
+    ``word_traces``, ``referring_segmentation``, ``interactive_segmentation``."""
     path = CONFIGS_DIR / f"{name}.xml"
     if not path.is_file():
         names = sorted(p.stem for p in CONFIGS_DIR.glob("*.xml"))

@@ -8,10 +8,23 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from pixelllm_plugins.geometry import clip_box, ls_percent_to_xyxy, xyxy_to_ls_percent
-from pixelllm_plugins.inference.results import Detection, RegionCaption, TracedCaption
+import numpy as np
 
-from .label_config import ControlTag, LabelConfig
+from pixelllm_plugins.geometry import clip_box, ls_percent_to_xyxy, xyxy_to_ls_percent
+from pixelllm_plugins.inference.results import Detection, MaskResult, RegionCaption, TracedCaption
+from pixelllm_plugins.masks import (
+    keyhole_ring,
+    ls_points_to_polygon,
+    ls_rle_to_mask,
+    mask_to_box,
+    mask_to_ls_rle,
+    polygon_to_ls_points,
+    polygons_to_mask,
+    rle_to_mask,
+)
+
+from .errors import InvalidRegionError, printable
+from .label_config import BRUSH_TYPES, POLYGON_TYPES, ControlTag, LabelConfig
 
 RECT_TYPES = ("rectanglelabels", "rectangle")
 
@@ -100,6 +113,57 @@ def traced_caption_to_results(cfg: LabelConfig, caption: TracedCaption, width: i
                 results.append({"id": new_region_id(), "from_name": kp.name, "to_name": image.name,
                                 "type": "keypointlabels", **_frame(width, height), "value": value})
     return results
+
+
+# ------------------------------------------------------------------ masks (segmentation configs)
+def polygon_results(control: ControlTag, to_name: str, polygons: list[dict], width: int, height: int, *,
+                    label: str | None, score: float) -> list[dict]:
+    """One ``polygonlabels`` result per part of a mask (pixel polygons, see ``pixelllm_plugins.masks``), points
+    in percent of the original image. Label Studio polygons cannot hold holes: a part's holes are joined to
+    its outline by a zero-width cut (``masks.keyhole_ring``), so the filled area keeps them."""
+    out = []
+    for polygon in polygons:
+        ring = keyhole_ring(polygon)
+        if len(ring) < 3:
+            continue
+        value: dict = {"points": [[round(x, 4), round(y, 4)] for x, y in polygon_to_ls_points(ring, width, height)],
+                       "closed": True}
+        if control.type == "polygonlabels" and label is not None:
+            value["polygonlabels"] = [label]
+        out.append({"id": new_region_id(), "from_name": control.name, "to_name": to_name, "type": control.type,
+                    **_frame(width, height), "value": value, "score": _score(score)})
+    return out
+
+
+def brush_result(control: ControlTag, to_name: str, mask, width: int, height: int, *, label: str | None,
+                 score: float, region_id: str | None = None) -> dict:
+    """A ``brushlabels`` result: the mask (bool ``[H, W]`` or COCO RLE) in Label Studio's brush RLE."""
+    m = rle_to_mask(mask) if isinstance(mask, dict) else np.asarray(mask, bool)
+    value: dict = {"format": "rle", "rle": mask_to_ls_rle(m)}
+    if control.type == "brushlabels" and label is not None:
+        value["brushlabels"] = [label]
+    return {"id": region_id or new_region_id(), "from_name": control.name, "to_name": to_name, "type": control.type,
+            **_frame(width, height), "value": value, "score": _score(score)}
+
+
+def mask_to_results(cfg: LabelConfig, found: MaskResult, width: int, height: int, *, brush: bool = False,
+                    caption: str | None = None) -> list[dict]:
+    """A ``MaskResult`` as Label Studio regions: polygons (one result per part) on a ``<PolygonLabels>``
+    config, else (or with ``brush``) one brush mask; plus, when the config has a per-region ``<TextArea>``
+    and there is a caption (the prompt's text, or ``caption``), that caption on the same region id (on the
+    first part of a polygon)."""
+    image = cfg.image
+    text = caption if caption is not None else (found.text or "")
+    control = cfg.brush_control if brush and cfg.brush_control is not None else cfg.mask_control
+    label = cfg.label_for(text, control)
+    if control.type in POLYGON_TYPES:
+        out = polygon_results(control, image.name, found.polygons, width, height, label=label, score=found.score)
+    else:
+        out = [brush_result(control, image.name, found.mask, width, height, label=label, score=found.score)]
+    cap = cfg.caption_control
+    if cap is not None and text and out:
+        out.append(text_result(cap, image.name, text, width, height, region_id=out[0]["id"]))
+    return out
 
 
 def prediction(results: list[dict], model_version: str, *, score: float | None = None) -> dict:
@@ -196,3 +260,144 @@ def texts_from_results(results: object, control_names: Iterable[str]) -> list[st
         items = text if isinstance(text, list) else [text]
         out += [t.strip() for t in items if isinstance(t, str) and t.strip()]
     return out
+
+
+# ------------------------------------------------------------------ reading masks and clicks
+MAX_POLYGON_POINTS = 100_000
+
+
+@dataclass
+class MaskRegion:
+    """A mask read from Label Studio results (a polygon or a brush region), at ``width`` x ``height``."""
+
+    id: str
+    mask: np.ndarray  # bool [height, width]
+    width: int
+    height: int
+    label: str | None = None
+    caption: str | None = None
+
+    @property
+    def box_xyxy(self) -> tuple[float, float, float, float]:
+        return mask_to_box(self.mask)
+
+
+def _size_of(r: dict, width, height) -> tuple[int, int]:
+    w, h = width or r.get("original_width"), height or r.get("original_height")
+    for name, v in (("original_width", w), ("original_height", h)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 1 or v != int(v):
+            raise InvalidRegionError(f"{name} must be a positive whole number of pixels, got {printable(v)}")
+        if v > 100_000:
+            raise InvalidRegionError(f"{name} {int(v):,} is larger than any image this backend reads")
+    return int(w), int(h)
+
+
+def _labels(value: dict, key: str) -> str | None:
+    labels = value.get(key)
+    return labels[0] if isinstance(labels, list) and labels and isinstance(labels[0], str) else None
+
+
+def mask_from_result(r: object, width: int | None = None, height: int | None = None) -> MaskRegion:
+    """One ``polygonlabels`` / ``brushlabels`` result as a mask; ``InvalidRegionError`` saying what is wrong
+    (fewer than 3 points, coordinates that are not finite numbers, a brush RLE that does not decode, a size
+    that is not a positive whole number, an empty mask)."""
+    if not isinstance(r, dict) or not isinstance(r.get("value"), dict):
+        raise InvalidRegionError("a region must be an object with a 'value' object")
+    kind, value = _type(r), r["value"]
+    w, h = _size_of(r, width, height)
+    rid = r.get("id")
+    rid = str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) and rid != "" else new_region_id()
+    if kind in POLYGON_TYPES:
+        points = value.get("points")
+        if not isinstance(points, list) or len(points) < 3:
+            n = len(points) if isinstance(points, list) else printable(points)
+            raise InvalidRegionError(f"polygon {printable(rid, 20)} has {n} points; a polygon needs at least 3")
+        if len(points) > MAX_POLYGON_POINTS:
+            raise InvalidRegionError(f"polygon has {len(points):,} points; at most {MAX_POLYGON_POINTS:,}")
+        try:
+            pts = [[_num(p[0]), _num(p[1])] for p in points if isinstance(p, (list, tuple)) and len(p) == 2
+                   and not isinstance(p[0], bool) and not isinstance(p[1], bool)]
+        except (TypeError, ValueError):
+            pts = []
+        if len(pts) != len(points):
+            raise InvalidRegionError(f"polygon {printable(rid, 20)}: every point must be [x, y], two finite numbers "
+                                     "(percent of the image)")
+        if any(abs(v) > 1000 for p in pts for v in p):
+            raise InvalidRegionError(f"polygon {printable(rid, 20)} has a point far outside the image (percent "
+                                     "coordinates beyond +-1000)")
+        try:
+            mask = polygons_to_mask([ls_points_to_polygon(pts, w, h)], w, h)
+        except ValueError as exc:
+            raise InvalidRegionError(f"polygon {printable(rid, 20)}: {exc}") from None
+        label = _labels(value, "polygonlabels")
+    elif kind in BRUSH_TYPES:
+        if value.get("format", "rle") != "rle":
+            raise InvalidRegionError(f"brush {printable(rid, 20)}: format {printable(value.get('format'))} is not "
+                                     "supported; Label Studio writes 'rle'")
+        try:
+            mask = ls_rle_to_mask(value.get("rle"), w, h)
+        except ValueError as exc:
+            raise InvalidRegionError(f"brush {printable(rid, 20)}: {exc}") from None
+        label = _labels(value, "brushlabels")
+    else:
+        raise InvalidRegionError(f"region type {printable(r.get('type'))} is not a polygon or brush mask")
+    if not mask.any():
+        raise InvalidRegionError(f"{kind} {printable(rid, 20)} covers no pixel of the {w}x{h} image")
+    return MaskRegion(rid, mask, w, h, label=label)
+
+
+def masks_from_results(results: object, width: int | None = None, height: int | None = None,
+                       errors: list[str] | None = None) -> list[MaskRegion]:
+    """Polygon and brush regions of a list of LS results as masks, with their per-region captions (matched by
+    id). A malformed region is skipped; its message goes to ``errors`` when given."""
+    if not isinstance(results, list):
+        if errors is not None:
+            errors.append(f"'result' must be a list, got {type(results).__name__}")
+        return []
+    found: list[MaskRegion] = []
+    captions: dict[str, str] = {}
+    for r in results:
+        kind = _type(r)
+        if kind in POLYGON_TYPES or kind in BRUSH_TYPES:
+            try:
+                found.append(mask_from_result(r, width, height))
+            except InvalidRegionError as exc:
+                if errors is not None:
+                    errors.append(str(exc))
+        elif kind == "textarea" and isinstance(r.get("value"), dict) and isinstance(r.get("id"), (str, int)):
+            text = r["value"].get("text")
+            if isinstance(text, list):
+                text = " ".join(t for t in text if isinstance(t, str)).strip()
+            if isinstance(text, str) and text.strip():
+                captions[str(r["id"])] = text.strip()
+    for m in found:
+        m.caption = captions.get(m.id)
+    return found
+
+
+@dataclass
+class Click:
+    """A keypoint click in pixels; ``positive`` false for an Alt-click (not the object)."""
+
+    x: float
+    y: float
+    positive: bool = True
+
+
+def click_from_result(r: object, width: int, height: int) -> Click:
+    """A ``keypointlabels`` result as a click in pixels of the ``width`` x ``height`` image;
+    ``InvalidRegionError`` for coordinates that are not finite numbers or lie outside the image."""
+    value = r.get("value") if isinstance(r, dict) else None
+    if not isinstance(value, dict):
+        raise InvalidRegionError("a click must be an object with a 'value' object")
+    try:
+        if not all(isinstance(value[k], (int, float)) and not isinstance(value[k], bool) for k in ("x", "y")):
+            raise TypeError("a coordinate must be a number")
+        x, y = _num(value["x"]), _num(value["y"])
+    except (KeyError, TypeError, ValueError):
+        raise InvalidRegionError("a click needs 'x' and 'y', finite numbers (percent of the image)") from None
+    if not (0.0 <= x <= 100.0 and 0.0 <= y <= 100.0):
+        raise InvalidRegionError(f"the click at ({x:.4g} %, {y:.4g} %) lies outside the image; click on it")
+    positive = r.get("is_positive", True)
+    px, py = min(x * width / 100.0, width - 0.5), min(y * height / 100.0, height - 0.5)
+    return Click(px, py, positive is not False)

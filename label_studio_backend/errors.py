@@ -22,3 +22,8 @@ def printable(value: object, limit: int = 80) -> str:
     text = value if len(value) <= limit else value[:limit] + "..."
     text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+class InvalidRegionError(TaskError):
+    """A region from Label Studio (a polygon, a brush mask, a click, a rectangle) is malformed: too few
+    points, a brush RLE that does not decode, a click outside the image, a value of the wrong type."""

@@ -40,7 +40,9 @@ MAX_DEPTH = 64  # levels of nesting (<View> in <View> ...)
 NUMERIC_ATTRS = {"model_max_regions": "max_regions", "model_max_boxes": "max_boxes",
                  "model_score_threshold": "score_threshold"}
 _WORD = re.compile(r"[\w-]+")
-TASKS = ("refer", "caption_regions", "dense_caption", "caption_trace")
+TASKS = ("refer", "caption_regions", "dense_caption", "caption_trace", "segment")
+POLYGON_TYPES = ("polygonlabels", "polygon")
+BRUSH_TYPES = ("brushlabels", "brush")
 _OBJECT_TAGS = {"image", "text", "hypertext", "audio", "video", "timeseries", "paragraphs", "table",
                 "pdf", "html", "header"}
 _CONTROL_TAGS = {"rectanglelabels", "rectangle", "textarea", "labels", "choices", "keypointlabels",
@@ -128,8 +130,25 @@ class LabelConfig:
         return self.controls[found[0]] if found else None
 
     @functools.cached_property
+    def polygon_control(self) -> ControlTag | None:
+        """``<PolygonLabels>`` (or ``<Polygon>``) on an image: masks as polygons (segmentation configs)."""
+        found = self.first_control(POLYGON_TYPES, "image")
+        return self.controls[found[0]] if found else None
+
+    @functools.cached_property
+    def brush_control(self) -> ControlTag | None:
+        """``<BrushLabels>`` (or ``<Brush>``) on an image: masks in Label Studio's brush RLE."""
+        found = self.first_control(BRUSH_TYPES, "image")
+        return self.controls[found[0]] if found else None
+
+    @property
+    def mask_control(self) -> ControlTag | None:
+        """Where predicted masks go: the polygon control, else the brush control (None: not a mask config)."""
+        return self.polygon_control or self.brush_control
+
+    @functools.cached_property
     def image(self) -> ObjectTag | None:
-        box = self.box_control
+        box = self.box_control or self.mask_control
         if box is not None:
             return next(self.objects[n] for n in box.to_name if n in self.objects
                         and self.objects[n].type == "image")
@@ -174,13 +193,19 @@ class LabelConfig:
 
     @property
     def task(self) -> str:
-        """What batch pre-annotation does for this config (``model_task`` overrides)."""
-        box = self.box_control
+        """What batch pre-annotation does for this config (``model_task`` overrides). A config with a
+        ``<PolygonLabels>`` or ``<BrushLabels>`` on the image segments (``segment``)."""
+        box = self.box_control or self.mask_control
         explicit = (box.attr("model_task") or "").strip().lower() if box else ""
         if explicit:
             if explicit not in TASKS:
                 raise LabelConfigError(f"model_task={explicit!r} on <{box.type}> is not one of {TASKS}")
+            if explicit == "segment" and self.mask_control is None:
+                raise LabelConfigError(f"model_task='segment' on <{box.type}> needs a <PolygonLabels> or <BrushLabels> "
+                                       "on the image for the masks")
             return explicit
+        if self.mask_control is not None:
+            return "segment"
         if self.expression_object is not None or self.prompt_control is not None:
             return "refer"
         if self.image_caption_control is not None:
@@ -188,10 +213,10 @@ class LabelConfig:
         return "dense_caption"
 
     def model_options(self) -> ModelOptions:
-        """The box control's numeric ``model_*`` attributes, each checked against ``pixelllm_plugins.bounds``;
+        """The box control's (else the mask control's) numeric ``model_*`` attributes, each checked against ``pixelllm_plugins.bounds``;
         ``LabelConfigError`` naming the tag, attribute and range for a value that is not a number or out of
         range (``model_max_regions="1000000000"`` would otherwise ask the model for a billion regions)."""
-        box = self.box_control
+        box = self.box_control or self.mask_control
         values: dict[str, int | float] = {}
         if box is not None:
             for attr, bound in NUMERIC_ATTRS.items():

@@ -44,7 +44,7 @@ from pixelllm_plugins.tokenizer import validate_text
 
 from . import convert
 from .base import LabelStudioMLBase, ModelResponse
-from .errors import TaskError, printable
+from .errors import InvalidRegionError, TaskError, printable
 from .label_config import LabelConfig, LabelConfigError, ModelOptions
 from .runtime import Runtime
 
@@ -60,8 +60,10 @@ MAX_TEXTS = int(BOUNDS["max_texts"].high)  # referring expressions per task / pr
 # the config's task (``model_task``, see ``label_config``) -> the registry task it runs (``inference.tasks``):
 # the one place Label Studio's names meet the registry's
 REGISTRY_TASK = {"refer": "refer", "caption_regions": "caption_regions", "dense_caption": "dense_caption",
-                 "caption_trace": "caption"}
-ORDER = ("refer", "caption_regions", "dense_caption", "caption")  # the order batches run in
+                 "caption_trace": "caption", "segment": "segment"}
+# the order batches run in: segment last, so a task whose masks are prompted by its dense-caption regions
+# (segmentation config, no text, no boxes) is segmented in the same request
+ORDER = ("refer", "caption_regions", "dense_caption", "caption", "segment")
 
 TRAIN_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED", "ANNOTATIONS_CREATED",
                 "ANNOTATIONS_DELETED", "START_TRAINING")
@@ -79,6 +81,9 @@ class _Job:
     texts: list[str] = field(default_factory=list)
     boxes: list[tuple[float, float, float, float]] = field(default_factory=list)
     boxes_pct: list[dict] = field(default_factory=list)  # boxes_pct[i]: the LS region they came from
+    prompts: dict | None = None  # segment: {"texts": [...]} or {"boxes": [...]} (the registry's item)
+    captions: list[str] | None = None  # segment: a caption per box prompt (from dense captions)
+    then_segment: bool = False  # dense captions first, then a mask per region (segmentation config, no prompt)
     error: str | None = None
     warning: str | None = None  # e.g. only the first MAX_BOXES boxes captioned
     results: list[dict] | None = None
@@ -119,9 +124,10 @@ class PixelLLMBackend(LabelStudioMLBase):
             cfg = self.label_interface
             if cfg.image is None:
                 raise LabelConfigError("label config has no <Image> for the boxes")
-            if cfg.box_control is None:
-                raise LabelConfigError(f'label config has no <RectangleLabels> (or <Rectangle>) with toName="'
-                                       f'{cfg.image.name}"; add one for the boxes (see the shipped configs)')
+            if cfg.box_control is None and cfg.mask_control is None:
+                raise LabelConfigError(f'label config has no <RectangleLabels> (or <Rectangle>), <PolygonLabels> or '
+                                       f'<BrushLabels> with toName="{cfg.image.name}"; add one for the regions (see '
+                                       'the shipped configs)')
             task_kind = cfg.task
             options = cfg.model_options()
         except LabelConfigError as exc:
@@ -196,6 +202,15 @@ class PixelLLMBackend(LabelStudioMLBase):
                 job.boxes_pct = _existing_regions(task)
                 if not job.boxes_pct:
                     job.op = "dense_caption"
+            elif kind == "segment":
+                # the task's expressions, else its rectangles, else its dense-caption regions prompt the masks
+                job.texts = self._task_texts(data, cfg)
+                if job.texts:
+                    job.prompts = {"texts": job.texts}
+                else:
+                    job.boxes_pct = _existing_regions(task)
+                    if not job.boxes_pct:
+                        job.op, job.then_segment = "dense_caption", True
         except (TaskError, PixelLLMError) as exc:
             job.error = str(exc)
         except Exception as exc:  # noqa: BLE001
@@ -208,7 +223,7 @@ class PixelLLMBackend(LabelStudioMLBase):
         obj = cfg.expression_object
         texts = self._clean_texts(data.get(obj.value) if obj is not None else None, "referring expression")
         if not texts:
-            box = cfg.box_control
+            box = cfg.box_control or cfg.mask_control
             texts = self._clean_texts((box.attr("model_default_prompt") if box else None)
                                       or os.environ.get("PIXELLLM_LS_DEFAULT_PROMPT"),
                                       "default prompt (model_default_prompt / PIXELLLM_LS_DEFAULT_PROMPT)")
@@ -293,6 +308,16 @@ class PixelLLMBackend(LabelStudioMLBase):
                                  f"annotation; at most {MAX_BOXES} boxes per image are captioned")
                 if not j.boxes:
                     j.op = "dense_caption"
+            if j.error is None and j.op == "segment" and j.prompts is None:
+                w, h = j.image.size
+                pairs, dropped = _regions_capped(j.boxes_pct, w, h, keep="first")
+                if dropped:
+                    j.warning = (f"segmented the first {MAX_BOXES} of {len(pairs) + dropped:,} boxes of the task's "
+                                 f"annotation; at most {MAX_BOXES} boxes per image are segmented")
+                if pairs:
+                    j.prompts = {"boxes": [r.box_xyxy for _, r in pairs]}
+                else:
+                    j.op, j.then_segment = "dense_caption", True
 
     def _run(self, op: str, jobs: list[_Job], cfg: LabelConfig, adapter: str | None,
              options: ModelOptions) -> None:
@@ -307,6 +332,18 @@ class PixelLLMBackend(LabelStudioMLBase):
             kw["trace"] = True
 
         def results(job: _Job, found) -> list[dict]:
+            if op == "segment":
+                caps = job.captions or []
+                return [x for k, m in enumerate(found) if threshold is None or m.score >= threshold
+                        for x in convert.mask_to_results(cfg, m, *job.image.size,
+                                                         caption=caps[k] if k < len(caps) else None)]
+            if op == "dense_caption" and job.then_segment:
+                # the regions prompt the masks in the segment pass that follows (ORDER); none: no masks
+                regions = list(found)
+                job.prompts = {"boxes": [r.box_xyxy for r in regions]} if regions else None
+                job.captions = [r.text for r in regions]
+                job.op = "segment" if regions else op
+                return []
             if op == "refer":
                 found = [d for dets in found for d in dets[:max_boxes] if threshold is None or d.score >= threshold]
             if op == "caption":
@@ -349,6 +386,8 @@ class PixelLLMBackend(LabelStudioMLBase):
         image_name = cfg.image.name
         results = [r for r in context["result"] if isinstance(r, dict)
                    and _same(r.get("to_name", image_name), image_name)]
+        if cfg.mask_control is not None:
+            return self._interactive_segment(job, task, results, cfg, options, params, version)
         prompt = cfg.prompt_control
         names = [prompt.name] if prompt is not None else []
         texts = self._clean_texts(convert.texts_from_results(results, names), "prompt")
@@ -397,6 +436,84 @@ class PixelLLMBackend(LabelStudioMLBase):
         if warning:
             pred["warning"] = warning
         return pred
+
+    def _interactive_segment(self, job: _Job, task: object, results: list, cfg: LabelConfig, options: ModelOptions,
+                             params: dict, version: str) -> dict:
+        """Segmentation configs: the clicks of the context (``keypointlabels``; Label Studio sends the new
+        click with the other smart clicks) give one mask, the union of the masks at the positive clicks minus
+        those at Alt-clicks, plus its caption; the most recent drawn rectangle gives its mask (and caption); a
+        typed prompt gives the mask of what it describes. Masks are brush regions when the config has a
+        ``<BrushLabels>``, else polygons."""
+        prompt = cfg.prompt_control
+        texts = self._clean_texts(convert.texts_from_results(results, [prompt.name] if prompt else []), "prompt")
+        clicks = [r for r in results if _kind(r) in ("keypointlabels", "keypoint")]
+        rects = _uncaptioned_rects(results)
+        if not texts and not clicks and not rects:
+            if any(_kind(r) in convert.RECT_TYPES for r in results):
+                return convert.prediction([], version)  # a captioned box was moved: nothing new to segment
+            raise TaskError("interactive context has no click (keypoint), rectangle or prompt text to segment")
+        if len(clicks) > MAX_BOXES:
+            raise InvalidRegionError(f"{len(clicks):,} clicks in one request; at most {MAX_BOXES} per object")
+        self._load_images([job], params, time.monotonic() + self.runtime.settings.fetch_timeout_s)
+        if job.error:
+            raise TaskError(job.error)
+        image = job.image
+        w, h = image.size
+        parsed = [convert.click_from_result(r, w, h) for r in clicks]  # InvalidRegionError for a bad click
+        boxes = []
+        if rects:
+            pairs, _dropped = _regions_capped(rects[-1:], w, h, keep="last")
+            if not pairs:
+                raise InvalidRegionError("the drawn rectangle has no area inside the image")
+            boxes = [pairs[0][1].box_xyxy]
+        p = self.runtime.predictor
+        adapter = self.runtime.adapter_for(self.project_id)
+        kw = {"adapter": adapter} if adapter else {}
+        brush = cfg.brush_control is not None
+        out: list[dict] = []
+        if texts:
+            for m in p.segment([image], texts=[texts], **kw)[0]:
+                out += convert.mask_to_results(cfg, m, w, h, brush=brush)
+        if boxes:
+            m = p.segment([image], boxes=[boxes], **kw)[0][0]
+            cap = p.caption_regions([image], [boxes], **kw)[0][0]
+            out += convert.mask_to_results(cfg, m, w, h, brush=brush, caption=cap.text)
+        if parsed:
+            out += self._segment_clicks(parsed, image, w, h, cfg, brush, kw)
+        return convert.prediction(out, version)
+
+    def _segment_clicks(self, clicks: list, image, w: int, h: int, cfg: LabelConfig, brush: bool, kw: dict) -> list[dict]:
+        """One mask for a set of clicks: the union of the masks at the positive clicks minus the masks of the
+        objects at the Alt-clicks (each click prompts the model on its own), and the caption of the last
+        positive click (``caption_regions`` with a point; the mask's box when the model reads no points)."""
+        import numpy as np
+
+        from pixelllm_plugins.inference.results import MaskResult
+        from pixelllm_plugins.masks import mask_to_box, mask_to_polygons, mask_to_rle, rle_to_mask
+
+        positive = [c for c in clicks if c.positive]
+        negative = [c for c in clicks if not c.positive]
+        if not positive:
+            raise InvalidRegionError("only Alt-clicks (not the object): click on the object first")
+        p = self.runtime.predictor
+        found = p.segment([image], points=[[[c.x, c.y] for c in positive + negative]],
+                          point_labels=[[1] * len(clicks)], **kw)[0]
+        masks = [rle_to_mask(m.mask) for m in found]
+        mask = np.logical_or.reduce(masks[:len(positive)])
+        if negative:
+            mask &= ~np.logical_or.reduce(masks[len(positive):])
+        if not mask.any():
+            raise TaskError("the Alt-clicks remove the whole mask of the clicked object; undo one of them")
+        box = mask_to_box(mask)
+        last = positive[-1]
+        try:
+            caption = p.caption_regions([image], points=[[[last.x, last.y]]], **kw)[0][0].text
+        except PixelLLMError:  # a model that reads no points: caption the mask's box
+            caption = p.caption_regions([image], [[box]], **kw)[0][0].text
+        score = float(np.mean([m.score for m in found[:len(positive)]]))
+        merged = MaskResult(box, score, mask_to_rle(mask), [] if brush else mask_to_polygons(mask),
+                            float(np.mean([m.mask_score for m in found[:len(positive)]])))
+        return convert.mask_to_results(cfg, merged, w, h, brush=brush, caption=caption)
 
     # ------------------------------------------------------------------ fit
     def fit(self, event: str, data: dict, **additional_params) -> dict:

@@ -18,6 +18,7 @@ Failures are logged and kept in the state (``/health`` shows them); they never r
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
@@ -35,7 +36,7 @@ from PIL import Image
 
 from pixelllm_plugins.tokenizer import is_valid_unicode
 
-from .convert import regions_from_results, texts_from_results
+from .convert import masks_from_results, regions_from_results, texts_from_results
 from .label_config import LabelConfigError, parse_label_config
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,8 @@ class Example:
     height: int
     refer: list[tuple[str, tuple[float, float, float, float]]]  # (expression, box xyxy)
     captions: list[tuple[str, tuple[float, float, float, float]]]  # (caption, box xyxy)
+    # (expression, box xyxy of the mask, COCO RLE of the mask at width x height): polygons and brush masks
+    segments: list[tuple[str, tuple[float, float, float, float], dict]] = dataclasses.field(default_factory=list)
 
 
 def write_datasets(examples: list[Example], data_dir: Path) -> dict[str, int]:
@@ -85,6 +88,7 @@ def write_datasets(examples: list[Example], data_dir: Path) -> dict[str, int]:
     written: the trainer skips missing sources)."""
     # imported here: the data package loads torch, which a backend serving through a worker never needs
     from pixelllm_plugins.data.formats import OBJECT_CATEGORIES, refcoco_entry, vg_region
+    from pixelllm_plugins.masks import rle_area
 
     ref_images, ref_anns, vg_images, vg_anns = [], [], [], []
     for i, ex in enumerate(examples, start=1):
@@ -92,6 +96,11 @@ def write_datasets(examples: list[Example], data_dir: Path) -> dict[str, int]:
         for k, (text, box) in enumerate(ex.refer):
             record, annotation = refcoco_entry(entry, i * 1000 + k, text, box, original_img_id=i, sentence_id=k,
                                                dataset_name="label_studio")
+            ref_images.append(record)
+            ref_anns.append(annotation)
+        for k, (text, box, rle) in enumerate(ex.segments, start=len(ex.refer)):
+            record, annotation = refcoco_entry(entry, i * 1000 + k, text, box, original_img_id=i, sentence_id=k,
+                                               dataset_name="label_studio", segmentation=rle, area=rle_area(rle))
             ref_images.append(record)
             ref_anns.append(annotation)
         if ex.captions:
@@ -104,13 +113,15 @@ def write_datasets(examples: list[Example], data_dir: Path) -> dict[str, int]:
     if vg_anns:
         (data_dir / f"vg_{SPLIT}.json").write_text(json.dumps(
             {"images": vg_images, "annotations": vg_anns, "categories": categories}))
-    return {"refer": len(ref_anns), "captions": len(vg_anns), "images": len(examples)}
+    return {"refer": len(ref_anns), "captions": len(vg_anns), "images": len(examples),
+            "masks": sum(len(ex.segments) for ex in examples)}
 
 
 def examples_from_annotation(record: dict) -> tuple[dict, list[tuple[str, list]], list[tuple[str, list]]]:
     """(task, refer pairs, caption pairs) of one stored annotation, boxes in pixels of the image as
     Label Studio saw it (``original_width/height``). The referring text of a box is its per-region
-    caption, else the task's ``<Text>`` expression / the typed prompt when the annotation has one box."""
+    caption, else the task's ``<Text>`` expression / the typed prompt when the annotation has one box.
+    Masks (polygons, brush): :func:`mask_examples_from_annotation`."""
     task = record.get("task") or {}
     annotation = record.get("annotation") or {}
     results = annotation.get("result") or []
@@ -136,6 +147,62 @@ def examples_from_annotation(record: dict) -> tuple[dict, list[tuple[str, list]]
         elif expression_texts and len(regions) == 1:
             refer.append((expression_texts[-1], r.box_xyxy))
     return task, refer, captions
+
+
+def _expression_texts(record: dict, results: list) -> list[str]:
+    task = record.get("task") if isinstance(record.get("task"), dict) else {}
+    try:
+        cfg = parse_label_config(record.get("label_config"))
+    except LabelConfigError:
+        return []
+    texts: list[str] = []
+    obj = cfg.expression_object
+    data = task.get("data") if isinstance(task.get("data"), dict) else {}
+    if obj is not None and isinstance(data.get(obj.value), str) and data[obj.value].strip():
+        texts += [line.strip() for line in data[obj.value].splitlines() if line.strip()]
+    prompt = cfg.prompt_control
+    if prompt is not None:
+        texts += texts_from_results(results, [prompt.name])
+    return texts
+
+
+def mask_examples_from_annotation(record: dict, errors: list[str] | None = None
+                                  ) -> list[tuple[str, tuple[float, float, float, float], dict]]:
+    """(text, box xyxy, COCO RLE) per mask of one stored annotation, at the size Label Studio saw the image
+    (``original_width/height``). A polygon or brush region with its own per-region caption is that caption's
+    mask; the regions without one are, together, the mask of the task's referring expression (several parts
+    of one object are several polygons), when the task has exactly one expression (or typed prompt).
+    Malformed regions are skipped, their messages appended to ``errors``."""
+    from pixelllm_plugins.masks import mask_to_rle
+
+    annotation = record.get("annotation") if isinstance(record.get("annotation"), dict) else {}
+    results = annotation.get("result")
+    masks = masks_from_results(results, errors=errors)
+    out = []
+    loose = []
+    for m in masks:
+        if m.caption:
+            out.append((m.caption, m.box_xyxy, mask_to_rle(m.mask)))
+        else:
+            loose.append(m)
+    if loose:
+        texts = list(dict.fromkeys(_expression_texts(record, results if isinstance(results, list) else [])))
+        sizes = {(m.width, m.height) for m in loose}
+        if len(texts) != 1:
+            if errors is not None:
+                errors.append(f"{len(loose)} mask region(s) without a caption, and the task has {len(texts)} "
+                              "referring expressions (needs exactly one): not used")
+        elif len(sizes) != 1:
+            if errors is not None:
+                errors.append("mask regions of one annotation give different image sizes: not used")
+        else:
+            import numpy as np
+
+            union = np.logical_or.reduce([m.mask for m in loose])
+            from pixelllm_plugins.masks import mask_to_box
+
+            out.append((texts[0], mask_to_box(union), mask_to_rle(union)))
+    return out
 
 
 class TrainingManager:
@@ -350,8 +417,8 @@ class TrainingManager:
                 self._pull(pid)
             examples = self._build_examples(pid, data_dir)
             if not examples:
-                raise ValueError("no usable annotations: annotate boxes with a caption, or boxes on tasks with a "
-                                 "referring expression, then train again")
+                raise ValueError("no usable annotations: annotate boxes or masks (polygons, brush) with a caption, or "
+                                 "on tasks with a referring expression, then train again")
             counts = write_datasets(examples, data_dir)
             pending_before = int(self.state(pid).get("pending", 0))
             if out_dir.exists():
@@ -408,7 +475,11 @@ class TrainingManager:
             try:
                 record = json.loads(f.read_text())
                 task, refer, captions = examples_from_annotation(record)
-                if not refer and not captions:
+                problems: list[str] = []
+                segments = mask_examples_from_annotation(record, problems)
+                for problem in problems:
+                    log.warning("project %s: annotation %s: %s", pid, f.stem, problem)
+                if not refer and not captions and not segments:
                     continue
                 image = self._load_image(record, task)
             except Exception as exc:  # noqa: BLE001 - one bad annotation must not stop the round
@@ -419,7 +490,8 @@ class TrainingManager:
             w, h = image.size
             scale = self._scale(record, w, h)
             examples.append(Example(file_name, w, h, [(t, _scaled(b, scale)) for t, b in refer],
-                                    [(t, _scaled(b, scale)) for t, b in captions]))
+                                    [(t, _scaled(b, scale)) for t, b in captions],
+                                    [(t, _scaled(b, scale), _resized_rle(rle, w, h)) for t, b, rle in segments]))
         return examples
 
     def _load_image(self, record: dict, task: dict) -> Image.Image:
@@ -445,3 +517,16 @@ class TrainingManager:
 def _scaled(box, scale) -> tuple[float, float, float, float]:
     sx, sy = scale
     return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+
+
+def _resized_rle(rle: dict, w: int, h: int) -> dict:
+    """A COCO RLE at the fetched image's size (nearest), when Label Studio saw the image at another size."""
+    from pixelllm_plugins.masks import mask_to_rle, rle_to_mask
+
+    if list(rle["size"]) == [h, w]:
+        return rle
+    import numpy as np
+
+    mask = rle_to_mask(rle)
+    resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)
+    return mask_to_rle(np.asarray(resized) >= 128)

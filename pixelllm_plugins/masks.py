@@ -482,3 +482,113 @@ def fo_instance_to_mask(bounding_box: Sequence[float], mask: np.ndarray, width: 
     if dx1 > dx0 and dy1 > dy0:
         out[dy0:dy1, dx0:dx1] = crop[sy0:sy0 + dy1 - dy0, sx0:sx0 + dx1 - dx0]
     return out
+
+
+# ---- Label Studio: polygons without holes, brush masks in Label Studio's own RLE ------------------------
+
+def keyhole_ring(polygon: Mapping | Sequence | Polygon) -> list[list[float]]:
+    """One ring for a polygon with holes (pixel coordinates), for tools whose polygons cannot hold holes
+    (Label Studio's ``PolygonLabels``): each hole is joined to the outline by a zero-width cut (the "keyhole"):
+    the ring walks the outline to the vertex nearest the hole, into the hole, around it the other way, and
+    back along the same cut. The cut's two edges coincide, so every fill rule (even-odd, non-zero: canvas,
+    pycocotools) leaves the hole empty and the filled area is the polygon's; only the outline shows the cut.
+    A polygon without holes gives its exterior unchanged."""
+    rings = _rings(polygon)
+    if len(rings[0]) < 3:
+        return _ring(rings[0])
+    shape = orient(Polygon(rings[0], [r for r in rings[1:] if len(r) >= 3]), 1.0)  # outline CCW, holes CW
+    ring = np.asarray(_ring(shape.exterior.coords), np.float64)
+    for interior in shape.interiors:
+        hole = np.asarray(_ring(interior.coords), np.float64)
+        d = ((ring[:, None, :] - hole[None, :, :]) ** 2).sum(-1)
+        i, j = np.unravel_index(int(np.argmin(d)), d.shape)
+        around = np.concatenate([hole[j:], hole[:j + 1]])  # the hole from vertex j back to it
+        ring = np.concatenate([ring[:i + 1], around, ring[i:]])
+    return ring.tolist()
+
+
+# Label Studio's brush RLE (``BrushLabels`` ``value.rle``): thi.ng's ``rle-pack`` over the mask as RGBA bytes,
+# row-major, ``width * height * 4`` values. Bit stream (MSB first): 32 bits value count, 5 bits word size - 1,
+# 4 x 4 bits run-length field sizes - 1, then chunks: 1 bit repeat flag, 2 bits size index, ``size`` bits
+# (chunk length - 1), then one word (repeat) or ``length`` words (literal). The SDK
+# (``label_studio_sdk.converter.brush``) encodes with word size 8 and sizes (3, 4, 8, 16).
+LS_RLE_SIZES = (3, 4, 8, 16)
+LS_RLE_MAX_VALUES = 4 * 64_000_000 * 4  # refuse value counts beyond 4x the default pixel limit, RGBA
+
+
+def mask_to_ls_rle(mask: np.ndarray) -> list[int]:
+    """Boolean mask ``[H, W]`` -> Label Studio brush RLE (a list of byte values), the format
+    ``label_studio_sdk.converter.brush.mask2rle(mask * 255)`` writes and the labeling UI reads: each pixel as
+    4 bytes, 255 inside the mask, 0 outside; every chunk a repeat."""
+    m = _as_mask(mask)
+    flat = m.ravel()
+    num = flat.size * 4
+    header = f"{num:032b}{7:05b}" + "".join(f"{s - 1:04b}" for s in LS_RLE_SIZES)
+    bits = [header]
+    if flat.size:
+        change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+        starts = np.concatenate([[0], change])
+        lengths = np.diff(np.concatenate([starts, [flat.size]])) * 4
+        for start, length in zip(starts.tolist(), lengths.tolist()):
+            word = "11111111" if flat[start] else "00000000"
+            while length > 0:
+                n = min(length, 1 << 16)
+                k = next(k for k, s in enumerate(LS_RLE_SIZES) if n <= 1 << s)
+                bits.append(f"1{k:02b}{n - 1:0{LS_RLE_SIZES[k]}b}{word}")
+                length -= n
+    stream = "".join(bits)
+    stream += "0" * (-len(stream) % 8)
+    return np.packbits(np.frombuffer(stream.encode("ascii"), np.uint8) - 48).tolist()
+
+
+def ls_rle_to_mask(rle: Any, width: int, height: int) -> np.ndarray:
+    """Label Studio brush RLE (list of byte values) of a ``width`` x ``height`` image -> boolean mask: a pixel
+    is in when its alpha byte (the 4th of its RGBA values) is non-zero, as Label Studio draws it. Raises
+    ``ValueError`` for anything that does not decode to exactly ``width * height * 4`` values."""
+    w, h = int(width), int(height)
+    if w <= 0 or h <= 0:
+        raise ValueError(f"a brush mask needs a positive image size, got {w}x{h}")
+    if not isinstance(rle, (list, tuple)) or not rle:
+        raise ValueError(f"brush 'rle' must be a non-empty list of byte values, got {type(rle).__name__}")
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v <= 255 for v in rle):
+        raise ValueError("brush 'rle' must hold integers 0..255 only")
+    bits = np.unpackbits(np.asarray(rle, np.uint8))
+    total = len(bits)
+    pos = 0
+
+    def read(n: int) -> int:
+        nonlocal pos
+        if pos + n > total:
+            raise ValueError("brush RLE ends in the middle of a chunk (truncated or corrupt)")
+        chunk = bits[pos:pos + n]
+        pos += n
+        return int("".join("01"[b] for b in chunk), 2) if n else 0
+
+    num = read(32)
+    if num != w * h * 4:
+        raise ValueError(f"brush RLE holds {num:,} values; a {w}x{h} image needs {w * h * 4:,} (RGBA): the mask "
+                         "was drawn on an image of another size")
+    if num > LS_RLE_MAX_VALUES:
+        raise ValueError(f"brush RLE of {num:,} values is larger than this backend accepts")
+    word = read(5) + 1
+    if word > 16:
+        raise ValueError(f"brush RLE word size {word} is not supported (Label Studio writes 8)")
+    sizes = [read(4) + 1 for _ in range(4)]
+    out = np.zeros(num, np.uint16)
+    i = 0
+    weights = 1 << np.arange(word - 1, -1, -1, dtype=np.int64)
+    while i < num:
+        repeat = read(1)
+        j = i + 1 + read(sizes[read(2)])
+        if j > num:
+            raise ValueError("brush RLE runs past the image's pixels (corrupt)")
+        if repeat:
+            out[i:j] = read(word)
+        else:
+            n = j - i
+            if pos + n * word > total:
+                raise ValueError("brush RLE ends in the middle of a chunk (truncated or corrupt)")
+            out[i:j] = (bits[pos:pos + n * word].reshape(n, word).astype(np.int64) * weights).sum(1)
+            pos += n * word
+        i = j
+    return out.reshape(h, w, 4)[:, :, 3] > 0

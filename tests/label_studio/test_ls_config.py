@@ -18,7 +18,8 @@ def test_shipped_configs_parse(name, task):
 
 
 def test_all_config_files_are_known():
-    assert sorted(p.stem for p in CONFIGS_DIR.glob("*.xml")) == ["dense_captioning", "referring",
+    assert sorted(p.stem for p in CONFIGS_DIR.glob("*.xml")) == ["dense_captioning", "interactive_segmentation",
+                                                                 "referring", "referring_segmentation",
                                                                  "region_captioning", "word_traces"]
     with pytest.raises(ValueError, match="shipped"):
         labeling_config("nope")
