@@ -1,6 +1,7 @@
 """``@pixelllm/pixelllm``: PixelLLM operators for the FiftyOne App and SDK.
 
-Operators: ``refer``, ``caption_regions``, ``dense_caption``, ``caption_with_trace`` and ``free_model``.
+Operators: ``refer``, ``caption_regions`` (boxes or keypoints), ``dense_caption``, ``caption_with_trace``,
+``segment`` (instance masks or polylines) and ``free_model``.
 This module only adapts FiftyOne forms and contexts: inference, batching, label conversion and the model
 cache live in ``pixelllm_plugins.integrations.fiftyone`` (FiftyOne re-imports this file on every run).
 
@@ -216,8 +217,12 @@ class CaptionRegions(_PixelLLMOperator):
         inputs.str("boxes_field", default=choices[0] if choices else "", required=False, allow_empty=True,
                    label="Boxes field", description="The Detections field whose boxes get captions",
                    view=_autocomplete(choices))
+        inputs.str("points_field", default="", required=False, allow_empty=True, label="Points field",
+                   description="Caption points instead: every point of this Keypoints field gets a caption "
+                               "(boxes_field is then ignored)",
+                   view=_autocomplete(_field_choices(ctx, ("Keypoints",))))
         inputs.str("caption_attribute", default=pxfo.DEFAULT_CAPTION_ATTRIBUTE, required=False,
-                   label="Caption attribute", description="Attribute set on each box (ids are kept)")
+                   label="Caption attribute", description="Attribute set on each box or keypoint (ids are kept)")
         _common_inputs(ctx, inputs)
         _check_form(ctx, inputs, self.name)
         return types.Property(inputs, view=types.View(label=self.label))
@@ -257,6 +262,37 @@ class CaptionWithTrace(_PixelLLMOperator):
         return types.Property(inputs, view=types.View(label=self.label))
 
 
+class Segment(_PixelLLMOperator):
+    name = "segment"
+    label = "PixelLLM: segment"
+    description = "Text, box or point -> mask: instance masks (Detections) or filled polylines"
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        _target(ctx)
+        inputs.str("prompt", default="", required=False, allow_empty=True, label="Referring expression",
+                   description="e.g. 'the red circle': one mask per sample; or leave empty and name one field "
+                               "below")
+        inputs.str("prompt_field", default="", required=False, allow_empty=True, label="Prompt field",
+                   description="A text field holding each sample's expression(s)",
+                   view=_autocomplete(_field_choices(
+                       ctx, ("StringField", "ListField[StringField]", "Classification", "Classifications"))))
+        inputs.str("boxes_field", default="", required=False, allow_empty=True, label="Boxes field",
+                   description="A Detections field: one mask per box",
+                   view=_autocomplete(_field_choices(ctx, ("Detections",))))
+        inputs.str("points_field", default="", required=False, allow_empty=True, label="Points field",
+                   description="A Keypoints field: one mask per point",
+                   view=_autocomplete(_field_choices(ctx, ("Keypoints",))))
+        inputs.str("label_field", default=pxfo.DEFAULT_MASK_FIELD, required=False, label="Output field")
+        inputs.enum("output", list(pxfo.MASK_OUTPUTS), default=pxfo.MASK_OUTPUTS[0], required=False,
+                    label="Output", description="instance_masks: Detections with a mask in each box; "
+                                                "polylines: filled Polylines (holes as inner shapes)",
+                    view=types.RadioView())
+        _common_inputs(ctx, inputs)
+        _check_form(ctx, inputs, self.name)
+        return types.Property(inputs, view=types.View(label=self.label))
+
+
 class FreeModel(foo.Operator):
     @property
     def config(self):
@@ -276,7 +312,7 @@ class FreeModel(foo.Operator):
         return {"released": pxfo.free_model()}
 
 
-OPERATORS = (Refer, CaptionRegions, DenseCaption, CaptionWithTrace, FreeModel)
+OPERATORS = (Refer, CaptionRegions, DenseCaption, CaptionWithTrace, Segment, FreeModel)
 
 
 def register(p):

@@ -10,20 +10,27 @@ import sys
 import threading
 from pathlib import Path
 
-from fakes import FakePredictor
 from fiftyone.operators.delegated import DelegatedOperationService
+from fo_scenes import SegmentingFake
 
 import pixelllm_plugins.integrations.fiftyone as pxfo
 
 dataset_name, stall_after, flag = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
 
 
-class Stalling(FakePredictor):
-    def refer(self, images, texts, **kw):
+class Stalling(SegmentingFake):
+    def _maybe_stall(self):
         if len(self.calls) >= stall_after:
             flag.write_text(f"stalled after {len(self.calls)} batches")
             threading.Event().wait()  # hang until the test kills this process
+
+    def refer(self, images, texts, **kw):
+        self._maybe_stall()
         return super().refer(images, texts, **kw)
+
+    def segment(self, images, *args, **kw):
+        self._maybe_stall()
+        return super().segment(images, *args, **kw)
 
 
 predictor = Stalling()

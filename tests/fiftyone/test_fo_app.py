@@ -130,3 +130,45 @@ def test_app_serves_the_operators_and_shows_boxes_captions_and_trace(app, datase
         with Image.open(shot) as im:
             assert im.size == (1400, 900)
         assert _distinct_colors(shot) > 200  # a rendered App, not a blank or error page
+
+
+DOCS_IMAGES = ROOT / "docs" / "images"
+
+
+def test_app_draws_segment_masks_and_polylines(plugin_installed, dataset, oracle, tmp_root, tmp_path, poll):
+    """The App shows ``segment``'s labels: instance masks (left/top of each object, from text prompts) and
+    filled polylines with a hole (from the ground-truth boxes). With ``PIXELLLM_DOCS_IMAGES=1`` the screenshots
+    are copied to ``docs/images/fiftyone-segment*.png``."""
+    dataset.persistent = True
+    assert pxfo.run_segment(dataset, prompt_field="refexp", label_field="masks").failed == 0
+    assert pxfo.run_segment(dataset, boxes_field="ground_truth", output="polylines",
+                            label_field="polygons").failed == 0
+    assert dataset.count("masks.detections.mask") == 6 and dataset.count("polygons.polylines") == 12
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (apt-get install chromium): no screenshot")
+    port = _free_port()
+    home = os.environ.get("HOME")
+    os.environ["HOME"] = str(tmp_root / "home")
+    try:
+        session = fo.launch_app(dataset, remote=True, address="127.0.0.1", port=port, auto=False)
+    finally:
+        if home is not None:
+            os.environ["HOME"] = home
+    url = f"http://127.0.0.1:{port}"
+    try:
+        poll(lambda: _answers(f"{url}/fiftyone") and session._client._connected, 180,
+             "the App server and the session client")
+        grid = _rendered_screenshot(f"{url}/datasets/{dataset.name}", ARTIFACTS / "segment-grid.png",
+                                    tmp_path, poll)
+        sample = dataset.first()
+        poll(lambda: _open_modal(session, sample.id), 60, "the session to open the sample")
+        modal = _rendered_screenshot(f"{url}/datasets/{dataset.name}?id={sample.id}",
+                                     ARTIFACTS / "segment-modal.png", tmp_path, poll)
+    finally:
+        session.close()
+    if os.environ.get("PIXELLLM_DOCS_IMAGES") == "1":
+        DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(grid, DOCS_IMAGES / "fiftyone-segment-grid.png")
+        shutil.copyfile(modal, DOCS_IMAGES / "fiftyone-segment.png")
+    for shot in (grid, modal):
+        assert _distinct_colors(shot) > 200

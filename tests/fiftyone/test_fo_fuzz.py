@@ -44,7 +44,7 @@ from pixelllm_plugins.errors import PixelLLMError
 from pixelllm_plugins.integrations import fiftyone as pxfo
 
 PLUGIN = "@pixelllm/pixelllm"
-OPERATIONS = list(pxfo.OPERATOR_PARAMETERS)  # refer, caption_regions, dense_caption, caption_with_trace
+OPERATIONS = list(pxfo.OPERATOR_PARAMETERS)  # refer, caption_regions, dense_caption, caption_with_trace, segment
 MIN_BAD_INPUTS = 250  # refused inputs per run of this file, all tests together
 COUNTS: dict[str, Counter] = {}
 FUZZ = dict(derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -94,6 +94,8 @@ VALID = {
     "prompt_field": st.sampled_from(["refexp", ""]),
     "label_field": st.sampled_from(["", "out_a", "out_b"]),
     "boxes_field": st.sampled_from(["ground_truth", ""]),
+    "points_field": st.sampled_from(["", "", "clicks"]),
+    "output": st.sampled_from(["", "instance_masks", "polylines"]),
     "caption_attribute": st.sampled_from(["", "caption", "cap2"]),
     "max_regions": st.one_of(st.integers(1, 256), st.just("5"), st.just(3.0)),
     "min_score": st.one_of(st.floats(0.0, 1.0), st.just("0.5"), st.just(1)),
@@ -103,10 +105,12 @@ VALID = {
     "batch_size": st.one_of(st.integers(1, 4), st.just(256), st.just("2")),
     "overwrite": st.booleans(),
 }
+BAD_OUTPUT = st.one_of(st.sampled_from(["masks", "Polylines", "instance_masks ", "polyline", "\ud800", "$set"]),
+                       JUNK.filter(lambda v: v is not None and v != ""))
 BAD = {"prompt": BAD_PROMPT, "max_regions": BAD_NUMBER, "min_score": BAD_NUMBER, "batch_size": BAD_NUMBER,
-       "overwrite": BAD_FLAG, "model": BAD_MODEL}
+       "overwrite": BAD_FLAG, "model": BAD_MODEL, "output": BAD_OUTPUT}
 for _name in ("prompt_field", "label_field", "boxes_field", "caption_attribute", "caption_field",
-              "trace_field"):
+              "trace_field", "points_field"):
     BAD[_name] = BAD_FIELD
 FORM_KEYS = {"view_target", "delegate", "delegation_target"}  # FiftyOne's own parameters: not fuzzed here
 
@@ -156,9 +160,9 @@ def operators(plugin_installed):
 def fake_model():
     """The fake predictor behind every ``get_predictor`` call, for the whole module (hypothesis runs many
     examples per test, so a function-scoped monkeypatch will not do)."""
-    from fakes import FakePredictor
+    from fo_scenes import SegmentingFake
 
-    predictor = FakePredictor()
+    predictor = SegmentingFake()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(pxfo.predictors, "get_predictor", lambda model=None, **kw: predictor)
         yield predictor
@@ -250,7 +254,10 @@ def test_sdk_run_functions_check_every_knob_before_touching_anything():
         "caption_with_trace": {"caption_field": either("caption_field"),
                                "trace_field": st.one_of(either("trace_field"), st.just("cap_a_path")),
                                "max_new_tokens": tokens, "num_beams": beams},
+        "segment": {k: either(k) for k in ("prompt", "prompt_field", "boxes_field", "points_field",
+                                           "label_field", "output")},
     }
+    knobs["caption_regions"]["points_field"] = either("points_field")
     common = {k: either(k) for k in ("batch_size", "overwrite", "model")}
     common["progress"] = st.one_of(st.none(), st.just(lambda *a: None), JUNK)
 
@@ -270,7 +277,7 @@ def test_sdk_run_functions_check_every_knob_before_touching_anything():
 
     @settings(max_examples=60, **FUZZ)
     @given(st.fixed_dictionaries({"operation": st.sampled_from(pxfo.OPERATIONS)}, optional={
-        **{k: either(k) for k in ("prompt", "max_regions", "min_score", "model")}, "num_beams": beams,
+        **{k: either(k) for k in ("prompt", "max_regions", "min_score", "model", "output")}, "num_beams": beams,
         "max_new_tokens": st.one_of(st.none(), tokens), "caption_attribute": attribute}))
     def check_model(kwargs):
         try:
@@ -316,6 +323,32 @@ def test_per_sample_prompts_become_prompts_or_a_recorded_error():
 
     check()
     assert COUNTS["per_sample"]["refused"] >= 30, COUNTS["per_sample"]
+
+
+def test_per_sample_keypoints_become_point_prompts_or_named_errors():
+    """What a ``points_field`` holds for one sample (NaN, infinite, outside the image, wrong shapes, junk):
+    usable relative points, and one short message per point that is skipped; never an exception."""
+    coord = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.floats(0, 1), st.integers(-3, 3))
+    point = st.lists(coord, min_size=2, max_size=2)  # fo.Keypoint itself refuses other shapes
+    keypoint = st.builds(lambda pts: fo.Keypoint(label="k", points=pts), st.lists(point, max_size=4))
+    value = st.one_of(st.builds(lambda kps: fo.Keypoints(keypoints=kps), st.lists(keypoint, max_size=3)),
+                      keypoint, st.builds(fo.Detections), st.just("clicks"), JUNK)
+
+    @settings(max_examples=150, **FUZZ)
+    @given(value)
+    def check(v):
+        from pixelllm_plugins.integrations.fiftyone.labels import keypoint_prompts
+
+        _, prompts, errors = keypoint_prompts(v, "clicks")
+        for _, _, (x, y) in prompts:
+            assert 0.0 <= x <= 1.0 and 0.0 <= y <= 1.0
+        for message in errors:
+            assert message.strip() and len(message) <= 400
+            message.encode("utf-8")
+        count("keypoints", "refused" if errors else "accepted")
+
+    check()
+    assert COUNTS["keypoints"]["refused"] >= 30, COUNTS["keypoints"]
 
 
 # ---- real executions on a small dataset in MongoDB ---------------------------------------------------------
@@ -445,7 +478,8 @@ def test_mixed_dataset_good_samples_are_labeled_and_bad_ones_get_their_error(mix
     first_good.ground_truth.detections.append(fo.Detection(label="broken", bounding_box=[0.1, 0.2]))
     first_good.save()
     runs = {"refer": {"prompt_field": "refexp"}, "caption_regions": {"boxes_field": "ground_truth"},
-            "dense_caption": {"max_regions": 1}, "caption_with_trace": {}}
+            "dense_caption": {"max_regions": 1}, "caption_with_trace": {},
+            "segment": {"boxes_field": "ground_truth", "output": "polylines"}}
     for operation, params in runs.items():
         res = foo.execute_operator(uri(operation), ctx=dict(dataset=ds, params={**params, "batch_size": 3}))
         out = res.result
@@ -462,6 +496,7 @@ def test_mixed_dataset_good_samples_are_labeled_and_bad_ones_get_their_error(mix
     assert ok.count("pixelllm_regions.detections") == len(good)
     assert ok.count("pixelllm_caption") == len(good) and ok.count("pixelllm_trace") == len(good)
     assert ok.count("ground_truth.detections.caption") == len(good)  # the broken box is skipped, not fatal
+    assert ok.count("pixelllm_masks.polylines") == len(good)  # one mask per good box; the broken one skipped
     assert "not 4 finite numbers" in ds[first_good.id][pxfo.ERROR_FIELD]
     bad_view = ds.match(~fo.ViewField("good"))
     assert bad_view.count("pixelllm") == 0 and bad_view.count("ground_truth.detections.caption") == 0

@@ -57,7 +57,7 @@ def test_apply_model_records_per_sample_errors(dataset, fake):
 
 def test_model_rejects_unknown_operation():
     with pytest.raises(ValueError, match="operation must be one of"):
-        pxfo.PixelLLMModel("segment")
+        pxfo.PixelLLMModel("segmentation")
 
 
 def test_zoo_source_lists_and_loads(dataset, fake, tmp_root):

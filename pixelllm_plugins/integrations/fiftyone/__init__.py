@@ -5,9 +5,10 @@ App operators share one code path and the model stays cached in this (importable
 
 - ``params``: request checks (field names, prompts, numbers, flags, the model) and the default fields;
 - ``labels``: PixelLLM results <-> FiftyOne labels (``Detections``, word-trace ``Keypoints``/``Polylines``,
-  captions);
-- ``tasks``: the four operations, each reading, checking, inferring and writing a batch;
-- ``runs``: ``run_refer`` / ``run_caption_regions`` / ``run_dense_caption`` / ``run_caption_with_trace``,
+  captions, masks as instance-mask ``Detections`` or filled ``Polylines``, keypoints as point prompts);
+- ``tasks``: the five operations, each reading, checking, inferring and writing a batch;
+- ``runs``: ``run_refer`` / ``run_caption_regions`` / ``run_dense_caption`` / ``run_caption_with_trace`` /
+  ``run_segment``,
   batched inference over a sample collection: results written in bulk after every batch (an interrupted
   run keeps what it wrote), samples already labeled by the same model version for the same request skipped
   unless ``overwrite``, per-sample errors recorded in the ``pixelllm_error`` field and the run summary;
@@ -35,7 +36,15 @@ from ...errors import RemoteError as RemoteError
 from .install import install_plugin
 from .install import main as main
 from .install import plugin_source_dir as plugin_source_dir
-from .labels import dense_to_detections, path_field_for, refer_to_detections, short_label, trace_to_labels
+from .labels import MASK_OUTPUTS as MASK_OUTPUTS
+from .labels import (
+    dense_to_detections,
+    masks_to_labels,
+    path_field_for,
+    refer_to_detections,
+    short_label,
+    trace_to_labels,
+)
 from .model import OPERATIONS as OPERATIONS
 from .model import PixelLLMModel
 from .operators import COMMON_PARAMETERS, OPERATOR_PARAMETERS, operator_kwargs
@@ -44,6 +53,7 @@ from .params import DEFAULT_CAPTION_ATTRIBUTE as DEFAULT_CAPTION_ATTRIBUTE
 from .params import (
     DEFAULT_CAPTION_FIELD,
     DEFAULT_DENSE_FIELD,
+    DEFAULT_MASK_FIELD,
     DEFAULT_REFER_FIELD,
     DEFAULT_TRACE_FIELD,
     ERROR_FIELD,
@@ -63,6 +73,7 @@ from .runs import (
     run_caption_with_trace,
     run_dense_caption,
     run_refer,
+    run_segment,
 )
 from .runs import ProgressCallback as ProgressCallback
 from .zoo import ZOO_MANIFEST_PATH, download_model, install_zoo_source, load_model, resolve_input
@@ -71,6 +82,7 @@ from .zoo import parse_parameters as parse_parameters
 
 __all__ = [
     "DEFAULT_REFER_FIELD", "DEFAULT_DENSE_FIELD", "DEFAULT_CAPTION_FIELD", "DEFAULT_TRACE_FIELD",
+    "DEFAULT_MASK_FIELD", "run_segment", "masks_to_labels",
     "ERROR_FIELD", "FieldError", "RunSummary", "OPERATOR_PARAMETERS", "COMMON_PARAMETERS", "operator_kwargs",
     "RUNNERS", "PixelLLMModel", "run_refer", "run_caption_regions",
     "run_dense_caption", "run_caption_with_trace", "free_model", "refer_to_detections",

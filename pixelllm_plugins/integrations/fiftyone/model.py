@@ -13,9 +13,18 @@ from PIL import Image
 
 from ...bounds import DEFAULT_MAX_REGIONS, DEFAULT_MIN_SCORE
 from ...errors import PixelLLMError
+from ...geometry import xyxy_to_fo_relative
 from ...inference.protocol import PredictorProtocol
 from ...io import load_image, open_encoded
-from .labels import _box_xyxy, dense_to_detections, refer_to_detections, trace_to_labels
+from .labels import (
+    _box_xyxy,
+    box_prompts,
+    dense_to_detections,
+    keypoint_prompts,
+    masks_to_labels,
+    refer_to_detections,
+    trace_to_labels,
+)
 from .params import (
     DEFAULT_CAPTION_ATTRIBUTE,
     _attribute_name,
@@ -25,8 +34,10 @@ from .params import (
     _texts_from,
 )
 from .predictors import resolve_predictor
+from .tasks import _mask_output
 
-OPERATIONS = ("refer", "caption_regions", "dense_caption", "caption_with_trace")
+OPERATIONS = ("refer", "caption_regions", "dense_caption", "caption_with_trace", "segment")
+_SEGMENT_FIELDS = ("prompt_field", "boxes_field", "points_field")
 
 
 class PixelLLMModel(fom.Model, fom.SamplesMixin):
@@ -35,14 +46,17 @@ class PixelLLMModel(fom.Model, fom.SamplesMixin):
     ``operation`` is one of ``refer`` (text -> box; ``prompt=`` or ``apply_model(..., prompt_field=...)``),
     ``caption_regions`` (``apply_model(..., boxes_field=...)``: returns a copy of the boxes with captions),
     ``dense_caption`` and ``caption_with_trace`` (returns a dict, written as ``<label_field>_caption``,
-    ``<label_field>_trace`` and ``<label_field>_path``). Batches go to the predictor as one call.
+    ``<label_field>_trace`` and ``<label_field>_path``) and ``segment`` (masks for ``prompt=`` or for
+    ``apply_model(..., prompt_field= | boxes_field= | points_field=)``; ``output="instance_masks"`` returns
+    ``fo.Detections`` with box-cropped masks, ``output="polylines"`` filled ``fo.Polylines``, as
+    ``run_segment`` writes them). Batches go to the predictor as one call.
     A sample that cannot be processed gets an empty label carrying a ``pixelllm_error`` attribute.
     """
 
     def __init__(self, operation: str = "refer", *, prompt: str | None = None, model: str | None = None,
                  predictor: PredictorProtocol | None = None, max_regions: int = DEFAULT_MAX_REGIONS, min_score: float = DEFAULT_MIN_SCORE,
                  caption_attribute: str = DEFAULT_CAPTION_ATTRIBUTE, max_new_tokens: int | None = None,
-                 num_beams: int = 1):
+                 num_beams: int = 1, output: str = "instance_masks"):
         fom.SamplesMixin.__init__(self)
         if operation not in OPERATIONS:
             raise ValueError(f"operation must be one of {OPERATIONS}, got {operation!r}")
@@ -58,6 +72,7 @@ class PixelLLMModel(fom.Model, fom.SamplesMixin):
         self.max_new_tokens = None if max_new_tokens is None else _number("max_new_tokens", max_new_tokens,
                                                                           "max_new_tokens")
         self.num_beams = _number("num_beams", num_beams, "num_beams")
+        self.output = _mask_output(output)
         self._preprocess = False
 
     # fom.Model interface
@@ -156,7 +171,47 @@ class PixelLLMModel(fom.Model, fom.SamplesMixin):
             if not isinstance(value, fol.Detections):
                 return f"boxes_field {name!r} holds {type(value).__name__}, not Detections"
             return fol.Detections.from_dict(value.to_dict())  # a copy that keeps the label ids
+        if self.operation == "segment":
+            return self._segment_inputs(sample)
         return True
+
+    def _segment_inputs(self, sample):
+        """What a sample prompts ``segment`` with: ``{"texts": [...]}``, ``{"boxes_field": value}`` or
+        ``{"points_field": value}``; or an error message."""
+        if self.prompts:
+            return {"texts": list(self.prompts)}
+        given = [k for k in _SEGMENT_FIELDS if self.needs_fields.get(k)]
+        if len(given) != 1:
+            return ("give prompt= or one of apply_model(..., prompt_field= | boxes_field= | points_field=)"
+                    if not given else f"give one of {', '.join(given)}, not several")
+        kind, name = given[0], self.needs_fields[given[0]]
+        value = sample.get_field(name) if sample is not None and sample.has_field(name) else None
+        if value is None:
+            return f"{kind} {name!r} is empty for this sample"
+        if kind == "prompt_field":
+            texts = _texts_from(value, name)
+            return texts if isinstance(texts, str) else {"texts": texts}
+        if kind == "boxes_field" and not isinstance(value, (fol.Detections, fol.Detection)):
+            return f"boxes_field {name!r} holds {type(value).__name__}, not Detections"
+        if kind == "points_field" and not isinstance(value, (fol.Keypoints, fol.Keypoint)):
+            return f"points_field {name!r} holds {type(value).__name__}, not Keypoints"
+        return {kind: value, "name": name}
+
+    @staticmethod
+    def _segment_prompts(image, inputs) -> tuple[str, list, list[dict], list[str]]:
+        """(kind, prompts in pixels or texts, per prompt its label attributes, skipped-prompt messages)."""
+        if "texts" in inputs:
+            return "texts", inputs["texts"], [{"label": t, "prompt": t} for t in inputs["texts"]], []
+        w, h = image.size
+        if "boxes_field" in inputs:
+            prompts, errors = box_prompts(inputs["boxes_field"], inputs["name"], w, h)
+            return "boxes", [list(b) for _, b in prompts], [
+                {"label": d.label or "object", "prompt_box": xyxy_to_fo_relative(b, w, h), "source_id": d.id}
+                for d, b in prompts], errors
+        _, prompts, errors = keypoint_prompts(inputs["points_field"], inputs["name"])
+        return "points", [[x * w, y * h] for _, _, (x, y) in prompts], [
+            {"label": kp.label or "point", "prompt_point": [x, y], "source_id": kp.id, "point_index": j}
+            for kp, j, (x, y) in prompts], errors
 
     def _infer(self, images, inputs):
         p = self.predictor
@@ -172,6 +227,16 @@ class PixelLLMModel(fom.Model, fom.SamplesMixin):
             return p.caption_regions(images, boxes, num_beams=self.num_beams, **kw)
         if self.operation == "dense_caption":
             return p.dense_caption(images, max_regions=self.max_regions, min_score=self.min_score)
+        if self.operation == "segment":
+            asked = [self._segment_prompts(im, x) for im, x in zip(images, inputs)]
+            call = [k for k, a in enumerate(asked) if a[1]]
+            out: list[list] = [[] for _ in images]
+            if call:
+                kind = asked[call[0]][0]
+                for k, r in zip(call, p.segment([images[k] for k in call],
+                                                **{kind: [asked[k][1] for k in call]})):
+                    out[k] = r
+            return out
         return p.caption(images, trace=True, num_beams=self.num_beams, **kw)
 
     def _to_labels(self, image, inputs, result):
@@ -182,6 +247,14 @@ class PixelLLMModel(fom.Model, fom.SamplesMixin):
                 return {"caption": fol.Classification(pixelllm_error=error)}
             caption, trace, path = trace_to_labels(result, *image.size, version)
             return {"caption": caption, "trace": trace, "path": path}
+        if self.operation == "segment":
+            if error:
+                return (fol.Polylines if self.output == "polylines" else fol.Detections)(pixelllm_error=error)
+            _, _, meta, errors = self._segment_prompts(image, inputs)
+            labels, more = masks_to_labels(result, meta, *image.size, version, self.output)
+            if errors or more:
+                labels["pixelllm_error"] = "; ".join(errors + more)
+            return labels
         if error:
             return fol.Detections(pixelllm_error=error)
         w, h = image.size

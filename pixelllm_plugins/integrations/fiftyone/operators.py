@@ -7,14 +7,15 @@ from collections.abc import Mapping
 from ...bounds import DEFAULT_MAX_REGIONS, DEFAULT_MIN_SCORE
 from ...errors import InvalidParameterError
 from .params import _check_common, _shown
-from .tasks import _CaptionRegionsTask, _DenseTask, _ReferTask, _TraceTask
+from .tasks import _CaptionRegionsTask, _DenseTask, _ReferTask, _SegmentTask, _TraceTask
 
 # the parameters of each operator of the ``@pixelllm/pixelllm`` plugin (besides the common ones)
 OPERATOR_PARAMETERS: dict[str, tuple[str, ...]] = {
     "refer": ("prompt", "prompt_field", "label_field"),
-    "caption_regions": ("boxes_field", "caption_attribute"),
+    "caption_regions": ("boxes_field", "caption_attribute", "points_field"),
     "dense_caption": ("label_field", "max_regions", "min_score"),
     "caption_with_trace": ("caption_field", "trace_field"),
+    "segment": ("prompt", "prompt_field", "boxes_field", "points_field", "label_field", "output"),
 }
 COMMON_PARAMETERS = ("model", "batch_size", "overwrite")
 _OPERATOR_DEFAULTS = {"max_regions": DEFAULT_MAX_REGIONS, "min_score": DEFAULT_MIN_SCORE}
@@ -47,9 +48,13 @@ def operator_kwargs(operation: str, params: Mapping | None) -> dict:
     if operation == "refer":
         _ReferTask(kwargs["prompt"], kwargs["prompt_field"], kwargs["label_field"])
     elif operation == "caption_regions":
-        _CaptionRegionsTask(kwargs["boxes_field"], kwargs["caption_attribute"], None, 20, 1)
+        _CaptionRegionsTask(kwargs["boxes_field"], kwargs["caption_attribute"], None, 20, 1,
+                            kwargs["points_field"])
     elif operation == "dense_caption":
         _DenseTask(kwargs["label_field"], kwargs["max_regions"], kwargs["min_score"])
+    elif operation == "segment":
+        _SegmentTask(kwargs["prompt"], kwargs["prompt_field"], kwargs["boxes_field"], kwargs["points_field"],
+                     kwargs["label_field"], kwargs["output"])
     else:
         _TraceTask(kwargs["caption_field"], kwargs["trace_field"], 40, 1)
     batch_size, overwrite, model = _check_common(get("batch_size"), get("overwrite"), get("model"))

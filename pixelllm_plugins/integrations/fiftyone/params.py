@@ -26,6 +26,7 @@ DEFAULT_REFER_FIELD = "pixelllm"
 DEFAULT_DENSE_FIELD = "pixelllm_regions"
 DEFAULT_CAPTION_FIELD = "pixelllm_caption"
 DEFAULT_TRACE_FIELD = "pixelllm_trace"
+DEFAULT_MASK_FIELD = "pixelllm_masks"
 DEFAULT_CAPTION_ATTRIBUTE = "caption"
 DEFAULT_BATCH_SIZE = 8
 ERROR_FIELD = "pixelllm_error"

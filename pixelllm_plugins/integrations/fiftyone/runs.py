@@ -1,5 +1,5 @@
-"""Batched runs over a sample collection: ``run_refer``, ``run_caption_regions``, ``run_dense_caption`` and
-``run_caption_with_trace``.
+"""Batched runs over a sample collection: ``run_refer``, ``run_caption_regions``, ``run_dense_caption``,
+``run_caption_with_trace`` and ``run_segment``.
 
 Results are written in bulk after every batch (an interrupted run keeps what it wrote), samples already
 labeled by the same model version for the same request are skipped unless ``overwrite``, and per-sample
@@ -24,6 +24,7 @@ from .params import (
     DEFAULT_CAPTION_ATTRIBUTE,
     DEFAULT_CAPTION_FIELD,
     DEFAULT_DENSE_FIELD,
+    DEFAULT_MASK_FIELD,
     DEFAULT_REFER_FIELD,
     DEFAULT_TRACE_FIELD,
     ERROR_FIELD,
@@ -32,7 +33,7 @@ from .params import (
     _selected_labels,
 )
 from .predictors import resolve_predictor
-from .tasks import _CaptionRegionsTask, _DenseTask, _Item, _ReferTask, _Task, _TraceTask
+from .tasks import _CaptionRegionsTask, _DenseTask, _Item, _ReferTask, _SegmentTask, _Task, _TraceTask
 
 logger = logging.getLogger(__name__)
 
@@ -189,15 +190,25 @@ def run_refer(samples, *, prompt: str | Sequence[str] | None = None, prompt_fiel
 
 def run_caption_regions(samples, *, boxes_field: str | None = None,
                         caption_attribute: str = DEFAULT_CAPTION_ATTRIBUTE,
-                        selected_labels: Sequence[dict] | None = None, overwrite: bool = False,
+                        selected_labels: Sequence[dict] | None = None, points_field: str | None = None,
+                        overwrite: bool = False,
                         batch_size: int = DEFAULT_BATCH_SIZE, model: str | None = None,
                         max_new_tokens: int = 20, num_beams: int = 1,
                         predictor: PredictorProtocol | None = None,
                         progress: ProgressCallback | None = None) -> RunSummary:
     """Caption existing boxes in place: each box of ``boxes_field`` (or each of ``selected_labels``, the
     App's selection format) gets ``<caption_attribute>``, ``<caption_attribute>_score`` and
-    ``<caption_attribute>_model_version`` attributes. Label ids are kept."""
-    task = _CaptionRegionsTask(boxes_field, caption_attribute, selected_labels, max_new_tokens, num_beams)
+    ``<caption_attribute>_model_version`` attributes. Label ids are kept.
+
+    ``points_field``: caption points instead of boxes. Every point of each ``fo.Keypoint`` of that
+    Keypoints field (relative coordinates) is a prompt; each keypoint gets ``<caption_attribute>`` (a list:
+    one caption per point, "" for a point that could not be used), ``<caption_attribute>_score``,
+    ``<caption_attribute>_box`` (the region each caption is of, relative ``[x, y, w, h]``) and
+    ``<caption_attribute>_model_version``. Non-finite points (FiftyOne's missing keypoints) and points
+    outside the image are skipped and named in the sample's ``pixelllm_error``; ``boxes_field`` is then
+    ignored."""
+    task = _CaptionRegionsTask(boxes_field, caption_attribute, selected_labels, max_new_tokens, num_beams,
+                               points_field)
     selected_labels = _selected_labels(selected_labels)
     if selected_labels and isinstance(samples, foc.SampleCollection):
         samples = samples.select(sorted({s["sample_id"] for s in selected_labels}))
@@ -228,7 +239,28 @@ def run_caption_with_trace(samples, *, caption_field: str = DEFAULT_CAPTION_FIEL
                 progress=progress)
 
 
+def run_segment(samples, *, prompt: str | Sequence[str] | None = None, prompt_field: str | None = None,
+                boxes_field: str | None = None, points_field: str | None = None,
+                label_field: str = DEFAULT_MASK_FIELD, output: str = "instance_masks", overwrite: bool = False,
+                batch_size: int = DEFAULT_BATCH_SIZE, model: str | None = None,
+                predictor: PredictorProtocol | None = None, progress: ProgressCallback | None = None) -> RunSummary:
+    """Masks on every sample of ``samples``, for exactly one kind of prompt: ``prompt`` (a text, or texts,
+    for every sample), ``prompt_field`` (each sample's texts), ``boxes_field`` (every box of a Detections
+    field) or ``points_field`` (every point of a Keypoints field, relative coordinates; one mask per point).
+
+    ``output="instance_masks"`` writes ``fo.Detections`` to ``label_field``: per prompt a Detection whose
+    ``bounding_box`` is the mask's tight box and ``mask`` the boolean mask cropped to that box (FiftyOne's
+    convention). ``output="polylines"`` writes ``fo.Polylines``: per prompt one filled, closed Polyline whose
+    shapes are the mask's polygons, holes as extra shapes (a shape inside another is a hole: FiftyOne's
+    ``Polyline.to_segmentation`` fills them that way). Every label has ``confidence``, ``mask_score``,
+    ``model_version`` and its prompt (``prompt``, ``prompt_box`` or ``prompt_point``, ``source_id``).
+    """
+    task = _SegmentTask(prompt, prompt_field, boxes_field, points_field, label_field, output)
+    return _run(task, samples, overwrite=overwrite, batch_size=batch_size, model=model, predictor=predictor,
+                progress=progress)
+
+
 RUNNERS: dict[str, Callable[..., RunSummary]] = {
     "refer": run_refer, "caption_regions": run_caption_regions, "dense_caption": run_dense_caption,
-    "caption_with_trace": run_caption_with_trace,
+    "caption_with_trace": run_caption_with_trace, "segment": run_segment,
 }

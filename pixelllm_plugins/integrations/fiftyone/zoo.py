@@ -38,7 +38,9 @@ def resolve_input(model_name: str, ctx):
     inputs = types.Object()
     inputs.enum("operation", list(OPERATIONS), default="refer", label="Task",
                 view=types.DropdownView())
-    inputs.str("prompt", default="", label="Referring expression (refer)")
+    inputs.str("prompt", default="", label="Referring expression (refer, segment)")
+    inputs.enum("output", ["instance_masks", "polylines"], default="instance_masks", label="Masks as (segment)",
+                view=types.DropdownView())
     return types.Property(inputs)
 
 
