@@ -189,6 +189,14 @@ def _load_folder(directory: Path, device, dtype: torch.dtype) -> tuple[PixelLLM,
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     version = meta.get("model_version") or f"{config.preset}-{_sha256(directory / WEIGHTS_FILE)[:8]}"
     model.model_version = version
+    if "score_calibration" in meta:
+        from .inference.calibration import ScoreCalibration
+
+        try:
+            model.score_calibration = ScoreCalibration.from_dict(meta["score_calibration"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{meta_path}: score_calibration is malformed ({exc}); remove it or refit it "
+                                  "with scripts/calibrate_scores.py") from exc
     return model.to(device=device, dtype=dtype).eval(), tokenizer, version
 
 

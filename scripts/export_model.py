@@ -22,7 +22,7 @@ def main(argv: list[str]) -> int:
     src, dst = Path(argv[0]), Path(argv[1])
     model, tokenizer, version = load_pretrained(str(src))
     meta = json.loads((src / "meta.json").read_text())
-    extra = {k: meta[k] for k in ("step", "train_config", "eval") if k in meta}
+    extra = {k: meta[k] for k in ("step", "train_config", "eval", "score_calibration") if k in meta}
     extra.update(status="trained", trained_from=version)
     card_file = Path(argv[2]) if len(argv) == 3 else src / "README.md"
     card = card_file.read_text() if card_file.is_file() else None

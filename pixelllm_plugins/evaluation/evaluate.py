@@ -40,6 +40,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,7 @@ from .metrics import (
     caption_objects,
     caption_scores,
     densecap_map,
+    expected_calibration_error,
     has_holes,
     interior_point,
     mask_intersection_union,
@@ -113,9 +115,23 @@ def _bar(total: int, desc: str, enabled: bool):
 
 # ---- tasks --------------------------------------------------------------------------------------------
 
-def eval_refer(predictor: PredictorProtocol, samples: list[GroundedSample], batch_size: int = 16,
-               progress: bool = False, adapter: str | None = None) -> dict:
-    preds, gts, ious, scores = [], [], [], []
+@dataclass
+class ReferOutcomes:
+    """Per expression: the predicted box (None when nothing came back), the target, IoU and score."""
+
+    preds: list = field(default_factory=list)
+    gts: list = field(default_factory=list)
+    ious: list[float] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+
+    @property
+    def right(self) -> list[bool]:
+        return [v >= 0.5 for v in self.ious]
+
+
+def refer_outcomes(predictor: PredictorProtocol, samples: list[GroundedSample], batch_size: int = 16,
+                   progress: bool = False, adapter: str | None = None) -> ReferOutcomes:
+    out_ = ReferOutcomes()
     with _bar(len(samples), "refer", progress) as bar:
         for chunk in _chunks(samples, batch_size):
             texts = [[p.text for p in s.prompts] for s in chunk]
@@ -123,14 +139,22 @@ def eval_refer(predictor: PredictorProtocol, samples: list[GroundedSample], batc
             for sample, per_text in zip(chunk, out):
                 for prompt, dets in zip(sample.prompts, per_text):
                     best = dets[0] if dets else None
-                    preds.append(best.box_xyxy if best else None)
-                    gts.append(prompt.target_box)
-                    scores.append(best.score if best else 0.0)
-                    ious.append(float(box_iou_matrix([best.box_xyxy], [prompt.target_box])[0, 0]) if best else 0.0)
+                    out_.preds.append(best.box_xyxy if best else None)
+                    out_.gts.append(prompt.target_box)
+                    out_.scores.append(best.score if best else 0.0)
+                    out_.ious.append(float(box_iou_matrix([best.box_xyxy], [prompt.target_box])[0, 0])
+                                     if best else 0.0)
             bar.update(len(chunk))
-    return {"P@0.5": box_precision(preds, gts), "mean_IoU": float(np.mean(ious)) if ious else math.nan,
-            "mean_score": float(np.mean(scores)) if scores else math.nan, "count": len(gts),
-            "images": len(samples)}
+    return out_
+
+
+def eval_refer(predictor: PredictorProtocol, samples: list[GroundedSample], batch_size: int = 16,
+               progress: bool = False, adapter: str | None = None) -> dict:
+    o = refer_outcomes(predictor, samples, batch_size, progress, adapter)
+    return {"P@0.5": box_precision(o.preds, o.gts), "mean_IoU": float(np.mean(o.ious)) if o.ious else math.nan,
+            "mean_score": float(np.mean(o.scores)) if o.scores else math.nan,
+            "score_ECE": expected_calibration_error(o.scores, o.right) if o.scores else math.nan,
+            "count": len(o.gts), "images": len(samples)}
 
 
 def eval_region(predictor: PredictorProtocol, samples: list[GroundedSample], batch_size: int = 16,

@@ -687,3 +687,18 @@ __all__ = [
     "interpolated_ap", "java_available", "mask_scores", "merge_gt_boxes", "ptb_tokenize", "simple_ptb_tokenize",
     "trace_point_l1", "trace_point_l1_image",
 ]
+
+
+def expected_calibration_error(scores: Sequence[float], right: Sequence[bool], bins: int = 10) -> float:
+    """ECE over ``bins`` equal-width score bins: the count-weighted gap between mean score and hit rate."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(right, dtype=np.float64)
+    if len(s) == 0:
+        return 0.0
+    index = np.minimum((s * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in range(bins):
+        inside = index == b
+        if inside.any():
+            total += inside.mean() * abs(s[inside].mean() - y[inside].mean())
+    return float(total)

@@ -160,6 +160,8 @@ class Predictor:
         self._text_cache: OrderedDict[tuple, list[int]] = OrderedDict()  # see _encode
         self._lock = threading.RLock()  # one forward at a time per model
         self.stats = {"vision_calls": 0, "cache_hits": 0}
+        # box scores through the checkpoint's score_calibration when it has one (inference/calibration.py)
+        self.calibrated = True
 
     # ---- identity ------------------------------------------------------------------------------------
     @property
@@ -410,6 +412,9 @@ class Predictor:
             sizes = torch.tensor([loaded[r.image].prepared.original_size for r in rows], dtype=torch.float32)
             all_boxes = (torch.cat(boxes).float().cpu() * sizes.repeat(1, 2)).tolist()  # to original pixels
             all_scores = torch.cat(scores).float().cpu().tolist()
+            calibration = getattr(self.model, "score_calibration", None)
+            if calibration is not None and self.calibrated:
+                all_scores = calibration(all_scores).tolist()
             labels: dict[tuple, str] = {}
             for row, (x0, y0, x1, y1), score in zip(rows, all_boxes, all_scores):
                 w, h = loaded[row.image].prepared.original_size

@@ -166,10 +166,12 @@ def test_point_prompts_reach_the_language_models_visual_tokens():
 
 # ---- off by default, and exact no-ops when absent -------------------------------------------------------
 
-def test_every_preset_ships_without_decoder_or_points():
+def test_only_the_synth_small_preset_has_the_decoder_and_points():
+    """synth-small is the shipped architecture (decoder and clicks); the others stay as they were."""
     for name in PRESETS:
         cfg = get_preset(name)
-        assert cfg.heads.mask_decoder == 0 and cfg.prompt.points is False
+        on = name == "synth-small"
+        assert (cfg.heads.mask_decoder, cfg.prompt.points) == ((3, True) if on else (0, False))
     assert (LossConfig().mask_focal_weight, LossConfig().mask_dice_weight, LossConfig().mask_iou_weight) == (
         20.0, 1.0, 1.0)
     data = get_preset("tiny").to_dict()  # a config written before the options loads with them off

@@ -1,0 +1,90 @@
+"""Box-score calibration: fitting, applying, storing in a checkpoint, and the Predictor using it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from pixelllm_plugins.checkpoint import load_pretrained
+from pixelllm_plugins.errors import CheckpointError
+from pixelllm_plugins.evaluation.metrics import expected_calibration_error
+from pixelllm_plugins.inference.calibration import ScoreCalibration, fit_calibration
+from pixelllm_plugins.inference.predictor import Predictor
+
+
+def _overconfident(n=2000, seed=0):
+    """Scores in [0.5, 1] whose real hit rate is score - 0.4: badly over-confident but well ordered."""
+    rng = np.random.default_rng(seed)
+    scores = rng.uniform(0.5, 1.0, n)
+    right = rng.uniform(size=n) < scores - 0.4
+    return scores, right
+
+
+def test_ece_of_a_perfect_and_a_wrong_score():
+    right = np.array([True] * 80 + [False] * 20)
+    assert expected_calibration_error(np.full(100, 0.8), right) == pytest.approx(0.0)
+    assert expected_calibration_error(np.full(100, 0.3), right) == pytest.approx(0.5)
+    assert expected_calibration_error([], []) == 0.0
+
+
+def test_fitted_map_removes_the_bias_on_fresh_data_and_keeps_the_order():
+    scores, right = _overconfident(seed=0)
+    calibration = fit_calibration(scores, right, fitted_on="synthetic")
+    fresh, fresh_right = _overconfident(seed=1)
+    before = expected_calibration_error(fresh, fresh_right)
+    after = expected_calibration_error(calibration(fresh), fresh_right)
+    assert before > 0.3 and after < 0.05
+    grid = np.linspace(0, 1, 101)
+    assert np.all(np.diff(calibration(grid)) >= 0)  # monotone: sorting by score is unchanged
+    assert len(calibration.x) <= 48
+
+
+def test_round_trip_and_bad_knots():
+    c = ScoreCalibration((0.0, 0.5, 1.0), (0.1, 0.4, 0.9), "val")
+    assert ScoreCalibration.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    assert c([0.25, 2.0]).tolist() == pytest.approx([0.25, 0.9])
+    with pytest.raises(ValueError, match="non-decreasing"):
+        ScoreCalibration((0.0, 1.0), (0.9, 0.1))
+    with pytest.raises(ValueError, match="at least 20"):
+        fit_calibration([0.5] * 5, [True] * 5)
+
+
+@pytest.fixture()
+def calibrated_checkpoint(tiny_checkpoint, tmp_path):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["score_calibration"] = ScoreCalibration((0.0, 1.0), (0.25, 0.25), "constant").to_dict()
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder
+
+
+def test_predictor_applies_the_checkpoint_calibration(calibrated_checkpoint, tiny_checkpoint, scene_files):
+    texts = [["the red circle", "the blue square"]]
+    calibrated = Predictor(calibrated_checkpoint, device="cpu")
+    (per_text,) = calibrated.refer([scene_files[0]], texts)
+    assert [dets[0].score for dets in per_text] == [0.25, 0.25]
+    calibrated.calibrated = False
+    (raw,) = calibrated.refer([scene_files[0]], texts)
+    (plain,) = Predictor(tiny_checkpoint, device="cpu").refer([scene_files[0]], texts)
+    assert [d[0].score for d in raw] == [d[0].score for d in plain]
+    assert [d[0].box_xyxy for d in raw] == [d[0].box_xyxy for d in per_text]  # boxes are untouched
+
+
+def test_a_malformed_calibration_names_the_file(calibrated_checkpoint):
+    meta = json.loads((calibrated_checkpoint / "meta.json").read_text())
+    meta["score_calibration"] = {"x": [0.0, 1.0], "y": [1.0, 0.0]}
+    (calibrated_checkpoint / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="score_calibration is malformed"):
+        load_pretrained(calibrated_checkpoint)
+
+
+def test_the_embedded_default_is_calibrated():
+    model, _, _ = load_pretrained()
+    calibration = model.score_calibration
+    assert calibration.fitted_on and calibration.report
+    held_out = [v for split, v in calibration.report.items() if split != "val"]
+    assert held_out and all(v["ECE_calibrated"] <= 0.05 for v in held_out)
