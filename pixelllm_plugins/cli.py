@@ -809,9 +809,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Referring segmentation: each text is referred to a box, and the box (or a "
                                    "given box, or a point) prompts the model's own mask decoder (a checkpoint "
                                    "trained with heads.mask_decoder > 0; points need prompt.points) or a mask "
-                                   "engine, which wins when given. The embedded model has no mask decoder yet: "
-                                   "give --mask-engine sam:PATH, a local SAM checkpoint folder (or set "
-                                   "PIXELLLM_MASK_ENGINE).")
+                                   "engine, which wins when given. The embedded model has a decoder; for real "
+                                   "photographs give --mask-engine sam:PATH, a local SAM checkpoint folder (or "
+                                   "set PIXELLLM_MASK_ENGINE).")
     infer_args(p, "image file")
     p.add_argument("text", nargs="*", help="referring expression(s), each -> one mask")
     p.add_argument("--box", action="append", metavar="x1,y1,x2,y2", help="a box in image pixels (repeatable)")

@@ -1,7 +1,7 @@
 """Mask engines: prompt (box or point) -> mask, for ``Predictor.segment``.
 
-PixelLLM has no mask decoder of its own yet. The paper's recipe for real images is a frozen SAM prompted
-with PixelLLM's box, and ``SamMaskEngine`` is that SAM: transformers' ``SamModel`` and its image processor,
+A model with ``heads.mask_decoder`` answers with its own decoder; the paper's recipe for real images is a
+frozen SAM prompted with PixelLLM's box, and ``SamMaskEngine`` is that SAM: transformers' ``SamModel`` and its image processor,
 loaded from a LOCAL checkpoint folder only (``local_files_only=True``) and from ``safetensors`` only (no
 pickle is ever loaded). Like segment-anything's ``SamPredictor`` it keeps image embeddings, so several
 prompts on one image run the vision encoder once.

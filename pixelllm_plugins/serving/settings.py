@@ -103,8 +103,8 @@ class WorkerSettings:
     # memory that decoding may hold at once in this process (each image's decoded pixels and RGB copy,
     # from its header): requests beyond it wait for their turn; an image costing more alone gets a 413
     decode_budget_bytes: int = 1024 * 1024 * 1024
-    # the mask engine of /v1/segment, "sam:PATH" (a local SAM checkpoint folder); None: /v1/segment answers
-    # that the model has no mask decoder yet
+    # the mask engine of /v1/segment, "sam:PATH" (a local SAM checkpoint folder); None: the model's own mask
+    # decoder (a model without one answers that it has none)
     mask_engine: str | None = None
 
     def __post_init__(self) -> None:

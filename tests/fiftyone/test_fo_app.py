@@ -135,15 +135,15 @@ def test_app_serves_the_operators_and_shows_boxes_captions_and_trace(app, datase
 DOCS_IMAGES = ROOT / "docs" / "images"
 
 
-def test_app_draws_segment_masks_and_polylines(plugin_installed, dataset, oracle, tmp_root, tmp_path, poll):
-    """The App shows ``segment``'s labels: instance masks (left/top of each object, from text prompts) and
-    filled polylines with a hole (from the ground-truth boxes). With ``PIXELLLM_DOCS_IMAGES=1`` the screenshots
-    are copied to ``docs/images/fiftyone-segment*.png``."""
+def test_app_draws_segment_masks_and_polylines(plugin_installed, dataset, tmp_root, tmp_path, poll):
+    """The App shows ``segment``'s labels from the embedded default model: instance masks from the text prompts
+    and filled polylines from the ground-truth boxes. With ``PIXELLLM_DOCS_IMAGES=1`` the screenshots are
+    copied to ``docs/images/fiftyone-segment*.png``."""
     dataset.persistent = True
     assert pxfo.run_segment(dataset, prompt_field="refexp", label_field="masks").failed == 0
     assert pxfo.run_segment(dataset, boxes_field="ground_truth", output="polylines",
                             label_field="polygons").failed == 0
-    assert dataset.count("masks.detections.mask") == 6 and dataset.count("polygons.polylines") == 12
+    assert dataset.count("masks.detections.mask") == 6 and dataset.count("polygons.polylines") >= 12
     if CHROMIUM is None:
         pytest.skip("chromium is not installed (apt-get install chromium): no screenshot")
     port = _free_port()

@@ -64,8 +64,12 @@ def main(args: dict) -> dict:
         page.locator(".lsf-label", has_text="object").first.click()
         box = page.locator("canvas").first.bounding_box()
         fx, fy = args.get("click_fraction", (0.25, 0.4))
-        with page.expect_response(lambda r: "interactive-annotating" in r.url, timeout=60_000) as info:
-            page.mouse.click(box["x"] + box["width"] * fx, box["y"] + box["height"] * fy)
+        try:
+            with page.expect_response(lambda r: "interactive-annotating" in r.url, timeout=60_000) as info:
+                page.mouse.click(box["x"] + box["width"] * fx, box["y"] + box["height"] * fy)
+        except Exception:
+            page.screenshot(path=str(out / "debug-click.png"))  # what the page showed when no answer came
+            raise
         response = info.value
         summary["click_status"] = response.status
         data = response.json().get("data") or {}

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from ls_helpers import png_bytes
 from ls_server import BackendServer
-from test_ls_segmentation import INT_SEG, REF_SEG, tiny_segmenter
+from test_ls_segmentation import INT_SEG, REF_SEG
 
 from label_studio_backend.convert import mask_from_result
 from pixelllm_plugins.masks import ls_rle_to_mask, mask_iou, rle_to_mask
@@ -57,8 +57,7 @@ def seg_e2e(label_studio, tmp_path_factory):
         assert r.status_code == 201, r.text
     task_lists = {k: sorted(api.get("/api/tasks", params={"project": p, "page_size": 100}).json()["tasks"],
                             key=lambda t: t["id"]) for k, p in projects.items()}
-    model, tokenizer, _ = tiny_segmenter()
-    predictor = Predictor(model, tokenizer=tokenizer, model_version="tiny-seg", device="cpu")
+    predictor = Predictor(None, device="cpu")  # the embedded default: real masks in the screenshots
     app = create_app(model_dir=tmp_path_factory.mktemp("ls-seg-backend"), predictor=predictor,
                      label_studio_url=ls.url, label_studio_api_key=ls.token, basic_auth_user=AUTH[0],
                      basic_auth_pass=AUTH[1], local_roots=(), fetch_timeout_s=30)
@@ -89,7 +88,7 @@ def test_retrieve_predictions_gives_polygons_matching_segment(seg_e2e):
         preds = api.get("/api/predictions/", params={"task": task["id"]}).json()
         assert len(preds) == 1, preds
         pred = preds[0]
-        assert pred["model_version"] == "tiny-seg" and 0 <= pred["score"] <= 1
+        assert pred["model_version"] == predictor.model_version and 0 <= pred["score"] <= 1
         polys = [x for x in pred["result"] if x["type"] == "polygonlabels"]
         assert polys and len(polys) == len(pred["result"])
         path = _image_path(ls, task)
@@ -125,6 +124,13 @@ def test_browser_screenshots_of_masks(seg_e2e):
         pytest.skip("Debian chromium is not installed (apt-get install -y chromium)")
     if subprocess.run([ls.python, "-c", "import playwright"], capture_output=True).returncode != 0:
         pytest.skip("playwright is not in the Label Studio virtualenv")
+    # the click must land on the image, not on a suggestion fetched when the task opened (it would select it)
+    api, brush_task = seg_e2e["api"], seg_e2e["tasks"]["int"][0]["id"]
+    r = api.patch(f"/api/projects/{seg_e2e['projects']['int']}",
+                  json={"evaluate_predictions_automatically": False, "show_collab_predictions": False})
+    assert r.status_code == 200, r.text
+    for pred in api.get("/api/predictions/", params={"task": brush_task}).json():
+        assert api.delete(f"/api/predictions/{pred['id']}/").status_code == 204
     args = {"url": ls.url, "user": ls.user, "password": ls.password, "chromium": chromium,
             "polygon_project": seg_e2e["projects"]["ref"], "polygon_task": seg_e2e["tasks"]["ref"][0]["id"],
             "brush_project": seg_e2e["projects"]["int"], "brush_task": seg_e2e["tasks"]["int"][0]["id"],
