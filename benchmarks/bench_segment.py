@@ -1,8 +1,8 @@
 """Segmentation cost on CPU: ``Predictor.segment`` through the model's own mask decoder against ``refer``.
 
-The model is the embedded synth-small checkpoint when it has a mask decoder; until it is retrained with one,
-it is that checkpoint grown in memory with ``heads.mask_decoder=3`` and ``prompt.points`` (its trained weights
-kept, the decoder's random, seeded), or with ``--random`` the synth-small preset with random weights. Per
+The model is the embedded synth-small checkpoint (which has a trained mask decoder; a checkpoint without one
+is grown in memory with ``heads.mask_decoder=3`` and ``prompt.points``, its decoder random and seeded), or
+with ``--random`` the synth-small preset with random weights. Per
 image, ``--prompts`` texts (refer, and segment by text: refer + the decoder), boxes and points (segment only).
 
 Each row: CPU ms per image (``time.process_time``: this process, all threads; minimum over ``--repeat``
@@ -164,7 +164,7 @@ def main(argv=None) -> int:
 
     for name, fn in calls.items():
         measure(name, fn)
-    encoding("random decoder masks")
+    encoding("the model's masks")
     predictor.model.prompt_masks = blob_masks(predictor)
     for name, fn in calls.items():
         if name.startswith("segment"):
