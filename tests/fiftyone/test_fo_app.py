@@ -7,11 +7,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import fiftyone as fo
 import httpx
 import pytest
+from fo_worker import free_port
 from PIL import Image
 
 from pixelllm_plugins.integrations import fiftyone as pxfo
@@ -24,22 +26,10 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shuti
 pytestmark = pytest.mark.integration
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture()
-def app(plugin_installed, dataset, oracle, tmp_root, poll):
-    """The App serving a labeled copy of the scenes (refer, captions on the boxes, caption + word trace)."""
-    dataset.persistent = True  # the App server is another process
-    pxfo.run_refer(dataset, prompt_field="refexp")
-    pxfo.run_caption_regions(dataset, boxes_field="ground_truth")
-    pxfo.run_caption_with_trace(dataset)
-    port = _free_port()
+@contextmanager
+def launched_app(dataset, tmp_root, poll):
+    """The App for ``dataset`` on a free loopback port (isolated HOME); yields (session, url) once it answers."""
+    port = free_port()
     home = os.environ.get("HOME")
     os.environ["HOME"] = str(tmp_root / "home")  # the server processes inherit an isolated HOME
     try:
@@ -56,6 +46,17 @@ def app(plugin_installed, dataset, oracle, tmp_root, poll):
         yield session, url
     finally:
         session.close()  # always: a killed launcher orphans the server processes
+
+
+@pytest.fixture()
+def app(plugin_installed, dataset, oracle, tmp_root, poll):
+    """The App serving a labeled copy of the scenes (refer, captions on the boxes, caption + word trace)."""
+    dataset.persistent = True  # the App server is another process
+    pxfo.run_refer(dataset, prompt_field="refexp")
+    pxfo.run_caption_regions(dataset, boxes_field="ground_truth")
+    pxfo.run_caption_with_trace(dataset)
+    with launched_app(dataset, tmp_root, poll) as (session, url):
+        yield session, url
 
 
 def _open_modal(session, sample_id: str) -> bool:
@@ -146,26 +147,13 @@ def test_app_draws_segment_masks_and_polylines(plugin_installed, dataset, tmp_ro
     assert dataset.count("masks.detections.mask") == 6 and dataset.count("polygons.polylines") >= 12
     if CHROMIUM is None:
         pytest.skip("chromium is not installed (apt-get install chromium): no screenshot")
-    port = _free_port()
-    home = os.environ.get("HOME")
-    os.environ["HOME"] = str(tmp_root / "home")
-    try:
-        session = fo.launch_app(dataset, remote=True, address="127.0.0.1", port=port, auto=False)
-    finally:
-        if home is not None:
-            os.environ["HOME"] = home
-    url = f"http://127.0.0.1:{port}"
-    try:
-        poll(lambda: _answers(f"{url}/fiftyone") and session._client._connected, 180,
-             "the App server and the session client")
+    with launched_app(dataset, tmp_root, poll) as (session, url):
         grid = _rendered_screenshot(f"{url}/datasets/{dataset.name}", ARTIFACTS / "segment-grid.png",
                                     tmp_path, poll)
         sample = dataset.first()
         poll(lambda: _open_modal(session, sample.id), 60, "the session to open the sample")
         modal = _rendered_screenshot(f"{url}/datasets/{dataset.name}?id={sample.id}",
                                      ARTIFACTS / "segment-modal.png", tmp_path, poll)
-    finally:
-        session.close()
     if os.environ.get("PIXELLLM_DOCS_IMAGES") == "1":
         DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(grid, DOCS_IMAGES / "fiftyone-segment-grid.png")

@@ -6,14 +6,12 @@ Labels written through FiftyOne are checked against the predictor's own output f
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import fiftyone.operators as foo
-import httpx
 import pytest
 from fiftyone.operators.delegated import DelegatedOperationService
 from fiftyone.operators.executor import ExecutionContext, Executor
+from fo_worker import running_worker
 
 from pixelllm_plugins import predictors
 from pixelllm_plugins.geometry import fo_relative_to_xyxy, xyxy_to_fo_relative
@@ -92,42 +90,11 @@ def _size(sample):
 # ---- remote mode --------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
 def worker(tiny_checkpoint, fo_subprocess_env, poll, tmp_path):
     pytest.importorskip("pixelllm_plugins.serving.app", reason="the GPU worker is not available")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_path = tmp_path / "worker.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "pixelllm_plugins.serving", "--host", "127.0.0.1",
-                                 "--port", str(port), "--model", str(tiny_checkpoint), "--device", "cpu"],
-                                env=fo_subprocess_env(), stdout=log, stderr=subprocess.STDOUT)
-
-    def ready():
-        if proc.poll() is not None:
-            raise AssertionError(f"worker exited: {log_path.read_text()[-3000:]}")
-        try:
-            return httpx.get(f"{url}/ready", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        poll(ready, 180, "the worker to be ready")
+    with running_worker(tiny_checkpoint, tmp_path, fo_subprocess_env(), poll) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_remote_mode_uses_the_worker(plugin_installed, dataset, worker, tiny_predictor, monkeypatch,

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from fiftyone.operators.delegated import DelegatedOperationService
 from fo_scenes import SegmentingFake
+from fo_worker import running_worker
 from PIL import Image
 
 from pixelllm_plugins.geometry import fo_relative_to_xyxy
@@ -354,38 +355,9 @@ def test_segment_with_the_real_model_matches_predictor_segment(plugin_installed,
 
 @pytest.fixture()
 def decoder_worker(decoder_checkpoint, fo_subprocess_env, poll, tmp_path):
-    import socket
-
-    import httpx
-
     pytest.importorskip("pixelllm_plugins.serving.app", reason="the GPU worker is not available")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    log_path = tmp_path / "worker.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "pixelllm_plugins.serving", "--host", "127.0.0.1",
-                                 "--port", str(port), "--model", str(decoder_checkpoint), "--device", "cpu"],
-                                env=fo_subprocess_env(), stdout=log, stderr=subprocess.STDOUT)
-
-    def ready():
-        if proc.poll() is not None:
-            raise AssertionError(f"worker exited: {log_path.read_text()[-3000:]}")
-        try:
-            return httpx.get(f"{url}/ready", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        poll(ready, 180, "the worker to be ready")
+    with running_worker(decoder_checkpoint, tmp_path, fo_subprocess_env(), poll) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.mark.integration
