@@ -38,7 +38,8 @@ class Runtime:
         self.training = TrainingManager(
             settings.model_dir, trainer=trainer, base_model=settings.model, steps=settings.train_steps,
             min_annotations=settings.train_min_annotations, image_loader=self.fetcher.load,
-            client_factory=self.ls_client, validate_adapter=self.load_adapter)
+            client_factory=self.ls_client, validate_adapter=self.load_adapter,
+            gate=None if settings.train_gate else False, replay=settings.train_replay)
 
     # ---- predictor -----------------------------------------------------------------------------------
     @property

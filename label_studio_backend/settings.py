@@ -53,7 +53,10 @@ class Settings:
     predict_budget_s: float = 80.0  # PIXELLLM_LS_PREDICT_BUDGET: keep under LS's ML_TIMEOUT_PREDICT (100 s)
     batch_size: int = 8  # PIXELLLM_LS_BATCH_SIZE: images per model call
     fetch_workers: int = 4  # PIXELLLM_LS_FETCH_WORKERS: parallel image downloads
-    train_steps: int = 200  # PIXELLLM_LS_TRAIN_STEPS: LoRA fine-tune steps per round
+    # PIXELLLM_LS_TRAIN_STEPS: LoRA fine-tune steps per round; 0: chosen from the number of annotations
+    train_steps: int = 0
+    train_gate: bool = True  # PIXELLLM_LS_TRAIN_GATE=0: ungated rounds (no held-out slice, no replay)
+    train_replay: float = 0.5  # PIXELLLM_LS_TRAIN_REPLAY: share of synthetic base scenes in a gated round
     train_min_annotations: int = 1  # PIXELLLM_LS_TRAIN_MIN_ANNOTATIONS: new annotations before a round
     max_request_bytes: int = 32 * 1024 * 1024  # PIXELLLM_LS_MAX_REQUEST_BYTES
     max_prompt_chars: int = 1000  # PIXELLLM_LS_MAX_PROMPT_CHARS: longer prompts are refused per task
@@ -82,7 +85,9 @@ class Settings:
             predict_budget_s=_float("PIXELLLM_LS_PREDICT_BUDGET", 80.0),
             batch_size=max(1, _int("PIXELLLM_LS_BATCH_SIZE", 8)),
             fetch_workers=max(1, _int("PIXELLLM_LS_FETCH_WORKERS", 4)),
-            train_steps=max(1, _int("PIXELLLM_LS_TRAIN_STEPS", 200)),
+            train_steps=max(0, _int("PIXELLLM_LS_TRAIN_STEPS", 0)),
+            train_gate=_env("PIXELLLM_LS_TRAIN_GATE", default="1").strip().lower() not in ("0", "false", "no", "off"),
+            train_replay=min(0.9, max(0.0, _float("PIXELLLM_LS_TRAIN_REPLAY", 0.5))),
             train_min_annotations=max(1, _int("PIXELLLM_LS_TRAIN_MIN_ANNOTATIONS", 1)),
             max_request_bytes=max(1024, _int("PIXELLLM_LS_MAX_REQUEST_BYTES", 32 * 1024 * 1024)),
             max_prompt_chars=max(1, _int("PIXELLLM_LS_MAX_PROMPT_CHARS", 1000)),

@@ -7,11 +7,18 @@
    ``MODEL_DIR/projects/<id>/datasets/<adapter>/``:
    ``refcoco_train.json`` (MDETR-style RefCOCO: text -> box) and ``vg_train.json`` (GRiT / Visual Genome:
    box -> caption), images under ``images/train/`` (the layout ``pixelllm_plugins`` trains from);
-3. call the trainer (default ``pixelllm_plugins.training.finetune.finetune``) to write a LoRA adapter to
-   ``MODEL_DIR/adapters/ls-p<id>-ft<N>/`` (a flat folder, so a GPU worker can share it as
-   ``PIXELLLM_WORKER_ADAPTER_DIR``);
-4. record the new adapter in ``projects/<id>/state.json``: the project's ``model_version`` becomes
-   ``<base>+ls-p<id>-ft<N>`` and Label Studio re-predicts.
+3. run a gated correction round (``pixelllm_plugins.training.corrections.run_correction_round``): a
+   seeded slice of the annotated images is held out, the rest plus replay of synthetic base scenes (cached
+   in ``MODEL_DIR/replay/``) train a LoRA adapter in ``MODEL_DIR/adapters/ls-p<id>-ft<N>/`` (a flat folder,
+   so a GPU worker can share it as ``PIXELLLM_WORKER_ADAPTER_DIR``; rank, steps and learning rate from the
+   number of annotations), and the new adapter and the current version are scored on the held-out slice;
+4. an accepted round is recorded in ``projects/<id>/state.json``: the project's ``model_version`` becomes
+   ``<base>+ls-p<id>-ft<N>`` and Label Studio re-predicts. A rejected round (its held-out refer P@0.5 is
+   below the current version's, or it lost more than the tolerance on the retention slice of base scenes) is
+   deleted and the version stays; ``last_round`` in ``/health`` has the scores.
+
+With an injected ``trainer`` (tests) the round is ungated by default (``gate=None``): the trainer gets the
+annotations' folder as before and its adapter becomes the version.
 
 Failures are logged and kept in the state (``/health`` shows them); they never reach the server.
 """
@@ -209,9 +216,14 @@ class TrainingManager:
     """Per-project annotation store, training queue and adapter versions (thread-safe)."""
 
     def __init__(self, model_dir: str | Path, *, trainer: Trainer | None = None, base_model: str | None = None,
-                 steps: int = 200, min_annotations: int = 1, image_loader: ImageLoader | None = None,
+                 steps: int = 0, min_annotations: int = 1, image_loader: ImageLoader | None = None,
                  client_factory: Callable[[], object] | None = None, on_new_adapter: Callable | None = None,
-                 validate_adapter: Callable[[str, str], object] | None = None):
+                 validate_adapter: Callable[[str, str], object] | None = None, gate: bool | None = None,
+                 evaluator: Callable | None = None, holdout_fraction: float = 0.25, replay: float = 0.5,
+                 replay_dir: str | Path | None = None):
+        """``steps`` 0: chosen per round (``corrections.plan_round``; 200 ungated). ``gate``: run gated
+        correction rounds (default: only with the default trainer); ``evaluator``, ``holdout_fraction``,
+        ``replay``, ``replay_dir`` (default ``MODEL_DIR/replay``): passed to ``run_correction_round``."""
         self.root = Path(model_dir)
         self.adapters_dir = self.root / "adapters"
         self.trainer = trainer or default_trainer
@@ -222,6 +234,11 @@ class TrainingManager:
         self.client_factory = client_factory
         self.on_new_adapter = on_new_adapter
         self.validate_adapter = validate_adapter
+        self.gate = trainer is None if gate is None else bool(gate)
+        self.evaluator = evaluator
+        self.holdout_fraction = holdout_fraction
+        self.replay = replay
+        self.replay_dir = Path(replay_dir) if replay_dir is not None else self.root / "replay"
         self._lock = threading.RLock()
         self._idle = threading.Condition(self._lock)
         self._queue: queue.Queue[tuple[str, bool] | None] = queue.Queue()
@@ -279,7 +296,7 @@ class TrainingManager:
                 if (p / "state.json").is_file():
                     s = self.state(p.name)
                     out[p.name] = {k: s.get(k) for k in ("status", "round", "adapter", "last_error", "pending",
-                                                         "examples")}
+                                                         "examples", "last_round")}
         return out
 
     # ------------------------------------------------------------------ annotations
@@ -425,11 +442,20 @@ class TrainingManager:
                 shutil.rmtree(out_dir)
             out_dir.parent.mkdir(parents=True, exist_ok=True)
             log.info("project %s: fine-tuning %s on %s", pid, name, counts)
-            self.trainer(from_model=self.base_model, data_dir=data_dir, out_adapter=out_dir, steps=self.steps,
-                         adapter_name=name)
-            if not out_dir.is_dir():
+            last_round = None
+            if self.gate:
+                result = self._gated_round(pid, name, data_dir, out_dir, round_)
+                last_round = {"round": round_, "candidate": name, **result.to_dict()}
+                last_round.pop("adapter", None)
+                if not result.accepted:
+                    shutil.rmtree(out_dir, ignore_errors=True)  # never served, never listed as a version
+            else:
+                self.trainer(from_model=self.base_model, data_dir=data_dir, out_adapter=out_dir,
+                             steps=self.steps or 200, adapter_name=name)
+            accepted = last_round is None or last_round["accepted"]
+            if accepted and not out_dir.is_dir():
                 raise RuntimeError(f"the trainer finished but wrote no adapter at {out_dir}")
-            if self.validate_adapter is not None:  # load it now: a broken adapter never becomes the version
+            if accepted and self.validate_adapter is not None:  # load it now: a broken one never becomes the version
                 self.validate_adapter(name, str(out_dir))
         except Exception as exc:  # noqa: BLE001
             log.error("project %s: training round %d failed: %s\n%s", pid, round_, exc, traceback.format_exc())
@@ -437,18 +463,52 @@ class TrainingManager:
             return
         with self._lock:
             state = self.state(pid)
-            history = list(state.get("history", [])) + [{"round": round_, "adapter": name, "examples": counts,
-                                                          "seconds": round(time.time() - started, 2)}]
-            state.update(round=round_, adapter=name, status="idle", last_error=None, history=history,
-                         examples=counts, finished_at=time.time(),
-                         pending=max(0, int(state.get("pending", 0)) - pending_before))
+            entry = {"round": round_, "adapter": name if accepted else None, "examples": counts,
+                     "seconds": round(time.time() - started, 2)}
+            if last_round is not None:
+                entry.update(gate=last_round["gate"], new_score=last_round["new_score"],
+                             current_score=last_round["current_score"])
+            changes = dict(status="idle", last_error=None, history=list(state.get("history", [])) + [entry],
+                           examples=counts, finished_at=time.time(), last_round=last_round,
+                           pending=max(0, int(state.get("pending", 0)) - pending_before))
+            if accepted:
+                changes.update(round=round_, adapter=name)
+            state.update(changes)
             self._save_state(pid, state)
+        if not accepted:
+            log.warning("project %s: round %d rejected (%s), the version stays %s: held-out refer P@0.5 new %.3f vs "
+                        "current %.3f on %d expressions, retention new %s vs current %s", pid, round_,
+                        last_round["reason"], state.get("adapter") or "the base", last_round["new_score"],
+                        last_round["current_score"], last_round["holdout"]["refer"], last_round["new_retention"],
+                        last_round["current_retention"])
+            return
         log.info("project %s: adapter %s ready (%.1f s)", pid, name, time.time() - started)
         if self.on_new_adapter is not None:
             try:
                 self.on_new_adapter(pid, name, str(out_dir))
             except Exception:  # noqa: BLE001
                 log.exception("project %s: new-adapter callback failed", pid)
+
+    def _gated_round(self, pid: str, name: str, data_dir: Path, out_dir: Path, round_: int):
+        """One ``run_correction_round`` against the project's current version (the core's gate)."""
+        from pixelllm_plugins.training.corrections import run_correction_round
+
+        base = self.base_model
+        if base is None:
+            from pixelllm_plugins.checkpoint import DEFAULT_MODEL_DIR
+
+            base = DEFAULT_MODEL_DIR
+        current = self.adapter(pid)
+
+        def trainer(**kwargs):
+            return self.trainer(adapter_name=name, **kwargs)
+
+        result = run_correction_round(base, data_dir, out_dir, current_adapter=current[1] if current else None,
+                                      holdout_fraction=self.holdout_fraction, replay=self.replay, seed=round_,
+                                      split=SPLIT, replay_dir=self.replay_dir, steps=self.steps or None,
+                                      work_dir=data_dir / "round", trainer=trainer, evaluator=self.evaluator)
+        log.info("project %s: round %d %s", pid, round_, result.summary())
+        return result
 
     def _pull(self, pid: str) -> None:
         if self.client_factory is None:

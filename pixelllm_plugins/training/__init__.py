@@ -1,10 +1,13 @@
-"""Training: the loop (``trainer``), named recipes, LoRA fine-tuning, resumable state, DDP helpers."""
+"""Training: the loop (``trainer``), named recipes, LoRA fine-tuning, gated correction rounds
+(``corrections``), resumable state, DDP helpers."""
 
 from __future__ import annotations
 
 _EXPORTS = {
     "TrainConfig": "trainer", "train": "trainer", "read_metrics": "trainer", "RECIPES": "recipes",
     "get_recipe": "recipes", "recipe_config": "recipes", "finetune": "finetune",
+    "plan_round": "corrections", "run_correction_round": "corrections", "RoundPlan": "corrections",
+    "RoundResult": "corrections",
 }
 __all__ = sorted(_EXPORTS)
 

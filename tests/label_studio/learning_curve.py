@@ -68,7 +68,9 @@ def score(client, tasks, gts, project="1.1") -> dict:
             "model_version": results[0]["model_version"]}
 
 
-def run(base: str, n: int, steps: int, n_eval: int, shape: str = "pentagon", workdir: Path | None = None) -> dict:
+def run(base: str, n: int, steps: int, n_eval: int, shape: str = "pentagon", workdir: Path | None = None,
+        **settings) -> dict:
+    """``settings``: more backend settings (e.g. ``train_replay=0``, ``train_gate=False``)."""
     from fastapi.testclient import TestClient
 
     from label_studio_backend import labeling_config
@@ -92,7 +94,7 @@ def run(base: str, n: int, steps: int, n_eval: int, shape: str = "pentagon", wor
     gts = [box for _, _, box in held_out]
     app = create_app(model_dir=workdir / "model_dir", predictor=Predictor(base, device="cpu"), model=base,
                      local_roots=str(images), label_studio_url="", label_studio_api_key="", basic_auth_user="",
-                     basic_auth_pass="", train_steps=steps, train_min_annotations=n)
+                     basic_auth_pass="", train_steps=steps, train_min_annotations=n, **settings)
     out = {"shape": shape, "n_corrections": n, "steps": steps, "n_eval": n_eval, "base": str(base)}
     with TestClient(app) as client:
         out["before"] = score(client, eval_tasks, gts)

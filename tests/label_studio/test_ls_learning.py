@@ -15,7 +15,10 @@ pytestmark = pytest.mark.slow
 
 def test_corrections_improve_suggestions_for_a_new_kind_of_object(tiny_checkpoint, tmp_path):
     pytest.importorskip("pixelllm_plugins.training.finetune")
-    result = run(str(tiny_checkpoint), n=6, steps=100, n_eval=6, workdir=tmp_path)
+    # ungated (every round trains on all corrections at the recipe's rate): a *random* tiny base only learns a
+    # box prior, which the gated round's small, slow plan for 6 corrections does not reach in 100 steps; the
+    # gated round is tested in test_ls_gate.py and tests/training/test_corrections.py
+    result = run(str(tiny_checkpoint), n=6, steps=100, n_eval=6, workdir=tmp_path, train_gate=False)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     (ARTIFACTS / "learning_ci.json").write_text(json.dumps(result, indent=1))
     assert result["after"]["model_version"] != result["before"]["model_version"]

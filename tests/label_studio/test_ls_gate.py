@@ -1,0 +1,103 @@
+"""Gated correction rounds in the backend: a round whose held-out refer P@0.5 is below the current version's
+never becomes the version, and ``/health`` shows both scores (trainer and evaluator are stand-ins)."""
+
+from __future__ import annotations
+
+import logging
+
+from conftest import REFERRING
+from test_ls_training import annotation_event
+
+from pixelllm_plugins.training.corrections import plan_round
+
+
+class Evaluator:
+    """Held-out P@0.5: ``current`` for the base / current adapter, ``new`` for the round's adapter."""
+
+    def __init__(self, current: float, new: float):
+        self.current, self.new, self.calls = current, new, []
+
+    def __call__(self, base, adapter, data_dir, split):
+        self.calls.append(adapter)
+        return self.new if adapter is not None and adapter == self.candidate else self.current
+
+    candidate = ""
+
+
+def _gated(client, evaluator, tmp_path):
+    training = client.app.state.runtime.training
+    training.gate, training.evaluator, training.replay = True, evaluator, 0.5
+    training.replay_dir = tmp_path / "replay"
+    training.min_annotations = 4
+    return training
+
+
+def _annotate(client, images_dir, ids):
+    for i in ids:
+        r = client.post("/webhook", json=annotation_event(images_dir, ann_id=i, task_id=i, caption=f"thing {i}"))
+        assert r.status_code == 201
+
+
+def _version(client):
+    return client.post("/setup", json={"project": "7.1", "schema": REFERRING}).json()["model_version"]
+
+
+def test_rejected_round_keeps_the_version_and_health_shows_both_scores(client, images_dir, fake_trainer, tmp_path,
+                                                                        caplog):
+    evaluator = Evaluator(current=0.5, new=0.25)
+    training = _gated(client, evaluator, tmp_path)
+    evaluator.candidate = str(training.adapters_dir / "ls-p7-ft1")
+    with caplog.at_level(logging.INFO, logger="label_studio_backend.training"):
+        _annotate(client, images_dir, [11, 12, 13, 14])
+        assert training.wait_idle(60)
+    assert _version(client) == "fake-1"
+    health = client.get("/health").json()
+    last = health["training"]["7"]["last_round"]
+    assert last["accepted"] is False and last["gate"] == "rejected"
+    assert (last["new_score"], last["current_score"]) == (0.25, 0.5)
+    assert last["holdout"]["images"] == 1 and last["train"]["images"] == 3 + 96  # 3 corrections + the replay pool
+    assert last["replay_images"] == 96 and last["correction_copies"] == 32  # half the training images each
+    assert "training_errors" not in health and health["training"]["7"]["status"] == "idle"
+    assert not (training.adapters_dir / "ls-p7-ft1").exists()  # never served
+    assert client.post("/versions", json={"project": "7.1"}).json()["versions"] == ["fake-1"]
+    assert evaluator.calls == [None, evaluator.candidate] * 2  # the base, then the new adapter (held out, retention)
+    assert any("rejected" in r.getMessage() and "0.250" in r.getMessage() for r in caplog.records)
+    # the trainer got corrections plus replay, and the plan for 3 training images
+    call = fake_trainer.calls[-1]
+    files = sorted({r["file_name"] for r in call["refcoco"]["images"]})
+    assert sum(f.startswith("c_") for f in files) == 3 and sum(f.startswith("r_") for f in files) == 96
+    assert len(call["refcoco"]["images"]) == 3 * 32 + sum(r["file_name"].startswith("r_")
+                                                          for r in call["refcoco"]["images"])
+    assert call["steps"] == plan_round(3).steps and call["r"] == 4 and call["adapter_name"] == "ls-p7-ft1"
+
+
+def test_accepted_round_becomes_the_version_and_the_next_is_gated_against_it(client, images_dir, fake_trainer,
+                                                                             tmp_path):
+    evaluator = Evaluator(current=0.5, new=0.5)  # a tie is accepted
+    training = _gated(client, evaluator, tmp_path)
+    evaluator.candidate = str(training.adapters_dir / "ls-p7-ft1")
+    _annotate(client, images_dir, [11, 12, 13, 14])
+    assert training.wait_idle(60)
+    assert _version(client) == "fake-1+ls-p7-ft1"
+    assert client.get("/health").json()["training"]["7"]["last_round"]["gate"] == "passed"
+    # next round: the current version is the first adapter, and a worse candidate is rejected
+    evaluator.current, evaluator.new = 0.5, 0.0
+    evaluator.candidate = str(training.adapters_dir / "ls-p7-ft2")
+    evaluator.calls.clear()
+    _annotate(client, images_dir, [15, 16, 17, 18])
+    assert training.wait_idle(60)
+    assert evaluator.calls == [str(training.adapters_dir / "ls-p7-ft1"), evaluator.candidate] * 2
+    assert _version(client) == "fake-1+ls-p7-ft1"
+    assert (training.adapters_dir / "ls-p7-ft1").is_dir() and not (training.adapters_dir / "ls-p7-ft2").exists()
+    history = training.state("7")["history"]
+    assert [h["adapter"] for h in history] == ["ls-p7-ft1", None] and history[-1]["gate"] == "rejected"
+
+
+def test_few_annotations_skip_the_gate(client, images_dir, fake_trainer, tmp_path):
+    evaluator = Evaluator(current=1.0, new=0.0)
+    training = _gated(client, evaluator, tmp_path)
+    training.min_annotations = 1
+    _annotate(client, images_dir, [11])
+    assert training.wait_idle(60)
+    assert _version(client) == "fake-1+ls-p7-ft1" and evaluator.calls == []
+    assert client.get("/health").json()["training"]["7"]["last_round"]["gate"].startswith("skipped")
