@@ -1,7 +1,8 @@
 """``@pixelllm/pixelllm``: PixelLLM operators for the FiftyOne App and SDK.
 
 Operators: ``refer``, ``caption_regions`` (boxes or keypoints), ``dense_caption``, ``caption_with_trace``,
-``segment`` (instance masks or polylines) and ``free_model``.
+``segment`` (instance masks or polylines), ``finetune`` (a named LoRA adapter from a labelled Detections
+field, gated on a held-out slice; the others take ``adapter``) and ``free_model``.
 This module only adapts FiftyOne forms and contexts: inference, batching, label conversion and the model
 cache live in ``pixelllm_plugins.integrations.fiftyone`` (FiftyOne re-imports this file on every run).
 
@@ -70,6 +71,9 @@ def _target(ctx) -> None:
 def _common_inputs(ctx, inputs) -> None:
     inputs.str("model", default="", required=False, label="Model",
                description="Checkpoint folder or preset name; empty = the embedded default model")
+    inputs.str("adapter", default="", required=False, label="Adapter",
+               description="An adapter trained with the finetune operator (its name) or an adapter folder; "
+                           "empty = none")
     inputs.int("batch_size", default=pxfo.DEFAULT_BATCH_SIZE, required=False, label="Batch size",
                description="Images per inference call; results are saved after every batch",
                **_range("batch_size"))
@@ -293,6 +297,75 @@ class Segment(_PixelLLMOperator):
         return types.Property(inputs, view=types.View(label=self.label))
 
 
+class Finetune(foo.Operator):
+    """Train a named LoRA adapter from a labelled view (``pxfo.run_finetune``)."""
+
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="finetune", label="PixelLLM: learn from labels",
+            description="Train a LoRA adapter from a Detections field whose labels are referring expressions; "
+                        "kept only if it is not worse on a held-out slice",
+            dynamic=True, allow_immediate_execution=True, allow_delegated_execution=True,
+            default_choice_to_delegated=True)
+
+    def resolve_delegation(self, ctx):
+        return True if ctx.params.get("delegate", True) else None
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        _target(ctx)
+        choices = _field_choices(ctx, ("Detections",))
+        inputs.str("label_field", default=choices[0] if choices else "", required=True, label="Labels field",
+                   description="A Detections field: each box's label is its referring expression",
+                   view=_autocomplete(choices))
+        inputs.str("name", default=pxfo.DEFAULT_ADAPTER_NAME, required=False, label="Adapter name",
+                   description="The other operators use it as adapter=<name>; training again makes a new "
+                               "version if it is not worse")
+        inputs.str("caption_attribute", default="", required=False, allow_empty=True, label="Caption attribute",
+                   description="A detection attribute holding a region caption (default: the label)")
+        inputs.str("model", default="", required=False, label="Base model",
+                   description="Checkpoint folder; empty = the embedded default model")
+        inputs.int("steps", default=0, required=False, label="Steps",
+                   description="0 = chosen from the number of labelled images", min=0, max=100_000)
+        inputs.float("holdout_fraction", default=0.25, required=False, label="Held-out fraction",
+                     description="Images kept out of training to compare the new adapter with the current "
+                                 "version (none below 4 images)", min=0.0, max=0.9)
+        inputs.float("replay", default=0.5, required=False, label="Replay",
+                     description="Share of synthetic base scenes among the training images, so the model keeps "
+                                 "what it knew", min=0.0, max=0.9)
+        inputs.int("seed", default=0, required=False, label="Seed", min=0)
+        inputs.bool("delegate", default=True, required=False, label="Delegate execution?",
+                    description="Queue the run for `fiftyone delegated launch` (training takes minutes)")
+        try:
+            pxfo.finetune_kwargs(ctx.params)
+        except pxfo.PixelLLMError as exc:
+            prop = inputs.properties.get(getattr(exc, "param", None))
+            if prop is None:
+                prop = inputs.view("pixelllm_invalid", types.Notice(label=str(exc)))
+            prop.invalid = True
+            prop.error_message = str(exc)
+        return types.Property(inputs, view=types.View(label="PixelLLM: learn from labels"))
+
+    def resolve_output(self, ctx):
+        outputs = types.Object()
+        outputs.bool("accepted", label="Kept")
+        outputs.str("adapter", label="Current version")
+        outputs.str("gate", label="Gate")
+        outputs.float("new_score", label="Held-out P@0.5, new")
+        outputs.float("current_score", label="Held-out P@0.5, current")
+        outputs.str("message", label="Message")
+        return types.Property(outputs, view=types.View(label="PixelLLM"))
+
+    def execute(self, ctx):
+        kwargs = pxfo.finetune_kwargs(ctx.params)
+
+        def report(fraction: float, label: str) -> None:
+            ctx.set_progress(progress=fraction, label=label)
+
+        return pxfo.run_finetune(_target_view(ctx), progress=report, **kwargs).to_dict()
+
+
 class FreeModel(foo.Operator):
     @property
     def config(self):
@@ -312,7 +385,7 @@ class FreeModel(foo.Operator):
         return {"released": pxfo.free_model()}
 
 
-OPERATORS = (Refer, CaptionRegions, DenseCaption, CaptionWithTrace, Segment, FreeModel)
+OPERATORS = (Refer, CaptionRegions, DenseCaption, CaptionWithTrace, Segment, Finetune, FreeModel)
 
 
 def register(p):

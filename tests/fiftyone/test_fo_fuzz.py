@@ -102,13 +102,14 @@ VALID = {
     "caption_field": st.sampled_from(["", "cap_a"]),
     "trace_field": st.sampled_from(["", "trace_a"]),
     "model": st.sampled_from(["", "some-preset", "/models/pixelllm-small"]),
+    "adapter": st.just(""),  # a name must exist to run: test_fo_finetune.py
     "batch_size": st.one_of(st.integers(1, 4), st.just(256), st.just("2")),
     "overwrite": st.booleans(),
 }
 BAD_OUTPUT = st.one_of(st.sampled_from(["masks", "Polylines", "instance_masks ", "polyline", "\ud800", "$set"]),
                        JUNK.filter(lambda v: v is not None and v != ""))
 BAD = {"prompt": BAD_PROMPT, "max_regions": BAD_NUMBER, "min_score": BAD_NUMBER, "batch_size": BAD_NUMBER,
-       "overwrite": BAD_FLAG, "model": BAD_MODEL, "output": BAD_OUTPUT}
+       "overwrite": BAD_FLAG, "model": BAD_MODEL, "adapter": BAD_MODEL, "output": BAD_OUTPUT}
 for _name in ("prompt_field", "label_field", "boxes_field", "caption_attribute", "caption_field",
               "trace_field", "points_field"):
     BAD[_name] = BAD_FIELD

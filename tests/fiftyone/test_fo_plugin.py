@@ -13,7 +13,8 @@ from fiftyone.plugins.context import build_plugin_contexts
 from pixelllm_plugins.integrations import fiftyone as pxfo
 
 PLUGIN = "@pixelllm/pixelllm"
-OPERATORS = ["refer", "caption_regions", "dense_caption", "caption_with_trace", "segment", "free_model"]
+OPERATORS = ["refer", "caption_regions", "dense_caption", "caption_with_trace", "segment", "finetune",
+             "free_model"]
 
 
 def uri(name: str) -> str:

@@ -13,6 +13,9 @@ App operators share one code path and the model stays cached in this (importable
   run keeps what it wrote), samples already labeled by the same model version for the same request skipped
   unless ``overwrite``, per-sample errors recorded in the ``pixelllm_error`` field and the run summary;
 - ``operators``: the plugin operators' parameters and ``operator_kwargs``;
+- ``finetune``: ``run_finetune`` (a named LoRA adapter from a labelled view, through the core's gated
+  correction round), ``finetune_kwargs``, and ``resolve_adapter`` / ``with_adapter`` for the ``adapter``
+  parameter of every run;
 - ``predictors``: the predictor a run or a model uses, and ``free_model``;
 - ``model``: ``PixelLLMModel``, a ``fiftyone.core.models.Model`` + ``SamplesMixin`` for
   ``dataset.apply_model``;
@@ -33,6 +36,17 @@ from ...errors import InvalidParameterError as InvalidParameterError
 from ...errors import InvalidPromptError as InvalidPromptError
 from ...errors import PixelLLMError as PixelLLMError
 from ...errors import RemoteError as RemoteError
+from .finetune import DEFAULT_ADAPTER_NAME as DEFAULT_ADAPTER_NAME
+from .finetune import FINETUNE_PARAMETERS as FINETUNE_PARAMETERS
+from .finetune import (
+    FinetuneSummary,
+    adapters_dir,
+    export_corrections,
+    finetune_kwargs,
+    resolve_adapter,
+    run_finetune,
+    with_adapter,
+)
 from .install import install_plugin
 from .install import main as main
 from .install import plugin_source_dir as plugin_source_dir
@@ -88,4 +102,6 @@ __all__ = [
     "run_dense_caption", "run_caption_with_trace", "free_model", "refer_to_detections",
     "dense_to_detections", "trace_to_labels", "short_label", "path_field_for", "download_model",
     "load_model", "resolve_input", "install_zoo_source", "install_plugin", "ZOO_MANIFEST_PATH",
+    "run_finetune", "FinetuneSummary", "finetune_kwargs", "export_corrections", "adapters_dir", "resolve_adapter",
+    "with_adapter",
 ]

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 from ...bounds import DEFAULT_MAX_REGIONS, DEFAULT_MIN_SCORE
 from ...errors import InvalidParameterError
-from .params import _check_common, _shown
+from .params import _check_common, _model_name, _shown
 from .tasks import _CaptionRegionsTask, _DenseTask, _ReferTask, _SegmentTask, _TraceTask
 
 # the parameters of each operator of the ``@pixelllm/pixelllm`` plugin (besides the common ones)
@@ -17,7 +17,7 @@ OPERATOR_PARAMETERS: dict[str, tuple[str, ...]] = {
     "caption_with_trace": ("caption_field", "trace_field"),
     "segment": ("prompt", "prompt_field", "boxes_field", "points_field", "label_field", "output"),
 }
-COMMON_PARAMETERS = ("model", "batch_size", "overwrite")
+COMMON_PARAMETERS = ("model", "adapter", "batch_size", "overwrite")
 _OPERATOR_DEFAULTS = {"max_regions": DEFAULT_MAX_REGIONS, "min_score": DEFAULT_MIN_SCORE}
 
 
@@ -58,5 +58,6 @@ def operator_kwargs(operation: str, params: Mapping | None) -> dict:
     else:
         _TraceTask(kwargs["caption_field"], kwargs["trace_field"], 40, 1)
     batch_size, overwrite, model = _check_common(get("batch_size"), get("overwrite"), get("model"))
-    kwargs.update(batch_size=batch_size, overwrite=overwrite, model=model)
+    kwargs.update(batch_size=batch_size, overwrite=overwrite, model=model,
+                  adapter=_model_name(get("adapter"), "adapter"))
     return kwargs

@@ -3,7 +3,9 @@
 
 Results are written in bulk after every batch (an interrupted run keeps what it wrote), samples already
 labeled by the same model version for the same request are skipped unless ``overwrite``, and per-sample
-errors are recorded in the ``pixelllm_error`` field and the run summary.
+errors are recorded in the ``pixelllm_error`` field and the run summary. Every run takes ``adapter``: a
+LoRA adapter trained with ``run_finetune`` (its name) or an adapter folder; its labels carry
+``model_version`` ``<base>+<adapter version>``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from ...errors import InvalidParameterError, PixelLLMError, RemoteError
 from ...inference.protocol import PredictorProtocol
 from ...inference.tasks import run_isolated
 from ...io import open_encoded
+from .finetune import resolve_adapter, with_adapter
 from .params import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CAPTION_ATTRIBUTE,
@@ -92,7 +95,8 @@ def _infer_isolated(task: _Task, items: list[_Item]) -> None:
 
 
 def _run(task: _Task, samples, *, overwrite: bool, batch_size: int | None, model: str | None,
-         predictor: PredictorProtocol | None, progress: ProgressCallback | None) -> RunSummary:
+         predictor: PredictorProtocol | None, progress: ProgressCallback | None,
+         adapter: str | None = None) -> RunSummary:
     """Check the request (parameters, then fields), load the model, then label batch after batch.
 
     Nothing is read from the images or written to the dataset before every check passed; from then on a
@@ -106,7 +110,8 @@ def _run(task: _Task, samples, *, overwrite: bool, batch_size: int | None, model
     if samples.media_type != "image":
         raise FieldError(f"PixelLLM works on image collections, not {samples.media_type!r}")
     task.check(samples)
-    task.attach(resolve_predictor(predictor, model))
+    resolve_adapter(adapter)  # an unknown adapter is refused before the model loads
+    task.attach(with_adapter(resolve_predictor(predictor, model), adapter))
     summary = RunSummary(task.name, model_version=task.version)
     summary.fields = task.output_fields()
     ids = samples.values("id")
@@ -176,7 +181,8 @@ def _run(task: _Task, samples, *, overwrite: bool, batch_size: int | None, model
 def run_refer(samples, *, prompt: str | Sequence[str] | None = None, prompt_field: str | None = None,
               label_field: str = DEFAULT_REFER_FIELD, overwrite: bool = False,
               batch_size: int = DEFAULT_BATCH_SIZE, model: str | None = None,
-              predictor: PredictorProtocol | None = None, progress: ProgressCallback | None = None) -> RunSummary:
+              predictor: PredictorProtocol | None = None, progress: ProgressCallback | None = None,
+              adapter: str | None = None) -> RunSummary:
     """Find the box a referring expression names, on every sample of ``samples``.
 
     ``prompt`` applies to every sample; otherwise ``prompt_field`` names a text field (a string, a list of
@@ -185,7 +191,7 @@ def run_refer(samples, *, prompt: str | Sequence[str] | None = None, prompt_fiel
     """
     task = _ReferTask(prompt, prompt_field, label_field)
     return _run(task, samples, overwrite=overwrite, batch_size=batch_size, model=model, predictor=predictor,
-                progress=progress)
+                progress=progress, adapter=adapter)
 
 
 def run_caption_regions(samples, *, boxes_field: str | None = None,
@@ -195,7 +201,7 @@ def run_caption_regions(samples, *, boxes_field: str | None = None,
                         batch_size: int = DEFAULT_BATCH_SIZE, model: str | None = None,
                         max_new_tokens: int = 20, num_beams: int = 1,
                         predictor: PredictorProtocol | None = None,
-                        progress: ProgressCallback | None = None) -> RunSummary:
+                        progress: ProgressCallback | None = None, adapter: str | None = None) -> RunSummary:
     """Caption existing boxes in place: each box of ``boxes_field`` (or each of ``selected_labels``, the
     App's selection format) gets ``<caption_attribute>``, ``<caption_attribute>_score`` and
     ``<caption_attribute>_model_version`` attributes. Label ids are kept.
@@ -213,17 +219,17 @@ def run_caption_regions(samples, *, boxes_field: str | None = None,
     if selected_labels and isinstance(samples, foc.SampleCollection):
         samples = samples.select(sorted({s["sample_id"] for s in selected_labels}))
     return _run(task, samples, overwrite=overwrite, batch_size=batch_size, model=model, predictor=predictor,
-                progress=progress)
+                progress=progress, adapter=adapter)
 
 
 def run_dense_caption(samples, *, label_field: str = DEFAULT_DENSE_FIELD, max_regions: int = 20,
                       min_score: float = DEFAULT_MIN_SCORE, overwrite: bool = False, batch_size: int = DEFAULT_BATCH_SIZE,
                       model: str | None = None, predictor: PredictorProtocol | None = None,
-                      progress: ProgressCallback | None = None) -> RunSummary:
+                      progress: ProgressCallback | None = None, adapter: str | None = None) -> RunSummary:
     """Propose regions and caption each: ``fo.Detections`` with a short ``label`` and a ``caption``."""
     task = _DenseTask(label_field, max_regions, min_score)
     return _run(task, samples, overwrite=overwrite, batch_size=batch_size, model=model, predictor=predictor,
-                progress=progress)
+                progress=progress, adapter=adapter)
 
 
 def run_caption_with_trace(samples, *, caption_field: str = DEFAULT_CAPTION_FIELD,
@@ -231,19 +237,20 @@ def run_caption_with_trace(samples, *, caption_field: str = DEFAULT_CAPTION_FIEL
                            batch_size: int = DEFAULT_BATCH_SIZE, model: str | None = None,
                            max_new_tokens: int = 40, num_beams: int = 1,
                            predictor: PredictorProtocol | None = None,
-                           progress: ProgressCallback | None = None) -> RunSummary:
+                           progress: ProgressCallback | None = None, adapter: str | None = None) -> RunSummary:
     """Caption every image and trace its words: a ``Classification`` in ``caption_field``, one
     ``Keypoint`` per word in ``trace_field`` and the word path as a ``Polyline`` in ``<trace_field>_path``."""
     task = _TraceTask(caption_field, trace_field, max_new_tokens, num_beams)
     return _run(task, samples, overwrite=overwrite, batch_size=batch_size, model=model, predictor=predictor,
-                progress=progress)
+                progress=progress, adapter=adapter)
 
 
 def run_segment(samples, *, prompt: str | Sequence[str] | None = None, prompt_field: str | None = None,
                 boxes_field: str | None = None, points_field: str | None = None,
                 label_field: str = DEFAULT_MASK_FIELD, output: str = "instance_masks", overwrite: bool = False,
                 batch_size: int = DEFAULT_BATCH_SIZE, model: str | None = None,
-                predictor: PredictorProtocol | None = None, progress: ProgressCallback | None = None) -> RunSummary:
+                predictor: PredictorProtocol | None = None, progress: ProgressCallback | None = None,
+              adapter: str | None = None) -> RunSummary:
     """Masks on every sample of ``samples``, for exactly one kind of prompt: ``prompt`` (a text, or texts,
     for every sample), ``prompt_field`` (each sample's texts), ``boxes_field`` (every box of a Detections
     field) or ``points_field`` (every point of a Keypoints field, relative coordinates; one mask per point).
@@ -257,7 +264,7 @@ def run_segment(samples, *, prompt: str | Sequence[str] | None = None, prompt_fi
     """
     task = _SegmentTask(prompt, prompt_field, boxes_field, points_field, label_field, output)
     return _run(task, samples, overwrite=overwrite, batch_size=batch_size, model=model, predictor=predictor,
-                progress=progress)
+                progress=progress, adapter=adapter)
 
 
 RUNNERS: dict[str, Callable[..., RunSummary]] = {
