@@ -294,3 +294,29 @@ def test_masks_become_training_samples(make_client, fake_trainer, images_dir):
     assert rle_to_mask(anns[-1]["segmentation"]).shape == (120, 120)
     assert runtime.training.state("5")["examples"]["masks"] >= 2
     assert "+ls-p5-ft" in runtime.version_for("5")
+
+
+def test_referring_segmentation_through_the_worker(make_client, seg_predictor, images_dir):
+    """The backend on a ``RemotePredictor``: polygons come from the worker's ``/v1/segment`` (real HTTP on
+    loopback) and match the in-process ``segment`` of the same model."""
+    from ls_server import BackendServer
+
+    from pixelllm_plugins.serving.app import create_app as create_worker
+    from pixelllm_plugins.serving.client import RemotePredictor
+    from pixelllm_plugins.serving.settings import WorkerSettings
+
+    worker = BackendServer(create_worker(seg_predictor, WorkerSettings(token="ls-seg-worker-token")))
+    try:
+        with RemotePredictor(worker.url, token="ls-seg-worker-token") as remote:
+            client = make_client(predictor=remote)
+            tasks = [_seg_task(images_dir, 1), _seg_task(images_dir, 2, "b.png", "the blue square")]
+            r = client.post("/predict", json=predict_body(tasks, REF_SEG))
+            assert r.status_code == 200
+            for task, pred in zip(tasks, r.json()["results"]):
+                assert "error" not in pred, pred
+                path = task["data"]["image"]
+                expected = rle_to_mask(seg_predictor.segment([path], texts=[[task["data"]["expression"]]])[0][0].mask)
+                h, w = expected.shape
+                assert mask_iou(_rasterise(pred["result"], w, h), expected) >= 0.97
+    finally:
+        worker.close()
