@@ -17,5 +17,6 @@ print("scene:", f"{sys.argv[1]}/scene.png", "objects:", "; ".join(expressions))
 PY
 mapfile -t exprs < <(python -c "import json;print('\n'.join(json.load(open('$out/expressions.json'))))")
 pixelllm refer "$out/scene.png" "${exprs[@]}" --json --draw "$out/refer.png"  # every expression of the scene
+pixelllm segment "$out/scene.png" "${exprs[@]}" --draw "$out/masks.png"          # a mask for each
 pixelllm caption "$out/scene.png" --trace --draw "$out/caption.png"
-echo "pictures: $out/refer.png $out/caption.png"
+echo "pictures: $out/refer.png $out/masks.png $out/caption.png"
