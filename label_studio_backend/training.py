@@ -94,7 +94,12 @@ def write_datasets(examples: list[Example], data_dir: Path) -> dict[str, int]:
     ``refcoco_train.json`` / ``vg_train.json`` next to ``images/train/`` (files with no annotation are not
     written: the trainer skips missing sources)."""
     # imported here: the data package loads torch, which a backend serving through a worker never needs
-    from pixelllm_plugins.data.formats import OBJECT_CATEGORIES, refcoco_entry, vg_region
+    from pixelllm_plugins.data.formats import (
+        OBJECT_CATEGORIES,
+        refcoco_entry,
+        vg_region,
+        write_refer_and_regions,
+    )
     from pixelllm_plugins.masks import rle_area
 
     ref_images, ref_anns, vg_images, vg_anns = [], [], [], []
@@ -114,12 +119,7 @@ def write_datasets(examples: list[Example], data_dir: Path) -> dict[str, int]:
             vg_images.append(entry | {"id": i})
             vg_anns += [vg_region(i * 1000 + k, i, box, text) for k, (text, box) in enumerate(ex.captions)]
     categories = OBJECT_CATEGORIES
-    if ref_anns:
-        (data_dir / f"refcoco_{SPLIT}.json").write_text(json.dumps(
-            {"images": ref_images, "annotations": ref_anns, "categories": categories}))
-    if vg_anns:
-        (data_dir / f"vg_{SPLIT}.json").write_text(json.dumps(
-            {"images": vg_images, "annotations": vg_anns, "categories": categories}))
+    write_refer_and_regions(data_dir, SPLIT, (ref_images, ref_anns), (vg_images, vg_anns), categories)
     return {"refer": len(ref_anns), "captions": len(vg_anns), "images": len(examples),
             "masks": sum(len(ex.segments) for ex in examples)}
 

@@ -245,6 +245,16 @@ def write_json(path: str | Path, data: dict) -> None:
     Path(path).write_text(json.dumps(data, separators=(",", ":")))
 
 
+def write_refer_and_regions(out_dir: str | Path, split: str, refer: tuple[list[dict], list[dict]],
+                            regions: tuple[list[dict], list[dict]], categories: list[dict]) -> None:
+    """``refcoco_<split>.json`` and ``vg_<split>.json`` from ``(images, annotations)`` pairs; a file whose
+    annotations are empty is not written (a loader then skips that source)."""
+    for name, (images, anns) in (("refcoco", refer), ("vg", regions)):
+        if anns:
+            (Path(out_dir) / f"{name}_{split}.json").write_text(json.dumps(
+                {"images": images, "annotations": anns, "categories": categories}))
+
+
 def write_jsonl(path: str | Path, records: list[dict]) -> None:
     with open(path, "w") as f:
         for r in records:

@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..data.formats import write_refer_and_regions
 from ..errors import TrainingError
 
 log = logging.getLogger(__name__)
@@ -199,12 +200,7 @@ def _write_folder(out_dir: Path, split: str, parts: list[tuple[_Records, set[str
                 _place(rec.image_dir / name, out_dir / "images" / split / rename(name))
                 files.add(rename(name))
     categories = categories or [{"id": 1, "name": "object", "supercategory": "object"}]
-    if ref_anns:
-        (out_dir / f"refcoco_{split}.json").write_text(json.dumps(
-            {"images": ref_images, "annotations": ref_anns, "categories": categories}))
-    if vg_anns:
-        (out_dir / f"vg_{split}.json").write_text(json.dumps(
-            {"images": vg_images, "annotations": vg_anns, "categories": categories}))
+    write_refer_and_regions(out_dir, split, (ref_images, ref_anns), (vg_images, vg_anns), categories)
     return {"images": len(files), "refer": len(ref_anns), "regions": len(vg_anns)}
 
 
