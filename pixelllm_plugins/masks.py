@@ -167,26 +167,52 @@ def mask_iou(a: np.ndarray | Mapping, b: np.ndarray | Mapping) -> float:
 
 # ---- polygons --------------------------------------------------------------------------------------------
 
+def _runs(edges: np.ndarray, breaks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Maximal runs of True along each row of ``edges`` [r, n] (unit edges from column x to x + 1), cut at
+    the vertices flagged in ``breaks`` [r, n + 1]: (row, first column, one past the last column) per run."""
+    r, n = edges.shape
+    before = np.zeros((r, n), bool)
+    before[:, 1:] = edges[:, :-1]
+    after = np.zeros((r, n), bool)
+    after[:, :-1] = edges[:, 1:]
+    starts = edges & (~before | breaks[:, :-1])
+    ends = edges & (~after | breaks[:, 1:])
+    sy, sx = np.nonzero(starts)  # row-major: the k-th start and the k-th end bound the same run
+    _, ex = np.nonzero(ends)
+    return sy, sx, ex + 1
+
+
 def _outline(mask: np.ndarray) -> list[Polygon]:
     """The exact pixel-edge outline of a mask as polygons, one per connected part (holes as interiors).
 
-    The unit edges between a mask pixel and a non-mask pixel are polygonised (shapely); of the faces, those
-    made of mask pixels are the parts (a hole is a face too, of non-mask pixels)."""
+    The edges between mask and non-mask pixels, joined into straight runs that end at every vertex where
+    an edge of the other direction meets them, are polygonised (shapely); of the faces, those made of mask
+    pixels are the parts (a hole is a face too, of non-mask pixels)."""
     h, w = mask.shape
     p = np.zeros((h + 2, w + 2), bool)
     p[1:-1, 1:-1] = mask
-    hy, hx = np.nonzero(p[1:, 1:-1] != p[:-1, 1:-1])  # edge from (hx, hy) to (hx + 1, hy)
-    vy, vx = np.nonzero(p[1:-1, 1:] != p[1:-1, :-1])  # edge from (vx, vy) to (vx, vy + 1)
-    if not len(hy):
+    horizontal = p[1:, 1:-1] != p[:-1, 1:-1]  # [h + 1, w]: edge from (x, y) to (x + 1, y)
+    vertical = p[1:-1, 1:] != p[1:-1, :-1]  # [h, w + 1]: edge from (x, y) to (x, y + 1)
+    if not horizontal.any():
         return []
-    start = np.concatenate([np.stack([hx, hy], 1), np.stack([vx, vy], 1)]).astype(np.float64)
-    step = np.concatenate([np.tile([1.0, 0.0], (len(hy), 1)), np.tile([0.0, 1.0], (len(vy), 1))])
-    faces = shapely.get_parts(shapely.polygonize(shapely.linestrings(np.stack([start, start + step], 1))))
+    v_at = np.zeros((h + 1, w + 1), bool)  # a vertical edge ends at vertex (x, y)
+    v_at[:-1] |= vertical
+    v_at[1:] |= vertical
+    h_at = np.zeros((h + 1, w + 1), bool)  # a horizontal edge ends at vertex (x, y)
+    h_at[:, :-1] |= horizontal
+    h_at[:, 1:] |= horizontal
+    hy, hx0, hx1 = _runs(horizontal, v_at)
+    vx, vy0, vy1 = _runs(vertical.T, h_at.T)
+    lines = np.concatenate([np.stack([np.stack([hx0, hy], 1), np.stack([hx1, hy], 1)], 1),
+                            np.stack([np.stack([vx, vy0], 1), np.stack([vx, vy1], 1)], 1)]).astype(np.float64)
+    faces = shapely.get_parts(shapely.polygonize(shapely.linestrings(lines)))
     parts = []
     for face in faces:
-        (ax, ay), (bx, by) = face.exterior.coords[:2]  # a unit edge; a pixel centre lies either side of it
-        mx, my = (ax + bx) / 2, (ay + by) / 2
-        for cx, cy in ((mx + (by - ay) / 2, my - (bx - ax) / 2), (mx - (by - ay) / 2, my + (bx - ax) / 2)):
+        (ax, ay), (bx, by) = face.exterior.coords[:2]  # an axis-aligned edge; pixel centres lie either side
+        length = abs(bx - ax) + abs(by - ay)
+        dx, dy = (bx - ax) / length, (by - ay) / length
+        mx, my = ax + dx / 2, ay + dy / 2  # the middle of its first unit edge
+        for cx, cy in ((mx + dy / 2, my - dx / 2), (mx - dy / 2, my + dx / 2)):
             if face.contains(shapely.Point(cx, cy)):
                 if mask[int(cy), int(cx)]:
                     parts.append(orient(face.simplify(0, preserve_topology=False), 1.0))
@@ -296,20 +322,27 @@ def _window_iou(a: np.ndarray, b: np.ndarray) -> float:
 
 def _simplified(exact: Polygon, own: np.ndarray, min_iou: float) -> Polygon:
     """``exact`` (a part's pixel-edge polygon, ``own`` its pixels in its bounds) simplified with the largest
-    tolerance, tried in increasing order, whose raster keeps IoU >= ``min_iou`` with ``own``."""
+    of ``SIMPLIFY_TOLERANCES`` whose raster keeps IoU >= ``min_iou`` with ``own`` and the part's holes,
+    found by bisection (a larger tolerance only moves the outline further from the pixels)."""
     bx0, by0, bx1, by1 = (int(round(v)) for v in exact.bounds)
     w, h = bx1 - bx0, by1 - by0
-    best = exact
-    for tol in SIMPLIFY_TOLERANCES:
-        if tol > max(w, h) / 2:
-            break
+
+    def candidate(tol: float) -> Polygon | None:
         cand = exact.simplify(tol, preserve_topology=False)  # Douglas-Peucker; far faster than topology-safe
         if (cand.is_empty or not isinstance(cand, Polygon) or not cand.is_valid
                 or len(cand.interiors) != len(exact.interiors)):
-            break
-        if _window_iou(_draw(_rings(cand), bx0, by0, w, h), own) < min_iou:
-            break
-        best = cand
+            return None
+        return cand if _window_iou(_draw(_rings(cand), bx0, by0, w, h), own) >= min_iou else None
+
+    tolerances = [t for t in SIMPLIFY_TOLERANCES if t <= max(w, h) / 2]
+    best, lo, hi = exact, 0, len(tolerances)  # tolerances[:lo] pass, tolerances[hi:] fail
+    while lo < hi:
+        mid = (lo + hi) // 2
+        cand = candidate(tolerances[mid])
+        if cand is None:
+            hi = mid
+        else:
+            best, lo = cand, mid + 1
     return orient(best, 1.0)
 
 

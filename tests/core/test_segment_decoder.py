@@ -311,6 +311,44 @@ def test_boxes_keep_working_positionally_and_mix_with_points(dec, scene):
     assert via_registry[0][0].text == by_box[0].text and via_registry[1][0].point == (40.0, 40.0)
 
 
+def _proposals(monkeypatch, predictor, boxes_px, scores):
+    """The model proposes exactly ``boxes_px`` (image pixels of the W x H scene) with ``scores``."""
+    boxes = torch.tensor([[[x0 / W, y0 / H, x1 / W, y1 / H] for x0, y0, x1, y1 in boxes_px]])
+    monkeypatch.setattr(predictor.model, "propose",
+                        lambda embedding, sizes, k, min_score: (boxes.repeat(len(sizes), 1, 1),
+                                                                torch.tensor([scores]).repeat(len(sizes), 1)))
+
+
+def test_a_point_takes_the_proposal_that_holds_it_with_the_nearest_centre(monkeypatch, scene):
+    from pixelllm_plugins.inference.predictor import _MaskPrompt
+
+    dec = _predictor(2, True)
+    far, near, elsewhere, faint = (0, 0, 150, 110), (20, 20, 64, 64), (90, 10, 150, 50), (38, 38, 42, 42)
+    _proposals(monkeypatch, dec, [far, near, elsewhere, faint], [0.9, 0.3, 0.8, 0.01])
+    (caps,) = dec.caption_regions([scene], points=[[POINTS[0], [100, 100]]], max_new_tokens=4)
+    assert caps[0].box_xyxy == pytest.approx(near)  # held by far and near; faint scores under the floor
+    assert caps[1].box_xyxy == pytest.approx(far)  # only far holds (100, 100)
+    (by_box,) = dec.caption_regions([scene], [[near]], max_new_tokens=4)
+    assert caps[0].point == (40.0, 40.0) and caps[0].text == by_box[0].text != ""
+    (masks,) = dec.segment([scene], points=[[POINTS[0], POINTS[0]]], point_labels=[[1, 0]])
+    loaded = dec._load([scene])
+    to_canvas = loaded[0].prepared.to_canvas
+    with torch.inference_mode():
+        (expected, _), (negative, _) = dec._decode_masks(loaded, [
+            _MaskPrompt(0, to_canvas(near), tuple(to_canvas(POINTS[0])), 1, "near"),
+            _MaskPrompt(0, dec._global_box(loaded[0]), tuple(to_canvas(POINTS[0])), 0, "whole image")])
+    assert np.array_equal(rle_to_mask(masks[0].mask), expected)  # the proposal box and the point
+    assert np.array_equal(rle_to_mask(masks[1].mask), negative)  # a negative point keeps the whole image
+
+
+def test_a_point_no_proposal_holds_falls_back_to_its_mask(monkeypatch, scene):
+    dec = _predictor(2, True)
+    _proposals(monkeypatch, dec, [(90, 10, 150, 50)], [0.9])
+    (caps,) = dec.caption_regions([scene], points=[[POINTS[0]]], max_new_tokens=4)
+    (masks,) = dec.segment([scene], points=[[POINTS[0]]])
+    assert caps[0].box_xyxy == masks[0].box_xyxy == mask_to_box(rle_to_mask(masks[0].mask))
+
+
 def test_a_points_model_without_a_mask_source_captions_the_point_over_the_whole_image(scene):
     points_only = _predictor(0, True)
     (caps,) = points_only.caption_regions([scene], points=[POINTS[:2]], max_new_tokens=4)
