@@ -74,7 +74,8 @@ def score(predictor, samples: dict, adapter: str | None) -> dict:
     out = {}
     for key, s in samples.items():
         r = eval_refer(predictor, s, batch_size=8, progress=True, adapter=adapter)
-        out[key] = {"P@0.5": round(r["P@0.5"], 4), "mean_IoU": round(r["mean_IoU"], 4), "count": r["count"]}
+        out[key] = {"P@0.5": round(r["P@0.5"], 4), "mean_IoU": round(r["mean_IoU"], 4),
+                    "score_ECE": round(r["score_ECE"], 4), "count": r["count"]}
     return out
 
 
