@@ -24,24 +24,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def concept_scenes(shape: str, count: int, first_seed: int, look: str) -> list:
-    """(annotated scene, expression, box) for scenes of ``look`` where one expression targets ``shape``."""
-    from pixelllm_plugins.data.formats import annotate_scene
-    from pixelllm_plugins.data.synthetic import SceneConfig
-
-    cfg = SceneConfig.preset(look, extra_shapes=(shape,))
-    out, seed = [], first_seed
-    while len(out) < count:
-        a = annotate_scene(seed, cfg, 1)
-        seed += 1
-        for ref in a.expressions:
-            obj = a.scene.objects[ref.target]
-            if obj.shape == shape:
-                out.append((a, ref.text, tuple(obj.box)))
-                break
-    return out
-
-
 def write_concept(scenes: list, out_dir: Path, split: str, *, with_vg: bool) -> Path:
     """The scenes in the training formats: one expression per image (refcoco) and, for corrections, the same
     text as the box's region caption (what a Label Studio correction gives)."""
@@ -129,7 +111,7 @@ def main(argv=None) -> int:
     from tqdm.auto import tqdm
 
     from pixelllm_plugins.checkpoint import DEFAULT_MODEL_DIR
-    from pixelllm_plugins.data.formats import write_synthetic_dataset
+    from pixelllm_plugins.data.formats import concept_scenes, write_synthetic_dataset
     from pixelllm_plugins.evaluation.evaluate import load_task_samples
     from pixelllm_plugins.inference.predictor import Predictor
     from pixelllm_plugins.training.corrections import run_correction_round

@@ -108,6 +108,24 @@ def annotate_scene(seed: int, config: SceneConfig | None = None, image_id: int =
                           narrate(scene, rng))
 
 
+def concept_scenes(shape: str, count: int, first_seed: int, look: str = "varied"
+                   ) -> list[tuple[AnnotatedScene, str, tuple[float, float, float, float]]]:
+    """``count`` scenes of ``look`` (consecutive seeds from ``first_seed``) in which a referring expression
+    targets a ``shape`` object, usually one of ``EXTRA_SHAPES`` (a concept the default vocabulary lacks):
+    (annotated scene, that expression, the object's box) each."""
+    cfg = SceneConfig.preset(look, extra_shapes=(shape,))
+    out, seed = [], first_seed
+    while len(out) < count:
+        a = annotate_scene(seed, cfg, 1)
+        seed += 1
+        for ref in a.expressions:
+            obj = a.scene.objects[ref.target]
+            if obj.shape == shape:
+                out.append((a, ref.text, tuple(obj.box)))
+                break
+    return out
+
+
 def demo_scene(index: int = 7, seed: int = 0):
     """Scene ``index`` of the test split, rendered, with its referring expressions (README demo)."""
     a = annotate_scene(scene_seed(seed, "test", index))

@@ -28,7 +28,9 @@ from PIL import Image, ImageDraw
 Box = tuple[float, float, float, float]
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "hexagon", "diamond", "cross", "ring")
-EXTRA_SHAPES: tuple[str, ...] = ("pentagon",)  # drawable, but not in the default vocabulary
+# drawable, but never in the default vocabulary: new concepts for fine-tuning experiments, and unknown words
+# for the box-score calibration (``scripts/calibrate_scores.py --unknown-shapes``)
+EXTRA_SHAPES: tuple[str, ...] = ("pentagon", "octagon", "trapezoid", "arrow")
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 90, 220), "yellow": (240, 215, 30),
     "purple": (140, 60, 180), "orange": (250, 130, 20), "white": (245, 245, 245), "black": (20, 20, 20),
@@ -336,6 +338,9 @@ POLYGONS: dict[str, list[tuple[float, float]]] = {
     "diamond": [(0.5, 0), (1, 0.5), (0.5, 1), (0, 0.5)],
     "hexagon": _fit_unit(_regular(6, 0.0)),
     "pentagon": _fit_unit(_regular(5, -math.pi / 2)),
+    "octagon": _fit_unit(_regular(8, math.pi / 8)),
+    "trapezoid": [(0.25, 0), (0.75, 0), (1, 1), (0, 1)],
+    "arrow": [(0, 0.3), (0.55, 0.3), (0.55, 0), (1, 0.5), (0.55, 1), (0.55, 0.7), (0, 0.7)],
     "star": _fit_unit(_star()),
     "cross": [(_t, 0), (2 * _t, 0), (2 * _t, _t), (1, _t), (1, 2 * _t), (2 * _t, 2 * _t), (2 * _t, 1),
               (_t, 1), (_t, 2 * _t), (0, 2 * _t), (0, _t), (_t, _t)],

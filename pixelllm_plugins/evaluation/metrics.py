@@ -409,7 +409,8 @@ def caption_scores(predictions: Sequence[str], references: Sequence[Sequence[str
 ATTRIBUTE_WORDS: dict[str, frozenset[str]] = {
     "color": frozenset("red green blue yellow purple orange white black gray grey brown pink cyan magenta".split()),
     "size": frozenset("small large big little tiny huge medium".split()),
-    "shape": frozenset("circle square triangle star hexagon diamond cross ring pentagon rectangle oval".split()),
+    "shape": frozenset("circle square triangle star hexagon diamond cross ring pentagon octagon trapezoid arrow "
+                       "rectangle oval".split()),
 }
 
 

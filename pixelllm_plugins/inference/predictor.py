@@ -394,11 +394,13 @@ class Predictor:
         """``refer`` over images already loaded (under the lock, in inference mode)."""
         lang, prefix = self.config.language, self.config.templates.refer_prefix
         rows: list[_Row] = []
+        row_texts: list[str] = []
         for i, image_texts in enumerate(texts):
             if isinstance(image_texts, str):
                 image_texts = [image_texts]
             for j, raw in enumerate(image_texts):
                 text = self._clean_text(raw, f"image {i} text {j}")
+                row_texts.append(text)
                 context = self._encode(prefix + text, lang.max_context_tokens, add_bos=False,
                                        what=f"image {i} text {j}")
                 target = self._encode(text, lang.max_text_tokens, add_bos=True, what=f"image {i} text {j}")
@@ -419,7 +421,8 @@ class Predictor:
             all_scores = torch.cat(scores).float().cpu().tolist()
             calibration = getattr(self.model, "score_calibration", None)
             if calibration is not None and self.calibrated:
-                all_scores = calibration(all_scores).tolist()
+                all_scores = [float(calibration.for_text(text)(score))
+                              for text, score in zip(row_texts, all_scores)]
             labels: dict[tuple, str] = {}
             for row, (x0, y0, x1, y1), score in zip(rows, all_boxes, all_scores):
                 w, h = loaded[row.image].prepared.original_size

@@ -86,5 +86,44 @@ def test_the_embedded_default_is_calibrated():
     model, _, _ = load_pretrained()
     calibration = model.score_calibration
     assert calibration.fitted_on and calibration.report
-    held_out = [v for split, v in calibration.report.items() if split != "val"]
+    held_out = [v for split, v in calibration.report.items() if split != "val" and not split.startswith("unknown")]
     assert held_out and all(v["ECE_calibrated"] <= 0.05 for v in held_out)
+    # a shape it never learned: the unknown-word map (fitted on other such shapes) beats the known-word one
+    (never_seen,) = [v for split, v in calibration.report.items() if split == "unknown: pentagon"]
+    assert never_seen["ECE_calibrated"] < never_seen["ECE_with_the_known_word_map"]
+    assert {"red", "circle", "the"} <= calibration.known_words and "pentagon" not in calibration.known_words
+    assert calibration.for_text("the red pentagon") is calibration.unknown is not None
+    assert calibration.for_text("The RED circle!") is calibration
+
+
+def test_texts_with_an_unknown_word_get_the_unknown_map():
+    unknown = fit_calibration(*_overconfident(seed=2), method="platt")
+    c = ScoreCalibration((0.0, 1.0), (0.0, 1.0), "known", known_words=frozenset({"the", "red", "circle"}),
+                         unknown=unknown)
+    assert c.unknown_words("the red pentagon 2") == ["pentagon"] and c.unknown_words("The red CIRCLE") == []
+    assert c.for_text("the red pentagon") is unknown and c.for_text("the red circle") is c
+    back = ScoreCalibration.from_dict(json.loads(json.dumps(c.to_dict())))
+    assert back == c and back.for_text("a dog") == unknown
+    assert ScoreCalibration((0.0, 1.0), (0.0, 1.0)).for_text("anything at all").unknown is None  # no word list
+
+
+def test_platt_scaling_is_monotone_and_steady_on_few_boxes():
+    scores, right = _overconfident(n=240, seed=3)
+    platt = fit_calibration(scores, right, method="platt")
+    fresh, fresh_right = _overconfident(seed=4)
+    assert expected_calibration_error(platt(fresh), fresh_right) < 0.06
+    assert np.all(np.diff(platt(np.linspace(0, 1, 101))) >= 0)
+    assert fit_calibration([0.5] * 30, [True] * 30, method="platt")([0.1, 0.9]).tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match="unknown calibration method"):
+        fit_calibration(scores, right, method="beta")
+
+
+def test_predictor_scores_a_text_with_an_unknown_word_by_its_map(calibrated_checkpoint, scene_files):
+    meta = json.loads((calibrated_checkpoint / "meta.json").read_text())
+    meta["score_calibration"] = ScoreCalibration(
+        (0.0, 1.0), (0.25, 0.25), "constant", known_words=frozenset({"the", "red", "circle"}),
+        unknown=ScoreCalibration((0.0, 1.0), (0.05, 0.05), "unknown")).to_dict()
+    (calibrated_checkpoint / "meta.json").write_text(json.dumps(meta))
+    predictor = Predictor(calibrated_checkpoint, device="cpu")
+    (per_text,) = predictor.refer([scene_files[0]], [["the red circle", "the red pentagon", "the red circle"]])
+    assert [dets[0].score for dets in per_text] == [0.25, 0.05, 0.25]

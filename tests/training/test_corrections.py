@@ -122,7 +122,8 @@ def test_gate_accepts_only_a_round_that_is_not_worse(tiny_data, tmp_path, curren
     assert {h[2:] for h in held} | {c[2:] for c in corrected} == set(names)
     assert all((call["data_dir"] / "images" / "train" / f).is_file() for f in call["files"])
     assert call["steps"] == plan_round(6).steps and call["r"] == 4 and call["lr"] == 5e-4
-    assert result.to_dict()["plan"]["alpha"] == 8
+    assert call["lr_multipliers"] == {"point_head.": 0.1, "confidence_head.": 0.1}  # the heads learn slowly
+    assert result.to_dict()["plan"]["alpha"] == 8 and result.to_dict()["plan"]["head_lr_scale"] == 0.1
 
 
 @pytest.mark.parametrize(("retention", "accepted"), [((0.8, 0.79), True), ((0.8, 0.75), False)])
