@@ -53,6 +53,7 @@ POINT_NEGATIVE_PROB = 0.5  # a negative point outside the object joins the posit
 POINT_NEGATIVE_MARGIN = 0.5  # ... drawn in the object's box grown by this fraction of its sides per side
 POINT_NEGATIVE_TRIES = 16
 POINT_CENTRE_JITTER = 0.1  # no mask: the positive point is the box centre +- this fraction of its sides
+REGION_BOX_JITTER = 0.1  # a jittered region box: each side moves by up to this fraction of the box's size
 
 
 @dataclass
@@ -284,6 +285,37 @@ def sample_point_prompts(inputs: ModelInputs, items: Sequence[TransformedSample]
     return dataclasses.replace(inputs, prompt_boxes=prompt_boxes, mask_boxes=mask_boxes,
                                prompt_points=t(text_points), prompt_point_labels=t(text_labels),
                                mask_points=t(mask_points), mask_point_labels=t(mask_labels))
+
+
+def jitter_region_boxes(inputs: ModelInputs, prob: float, generator: np.random.Generator,
+                        scale: float = REGION_BOX_JITTER) -> ModelInputs:
+    """A region batch (``inputs.task == "region"``) with a fraction ``prob`` of its rows' box prompts moved:
+    each side by a uniform draw of up to ``scale`` of the box's width or height, clipped to the image, so
+    the captions (and the masks, whose decoder box moves with it) learn to hold for boxes drawn loosely, as
+    people and region proposals draw them. Rows whose box is the whole image (point prompts) keep it. Other
+    batches come back unchanged."""
+    if inputs.task != "region" or prob <= 0:
+        return inputs
+    boxes = inputs.prompt_boxes.clone()
+    mask_boxes = inputs.mask_boxes.clone() if inputs.mask_boxes is not None else None
+    for b in range(boxes.shape[0]):
+        w, h = (float(v) for v in inputs.image_sizes[b])
+        for n in range(boxes.shape[1]):
+            if not bool(inputs.prompt_mask[b, n]) or generator.uniform() >= prob:
+                continue
+            x0, y0, x1, y1 = (float(v) for v in boxes[b, n])
+            if x0 <= 0.5 and y0 <= 0.5 and x1 >= w - 0.5 and y1 >= h - 0.5:
+                continue
+            bw, bh = x1 - x0, y1 - y0
+            dx0, dy0, dx1, dy1 = generator.uniform(-scale, scale, 4) * (bw, bh, bw, bh)
+            moved = (min(max(x0 + dx0, 0.0), w), min(max(y0 + dy0, 0.0), h),
+                     min(max(x1 + dx1, 0.0), w), min(max(y1 + dy1, 0.0), h))
+            if moved[2] - moved[0] < 1 or moved[3] - moved[1] < 1:
+                continue
+            boxes[b, n] = torch.tensor(moved, dtype=boxes.dtype)
+            if mask_boxes is not None:
+                mask_boxes[b, n] = boxes[b, n].to(mask_boxes.dtype)
+    return dataclasses.replace(inputs, prompt_boxes=boxes, mask_boxes=mask_boxes)
 
 
 def _draw_points(rng: _Rng, box: Box, mask: np.ndarray | None, w: float, h: float

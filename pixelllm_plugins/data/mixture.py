@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..config import PixelLLMConfig
 from ..modeling.inputs import ModelInputs
 from ..tokenizer import PixelTokenizer
-from .collate import collate, collate_for_model
+from .collate import collate, collate_for_model, jitter_region_boxes
 from .formats import SyntheticDataset
 from .loaders import load_coco_captions, load_localized_narratives, load_refcoco, load_vg
 from .transforms import AugmentConfig
@@ -47,7 +47,7 @@ class MixtureDataset(IterableDataset):
 
     def __init__(self, sources: Sequence[Source], tokenizer: PixelTokenizer, config: PixelLLMConfig,
                  batch_size: int, *, seed: int = 0, start_step: int = 0, num_steps: int | None = None,
-                 train: bool = True, point_prompt_prob: float = 0.0):
+                 train: bool = True, point_prompt_prob: float = 0.0, region_box_jitter: float = 0.0):
         sources = [s for s in sources if s.weight > 0]
         if not sources:
             raise ValueError("a mixture needs at least one source with a positive weight")
@@ -60,6 +60,7 @@ class MixtureDataset(IterableDataset):
         self.seed, self.step, self.num_steps = int(seed), int(start_step), num_steps
         self.train = train
         self.point_prompt_prob = float(point_prompt_prob)
+        self.region_box_jitter = float(region_box_jitter)
         w = np.asarray([s.weight for s in self.sources], dtype=np.float64)
         self.probs = w / w.sum()
 
@@ -76,7 +77,13 @@ class MixtureDataset(IterableDataset):
         return self.sources[int(rng.choice(len(self.sources), p=self.probs))]
 
     def batch(self, step: int) -> ModelInputs:
-        """Batch number ``step`` of the stream."""
+        """Batch number ``step`` of the stream (region boxes jittered when ``region_box_jitter`` > 0)."""
+        inputs = self._batch(step)
+        if self.train and self.region_box_jitter > 0:
+            inputs = jitter_region_boxes(inputs, self.region_box_jitter, np.random.default_rng([self.seed, step, 2]))
+        return inputs
+
+    def _batch(self, step: int) -> ModelInputs:
         rng = np.random.default_rng([self.seed, step])
         source = self.sources[int(rng.choice(len(self.sources), p=self.probs))]
         n = len(source.samples)

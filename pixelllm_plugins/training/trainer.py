@@ -103,6 +103,9 @@ class TrainConfig:
     # mask decoder's rows gets a positive point on the object (maybe plus a negative one), half of them
     # instead of the box (data.collate.sample_point_prompts); 0: box prompts only, as before
     point_prompt_prob: float = 0.0
+    # this fraction of the region rows gets its box prompt moved (each side by up to 10 % of the box's size,
+    # data.collate.jitter_region_boxes): captions and masks that hold for loosely drawn boxes; 0: exact boxes
+    region_box_jitter: float = 0.0
     # testing aid: stop (as if killed) once this many steps are done, without the final save
     stop_after: int | None = None
 
@@ -132,6 +135,8 @@ class TrainConfig:
             raise TrainingError(f"lr must be positive, got {self.lr}")
         if not 0.0 <= self.point_prompt_prob <= 1.0:
             raise TrainingError(f"point_prompt_prob is a fraction of the prompts: 0 to 1, got {self.point_prompt_prob}")
+        if not 0.0 <= self.region_box_jitter <= 1.0:
+            raise TrainingError(f"region_box_jitter is a fraction of the region rows: 0 to 1, got {self.region_box_jitter}")
         strays = sorted(set(self.augment_scale) - {k for k, w in self.sources.items() if w > 0})
         if strays:
             raise TrainingError(f"augment_scale names {strays}, which are not sources of this mixture "
@@ -490,7 +495,7 @@ def _setup(cfg: TrainConfig, ctx: D.DistContext) -> _Run:
     masks = model.config.heads.mask_decoder > 0 or cfg.point_prompt_prob > 0
     sources = build_sources(cfg.data_dir, cfg.split, cfg.sources, cfg.max_prompts, cfg.augment_scale, masks=masks)
     mixture = MixtureDataset(sources, tokenizer, model.config, cfg.batch_size, seed=cfg.seed,
-                             point_prompt_prob=cfg.point_prompt_prob)
+                             point_prompt_prob=cfg.point_prompt_prob, region_box_jitter=cfg.region_box_jitter)
     loader = DataLoader(RankStream(mixture, micro_batches, ctx.rank, ctx.world_size), batch_size=None,
                         num_workers=cfg.num_workers, collate_fn=_identity)
     batches = iter(loader)

@@ -256,3 +256,55 @@ def test_point_prompt_prob_flag_and_checks(tiny_data, tiny_checkpoint, seg_check
     with pytest.raises(TrainingError, match="prompt.points"):  # a model that reads no points
         train(recipe_config("tiny-smoke", data_dir=str(tiny_data), init=str(tiny_checkpoint), steps=1,
                             out_dir=str(tmp_path / "np"), point_prompt_prob=0.5, progress=False))
+
+
+# ---- region box jitter ---------------------------------------------------------------------------------------
+
+def test_region_box_jitter_moves_region_boxes_within_bounds_and_only_those(tiny_data):
+    from pixelllm_plugins.data.collate import REGION_BOX_JITTER, jitter_region_boxes
+
+    tokenizer, config = PixelTokenizer.default(), _config(masks=2, points=True)
+    sources = {s.name: s for s in synthetic_sources(tiny_data, "train", TWO, masks=True)}
+    region = collate_for_model(sources["region"].samples[:4], tokenizer, config, train=True,
+                               generator=torch.Generator().manual_seed(0), task="region")
+    whole = region.prompt_boxes.clone()
+    whole[0, 0] = torch.cat([torch.zeros(2), region.image_sizes[0]])  # a point-prompt row: the whole image
+    region = dataclasses.replace(region, prompt_boxes=whole, mask_boxes=whole.clone())
+    moved = jitter_region_boxes(region, 1.0, np.random.default_rng(3))
+    real = region.prompt_mask.clone()
+    real[0, 0] = False
+    before, after = region.prompt_boxes[real], moved.prompt_boxes[real]
+    assert not torch.equal(before, after) and torch.equal(moved.prompt_boxes[0, 0], whole[0, 0])
+    size = torch.cat([before[:, 2:] - before[:, :2]] * 2, 1)
+    assert torch.all((after - before).abs() <= REGION_BOX_JITTER * size + 1e-4)
+    assert torch.all(after[:, 2:] - after[:, :2] >= 1) and torch.all(after >= 0)
+    assert torch.equal(moved.mask_boxes, moved.prompt_boxes)  # the decoder reads the same loose box
+    assert _equal(jitter_region_boxes(region, 1.0, np.random.default_rng(3)), moved)  # seeded
+    assert jitter_region_boxes(region, 0.0, np.random.default_rng(3)) is region
+    refer = collate_for_model(sources["refer"].samples[:4], tokenizer, config, train=True,
+                              generator=torch.Generator().manual_seed(0), task="refer")
+    assert jitter_region_boxes(refer, 1.0, np.random.default_rng(3)) is refer  # refer rows keep the global box
+
+
+def test_region_box_jitter_in_the_mixture_flag_and_checks(tiny_data, seg_checkpoint, tmp_path):
+    from pixelllm_plugins.cli import main
+
+    tokenizer, config = PixelTokenizer.default(), _config(masks=2, points=True)
+    sources = synthetic_sources(tiny_data, "train", {"refer": 0.0, "region": 1.0, "trace": 0.0, "caption": 0.0},
+                                masks=True)
+    plain = MixtureDataset(sources, tokenizer, config, 3, seed=1).batch(0)
+    jittered = MixtureDataset(sources, tokenizer, config, 3, seed=1, region_box_jitter=1.0).batch(0)
+    assert torch.equal(plain.pixel_values, jittered.pixel_values) and torch.equal(plain.text_ids, jittered.text_ids)
+    assert not torch.equal(plain.prompt_boxes, jittered.prompt_boxes)
+    evaluation = MixtureDataset(sources, tokenizer, config, 3, seed=1, region_box_jitter=1.0, train=False).batch(0)
+    assert torch.equal(evaluation.prompt_boxes, MixtureDataset(sources, tokenizer, config, 3, seed=1,
+                                                               train=False).batch(0).prompt_boxes)
+    out = tmp_path / "cli"
+    assert main(["train", "--recipe", "tiny-smoke", "--data", str(tiny_data), "--out", str(out), "--steps", "1",
+                 "--init", str(seg_checkpoint), "--sources", "region=1", "--region-box-jitter", "0.5",
+                 "--no-progress"]) == 0
+    import json
+
+    assert json.loads((out / "final" / "meta.json").read_text())["train_config"]["region_box_jitter"] == 0.5
+    with pytest.raises(TrainingError, match="region_box_jitter"):
+        recipe_config("tiny-smoke", data_dir=str(tiny_data), region_box_jitter=2.0).validate()
