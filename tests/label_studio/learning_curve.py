@@ -26,21 +26,11 @@ ROOT = HERE.parents[1]
 
 
 def scenes_with(shape: str, count: int, first_seed: int, width: int | None = None):
-    """(image, expression, box_xyxy) for scenes whose referring expression targets ``shape``."""
-    from pixelllm_plugins.data.formats import annotate_scene
-    from pixelllm_plugins.data.synthetic import SceneConfig, render_scene
+    """(image, expression, box_xyxy) for classic scenes whose referring expression targets ``shape``."""
+    from pixelllm_plugins.data.formats import concept_scenes
+    from pixelllm_plugins.data.synthetic import render_scene
 
-    cfg = SceneConfig(extra_shapes=(shape,))
-    out, seed = [], first_seed
-    while len(out) < count:
-        a = annotate_scene(seed, cfg, 1)
-        seed += 1
-        for ref in a.expressions:
-            obj = a.scene.objects[ref.target]
-            if obj.shape == shape:
-                out.append((render_scene(a.scene), ref.text, tuple(obj.box)))
-                break
-    return out
+    return [(render_scene(a.scene), text, box) for a, text, box in concept_scenes(shape, count, first_seed, "classic")]
 
 
 def _iou(a, b) -> float:
