@@ -334,6 +334,36 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str) -> Path:
     return directory
 
 
+def scale_adapter(directory: str | Path, base_state: dict, keep: float) -> Path:
+    """Keep a fraction ``keep`` of an adapter folder's update, in place: the LoRA B matrices times ``keep``
+    (so the low-rank update is scaled) and each full per-adapter copy (modules_to_save) moved to
+    ``base + keep * (copy - base)``, ``base_state`` being the base model's ``state_dict()``. ``keep`` 1 leaves
+    the folder as it is; 0 gives an adapter that answers exactly as the base."""
+    from safetensors.torch import load_file, save_file
+
+    if not 0.0 <= keep <= 1.0:
+        raise TrainingError(f"keep is the fraction of the update to keep, 0 to 1; got {keep}")
+    path = Path(directory) / ADAPTER_WEIGHTS
+    if keep == 1.0:
+        return Path(directory)
+    tensors = load_file(str(path))
+    out = {}
+    for key, value in tensors.items():
+        parts = key.split(".")
+        if "lora_B" in parts or "lora_embedding_B" in parts:
+            out[key] = value * keep
+        elif not set(parts) & _LORA_CONTAINERS:
+            base = base_state.get(key.removeprefix(_PEFT_PREFIX))
+            if base is None or base.shape != value.shape:
+                raise CheckpointError(f"{path}: {key} has no counterpart of its shape in the base model")
+            base = base.to(value.dtype)
+            out[key] = base + keep * (value - base)
+        else:
+            out[key] = value
+    save_file(out, str(path), metadata={"format": "pt"})
+    return Path(directory)
+
+
 def load_adapter(model: nn.Module, directory: str | Path, name: str | None = None, *, trainable: bool = False,
                  activate: bool = False, overwrite: bool = False) -> str:
     """Load a peft LoRA folder as adapter ``name`` (default: the folder name); returns the name.

@@ -207,6 +207,49 @@ def test_adapter_load_use_unload(tiny_checkpoint, scene_files, tmp_path):
     assert by_path[0].box_xyxy == by_path[1].box_xyxy == pytest.approx(adapted.box_xyxy, abs=1e-4)
 
 
+def test_a_scaled_adapter_keeps_that_fraction_of_its_update(tiny_checkpoint, scene_files, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from pixelllm_plugins.checkpoint import load_pretrained
+    from pixelllm_plugins.errors import TrainingError
+    from pixelllm_plugins.inference.predictor import Predictor
+    from pixelllm_plugins.modeling import lora
+
+    model, _, _ = load_pretrained(str(tiny_checkpoint))
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    lora.add_lora(model, "full", r=2)  # LoRA on the attention and full copies of the point/confidence heads
+    torch.manual_seed(0)
+    for p in lora.trainable_parameters(model).values():
+        p.data.add_(torch.randn_like(p) * 0.1)
+    lora.save_adapter(model, tmp_path / "full", "full")
+    for keep in (0.0, 0.5, 1.0):
+        shutil.copytree(tmp_path / "full", tmp_path / f"keep{int(keep * 10)}")
+        lora.scale_adapter(tmp_path / f"keep{int(keep * 10)}", base_state, keep)
+    full = load_file(str(tmp_path / "full" / lora.ADAPTER_WEIGHTS))
+    half = load_file(str(tmp_path / "keep5" / lora.ADAPTER_WEIGHTS))
+    for key, value in full.items():
+        if ".lora_B." in key:
+            assert torch.allclose(half[key], value * 0.5)
+        elif ".lora_A." in key:
+            assert torch.equal(half[key], value)
+        else:  # a head copy: halfway back to the base
+            base = base_state[key.removeprefix("base_model.model.")]
+            assert torch.allclose(half[key], (base + value) / 2, atol=1e-6)
+    assert all(torch.equal(v, full[k]) for k, v in load_file(str(tmp_path / "keep10" / lora.ADAPTER_WEIGHTS)).items())
+    pred = Predictor(tiny_checkpoint, device="cpu")
+    text = [["the red circle"]]
+    base = pred.refer([scene_files[0]], text)[0][0][0]
+    answers = {k: pred.refer([scene_files[0]], text, adapter=str(tmp_path / k))[0][0][0] for k in ("keep0", "keep5", "full")}
+    assert answers["keep0"].box_xyxy == pytest.approx(base.box_xyxy, abs=1e-3)  # nothing kept: the base's answer
+    assert answers["keep5"].box_xyxy != pytest.approx(base.box_xyxy, abs=1e-3)
+    assert answers["keep5"].box_xyxy != pytest.approx(answers["full"].box_xyxy, abs=1e-3)
+    with pytest.raises(TrainingError, match="fraction of the update"):
+        lora.scale_adapter(tmp_path / "full", base_state, 1.5)
+
+
 def test_a_repeated_prompt_is_tokenized_once(tiny_predictor, scene_files, monkeypatch):
     calls = []
     encode = tiny_predictor.tokenizer.encode

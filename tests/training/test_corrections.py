@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from pixelllm_plugins.errors import TrainingError
 from pixelllm_plugins.training.corrections import (
@@ -124,6 +125,7 @@ def test_gate_accepts_only_a_round_that_is_not_worse(tiny_data, tmp_path, curren
     assert call["steps"] == plan_round(6).steps and call["r"] == 4 and call["lr"] == 5e-4
     assert call["lr_multipliers"] == {"point_head.": 0.1, "confidence_head.": 0.1}  # the heads learn slowly
     assert result.to_dict()["plan"]["alpha"] == 8 and result.to_dict()["plan"]["head_lr_scale"] == 0.1
+    assert result.to_dict()["plan"]["keep"] == 0.5  # half of the update is kept (the stub wrote no weights)
 
 
 @pytest.mark.parametrize(("retention", "accepted"), [((0.8, 0.79), True), ((0.8, 0.75), False)])
@@ -167,11 +169,18 @@ def test_empty_folder_is_a_training_error(tmp_path):
 # ---- one real round ---------------------------------------------------------------------------------------------
 
 def test_real_tiny_round_end_to_end(tiny_base, tiny_data, tmp_path):
+    from safetensors.torch import load_file
+
     examples, _ = _examples(tiny_data, tmp_path, 6)
     result = run_correction_round(tiny_base, examples, tmp_path / "adapter", replay=0.5, seed=0,
                                   replay_dir=tmp_path / "replay", replay_pool=8, retention_images=4,
-                                  plan=RoundPlan(rank=2, steps=2, lr=1e-3), batch_size=2)
+                                  plan=RoundPlan(rank=2, steps=2, lr=1e-3), batch_size=2,
+                                  work_dir=tmp_path / "round")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    kept = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    trained = load_file(str(tmp_path / "round" / "run" / "final" / "adapter" / "adapter_model.safetensors"))
+    lora_b = [k for k in trained if ".lora_B." in k]
+    assert lora_b and all(torch.allclose(kept[k], trained[k] * 0.5) for k in lora_b)  # half the update kept
     assert result.holdout["images"] == 2 and result.train["images"] == 4 + 8
     assert 0.0 <= result.new_score <= 1.0 and 0.0 <= result.current_score <= 1.0
     assert 0.0 <= result.new_retention <= 1.0 and 0.0 <= result.current_retention <= 1.0
