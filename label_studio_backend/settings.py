@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from pixelllm_plugins.bounds import check
+from pixelllm_plugins.errors import InvalidParameterError
 from pixelllm_plugins.io import ImageLimits
 
 
@@ -17,18 +19,16 @@ def _env(name: str, *fallbacks: str, default: str = "") -> str:
     return default
 
 
-def _float(name: str, default: float) -> float:
-    try:
-        return float(os.environ.get(name, default))
-    except ValueError:
+def _number(variable: str, knob: str, default: float) -> float:
+    """``variable`` from the environment, checked against ``bounds.BOUNDS[knob]`` (``InvalidParameterError``
+    naming the variable and its range); ``default`` when it is unset or empty."""
+    raw = os.environ.get(variable, "").strip()
+    if not raw:
         return default
-
-
-def _int(name: str, default: int) -> int:
     try:
-        return int(os.environ.get(name, default))
-    except ValueError:
-        return default
+        return check(knob, raw, label=variable)
+    except InvalidParameterError as exc:
+        raise InvalidParameterError(f"{exc}; fix it or unset it for the default {default:g}") from None
 
 
 def _default_model_dir() -> str:
@@ -81,17 +81,17 @@ class Settings:
             allowed_hosts=tuple(h.strip().lower() for h in os.environ.get("PIXELLLM_LS_ALLOWED_HOSTS", "")
                                 .split(",") if h.strip()),
             local_roots=tuple(roots),
-            fetch_timeout_s=_float("PIXELLLM_LS_FETCH_TIMEOUT", 15.0),
-            predict_budget_s=_float("PIXELLLM_LS_PREDICT_BUDGET", 80.0),
-            batch_size=max(1, _int("PIXELLLM_LS_BATCH_SIZE", 8)),
-            fetch_workers=max(1, _int("PIXELLLM_LS_FETCH_WORKERS", 4)),
-            train_steps=max(0, _int("PIXELLLM_LS_TRAIN_STEPS", 0)),
+            fetch_timeout_s=float(_number("PIXELLLM_LS_FETCH_TIMEOUT", "fetch_timeout_s", 15.0)),
+            predict_budget_s=float(_number("PIXELLLM_LS_PREDICT_BUDGET", "predict_budget_s", 80.0)),
+            batch_size=int(_number("PIXELLLM_LS_BATCH_SIZE", "batch_size", 8)),
+            fetch_workers=int(_number("PIXELLLM_LS_FETCH_WORKERS", "fetch_workers", 4)),
+            train_steps=int(_number("PIXELLLM_LS_TRAIN_STEPS", "train_steps", 0)),
             train_gate=_env("PIXELLLM_LS_TRAIN_GATE", default="1").strip().lower() not in ("0", "false", "no", "off"),
-            train_replay=min(0.9, max(0.0, _float("PIXELLLM_LS_TRAIN_REPLAY", 0.5))),
-            train_min_annotations=max(1, _int("PIXELLLM_LS_TRAIN_MIN_ANNOTATIONS", 1)),
-            max_request_bytes=max(1024, _int("PIXELLLM_LS_MAX_REQUEST_BYTES", 32 * 1024 * 1024)),
-            max_prompt_chars=max(1, _int("PIXELLLM_LS_MAX_PROMPT_CHARS", 1000)),
-            decode_budget_bytes=max(64 * 1024 * 1024, _int("PIXELLLM_LS_DECODE_BUDGET_BYTES", 1024 ** 3)),
+            train_replay=float(_number("PIXELLLM_LS_TRAIN_REPLAY", "train_replay", 0.5)),
+            train_min_annotations=int(_number("PIXELLLM_LS_TRAIN_MIN_ANNOTATIONS", "train_min_annotations", 1)),
+            max_request_bytes=int(_number("PIXELLLM_LS_MAX_REQUEST_BYTES", "max_request_bytes", 32 * 1024 * 1024)),
+            max_prompt_chars=int(_number("PIXELLLM_LS_MAX_PROMPT_CHARS", "max_prompt_chars", 1000)),
+            decode_budget_bytes=int(_number("PIXELLLM_LS_DECODE_BUDGET_BYTES", "decode_budget_bytes", 1024 ** 3)),
             log_level=_env("LOG_LEVEL", default="INFO").upper(),
         )
         known = {f.name for f in fields(cls)}

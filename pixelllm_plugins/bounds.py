@@ -44,6 +44,17 @@ BOUNDS: dict[str, Bound] = {
     "max_texts": Bound(1, 32, True, "referring expressions per image"),
     "max_text_chars": Bound(1, 2000, True, "characters of one referring expression"),
     "batch_size": Bound(1, 256, True, "images per model call"),
+    # the Label Studio backend's environment (label_studio_backend/settings.py)
+    "fetch_timeout_s": Bound(0.1, 600, False, "seconds to download one image"),
+    "predict_budget_s": Bound(1, 3600, False, "seconds one /predict call may take"),
+    "fetch_workers": Bound(1, 64, True, "parallel image downloads"),
+    "train_steps": Bound(0, 100_000, True, "fine-tune steps per round; 0 picks them from the annotations"),
+    "train_replay": Bound(0.0, 0.9, False, "share of synthetic base scenes among a round's training images"),
+    "train_min_annotations": Bound(1, 1_000_000, True, "new annotations before a round starts"),
+    "max_request_bytes": Bound(1024, 2 ** 31, True, "bytes of one request body"),
+    "max_prompt_chars": Bound(1, 100_000, True, "characters of one prompt"),
+    "decode_budget_bytes": Bound(64 * 1024 ** 2, 64 * 1024 ** 3, True,
+                                 "bytes that images being decoded at once may take"),
 }
 
 
