@@ -6,8 +6,7 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from pixelllm_plugins.bounds import check
-from pixelllm_plugins.errors import InvalidParameterError
+from pixelllm_plugins.bounds import from_env as _number
 from pixelllm_plugins.io import ImageLimits
 
 
@@ -17,18 +16,6 @@ def _env(name: str, *fallbacks: str, default: str = "") -> str:
         if value:
             return value
     return default
-
-
-def _number(variable: str, knob: str, default: float) -> float:
-    """``variable`` from the environment, checked against ``bounds.BOUNDS[knob]`` (``InvalidParameterError``
-    naming the variable and its range); ``default`` when it is unset or empty."""
-    raw = os.environ.get(variable, "").strip()
-    if not raw:
-        return default
-    try:
-        return check(knob, raw, label=variable)
-    except InvalidParameterError as exc:
-        raise InvalidParameterError(f"{exc}; fix it or unset it for the default {default:g}") from None
 
 
 def _default_model_dir() -> str:

@@ -15,9 +15,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .bounds import from_env
 from .errors import PixelLLMError
 
-MAX_FILE_BYTES = int(os.environ.get("PIXELLLM_MAX_BATCH_BYTES", 512 * 1024 * 1024))
+MAX_FILE_BYTES = 512 * 1024 * 1024  # unless PIXELLLM_MAX_BATCH_BYTES says otherwise
 MAX_LINE_BYTES = 1024 * 1024
 MAX_DEPTH = 64  # a request is a few levels deep; deeper nesting is refused before json recurses into it
 
@@ -48,8 +49,9 @@ def read_batch(path: str | os.PathLike) -> list[BatchLine]:
         if path.is_dir():
             raise BatchFileError(f"{name} is a folder, not a batch file (one JSON request per line)")
         size = path.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise BatchFileError(f"{name}: {size:,} bytes is more than the limit of {MAX_FILE_BYTES:,} "
+        limit = int(from_env("PIXELLLM_MAX_BATCH_BYTES", "max_batch_bytes", MAX_FILE_BYTES))
+        if size > limit:
+            raise BatchFileError(f"{name}: {size:,} bytes is more than the limit of {limit:,} "
                                  "(PIXELLLM_MAX_BATCH_BYTES); split it into smaller files")
         data = path.read_bytes()
     except FileNotFoundError:

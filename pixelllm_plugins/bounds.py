@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from dataclasses import dataclass
 
 from .errors import InvalidParameterError
@@ -55,11 +56,15 @@ BOUNDS: dict[str, Bound] = {
     "max_prompt_chars": Bound(1, 100_000, True, "characters of one prompt"),
     "decode_budget_bytes": Bound(64 * 1024 ** 2, 64 * 1024 ** 3, True,
                                  "bytes that images being decoded at once may take"),
+    # image and batch-file limits (PIXELLLM_MAX_PIXELS, PIXELLLM_MAX_IMAGE_BYTES, PIXELLLM_MAX_BATCH_BYTES)
+    "max_pixels": Bound(1, 10 ** 10, True, "pixels of one image"),
+    "max_image_bytes": Bound(1, 2 ** 34, True, "bytes of one image file"),
+    "max_batch_bytes": Bound(1, 2 ** 38, True, "bytes of one --batch file"),
 }
 
 
 def _fmt(x: float) -> str:
-    return f"{x:g}"
+    return f"{int(x):,}" if float(x).is_integer() else f"{x:g}"
 
 
 def check(name: str, value: object, *, label: str | None = None) -> int | float:
@@ -103,3 +108,15 @@ def argtype(name: str):
 
     parse.__name__ = name  # argparse names the type in its message
     return parse
+
+
+def from_env(variable: str, knob: str, default: float) -> int | float:
+    """Environment variable ``variable`` checked against ``BOUNDS[knob]``; ``default`` when it is unset or
+    empty. A bad value raises ``InvalidParameterError`` naming the variable, its range and the default."""
+    raw = os.environ.get(variable, "").strip()
+    if not raw:
+        return default
+    try:
+        return check(knob, raw, label=variable)
+    except InvalidParameterError as exc:
+        raise InvalidParameterError(f"{exc}; fix it or unset it for the default {_fmt(default)}") from None

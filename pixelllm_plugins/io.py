@@ -11,12 +11,13 @@ import os
 import struct
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .bounds import from_env
 from .errors import ImageTooLargeError, InvalidImageError
 
 
@@ -66,14 +67,26 @@ ImageInput = str | os.PathLike | bytes | EncodedImage | Image.Image | np.ndarray
 # Formats the loader opens; anything else PIL knows (EPS through Ghostscript, PSD, ICNS, ...) is refused.
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
 
-DEFAULT_MAX_PIXELS = int(os.environ.get("PIXELLLM_MAX_PIXELS", 64_000_000))
-DEFAULT_MAX_BYTES = int(os.environ.get("PIXELLLM_MAX_IMAGE_BYTES", 50 * 1024 * 1024))
+DEFAULT_MAX_PIXELS = 64_000_000
+DEFAULT_MAX_BYTES = 50 * 1024 * 1024
+
+
+def env_max_pixels() -> int:
+    """``PIXELLLM_MAX_PIXELS`` (checked: ``bounds.from_env``), else :data:`DEFAULT_MAX_PIXELS`."""
+    return int(from_env("PIXELLLM_MAX_PIXELS", "max_pixels", DEFAULT_MAX_PIXELS))
+
+
+def env_max_bytes() -> int:
+    """``PIXELLLM_MAX_IMAGE_BYTES`` (checked: ``bounds.from_env``), else :data:`DEFAULT_MAX_BYTES`."""
+    return int(from_env("PIXELLLM_MAX_IMAGE_BYTES", "max_image_bytes", DEFAULT_MAX_BYTES))
 
 
 @dataclass(frozen=True)
 class ImageLimits:
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_bytes: int = DEFAULT_MAX_BYTES
+    """Pixels and bytes one image may have; by default the environment's (read when a limit is made)."""
+
+    max_pixels: int = field(default_factory=env_max_pixels)
+    max_bytes: int = field(default_factory=env_max_bytes)
 
 
 def _describe(source: ImageInput) -> str:

@@ -151,3 +151,33 @@ def test_encoded_image_errors():
     assert cut.size == (640, 480)
     with pytest.raises(InvalidImageError, match="truncated or corrupt"):
         load_image(cut)
+
+
+@pytest.mark.parametrize(("variable", "field"), [("PIXELLLM_MAX_PIXELS", "max_pixels"),
+                                                  ("PIXELLLM_MAX_IMAGE_BYTES", "max_bytes")])
+def test_limits_come_from_the_environment_checked(monkeypatch, variable, field):
+    from pixelllm_plugins.errors import InvalidParameterError
+
+    monkeypatch.setenv(variable, "1234")
+    assert getattr(ImageLimits(), field) == 1234  # read when a limit is made, not when the module loads
+    monkeypatch.setenv(variable, "")
+    assert getattr(ImageLimits(), field) > 1234  # the default
+    for bad in ("abc", "0", "-5", "1.5", "nan", "1e30"):
+        monkeypatch.setenv(variable, bad)
+        with pytest.raises(InvalidParameterError, match=rf"{variable} must be an integer from 1 to .* got '{bad}'; "
+                                                        "fix it or unset it for the default"):
+            ImageLimits()
+
+
+def test_a_bad_limit_variable_is_one_line_from_the_cli(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    for variable, args in (("PIXELLLM_MAX_PIXELS", ["refer", "x.png", "the circle"]),
+                           ("PIXELLLM_MAX_BATCH_BYTES", ["refer", "--batch", str(tmp_path / "b.jsonl")])):
+        (tmp_path / "b.jsonl").write_text('{"image": "x.png", "text": "a"}\n')
+        done = subprocess.run([sys.executable, "-m", "pixelllm_plugins.cli", *args, "--model", "tiny"],
+                              env=os.environ | {variable: "lots"}, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and "Traceback" not in done.stderr and "internal error" not in done.stderr
+        assert done.stderr.strip().splitlines()[-1].startswith(f"error: {variable} must be an integer from 1 to ")
