@@ -45,3 +45,8 @@ class EvaluationError(PixelLLMError):
 
 class InvalidParameterError(PixelLLMError):
     """A numeric option (a CLI flag, a request field, a config attribute) is not a number or out of range."""
+
+
+class InvalidSettingError(InvalidParameterError, ValueError):
+    """A service setting (an environment variable or a keyword of a settings class) is malformed or out of
+    range. Also a ``ValueError``, as the settings classes raised before."""

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 
 from ..bounds import check
-from ..errors import InvalidParameterError
+from ..errors import InvalidParameterError, InvalidSettingError
 from ..io import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageLimits
 
 # environment variable -> settings field
@@ -134,13 +134,13 @@ class WorkerSettings:
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
-            raise ValueError(f"invalid worker settings: {', '.join(f'{b}={getattr(self, b)!r}' for b in bad)}"
+            raise InvalidSettingError(f"invalid worker settings: {', '.join(f'{b}={getattr(self, b)!r}' for b in bad)}"
                              "; sizes and counts must be positive, waits non-negative, warmup auto|on|off, engine process|thread; fronts > 1 needs engine process")
         for name, knob in FIELD_BOUNDS.items():  # the worker may lower the shared bounds, never raise them
             try:
                 check(knob, getattr(self, name), label=name)
             except InvalidParameterError as exc:
-                raise ValueError(f"invalid worker settings: {exc}") from None
+                raise InvalidSettingError(f"invalid worker settings: {exc}") from None
 
     @property
     def batching(self) -> bool:
@@ -196,4 +196,5 @@ def _parse(var: str, raw: str, type_name: str):
             return _split_hosts(raw)
         return raw
     except ValueError:
-        raise ValueError(f"environment variable {var}={raw!r} is not a valid {type_name.split()[0]}") from None
+        raise InvalidSettingError(f"environment variable {var}={raw!r} is not a valid {type_name.split()[0]}; fix it "
+                                  "or unset it for the default") from None

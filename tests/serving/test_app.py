@@ -186,6 +186,22 @@ def test_unexpected_model_errors_are_500_without_internals(make_client):
     assert c.post("/v1/refer", json={"image": image_field(), "text": "x"}).status_code == 200
 
 
+@pytest.mark.parametrize(("variable", "value", "message"), [
+    ("PIXELLLM_WORKER_MAX_BATCH", "many", "PIXELLLM_WORKER_MAX_BATCH='many' is not a valid int; fix it or unset it"),
+    ("PIXELLLM_WORKER_TIMEOUT_S", "nan", "invalid worker settings: request_timeout_s=nan"),
+    ("PIXELLLM_MAX_PIXELS", "0", "invalid worker settings: max_pixels=0"),
+])
+def test_a_bad_worker_setting_is_one_line_and_exit_2(tmp_path, variable, value, message):
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "pixelllm_plugins.cli", "serve", "--model", "tiny", "--port", "0"],
+                          env=os.environ | {variable: value}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "internal error" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: ") and message in done.stderr
+
+
 def test_settings_from_env():
     env = {"PIXELLLM_WORKER_TOKEN": TOKEN, "PIXELLLM_WORKER_MAX_BATCH": "4", "PIXELLLM_WORKER_MAX_WAIT_MS": "2.5",
            "PIXELLLM_WORKER_ALLOWED_HOSTS": "images.example.com, *.cdn.example.org,127.0.0.1:8080",
