@@ -793,6 +793,7 @@ class Predictor:
             loaded = self._load(images)
             prompts: list[list[_MaskPrompt]] = [[] for _ in loaded]
             clean: dict[int, list[str]] = {}
+            clicks: dict[int, tuple[list, list[int]]] = {}  # image -> (points, labels)
             for i, (image, kind) in enumerate(zip(loaded, kinds)):
                 prepared = image.prepared
                 w, h = prepared.original_size
@@ -812,13 +813,17 @@ class Predictor:
                     labels = [1] * len(pts) if given is None else _check_labels(i, given, len(pts))
                     if pts and not self.config.prompt.points:
                         raise InvalidPromptError(f"image {i}: {NO_POINT_PROMPTS}")
-                    positive = self._point_proposals(loaded, {i: [p for p, lb in zip(pts, labels) if lb]})
-                    held = iter(positive.get(i, []))
-                    for j, ((x, y), label) in enumerate(zip(pts, labels)):
-                        box = next(held) if label else None
-                        canvas_box = self._global_box(image) if box is None else prepared.to_canvas(box)
-                        prompts[i].append(_MaskPrompt(i, canvas_box, tuple(prepared.to_canvas((x, y))), label,
-                                                      f"point {j} ({x:g}, {y:g})"))
+                    clicks[i] = (pts, labels)
+            # a positive click's box: its proposal, found for every image in one pass (else the whole image)
+            held = self._point_proposals(loaded, {i: [p for p, lb in zip(pts, labels) if lb]
+                                                  for i, (pts, labels) in clicks.items()})
+            for i, (pts, labels) in clicks.items():
+                boxes_held, prepared = iter(held[i]), loaded[i].prepared
+                for j, ((x, y), label) in enumerate(zip(pts, labels)):
+                    box = next(boxes_held) if label else None
+                    canvas_box = self._global_box(loaded[i]) if box is None else prepared.to_canvas(box)
+                    prompts[i].append(_MaskPrompt(i, canvas_box, tuple(prepared.to_canvas((x, y))), label,
+                                                  f"point {j} ({x:g}, {y:g})"))
             asked = [i for i in clean if clean[i]]
             if asked:
                 found = self._refer_loaded([loaded[i] for i in asked], [clean[i] for i in asked])

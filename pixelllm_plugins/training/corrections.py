@@ -388,9 +388,10 @@ def run_correction_round(base: str | Path, examples_dir: str | Path, out_adapter
         **train_kwargs)
     if not out_adapter.is_dir():
         raise TrainingError(f"the trainer finished but wrote no adapter at {out_adapter}")
-    if plan.keep < 1.0 and (out_adapter / "adapter_model.safetensors").is_file():  # (a stub trainer writes none)
+    from ..modeling.lora import ADAPTER_WEIGHTS, scale_adapter
+
+    if plan.keep < 1.0 and (out_adapter / ADAPTER_WEIGHTS).is_file():  # (a stub trainer writes none)
         from ..checkpoint import load_pretrained
-        from ..modeling.lora import scale_adapter
 
         scale_adapter(out_adapter, load_pretrained(base)[0].state_dict(), plan.keep)
     result = RoundResult(adapter=str(out_adapter), accepted=True, gate="passed", plan=plan, train=train_counts,
