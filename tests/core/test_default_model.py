@@ -7,10 +7,9 @@ from pixelllm_plugins.config import PixelLLMConfig, get_preset
 from pixelllm_plugins.data.formats import demo_scene
 from pixelllm_plugins.inference.predictor import Predictor
 
-# the shipped weights box 40 of the 42 attribute-only expressions of test scenes 0-11 (0.95; the
-# session-8 default 39/42, the session-7 default 41/42, the session-6 default 40/42, the CPU-only session-3
-# model 35/42, the session-2 model 24/42), and 12 of 12 in the 4x enlarged JPEGs of scenes 0-3; picking a
-# random object of a scene would score about 1 in 6, the first placeholder 0
+# the shipped weights box 39 of the 42 attribute-only expressions of test scenes 0-11 (0.93; earlier
+# defaults 39 to 41, the first CPU-only model 35, a barely trained one 24); picking a random object of a
+# scene would score about 1 in 6
 MIN_ATTRIBUTE_HIT_RATE = 0.85
 
 
