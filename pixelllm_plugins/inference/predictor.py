@@ -151,7 +151,8 @@ class Predictor:
 
             net, tokenizer, version = load_pretrained(None if model is None else str(model))
         self.model = net.to(self.device, self.dtype).eval()
-        self.tokenizer = tokenizer
+        self._base_tokenizer = tokenizer
+        self._adapter_tokenizers: dict[str, object] = {}  # adapters that bring new words (modeling.new_words)
         self.base_version = version
         self.config = net.config
         self.cache_size = cache_size
@@ -185,15 +186,25 @@ class Predictor:
         }
 
     # ---- adapters ------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        """The tokenizer of the adapter in use (one with new words brings its own), else the base's."""
+        return self._adapter_tokenizers.get(self._adapter, self._base_tokenizer)
+
     def load_adapter(self, path: str | Path, name: str | None = None) -> str:
         """Load a LoRA adapter folder (peft format) under ``name`` (default: the folder name)."""
-        from ..modeling import lora
+        from ..modeling import lora, new_words
 
         name = name or Path(path).name
         with self._lock:
+            tokenizer = new_words.adapter_tokenizer(path)
             lora.load_adapter(self.model, str(path), name)
             self.model.to(self.device, self.dtype).eval()
             self._adapter_paths[name] = str(path)
+            self._adapter_tokenizers.pop(name, None)
+            self._forget_texts(name)
+            if tokenizer is not None:
+                self._adapter_tokenizers[name] = tokenizer
         return name
 
     def unload_adapter(self, name: str) -> None:
@@ -207,7 +218,14 @@ class Predictor:
                 self._use_adapter(None)
             lora.delete_adapter(self.model, name)
             del self._adapter_paths[name]
+            self._adapter_tokenizers.pop(name, None)
+            self._forget_texts(name)
             self._cache = OrderedDict((k, v) for k, v in self._cache.items() if not k.endswith(f":{name}"))
+
+    def _forget_texts(self, adapter: str) -> None:
+        """Drop the cached token ids of ``adapter``'s own tokenizer (it is being replaced or removed)."""
+        for key in [k for k in self._text_cache if k[0] == adapter]:
+            del self._text_cache[key]
 
     def _use_adapter(self, adapter: str | None) -> None:
         if adapter is not None and adapter not in self._adapter_paths:
@@ -296,7 +314,7 @@ class Predictor:
     def _encode(self, text: str, max_len: int, *, add_bos: bool, what: str) -> list[int]:
         """Token ids (shared, do not modify); cached, as annotation tools send the same prompts again and
         again and tokenizing is a real share of a batched call's time on a small model."""
-        key = (text, max_len, add_bos)
+        key = (self._adapter if self._adapter in self._adapter_tokenizers else None, text, max_len, add_bos)
         ids = self._text_cache.get(key)
         if ids is not None:
             self._text_cache.move_to_end(key)

@@ -36,6 +36,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import CheckpointError, TrainingError
+from . import new_words
 from .language import LanguageModel
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -354,10 +355,14 @@ def scale_adapter(directory: str | Path, base_state: dict, keep: float) -> Path:
             out[key] = value * keep
         elif not set(parts) & _LORA_CONTAINERS:
             base = base_state.get(key.removeprefix(_PEFT_PREFIX))
-            if base is None or base.shape != value.shape:
+            grown = (base is not None and base.ndim == value.ndim and base.shape[1:] == value.shape[1:]
+                     and base.shape[0] < value.shape[0])  # a table with new-word rows (modeling.new_words)
+            if base is None or (base.shape != value.shape and not grown):
                 raise CheckpointError(f"{path}: {key} has no counterpart of its shape in the base model")
             base = base.to(value.dtype)
-            out[key] = base + keep * (value - base)
+            old = base.shape[0]
+            out[key] = value.clone()
+            out[key][:old] = base + keep * (value[:old] - base)  # new rows are wholly the adapter's: kept
         else:
             out[key] = value
     save_file(out, str(path), metadata={"format": "pt"})
@@ -390,8 +395,21 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
         if not overwrite:
             raise CheckpointError(f"adapter {name!r} is already loaded; pass overwrite=True to replace its weights "
                                   "or choose another name")
+        injected = False
     else:
         _inject(model, name, config)
+        injected = True
+    words = new_words.read_words(directory)
+    if words is not None:
+        try:
+            base_size = new_words.grow_tables(model, name, len(words["words"]), trainable=trainable)
+            if base_size != words["base_vocab_size"]:
+                raise CheckpointError(f"adapter {directory} adds words to a vocabulary of {words['base_vocab_size']} "
+                                      f"tokens; this model has {base_size}: was it trained for another model?")
+        except (CheckpointError, TrainingError):
+            if injected:
+                delete_adapter(model, name)
+            raise
     tensors = load_file(str(directory / ADAPTER_WEIGHTS))
     tensors = {k.removeprefix(_PEFT_PREFIX): v for k, v in tensors.items()}
     mapping = _adapter_keys(model, name)

@@ -89,15 +89,17 @@ def pointer_loss(cell_logits: Tensor, cell_boxes: Tensor, target: Tensor, mask: 
 
 def box_words_loss(word_logits: Tensor, text_ids: Tensor, text_mask: Tensor) -> Tensor:
     """Cross-entropy of word logits [R,V] against the uniform distribution over each row's words
-    (text_ids [R,T] without the first (BOS) and last valid (EOS) token; text_mask [R,T])."""
+    (text_ids [R,T] without the first (BOS) and last valid (EOS) token, nor ids of V or more; text_mask [R,T])."""
     mask = text_mask.bool().clone()
     if not mask.any():
         return word_logits.sum() * 0.0
     last = mask.sum(1) - 1
     mask[:, 0] = False
     mask[torch.arange(len(mask), device=mask.device), last.clamp(min=0)] = False
+    vocab = word_logits.shape[-1]
+    mask &= text_ids < vocab  # an adapter's new words (modeling.new_words) have no box-word row
     target = torch.zeros_like(word_logits, dtype=torch.float32)
-    target.scatter_add_(1, text_ids.long(), mask.float())
+    target.scatter_add_(1, text_ids.long().clamp(max=vocab - 1), mask.float())
     target = (target > 0).float()
     rows = target.sum(1) > 0
     if not rows.any():

@@ -22,6 +22,10 @@ Both plugins turn the annotations people submit into a data folder in the traini
    its held-out score is not lower (a tie is accepted: same measured quality, trained on more corrections)
    and its retention score is at most :data:`RETENTION_TOLERANCE` lower. A skipped gate accepts.
 
+Words the base tokenizer can only spell in pieces ("pentagon") get their own token in the adapter
+(``modeling.new_words``): only their embedding and output rows learn, at :data:`NEW_WORD_LR`, starting from
+the mean of the object names the replay captions end with, so texts without them read exactly as before.
+
 Hard negatives are not added: the refer loss regresses the box of each expression and has no "not this
 object" term. The other annotated objects of an image already take part: every expression of an image is
 trained on that image, and all its referred boxes are the proposal head's targets of that image.
@@ -76,6 +80,10 @@ DEFAULT_HEAD_LR_SCALE = 0.1
 # corrections the whole update gave 0.507 / 0.573 / 0.580 and cost 1.5 / 1.3 / 1.8 points on the regular
 # split; half of it gives 0.500 / 0.533 / 0.533 and costs 0.5 / 0.7 / 0.3 points (base 0.487 / 0.845).
 DEFAULT_KEEP = 0.5
+# The new words' rows: nothing else reads them, so they can move fast. Measured on "pentagon" (150 held-out
+# new-concept expressions, 2-core CPU): docs/label-studio.md.
+NEW_WORD_LR = 5e-3
+MAX_ANCHORS = 16
 
 
 @dataclass(frozen=True)
@@ -273,6 +281,42 @@ def refer_p50(base: str, adapter: str | None, data_dir: Path, split: str) -> flo
     return float(eval_refer(predictor, samples, batch_size=8, adapter=adapter)["P@0.5"])
 
 
+def _texts(records: _Records, names: set[str] | None = None) -> list[str]:
+    """The referring expressions and region captions of the images in ``names`` (all when None)."""
+    def ids(images):
+        return {r["id"] for r in images if names is None or r["file_name"] in names}
+
+    refer, vg = ids(records.refer_images), ids(records.vg_images)
+    # MDETR-style refcoco: the expression is the image record's caption
+    texts = [str(r.get("caption") or "") for r in records.refer_images if r["id"] in refer]
+    texts += [str(a.get("caption") or a.get("phrase") or "") for a in records.vg_anns if a.get("image_id") in vg]
+    return [t for t in texts if t]
+
+
+def round_new_words(base: str, texts: list[str], anchor_texts: list[str]) -> tuple[list[str], list[str]]:
+    """(new words, anchors) of a round: the words of ``texts`` that the base's tokenizer spells in pieces,
+    and the one-token words that ``anchor_texts`` (the replay captions) end with most often. None for a base
+    whose language model or tokenizer cannot take new words."""
+    from ..modeling.new_words import find_new_words
+    from ..tokenizer import PixelTokenizer
+
+    try:
+        tokenizer = PixelTokenizer.load(base)
+    except Exception:  # noqa: BLE001 - the embedded or a Hugging Face base: no new words, the round still runs
+        return [], []
+    config = json.loads((Path(base) / "config.json").read_text()) if (Path(base) / "config.json").is_file() else {}
+    if tokenizer.kind == "hf" or config.get("language", {}).get("kind", "git") != "git":
+        return [], []
+    words = find_new_words(tokenizer, texts)
+    ends: dict[str, int] = {}
+    for text in anchor_texts:
+        last = text.lower().split()[-1:] or [""]
+        if last[0].isalpha() and len(tokenizer.encode(last[0], add_eos=False)) == 1:
+            ends[last[0]] = ends.get(last[0], 0) + 1
+    anchors = [w for w, _ in sorted(ends.items(), key=lambda kv: (-kv[1], kv[0]))[:MAX_ANCHORS]]
+    return words, anchors
+
+
 def _default_trainer(*, from_model, data_dir, out_adapter, steps, **kwargs):
     from .finetune import finetune
 
@@ -293,6 +337,7 @@ class RoundResult:
     holdout: dict[str, int]
     replay_images: int
     correction_copies: int = 1  # how many times each correction appears in the training folder
+    new_words: list[str] = field(default_factory=list)  # words that got their own token in the adapter
     new_score: float | None = None  # refer P@0.5 on the held-out slice
     current_score: float | None = None
     new_retention: float | None = None  # refer P@0.5 on the retention slice of replay scenes
@@ -306,14 +351,15 @@ class RoundResult:
         return out
 
     def summary(self) -> str:
+        words = f"; new words: {', '.join(self.new_words)}" if self.new_words else ""
         if self.new_score is None:
-            return f"gate {self.gate}"
+            return f"gate {self.gate}{words}"
         text = (f"gate {self.gate}{': ' + self.reason if self.reason else ''}: held-out P@0.5 new "
                 f"{self.new_score:.3f} vs current {self.current_score:.3f} on {self.holdout.get('refer', 0)} "
                 "expressions")
         if self.new_retention is not None:
             text += f"; retention P@0.5 new {self.new_retention:.3f} vs current {self.current_retention:.3f}"
-        return text
+        return text + words
 
 
 def run_correction_round(base: str | Path, examples_dir: str | Path, out_adapter: str | Path, *,
@@ -324,7 +370,7 @@ def run_correction_round(base: str | Path, examples_dir: str | Path, out_adapter
                          retention_images: int = RETENTION_IMAGES, plan: RoundPlan | None = None,
                          steps: int | None = None, work_dir: str | Path | None = None,
                          trainer: Trainer | None = None, evaluator: Evaluator | None = None,
-                         progress: bool = False, **train_kwargs) -> RoundResult:
+                         progress: bool = False, new_words: bool = True, **train_kwargs) -> RoundResult:
     """Train an adapter on the corrections in ``examples_dir`` (split ``split``) and gate it.
 
     ``current_adapter``: the adapter in use now (None: the base is). ``replay``: the share of replay
@@ -338,7 +384,9 @@ def run_correction_round(base: str | Path, examples_dir: str | Path, out_adapter
     ``trainer(from_model=, data_dir=, out_adapter=, steps=, r=, alpha=, lr=, seed=, split=, work_dir=,
     progress=, lr_multipliers=)`` defaults to ``finetune`` (``lr_multipliers``: the plan's head scale unless
     ``train_kwargs`` give their own); ``evaluator(base, adapter, data_dir, split) -> P@0.5`` to
-    :func:`refer_p50`. The adapter is written even when rejected: the caller decides what to keep.
+    :func:`refer_p50`. ``new_words``: words of the corrections that the base spells in pieces get their own
+    token (:func:`round_new_words`; the trainer gets ``new_words=`` and ``new_word_anchors=``).
+    The adapter is written even when rejected: the caller decides what to keep.
     """
     started = time.time()
     base, examples_dir, out_adapter = str(base), Path(examples_dir), Path(out_adapter)
@@ -362,6 +410,8 @@ def run_correction_round(base: str | Path, examples_dir: str | Path, out_adapter
     n_replay = max(0, int(replay_pool)) if replay > 0 else 0
     n_keep = max(0, int(retention_images)) if held else 0  # the retention slice: only when the gate runs
     kept: list[str] = []
+    pool: list[str] = []
+    replay_records: _Records | None = None
     copies = 1
     if n_replay or n_keep:
         cache = replay_cache(replay_dir, n_replay + n_keep, replay_look)
@@ -380,8 +430,15 @@ def run_correction_round(base: str | Path, examples_dir: str | Path, out_adapter
              len(train_names), n_replay, len(held), plan)
     if out_adapter.exists():
         shutil.rmtree(out_adapter)
-    if plan.lr_multipliers and "lr_multipliers" not in train_kwargs:
-        train_kwargs["lr_multipliers"] = plan.lr_multipliers
+    words: list[str] = []
+    if new_words and "new_words" not in train_kwargs:
+        replay_texts = _texts(replay_records, set(pool)) if replay_records is not None and n_replay else []
+        words, anchors = round_new_words(base, _texts(records, set(train_names)), replay_texts)
+        if words:
+            train_kwargs |= {"new_words": words, "new_word_anchors": anchors}
+    if "lr_multipliers" not in train_kwargs and (plan.lr_multipliers or words):
+        fast = {f"language.{table}.modules_to_save.": NEW_WORD_LR / plan.lr for table in ("word_embed", "output")}
+        train_kwargs["lr_multipliers"] = (fast if words else {}) | plan.lr_multipliers
     (trainer or _default_trainer)(
         from_model=base, data_dir=work / "train", out_adapter=out_adapter, steps=plan.steps, r=plan.rank,
         alpha=plan.alpha, lr=plan.lr, seed=seed, split=TRAIN_SPLIT, work_dir=work / "run", progress=progress,
@@ -395,7 +452,8 @@ def run_correction_round(base: str | Path, examples_dir: str | Path, out_adapter
 
         scale_adapter(out_adapter, load_pretrained(base)[0].state_dict(), plan.keep)
     result = RoundResult(adapter=str(out_adapter), accepted=True, gate="passed", plan=plan, train=train_counts,
-                         holdout=holdout_counts, replay_images=n_replay, correction_copies=copies)
+                         holdout=holdout_counts, replay_images=n_replay, correction_copies=copies,
+                         new_words=words)
     if not held:
         result.gate = (f"skipped: {len(names)} corrected image(s), fewer than {MIN_FOR_GATE}" if len(names) < MIN_FOR_GATE
                        else "skipped: no referring expression to hold out" if not refer_names

@@ -26,14 +26,16 @@ def finetune(from_model: str | Path, data_dir: str | Path, out_adapter: str | Pa
              split: str = "train", sources: dict[str, float] | None = None, batch_size: int | None = None,
              lr: float | None = None, r: int | None = None, alpha: int | None = None, seed: int = 0,
              work_dir: str | Path | None = None, progress: bool = True, train_embeddings: bool = False,
-             adapt_vision: bool = False, modules_to_save: list[str] | None = None, **overrides) -> Path:
+             adapt_vision: bool = False, modules_to_save: list[str] | None = None,
+             new_words: list[str] | None = None, new_word_anchors: list[str] | None = None, **overrides) -> Path:
     """Train a LoRA adapter over ``from_model`` and write it to ``out_adapter``; returns that folder.
 
     ``train_embeddings``: the adapter also carries its own copy of the word embeddings, for data with
     words the base never saw; ``adapt_vision``: LoRA on the vision encoder too, for things the base never
     had to see; ``modules_to_save``: more modules trained as full per-adapter copies, on top of the point
     and confidence heads (peft's term), e.g. ``["vision.stem", "vision.detail"]`` (all measured on
-    "pentagon": docs/training.md)."""
+    "pentagon": docs/training.md); ``new_words``: words that get their own token in the adapter, only
+    their rows learning (``modeling.new_words``; ``new_word_anchors``: known words whose mean starts them)."""
     if not from_model or not Path(from_model).is_dir():
         raise TrainingError(f"fine-tuning needs a trained checkpoint folder, got {str(from_model)!r}; pass the "
                             "folder of `pixelllm train` output (OUT/final) or a downloaded checkpoint")
@@ -43,7 +45,9 @@ def finetune(from_model: str | Path, data_dir: str | Path, out_adapter: str | Pa
                         steps=steps, sources=sources, batch_size=batch_size, lr=lr, lora_r=r, lora_alpha=alpha,
                         seed=seed, progress=progress, lora_train_embeddings=train_embeddings or None,
                         lora_adapt_vision=adapt_vision or None,
-                        lora_extra_modules_to_save=list(modules_to_save) if modules_to_save else None, **overrides)
+                        lora_extra_modules_to_save=list(modules_to_save) if modules_to_save else None,
+                        lora_new_words=list(new_words) if new_words else None,
+                        lora_new_word_anchors=list(new_word_anchors) if new_word_anchors else None, **overrides)
     trained = train(cfg)
     if cfg.stop_after is not None and cfg.stop_after < cfg.steps:
         return trained  # interrupted on purpose (tests): the checkpoint folder

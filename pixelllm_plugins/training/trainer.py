@@ -97,6 +97,10 @@ class TrainConfig:
     lora_train_embeddings: bool = False  # also train the word embeddings (new words), as adapter copies
     lora_adapt_vision: bool = False  # also put LoRA on the vision encoder's blocks
     lora_extra_modules_to_save: list[str] | None = None  # more full per-adapter copies (e.g. vision.stem)
+    # words the base spells in pieces that get their own token in the adapter (modeling.new_words): only
+    # their embedding and output rows learn; they start at the mean of the anchors' rows
+    lora_new_words: list[str] | None = None
+    lora_new_word_anchors: list[str] | None = None
     # learning-rate multipliers by parameter-name prefix (first match wins), e.g. {"vision.": 0.2}
     lr_multipliers: dict[str, float] = field(default_factory=dict)
     # point prompts (a model with prompt.points): this fraction of the region rows (box -> text) and of the
@@ -166,7 +170,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.opti
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        decays = p.ndim >= 2 and not name.endswith(".bias")
+        decays = p.ndim >= 2 and not name.endswith(".bias") and not getattr(p, "_pixelllm_no_decay", False)
         scale = next((m for prefix, m in cfg.lr_multipliers.items() if name.startswith(prefix)), 1.0)
         buckets.setdefault((decays, scale), []).append((name, p))
     if not buckets:
@@ -279,14 +283,37 @@ def build_model(cfg: TrainConfig):
         model, tokenizer, version = load_pretrained(cfg.init)
     except PixelLLMError as exc:
         raise TrainingError(f"cannot start from {cfg.init!r}: {exc}") from exc
+    if cfg.lora_new_words and cfg.lora_r <= 0:
+        raise TrainingError("new words are learned by an adapter: set lora_r > 0 (pixelllm finetune)")
     if cfg.lora_r > 0:
-        from ..modeling import lora
+        from ..modeling import lora, new_words
 
+        extra = list(cfg.lora_extra_modules_to_save or ())
+        if cfg.lora_new_words:
+            extra += [m for m in new_words.word_table_modules(model)
+                      if m not in extra and not (cfg.lora_train_embeddings and m.endswith("word_embed"))]
         lora.add_lora(model, cfg.lora_name, r=cfg.lora_r, alpha=cfg.lora_alpha,
                       target_modules=cfg.lora_target_modules, modules_to_save=cfg.lora_modules_to_save,
                       adapt_vision=cfg.lora_adapt_vision, train_embeddings=cfg.lora_train_embeddings,
-                      extra_modules_to_save=cfg.lora_extra_modules_to_save or ())
+                      extra_modules_to_save=extra)
+        if cfg.lora_new_words:
+            anchors = [ids[0] for ids in (tokenizer.encode(w, add_eos=False) for w in cfg.lora_new_word_anchors or ())
+                       if len(ids) == 1]
+            tokenizer = new_words.with_new_words(tokenizer, cfg.lora_new_words)
+            new_words.grow_tables(model, cfg.lora_name, len(cfg.lora_new_words), anchors, trainable=True)
     return model, tokenizer, version
+
+
+def _save_adapter(directory: Path, cfg: TrainConfig, model, tokenizer) -> None:
+    """The adapter folder, with its new words and tokenizer when it has any."""
+    from ..modeling import lora, new_words
+
+    if cfg.lora_new_words:
+        new_words.restore_old_rows(model, cfg.lora_name)
+    lora.save_adapter(model, directory, cfg.lora_name)
+    if cfg.lora_new_words:
+        new_words.save_words(directory, tokenizer, cfg.lora_new_words,
+                             tokenizer.vocab_size - len(cfg.lora_new_words))
 
 
 def _seed_process(seed: int, rank: int) -> None:
@@ -338,9 +365,7 @@ def _save_checkpoint(directory: Path, cfg: TrainConfig, model, tokenizer, card: 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     if cfg.lora_r > 0:
-        from ..modeling import lora
-
-        lora.save_adapter(model, tmp / ADAPTER_SUBDIR, cfg.lora_name)
+        _save_adapter(tmp / ADAPTER_SUBDIR, cfg, model, tokenizer)
         (tmp / "README.md").write_text(card)
     else:
         save_pretrained(model, tokenizer, tmp, model_card=card,
@@ -551,9 +576,7 @@ def _save_final(run: _Run, step: int, last: dict, eval_results: dict | None) -> 
         card = _model_card(cfg, model, ctx, step, last, eval_results, run.base_version)
         shutil.rmtree(final, ignore_errors=True)
         if cfg.lora_r > 0:
-            from ..modeling import lora
-
-            lora.save_adapter(model, final / ADAPTER_SUBDIR, cfg.lora_name)
+            _save_adapter(final / ADAPTER_SUBDIR, cfg, model, run.tokenizer)
             (final / "README.md").write_text(card)
         else:
             from ..checkpoint import save_pretrained

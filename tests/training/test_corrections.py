@@ -187,3 +187,28 @@ def test_real_tiny_round_end_to_end(tiny_base, tiny_data, tmp_path):
     assert result.accepted == (result.new_score >= result.current_score
                                and result.new_retention >= result.current_retention - 0.02)
     assert (tmp_path / "replay" / "varied" / "manifest_replay.json").is_file()  # the replay cache, rendered once
+
+
+def test_words_the_base_spells_get_their_own_tokens(tiny_base, tiny_data, tmp_path):
+    from pixelllm_plugins.training.corrections import NEW_WORD_LR
+
+    examples, _ = _examples(tiny_data, tmp_path, MIN_FOR_GATE - 1)
+    path = examples / "refcoco_train.json"
+    data = json.loads(path.read_text())
+    for record in data["images"]:
+        record["caption"] = "the pentagon left of the red circle"
+    path.write_text(json.dumps(data))
+    plan = RoundPlan(rank=2, steps=3, lr=1e-3)
+    trainer = Trainer()
+    result = run_correction_round(tiny_base, examples, tmp_path / "new", trainer=trainer, replay=0.5,
+                                  replay_dir=tmp_path / "replay", replay_pool=4, plan=plan)
+    call = trainer.calls[0]
+    assert result.new_words == call["new_words"] == ["pentagon"]
+    assert call["new_word_anchors"] and all(len(w) >= 3 for w in call["new_word_anchors"])  # replay captions' nouns
+    assert call["lr_multipliers"]["language.word_embed.modules_to_save."] == pytest.approx(NEW_WORD_LR / plan.lr)
+    assert call["lr_multipliers"]["point_head."] == plan.head_lr_scale  # the plan's own multipliers stay
+
+    trainer = Trainer()
+    result = run_correction_round(tiny_base, examples, tmp_path / "new", trainer=trainer, replay=0.5,
+                                  replay_dir=tmp_path / "replay", replay_pool=4, plan=plan, new_words=False)
+    assert result.new_words == [] and "new_words" not in trainer.calls[0]

@@ -1,0 +1,117 @@
+"""New words: an adapter gives words the base spells in pieces their own token, and only those rows learn."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pixelllm_plugins.errors import TrainingError
+from pixelllm_plugins.modeling.losses import box_words_loss
+from pixelllm_plugins.modeling.new_words import NEW_WORDS_FILE, find_new_words, with_new_words
+from pixelllm_plugins.tokenizer import PixelTokenizer
+
+
+def test_find_new_words_lists_spelled_words_by_frequency():
+    tok = PixelTokenizer.default()
+    texts = ["the pentagon left of the Pentagon", "a red circle", "an octagon, 123 xy", "the octagon and pentagon"]
+    assert find_new_words(tok, texts) == ["pentagon", "octagon"]  # 3 and 2 times; known words, numbers out
+    assert find_new_words(tok, texts, max_words=1) == ["pentagon"]
+    assert find_new_words(tok, ["an octagon", "a pentagon"]) == ["octagon", "pentagon"]  # ties: alphabetical
+
+
+def test_grown_tokenizer_writes_a_new_word_as_one_token():
+    tok = PixelTokenizer.default()
+    grown = with_new_words(tok, ["pentagon"])
+    new_id = tok.vocab_size
+    assert grown.vocab_size == tok.vocab_size + 1
+    assert grown.encode("the Pentagon, left", add_eos=False)[1] == new_id
+    assert new_id not in grown.encode("pentagons", add_eos=False)  # whole words only
+    assert len(tok.encode("pentagon", add_eos=False)) > 1  # the base tokenizer is unchanged
+    assert grown.decode(grown.encode("a large pentagon", add_eos=False)) == "a large pentagon"
+    assert [w for w, _ in grown.words(grown.encode("a large pentagon", add_eos=False))] == ["a", "large", "pentagon"]
+    with pytest.raises(TrainingError, match="new"):
+        with_new_words(tok, ["circle"])  # a word the tokenizer already has
+
+
+def test_box_words_loss_ignores_ids_beyond_its_vocabulary():
+    logits = torch.zeros(1, 10, requires_grad=True)
+    ids = torch.tensor([[2, 5, 12, 3]])  # BOS, a known word, a new word (id 12 >= 10), EOS
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    loss = box_words_loss(logits, ids, mask)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert logits.grad[0, 5] < 0 and (logits.grad[0, [0, 1, 2, 3, 4, 6, 7, 8, 9]] > 0).all()
+
+
+def _with_pentagon_texts(tiny_data, tmp_path):
+    """The tiny train split with every referring expression and region caption about a 'pentagon'."""
+    out = tmp_path / "data"
+    shutil.copytree(tiny_data, out)
+    for name in ("refcoco_train.json", "vg_train.json"):
+        path = out / name
+        data = json.loads(path.read_text())
+        for rec in data["images"] + data["annotations"]:
+            if "caption" in rec:
+                rec["caption"] = "the red pentagon"
+        path.write_text(json.dumps(data))
+    return out
+
+
+def test_finetune_learns_only_the_new_rows_and_the_adapter_brings_its_tokenizer(tiny_base, tiny_data, tmp_path):
+    from pixelllm_plugins.checkpoint import load_pretrained
+    from pixelllm_plugins.inference.predictor import Predictor
+    from pixelllm_plugins.modeling.lora import scale_adapter
+    from pixelllm_plugins.training.finetune import finetune
+
+    data = _with_pentagon_texts(tiny_data, tmp_path)
+    out = finetune(tiny_base, data, tmp_path / "penta", steps=3, batch_size=2, lr=5e-2, progress=False,
+                   new_words=["pentagon"], new_word_anchors=["circle", "square"])
+    assert json.loads((out / NEW_WORDS_FILE).read_text())["words"] == ["pentagon"]
+    base_model, base_tok, _ = load_pretrained(tiny_base)
+    base = base_model.state_dict()
+    old = base_tok.vocab_size
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    for table in ("language.word_embed.weight", "language.output.weight", "language.output.bias"):
+        copy = tensors["base_model.model." + table].float()
+        assert copy.shape[0] == old + 1
+        assert torch.equal(copy[:old], base[table].float())  # every row of the base as it was
+    anchors = [base_tok.encode(w, add_eos=False)[0] for w in ("circle", "square")]
+    start = base["language.word_embed.weight"][anchors].mean(0)
+    assert not torch.allclose(tensors["base_model.model.language.word_embed.weight"][old], start)  # it learned
+
+    # keeping part of the update leaves the new rows whole
+    kept = tmp_path / "kept"
+    shutil.copytree(out, kept)
+    scale_adapter(kept, base, 0.5)
+    halved = load_file(str(kept / "adapter_model.safetensors"))
+    assert torch.equal(halved["base_model.model.language.output.weight"][old],
+                       tensors["base_model.model.language.output.weight"][old])
+
+    predictor = Predictor(tiny_base, device="cpu", dtype=torch.float32)
+    name = predictor.load_adapter(out)
+    assert len(predictor.tokenizer.encode("pentagon", add_eos=False)) > 1  # the base spells it
+    image = str(tiny_data / "images" / "val" / "000000000001.jpg")
+    plain = predictor.refer([image], [["the red pentagon"]])[0][0][0]
+    adapted = predictor.refer([image], [["the red pentagon"]], adapter=name)[0][0][0]
+    assert predictor.tokenizer.encode("pentagon", add_eos=False) == [old]  # the adapter's tokenizer in use
+    # the prompt cache keeps the base's and the adapter's token ids apart (the same text, read twice)
+    assert old in predictor._encode("the red pentagon", 40, add_bos=True, what="text")
+    assert adapted.box_xyxy != plain.box_xyxy or adapted.score != plain.score
+    caption = predictor.caption_regions([image], boxes=[[[4, 4, 40, 40]]], adapter=name)[0][0]
+    assert isinstance(caption.text, str)
+    predictor.unload_adapter(name)
+    assert len(predictor.tokenizer.encode("pentagon", add_eos=False)) > 1
+
+
+def test_new_words_need_an_adapter(tiny_base, tiny_data, tmp_path):
+    from pixelllm_plugins.training.recipes import recipe_config
+    from pixelllm_plugins.training.trainer import build_model
+
+    cfg = recipe_config("finetune", init=str(tiny_base), data_dir=str(tiny_data), out_dir=str(tmp_path),
+                        lora_new_words=["pentagon"], lora_r=0)
+    with pytest.raises(TrainingError, match="lora_r"):
+        build_model(cfg)
