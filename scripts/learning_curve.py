@@ -114,6 +114,8 @@ def main(argv=None) -> int:
     p.add_argument("--replay", type=float, default=0.5, help="share of replay scenes among the training images")
     p.add_argument("--holdout", type=float, default=0.25, help="held-out fraction of the corrections")
     p.add_argument("--ungated", action="store_true", help="also train the old way, for comparison")
+    p.add_argument("--words-only", action="store_true",
+                   help="a round with new words trains only their rows (nothing the base reads changes)")
     p.add_argument("--no-new-words", action="store_true",
                    help="rounds without new-word tokens (the concept stays spelled in word pieces), for comparison")
     p.add_argument("--ungated-steps", type=int, default=100, help="steps of the ungated rounds")
@@ -155,7 +157,7 @@ def main(argv=None) -> int:
         result = run_correction_round(base, corr, work / f"adapter-{n}", holdout_fraction=args.holdout,
                                       replay=args.replay, seed=args.seed, steps=args.steps or None,
                                       replay_dir=work / "replay", replay_look=args.look, work_dir=work / f"round-{n}",
-                                      progress=True, new_words=not args.no_new_words)
+                                      progress=True, new_words=not args.no_new_words, words_only=args.words_only)
         row = {"n": n, "round": result.to_dict(), "train_s": round(time.time() - t0, 1)}
         row["adapter"] = score(predictor, samples, str(work / f"adapter-{n}"), args.shape)
         row["served"] = row["adapter"] if result.accepted else base_scores

@@ -105,6 +105,10 @@ def add_training_parsers(sub) -> None:
                    help="more modules trained as full adapter copies (peft's modules_to_save), by full "
                         "dotted name, e.g. vision.stem vision.detail: the layers that see a shape's "
                         "corners at full resolution")
+    p.add_argument("--new-words", nargs="*", default=None, metavar="WORD",
+                   help="give these words their own token in the adapter (only their embedding and output rows "
+                        "learn, so texts without them read as before); with no WORD, every word of the data's "
+                        "texts that the base spells in pieces (built-in language model only)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=_finetune)
 
@@ -206,8 +210,16 @@ def _eval(args) -> int:
 def _finetune(args) -> int:
     from .finetune import finetune
 
+    words = anchors = None
+    if args.new_words is not None:
+        from .corrections import data_texts, round_new_words
+
+        texts = data_texts(args.data, args.split)
+        found, anchors = round_new_words(args.model, texts, texts)
+        words = [w.lower() for w in args.new_words] or found
+        print(f"new words: {', '.join(words) or 'none'}", file=sys.stderr)
     print(finetune(args.model, args.data, args.out, args.steps, split=args.split, batch_size=args.batch_size,
                    lr=args.lr, r=args.rank, seed=args.seed, progress=not args.no_progress,
                    train_embeddings=args.train_embeddings, adapt_vision=args.adapt_vision,
-                   modules_to_save=args.modules_to_save))
+                   modules_to_save=args.modules_to_save, new_words=words or None, new_word_anchors=anchors or None))
     return 0

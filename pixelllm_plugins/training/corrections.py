@@ -293,6 +293,11 @@ def _texts(records: _Records, names: set[str] | None = None) -> list[str]:
     return [t for t in texts if t]
 
 
+def data_texts(data_dir: str | Path, split: str) -> list[str]:
+    """The referring expressions and region captions of a data folder's ``split``."""
+    return _texts(_read_records(Path(data_dir), split))
+
+
 def round_new_words(base: str, texts: list[str], anchor_texts: list[str]) -> tuple[list[str], list[str]]:
     """(new words, anchors) of a round: the words of ``texts`` that the base's tokenizer spells in pieces,
     and the one-token words that ``anchor_texts`` (the replay captions) end with most often. None for a base
@@ -370,7 +375,8 @@ def run_correction_round(base: str | Path, examples_dir: str | Path, out_adapter
                          retention_images: int = RETENTION_IMAGES, plan: RoundPlan | None = None,
                          steps: int | None = None, work_dir: str | Path | None = None,
                          trainer: Trainer | None = None, evaluator: Evaluator | None = None,
-                         progress: bool = False, new_words: bool = True, **train_kwargs) -> RoundResult:
+                         progress: bool = False, new_words: bool = True, words_only: bool = False,
+                         **train_kwargs) -> RoundResult:
     """Train an adapter on the corrections in ``examples_dir`` (split ``split``) and gate it.
 
     ``current_adapter``: the adapter in use now (None: the base is). ``replay``: the share of replay
@@ -385,7 +391,9 @@ def run_correction_round(base: str | Path, examples_dir: str | Path, out_adapter
     progress=, lr_multipliers=)`` defaults to ``finetune`` (``lr_multipliers``: the plan's head scale unless
     ``train_kwargs`` give their own); ``evaluator(base, adapter, data_dir, split) -> P@0.5`` to
     :func:`refer_p50`. ``new_words``: words of the corrections that the base spells in pieces get their own
-    token (:func:`round_new_words`; the trainer gets ``new_words=`` and ``new_word_anchors=``).
+    token (:func:`round_new_words`; the trainer gets ``new_words=`` and ``new_word_anchors=``); with
+    ``words_only`` a round that has new words trains nothing else (the adapter then answers exactly as the
+    base on every text without them).
     The adapter is written even when rejected: the caller decides what to keep.
     """
     started = time.time()
@@ -438,7 +446,8 @@ def run_correction_round(base: str | Path, examples_dir: str | Path, out_adapter
             train_kwargs |= {"new_words": words, "new_word_anchors": anchors}
     if "lr_multipliers" not in train_kwargs and (plan.lr_multipliers or words):
         fast = {f"language.{table}.modules_to_save.": NEW_WORD_LR / plan.lr for table in ("word_embed", "output")}
-        train_kwargs["lr_multipliers"] = (fast if words else {}) | plan.lr_multipliers
+        rest = {"": 0.0} if words and words_only else plan.lr_multipliers
+        train_kwargs["lr_multipliers"] = (fast if words else {}) | rest
     (trainer or _default_trainer)(
         from_model=base, data_dir=work / "train", out_adapter=out_adapter, steps=plan.steps, r=plan.rank,
         alpha=plan.alpha, lr=plan.lr, seed=seed, split=TRAIN_SPLIT, work_dir=work / "run", progress=progress,

@@ -115,3 +115,15 @@ def test_new_words_need_an_adapter(tiny_base, tiny_data, tmp_path):
                         lora_new_words=["pentagon"], lora_r=0)
     with pytest.raises(TrainingError, match="lora_r"):
         build_model(cfg)
+
+
+def test_cli_finetune_finds_the_new_words_of_the_data(tiny_base, tiny_data, tmp_path, capsys):
+    from pixelllm_plugins.cli import main
+
+    data = _with_pentagon_texts(tiny_data, tmp_path)
+    out = tmp_path / "cli-adapter"
+    assert main(["finetune", "--model", str(tiny_base), "--data", str(data), "--out", str(out), "--steps", "1",
+                 "--batch-size", "2", "--new-words", "--no-progress"]) == 0
+    assert "new words: pentagon" in capsys.readouterr().err
+    assert json.loads((out / NEW_WORDS_FILE).read_text())["words"] == ["pentagon"]
+    assert PixelTokenizer.load(out).encode("pentagon", add_eos=False) == [PixelTokenizer.load(tiny_base).vocab_size]
