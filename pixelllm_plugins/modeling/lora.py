@@ -41,7 +41,7 @@ from .language import LanguageModel
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_PEFT_PREFIX = "base_model.model."
+PEFT_PREFIX = _PEFT_PREFIX = "base_model.model."  # what peft puts before every key it saves
 # peft LoRA parameter containers: "<module>.<container>.<adapter>[.weight]"
 _LORA_CONTAINERS = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"}
 _LM_QV = ("q", "v", "q_proj", "v_proj", "query", "value")

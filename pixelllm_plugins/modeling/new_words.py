@@ -29,6 +29,9 @@ from ..tokenizer import PixelTokenizer
 
 NEW_WORDS_FILE = "new_words.json"
 MAX_NEW_WORDS = 16  # a round's corrections rarely hold more; each costs two rows of the hidden size
+# The output bias of a new word stays at the anchors' mean: the corrections are over-represented in a round
+# (half of its images), and a learned bias turns that into a prior for the new word on every object.
+LEARN_OUTPUT_BIAS = False
 _WORD = re.compile(r"[^\W\d_]{3,}")  # letters only, three or more (no numbers, no stray pieces)
 
 
@@ -90,8 +93,9 @@ def grow_tables(model: nn.Module, adapter: str, count: int, anchor_ids: Sequence
                 trainable: bool = False) -> int:
     """Give ``adapter``'s copies of the word embedding and output layer ``count`` more rows (the mean of the
     ``anchor_ids`` rows of the base, or of all rows when none); returns the base vocabulary size. With
-    ``trainable`` only the new rows learn: the old rows get no gradient and no weight decay (the optimizer
-    skips decay on parameters marked ``_pixelllm_no_decay``). Nothing happens to copies already grown."""
+    ``trainable`` only the new rows learn (their output bias stays, :data:`LEARN_OUTPUT_BIAS`): the old rows
+    get no gradient and no weight decay (the optimizer skips decay on parameters marked
+    ``_pixelllm_no_decay``). Nothing happens to copies already grown."""
     embed_name, output_name = word_table_modules(model)
     for module_name in (embed_name, output_name):
         base, copy = _copy_of(model, module_name, adapter)
@@ -106,8 +110,9 @@ def grow_tables(model: nn.Module, adapter: str, count: int, anchor_ids: Sequence
         params = [("weight", base.weight)] + ([("bias", base.bias)] if getattr(base, "bias", None) is not None else [])
         for attr, value in params:
             start = value.detach()[ids].mean(0, keepdim=True).expand(count, *value.shape[1:])
-            grown = nn.Parameter(torch.cat([value.detach(), start]).clone(), requires_grad=trainable)
-            if trainable:
+            learns = trainable and (attr == "weight" or LEARN_OUTPUT_BIAS)
+            grown = nn.Parameter(torch.cat([value.detach(), start]).clone(), requires_grad=learns)
+            if learns:
                 grown.register_hook(_zero_old_rows(old))
                 grown._pixelllm_no_decay = True
             setattr(copy, attr, grown)
@@ -128,6 +133,24 @@ def restore_old_rows(model: nn.Module, adapter: str) -> None:
                 value = getattr(base, attr, None)
                 if value is not None:
                     getattr(copy, attr)[:old] = value
+
+
+def lower_output_bias(directory: str | Path, model: nn.Module, offsets: dict[int, float]) -> None:
+    """Subtract ``offsets`` (token id -> logit) from the output bias rows of an adapter folder's new words."""
+    from safetensors.torch import load_file, save_file
+
+    from .lora import ADAPTER_WEIGHTS, PEFT_PREFIX
+
+    path = Path(directory) / ADAPTER_WEIGHTS
+    tensors = load_file(str(path))
+    key = f"{PEFT_PREFIX}{word_table_modules(model)[1]}.bias"
+    if key not in tensors:
+        raise CheckpointError(f"{path} has no {key}; is it an adapter with new words?")
+    bias = tensors[key].clone()
+    for token, offset in offsets.items():
+        bias[token] -= offset
+    tensors[key] = bias
+    save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 def save_words(directory: str | Path, tokenizer: PixelTokenizer, words: Sequence[str], base_vocab_size: int) -> None:

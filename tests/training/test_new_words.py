@@ -127,3 +127,49 @@ def test_cli_finetune_finds_the_new_words_of_the_data(tiny_base, tiny_data, tmp_
     assert "new words: pentagon" in capsys.readouterr().err
     assert json.loads((out / NEW_WORDS_FILE).read_text())["words"] == ["pentagon"]
     assert PixelTokenizer.load(out).encode("pentagon", add_eos=False) == [PixelTokenizer.load(tiny_base).vocab_size]
+
+
+def test_settling_lowers_a_new_word_that_outranks_the_right_words(tiny_base, tiny_data, tmp_path):
+    from pixelllm_plugins.evaluation.evaluate import load_task_samples
+    from pixelllm_plugins.inference.predictor import Predictor
+    from pixelllm_plugins.modeling.lora import ADAPTER_WEIGHTS
+    from pixelllm_plugins.modeling.new_words import lower_output_bias
+    from pixelllm_plugins.training.corrections import NEW_WORD_MARGIN, settle_new_words
+    from pixelllm_plugins.training.finetune import finetune
+
+    out = finetune(tiny_base, _with_pentagon_texts(tiny_data, tmp_path), tmp_path / "penta", steps=1, batch_size=2,
+                   progress=False, new_words=["pentagon"])
+    new_id = PixelTokenizer.load(tiny_base).vocab_size
+    predictor = Predictor(tiny_base, device="cpu", dtype=torch.float32)
+    lower_output_bias(out, predictor.model, {new_id: -50.0})  # now "pentagon" beats every right word
+    before = load_file(str(out / ADAPTER_WEIGHTS))["base_model.model.language.output.bias"][new_id]
+
+    lowered = settle_new_words(str(tiny_base), out, tiny_data, "val", rate=0.0)
+    after = load_file(str(out / ADAPTER_WEIGHTS))["base_model.model.language.output.bias"][new_id]
+    assert lowered["pentagon"] > 40 and float(before - after) == pytest.approx(lowered["pentagon"], abs=1e-3)
+    predictor.load_adapter(out, "settled")
+    for sample in load_task_samples(tiny_data, "val", "region"):
+        for tokens, logits in predictor.region_text_logits(sample.load_image(), [p.box for p in sample.prompts],
+                                                           [p.text for p in sample.prompts], adapter="settled"):
+            right = logits[torch.arange(len(tokens) - 1), torch.tensor(tokens[1:])]
+            assert (logits[:len(tokens) - 1, new_id] - right).max() <= -NEW_WORD_MARGIN + 1e-3
+
+
+def test_texts_with_an_adapters_new_words_keep_the_raw_score(tiny_base, tiny_data, tmp_path):
+    from pixelllm_plugins.inference.calibration import ScoreCalibration
+    from pixelllm_plugins.inference.predictor import Predictor
+    from pixelllm_plugins.training.finetune import finetune
+
+    out = finetune(tiny_base, _with_pentagon_texts(tiny_data, tmp_path), tmp_path / "penta", steps=1, batch_size=2,
+                   progress=False, new_words=["pentagon"])
+    predictor = Predictor(tiny_base, device="cpu", dtype=torch.float32)
+    name = predictor.load_adapter(out)
+    image = str(tiny_data / "images" / "val" / "000000000001.jpg")
+    texts = ["the red pentagon", "the red circle"]
+    predictor.calibrated = False
+    raw = [d[0].score for d in predictor.refer([image], [texts], adapter=name)[0]]
+    predictor.calibrated = True
+    predictor.model.score_calibration = ScoreCalibration((0.0, 1.0), (0.0, 0.0))  # every score -> 0
+    adapted = [d[0].score for d in predictor.refer([image], [texts], adapter=name)[0]]
+    assert adapted == [raw[0], 0.0]  # the new word's text keeps its score; the other goes through the map
+    assert [d[0].score for d in predictor.refer([image], [texts])[0]] == [0.0, 0.0]  # the base: both mapped
