@@ -209,6 +209,13 @@ def test_words_the_base_spells_get_their_own_tokens(tiny_base, tiny_data, tmp_pa
     assert call["lr_multipliers"]["point_head."] == plan.head_lr_scale  # the plan's own multipliers stay
 
     trainer = Trainer()
+    run_correction_round(tiny_base, examples, tmp_path / "new", trainer=trainer, replay=0.5,
+                         replay_dir=tmp_path / "replay", replay_pool=4, plan=plan, words_only=True)
+    multipliers = trainer.calls[0]["lr_multipliers"]
+    assert multipliers[""] == 0.0 and list(multipliers)[-1] == ""  # everything else stands still
+    assert multipliers["language.output.modules_to_save."] == pytest.approx(NEW_WORD_LR / plan.lr)
+
+    trainer = Trainer()
     result = run_correction_round(tiny_base, examples, tmp_path / "new", trainer=trainer, replay=0.5,
                                   replay_dir=tmp_path / "replay", replay_pool=4, plan=plan, new_words=False)
     assert result.new_words == [] and "new_words" not in trainer.calls[0]
