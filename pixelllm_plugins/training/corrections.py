@@ -302,8 +302,8 @@ def data_texts(data_dir: str | Path, split: str) -> list[str]:
 
 def round_new_words(base: str, texts: list[str], anchor_texts: list[str]) -> tuple[list[str], list[str]]:
     """(new words, anchors) of a round: the words of ``texts`` that the base's tokenizer spells in pieces,
-    and the one-token words that ``anchor_texts`` (the replay captions) end with most often. None for a base
-    whose language model or tokenizer cannot take new words."""
+    and the one-token words that ``anchor_texts`` (the replay captions) end with most often. Neither for a
+    base whose language model or tokenizer cannot take new words."""
     from ..modeling.new_words import find_new_words
     from ..tokenizer import PixelTokenizer
 
@@ -330,8 +330,8 @@ def settle_new_words(base: str, adapter: str | Path, negatives: Path, split: str
     ``negatives`` (scenes without the new concepts: the retention slice), each outranks the right next
     word in at most ``rate`` of the regions. A round's corrections are half of its training images, so a
     new word learns to be written far more often than it is right (measured on "pentagon" after 32
-    corrections: 11 of 108 regular regions, mostly hexagons, captioned "pentagon"). Returns word -> the
-    logit subtracted (0: none needed)."""
+    corrections: 8 of 108 regular regions, 6 of them hexagons, captioned "pentagon"; settled, none).
+    Returns word -> the logit subtracted (0: none needed)."""
     import torch
 
     from ..evaluation.evaluate import load_task_samples
