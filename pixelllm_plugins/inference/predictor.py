@@ -185,6 +185,7 @@ class Predictor:
             "dtype": str(self.dtype).replace("torch.", ""),
             "image_size": self.config.vision.image_size,
             "adapters": sorted(self._adapter_paths),
+            "new_words": {name: list(words) for name, words in sorted(self._adapter_new_words.items())},
         }
 
     # ---- adapters ------------------------------------------------------------------------------------

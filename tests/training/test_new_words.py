@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pixelllm_plugins.errors import TrainingError
+from pixelllm_plugins.errors import InvalidPromptError, TrainingError
 from pixelllm_plugins.modeling.losses import box_words_loss
 from pixelllm_plugins.modeling.new_words import NEW_WORDS_FILE, find_new_words, with_new_words
 from pixelllm_plugins.tokenizer import PixelTokenizer
@@ -103,8 +103,16 @@ def test_finetune_learns_only_the_new_rows_and_the_adapter_brings_its_tokenizer(
     assert adapted.box_xyxy != plain.box_xyxy or adapted.score != plain.score
     caption = predictor.caption_regions([image], boxes=[[[4, 4, 40, 40]]], adapter=name)[0][0]
     assert isinstance(caption.text, str)
+    assert predictor.info()["new_words"] == {name: ["pentagon"]}
+    (tokens, logits), = predictor.region_text_logits(image, [[4, 4, 40, 40]], ["a red pentagon"], adapter=name)
+    assert tokens[0] == predictor.tokenizer.bos_id and old in tokens and logits.shape == (len(tokens), old + 1)
+    with pytest.raises(InvalidPromptError, match="2 boxes but 1 texts"):
+        predictor.region_text_logits(image, [[4, 4, 40, 40], [0, 0, 9, 9]], ["a red pentagon"])
+    with pytest.raises(InvalidPromptError, match="empty"):
+        predictor.region_text_logits(image, [[4, 4, 40, 40]], ["   "])
     predictor.unload_adapter(name)
     assert len(predictor.tokenizer.encode("pentagon", add_eos=False)) > 1
+    assert predictor.info()["new_words"] == {}
 
 
 def test_new_words_need_an_adapter(tiny_base, tiny_data, tmp_path):
