@@ -5,8 +5,9 @@ For each N (default 8, 16, 32), N synthetic scenes whose referring expression ta
 adapter on them (held-out slice, replay of synthetic base scenes, plan from N) and gates it. Then the base
 and the new adapter are scored (refer P@0.5) on held-out scenes of the new concept and on a regular
 synthetic split (what the base knew), and their region captions: the share of the held-out new-concept
-objects whose caption names the concept, and attribute accuracy on the regular split's regions. ``--ungated`` also trains the old way (all N, fixed steps, recipe
-learning rate and rank, no replay) for comparison.
+objects whose caption names the concept, and attribute accuracy on the regular split's regions.
+``--ungated`` also trains the old way (all N, fixed steps, recipe learning rate and rank, no replay) for
+comparison.
 
     OMP_NUM_THREADS=1 python scripts/learning_curve.py --base /work/runs/v2/final --n 8 16 32 \\
         --out artifacts/learning_curve

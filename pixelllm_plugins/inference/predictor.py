@@ -153,8 +153,8 @@ class Predictor:
             net, tokenizer, version = load_pretrained(None if model is None else str(model))
         self.model = net.to(self.device, self.dtype).eval()
         self._base_tokenizer = tokenizer
-        self._adapter_tokenizers: dict[str, object] = {}  # adapters that bring new words (modeling.new_words)
-        self._adapter_new_words: dict[str, list[str]] = {}
+        # adapter name -> (its tokenizer, its new words), for adapters that bring new words (modeling.new_words)
+        self._adapter_vocab: dict[str, tuple[object, list[str]]] = {}
         self.base_version = version
         self.config = net.config
         self.cache_size = cache_size
@@ -185,31 +185,32 @@ class Predictor:
             "dtype": str(self.dtype).replace("torch.", ""),
             "image_size": self.config.vision.image_size,
             "adapters": sorted(self._adapter_paths),
-            "new_words": {name: list(words) for name, words in sorted(self._adapter_new_words.items())},
+            "new_words": {name: list(words) for name, (_, words) in sorted(self._adapter_vocab.items())},
         }
 
     # ---- adapters ------------------------------------------------------------------------------------
     @property
     def tokenizer(self):
         """The tokenizer of the adapter in use (one with new words brings its own), else the base's."""
-        return self._adapter_tokenizers.get(self._adapter, self._base_tokenizer)
+        vocab = self._adapter_vocab.get(self._adapter)
+        return vocab[0] if vocab is not None else self._base_tokenizer
 
     def load_adapter(self, path: str | Path, name: str | None = None) -> str:
         """Load a LoRA adapter folder (peft format) under ``name`` (default: the folder name)."""
         from ..modeling import lora, new_words
+        from ..tokenizer import PixelTokenizer
 
         name = name or Path(path).name
         with self._lock:
-            tokenizer, info = new_words.adapter_tokenizer(path), new_words.read_words(path)
+            info = new_words.read_words(path)
+            tokenizer = PixelTokenizer.load(path) if info is not None else None
             lora.load_adapter(self.model, str(path), name)
             self.model.to(self.device, self.dtype).eval()
             self._adapter_paths[name] = str(path)
-            self._adapter_tokenizers.pop(name, None)
-            self._adapter_new_words.pop(name, None)
+            self._adapter_vocab.pop(name, None)
             self._forget_texts(name)
-            if tokenizer is not None and info is not None:
-                self._adapter_tokenizers[name] = tokenizer
-                self._adapter_new_words[name] = info["words"]
+            if tokenizer is not None:
+                self._adapter_vocab[name] = (tokenizer, info["words"])
         return name
 
     def unload_adapter(self, name: str) -> None:
@@ -223,8 +224,7 @@ class Predictor:
                 self._use_adapter(None)
             lora.delete_adapter(self.model, name)
             del self._adapter_paths[name]
-            self._adapter_tokenizers.pop(name, None)
-            self._adapter_new_words.pop(name, None)
+            self._adapter_vocab.pop(name, None)
             self._forget_texts(name)
             self._cache = OrderedDict((k, v) for k, v in self._cache.items() if not k.endswith(f":{name}"))
 
@@ -233,7 +233,8 @@ class Predictor:
         score: the checkpoint's calibration maps were fitted on the base, which never learned them, and
         under the adapter that learned them both maps are further off than the raw score (on "pentagon"
         after 8 / 32 corrections, ECE 0.23 / 0.29 with the unknown-word map, 0.10 / 0.15 raw)."""
-        return set(self._adapter_new_words.get(self._adapter, ()))
+        vocab = self._adapter_vocab.get(self._adapter)
+        return set(vocab[1]) if vocab is not None else set()
 
     def _forget_texts(self, adapter: str) -> None:
         """Drop the cached token ids of ``adapter``'s own tokenizer (it is being replaced or removed)."""
@@ -327,7 +328,7 @@ class Predictor:
     def _encode(self, text: str, max_len: int, *, add_bos: bool, what: str) -> list[int]:
         """Token ids (shared, do not modify); cached, as annotation tools send the same prompts again and
         again and tokenizing is a real share of a batched call's time on a small model."""
-        key = (self._adapter if self._adapter in self._adapter_tokenizers else None, text, max_len, add_bos)
+        key = (self._adapter if self._adapter in self._adapter_vocab else None, text, max_len, add_bos)
         ids = self._text_cache.get(key)
         if ids is not None:
             self._text_cache.move_to_end(key)

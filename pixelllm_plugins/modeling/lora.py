@@ -41,7 +41,7 @@ from .language import LanguageModel
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-PEFT_PREFIX = _PEFT_PREFIX = "base_model.model."  # what peft puts before every key it saves
+PEFT_PREFIX = "base_model.model."  # what peft puts before every key it saves
 # peft LoRA parameter containers: "<module>.<container>.<adapter>[.weight]"
 _LORA_CONTAINERS = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"}
 _LM_QV = ("q", "v", "q_proj", "v_proj", "query", "value")
@@ -328,7 +328,7 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
-    tensors = {_PEFT_PREFIX + ck: state[mk].detach().cpu().contiguous()
+    tensors = {PEFT_PREFIX + ck: state[mk].detach().cpu().contiguous()
                for ck, mk in _adapter_keys(model, name).items()}
     save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     model.peft_config[name].save_pretrained(str(directory))
@@ -354,7 +354,7 @@ def scale_adapter(directory: str | Path, base_state: dict, keep: float) -> Path:
         if "lora_B" in parts or "lora_embedding_B" in parts:
             out[key] = value * keep
         elif not set(parts) & _LORA_CONTAINERS:
-            base = base_state.get(key.removeprefix(_PEFT_PREFIX))
+            base = base_state.get(key.removeprefix(PEFT_PREFIX))
             grown = (base is not None and base.ndim == value.ndim and base.shape[1:] == value.shape[1:]
                      and base.shape[0] < value.shape[0])  # a table with new-word rows (modeling.new_words)
             if base is None or (base.shape != value.shape and not grown):
@@ -411,7 +411,7 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
                 delete_adapter(model, name)
             raise
     tensors = load_file(str(directory / ADAPTER_WEIGHTS))
-    tensors = {k.removeprefix(_PEFT_PREFIX): v for k, v in tensors.items()}
+    tensors = {k.removeprefix(PEFT_PREFIX): v for k, v in tensors.items()}
     mapping = _adapter_keys(model, name)
     missing = sorted(set(mapping) - set(tensors))
     unexpected = sorted(set(tensors) - set(mapping))

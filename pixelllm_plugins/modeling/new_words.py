@@ -29,9 +29,6 @@ from ..tokenizer import PixelTokenizer
 
 NEW_WORDS_FILE = "new_words.json"
 MAX_NEW_WORDS = 16  # a round's corrections rarely hold more; each costs two rows of the hidden size
-# The output bias of a new word stays at the anchors' mean: the corrections are over-represented in a round
-# (half of its images), and a learned bias turns that into a prior for the new word on every object.
-LEARN_OUTPUT_BIAS = False
 _WORD = re.compile(r"[^\W\d_]{3,}")  # letters only, three or more (no numbers, no stray pieces)
 
 
@@ -93,8 +90,8 @@ def grow_tables(model: nn.Module, adapter: str, count: int, anchor_ids: Sequence
                 trainable: bool = False) -> int:
     """Give ``adapter``'s copies of the word embedding and output layer ``count`` more rows (the mean of the
     ``anchor_ids`` rows of the base, or of all rows when none); returns the base vocabulary size. With
-    ``trainable`` only the new rows learn (their output bias stays, :data:`LEARN_OUTPUT_BIAS`): the old rows
-    get no gradient and no weight decay (the optimizer skips decay on parameters marked
+    ``trainable`` only the new rows' weights learn (their output bias stays at the anchors' mean: a
+    correction round sets it when it settles the word): the old rows get no gradient and no weight decay (the optimizer skips decay on parameters marked
     ``_pixelllm_no_decay``). Nothing happens to copies already grown."""
     embed_name, output_name = word_table_modules(model)
     for module_name in (embed_name, output_name):
@@ -110,7 +107,7 @@ def grow_tables(model: nn.Module, adapter: str, count: int, anchor_ids: Sequence
         params = [("weight", base.weight)] + ([("bias", base.bias)] if getattr(base, "bias", None) is not None else [])
         for attr, value in params:
             start = value.detach()[ids].mean(0, keepdim=True).expand(count, *value.shape[1:])
-            learns = trainable and (attr == "weight" or LEARN_OUTPUT_BIAS)
+            learns = trainable and attr == "weight"
             grown = nn.Parameter(torch.cat([value.detach(), start]).clone(), requires_grad=learns)
             if learns:
                 grown.register_hook(_zero_old_rows(old))
@@ -173,9 +170,3 @@ def read_words(directory: str | Path) -> dict | None:
         raise CheckpointError(f"{path} is not a new-words file ({exc}); re-run the round that wrote it") from exc
     return {"words": words, "base_vocab_size": size}
 
-
-def adapter_tokenizer(directory: str | Path) -> PixelTokenizer | None:
-    """The tokenizer an adapter folder with new words brings, or None."""
-    if read_words(directory) is None:
-        return None
-    return PixelTokenizer.load(directory)

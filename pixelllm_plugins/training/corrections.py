@@ -304,15 +304,17 @@ def round_new_words(base: str, texts: list[str], anchor_texts: list[str]) -> tup
     """(new words, anchors) of a round: the words of ``texts`` that the base's tokenizer spells in pieces,
     and the one-token words that ``anchor_texts`` (the replay captions) end with most often. Neither for a
     base whose language model or tokenizer cannot take new words."""
+    from ..config import PixelLLMConfig
+    from ..errors import PixelLLMError
     from ..modeling.new_words import find_new_words
     from ..tokenizer import PixelTokenizer
 
     try:
         tokenizer = PixelTokenizer.load(base)
-    except Exception:  # noqa: BLE001 - the embedded or a Hugging Face base: no new words, the round still runs
+        language = PixelLLMConfig.load(Path(base) / "config.json").language.kind
+    except PixelLLMError:  # not a checkpoint folder (a stand-in trainer's base): the round still runs
         return [], []
-    config = json.loads((Path(base) / "config.json").read_text()) if (Path(base) / "config.json").is_file() else {}
-    if tokenizer.kind == "hf" or config.get("language", {}).get("kind", "git") != "git":
+    if tokenizer.kind == "hf" or language != "git":
         return [], []
     words = find_new_words(tokenizer, texts)
     ends: dict[str, int] = {}
