@@ -7,7 +7,8 @@ trainer continues it exactly by passing ``start_step`` = the number of batches a
 Masks and point prompts (issue 17): for a model with a mask decoder (``heads.mask_decoder > 0``) batches
 carry each row's target mask (:func:`collate_for_model`); with ``point_prompt_prob > 0`` (and
 ``prompt.points``) some region and mask prompts get points, drawn from a third generator seeded by
-``(seed, k, 1)``. A model with neither gets exactly the batches it got before.
+``(seed, k, 1)``. A model with neither gets exactly the batches it got before, and so does a model whose
+mask decoder does not learn (``masks=False``: the trainer's choice when it is frozen).
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ class MixtureDataset(IterableDataset):
 
     def __init__(self, sources: Sequence[Source], tokenizer: PixelTokenizer, config: PixelLLMConfig,
                  batch_size: int, *, seed: int = 0, start_step: int = 0, num_steps: int | None = None,
-                 train: bool = True, point_prompt_prob: float = 0.0, region_box_jitter: float = 0.0):
+                 train: bool = True, point_prompt_prob: float = 0.0, region_box_jitter: float = 0.0,
+                 masks: bool | None = None):
         sources = [s for s in sources if s.weight > 0]
         if not sources:
             raise ValueError("a mixture needs at least one source with a positive weight")
@@ -61,6 +63,7 @@ class MixtureDataset(IterableDataset):
         self.train = train
         self.point_prompt_prob = float(point_prompt_prob)
         self.region_box_jitter = float(region_box_jitter)
+        self.masks = masks  # None: target masks when the model has a mask decoder; False: never
         w = np.asarray([s.weight for s in self.sources], dtype=np.float64)
         self.probs = w / w.sum()
 
@@ -91,14 +94,14 @@ class MixtureDataset(IterableDataset):
         idx = rng.choice(n, size=bs, replace=n < bs)
         generator = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
         samples = [source.samples[int(i)] for i in idx]
-        if self.config.heads.mask_decoder <= 0 and not self._points:
+        if (self.config.heads.mask_decoder <= 0 or self.masks is False) and not self._points:
             return collate(samples, self.tokenizer, self.config, train=self.train, generator=generator,
                            max_prompts=source.max_prompts, augment=source.augment, task=source.name)
         point_rng = np.random.default_rng([self.seed, step, 1]) if self._points else None
         return collate_for_model(samples, self.tokenizer, self.config, train=self.train, generator=generator,
                                  max_prompts=source.max_prompts, augment=source.augment, task=source.name,
                                  point_prompt_prob=self.point_prompt_prob if self._points else 0.0,
-                                 point_rng=point_rng)
+                                 point_rng=point_rng, masks=self.masks)
 
     @property
     def _points(self) -> bool:

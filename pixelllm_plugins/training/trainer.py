@@ -110,6 +110,12 @@ class TrainConfig:
     # this fraction of the region rows gets its box prompt moved (each side by up to 10 % of the box's size,
     # data.collate.jitter_region_boxes): captions and masks that hold for loosely drawn boxes; 0: exact boxes
     region_box_jitter: float = 0.0
+    # embed each distinct image canvas once and reuse it at later steps (training.embedding_cache); only for
+    # runs whose vision encoder and proposal head do not train, and worth it only when images repeat with
+    # the same canvas (augment_scale [1, 1]): correction rounds
+    cache_image_embeddings: bool = False
+    # decode every training image once and keep it in memory (small data that repeats: correction rounds)
+    preload_images: bool = False
     # testing aid: stop (as if killed) once this many steps are done, without the final save
     stop_after: int | None = None
 
@@ -190,10 +196,12 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.opti
 # ---- data --------------------------------------------------------------------------------------------
 
 def build_sources(data_dir: str | Path, split: str, weights: dict[str, float], max_prompts: dict[str, int],
-                  augment_scale: dict[str, list[float]] | None = None, *, masks: bool = False):
+                  augment_scale: dict[str, list[float]] | None = None, *, masks: bool = False,
+                  preload_images: bool = False):
     """Mixture sources for the files present in ``data_dir`` (a source whose file is missing is dropped).
     ``masks``: region prompts also take the masks of ``instances_<split>.json`` when it is there (for a model
-    with a mask decoder or point prompts; refer prompts always carry their json's masks)."""
+    with a mask decoder or point prompts; refer prompts always carry their json's masks). ``preload_images``:
+    every image file is decoded once, here, and the samples hold the decoded image."""
     from ..data.formats import SyntheticDataset
     from ..data.mixture import synthetic_sources
     from ..data.transforms import TASK_AUGMENT
@@ -219,7 +227,25 @@ def build_sources(data_dir: str | Path, split: str, weights: dict[str, float], m
         if source.name in (augment_scale or {}):
             lo, hi = augment_scale[source.name]
             source.augment = dataclasses.replace(TASK_AUGMENT[source.name], scale=(float(lo), float(hi)))
+    if preload_images:
+        _preload(sources)
     return sources
+
+
+def _preload(sources) -> None:
+    """Decode each image file of ``sources`` once; the samples then carry the decoded RGB image."""
+    decoded: dict = {}
+    for source in sources:
+        loaded = []
+        for sample in source.samples:
+            key = sample.image if isinstance(sample.image, (str, Path)) else None
+            if key is not None and key not in decoded:
+                try:
+                    decoded[key] = sample.load_image()
+                except PixelLLMError as exc:
+                    raise TrainingError(f"cannot load training image {key}: {exc}") from exc
+            loaded.append(dataclasses.replace(sample, image=decoded[key]) if key is not None else sample)
+        source.samples = loaded
 
 
 class RankStream(IterableDataset):
@@ -460,6 +486,8 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> Path:
             log.info("stopping at step %d (stop_after)", step)
             return run.ckpt_dir
     bar.close()
+    if run.embeddings is not None:
+        log.info("image embeddings: %d computed, %d reused", run.embeddings.computed, run.embeddings.reused)
 
     if cfg.eval_every:
         eval_results = _evaluate(cfg, run.model, run.tokenizer, ctx, step, run.metrics)
@@ -485,6 +513,7 @@ class _Run:
     use_bf16: bool
     step: int
     micro_batches: int  # consumed per rank
+    embeddings: Any = None  # an ImageEmbeddingCache (cfg.cache_image_embeddings), else None
 
 
 def _setup(cfg: TrainConfig, ctx: D.DistContext) -> _Run:
@@ -517,14 +546,24 @@ def _setup(cfg: TrainConfig, ctx: D.DistContext) -> _Run:
     if step >= cfg.steps:
         log.info("%s is already at step %d of %d", ckpt_dir, step, cfg.steps)
 
-    masks = model.config.heads.mask_decoder > 0 or cfg.point_prompt_prob > 0
-    sources = build_sources(cfg.data_dir, cfg.split, cfg.sources, cfg.max_prompts, cfg.augment_scale, masks=masks)
+    # target masks only when the mask decoder learns (a LoRA round leaves it frozen: its loss would move
+    # nothing); point prompts are drawn inside the masks, so they need them loaded either way
+    decoder = getattr(model, "mask_decoder", None)
+    learns_masks = decoder is not None and any(p.requires_grad for p in decoder.parameters())
+    sources = build_sources(cfg.data_dir, cfg.split, cfg.sources, cfg.max_prompts, cfg.augment_scale,
+                            masks=learns_masks or cfg.point_prompt_prob > 0, preload_images=cfg.preload_images)
     mixture = MixtureDataset(sources, tokenizer, model.config, cfg.batch_size, seed=cfg.seed,
-                             point_prompt_prob=cfg.point_prompt_prob, region_box_jitter=cfg.region_box_jitter)
+                             point_prompt_prob=cfg.point_prompt_prob, region_box_jitter=cfg.region_box_jitter,
+                             masks=None if learns_masks else False)
     loader = DataLoader(RankStream(mixture, micro_batches, ctx.rank, ctx.world_size), batch_size=None,
                         num_workers=cfg.num_workers, collate_fn=_identity)
     batches = iter(loader)
 
+    embeddings = None
+    if cfg.cache_image_embeddings:
+        from .embedding_cache import ImageEmbeddingCache
+
+        embeddings = ImageEmbeddingCache(model)
     net = model
     if ctx.enabled:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -532,7 +571,8 @@ def _setup(cfg: TrainConfig, ctx: D.DistContext) -> _Run:
     return _Run(cfg=cfg, ctx=ctx, out=out, ckpt_dir=ckpt_dir, model=model, net=net, tokenizer=tokenizer,
                 base_version=base_version, optimizer=optimizer, names=names, batches=batches,
                 metrics=MetricsLog(out / cfg.log_file if ctx.is_main else None, step),
-                use_bf16=cfg.bf16 and device.type == "cuda", step=step, micro_batches=micro_batches)
+                use_bf16=cfg.bf16 and device.type == "cuda", step=step, micro_batches=micro_batches,
+                embeddings=embeddings)
 
 
 def _step(run: _Run, step: int, lr: float) -> tuple[dict[str, float], list[str]]:
@@ -550,7 +590,8 @@ def _step(run: _Run, step: int, lr: float) -> tuple[dict[str, float], list[str]]
         sync = micro == cfg.grad_accum - 1
         with (contextlib.nullcontext() if sync or not ctx.enabled else run.net.no_sync()), \
                 torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.use_bf16):
-            output = run.net(batch)
+            embedding = run.embeddings(batch.pixel_values) if run.embeddings is not None else None
+            output = run.net(batch, embedding=embedding)
             if output.loss is None:
                 raise TrainingError(f"batch from source {batch.task!r} produced no loss; the data has no "
                                     "targets for any head")

@@ -24,7 +24,7 @@ from pixelllm_plugins.training.corrections import (
 def test_plan_grows_with_the_number_of_corrections():
     plans = [plan_round(n) for n in (1, 8, 15, 16, 32, 63, 64, 1000)]
     assert [p.rank for p in plans] == [4, 4, 4, 8, 8, 8, 16, 16]
-    assert [p.steps for p in plans] == [60, 80, 150, 160, 320, 400, 400, 400]
+    assert [p.steps for p in plans] == [60, 60, 112, 120, 240, 400, 400, 400]
     assert [p.lr for p in plans] == [5e-4, 5e-4, 5e-4, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3]
     assert plans[0].alpha == 8
     with pytest.raises(TrainingError, match="at least one"):
@@ -219,3 +219,20 @@ def test_words_the_base_spells_get_their_own_tokens(tiny_base, tiny_data, tmp_pa
     result = run_correction_round(tiny_base, examples, tmp_path / "new", trainer=trainer, replay=0.5,
                                   replay_dir=tmp_path / "replay", replay_pool=4, plan=plan, new_words=False)
     assert result.new_words == [] and "new_words" not in trainer.calls[0]
+
+
+def test_round_images_keep_their_scale_and_reuse_embeddings_unless_the_image_side_trains(tiny_data, tmp_path):
+    from pixelllm_plugins.training.corrections import ROUND_AUGMENT_SCALE
+
+    examples, _ = _examples(tiny_data, tmp_path, MIN_FOR_GATE - 1)
+    plan = RoundPlan(rank=2, steps=3, lr=1e-3)
+    calls = []
+    for kwargs in ({}, {"adapt_vision": True}, {"modules_to_save": ["vision.stem"]},
+                   {"sources": {"refer": 1.0, "region": 0.0}}):
+        trainer = Trainer()
+        run_correction_round("BASE", examples, tmp_path / "new", trainer=trainer, replay=0, plan=plan,
+                             new_words=False, **kwargs)
+        calls.append(trainer.calls[0])
+    assert calls[0]["augment_scale"] == ROUND_AUGMENT_SCALE and calls[0]["cache_image_embeddings"] is True
+    assert calls[1]["cache_image_embeddings"] is False and calls[2]["cache_image_embeddings"] is False
+    assert calls[3]["augment_scale"] == {"refer": [1.0, 1.0]}  # only the sources that train

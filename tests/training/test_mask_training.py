@@ -308,3 +308,26 @@ def test_region_box_jitter_in_the_mixture_flag_and_checks(tiny_data, seg_checkpo
     assert json.loads((out / "final" / "meta.json").read_text())["train_config"]["region_box_jitter"] == 0.5
     with pytest.raises(TrainingError, match="region_box_jitter"):
         recipe_config("tiny-smoke", data_dir=str(tiny_data), region_box_jitter=2.0).validate()
+
+
+def test_a_decoder_that_does_not_learn_gets_no_masks_and_the_same_draws(tiny_data):
+    tokenizer = PixelTokenizer.default()
+    sources = synthetic_sources(tiny_data, "train", TWO, masks=True)
+    config = _config(3)
+    off = MixtureDataset(sources, tokenizer, config, 2, seed=0, masks=False)
+    on = MixtureDataset(sources, tokenizer, config, 2, seed=0)
+    for step in range(4):
+        a, b = off.batch(step), on.batch(step)
+        assert a.target_masks is None and a.mask_valid is None and b.target_masks is not None
+        assert _equal(a, dataclasses.replace(b, target_masks=None, mask_valid=None, mask_boxes=None))
+
+
+def test_a_lora_round_over_a_decoder_model_computes_no_mask_loss(tiny_data, seg_checkpoint, tmp_path):
+    """The LoRA adapter leaves the mask decoder frozen: its loss would move nothing, so it is not computed."""
+    from pixelllm_plugins.training.finetune import finetune
+
+    finetune(seg_checkpoint, tiny_data, tmp_path / "adapter", steps=2, batch_size=2, progress=False,
+             work_dir=tmp_path / "run")
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert records and not any(set(MASK_LOSSES) & set(r["losses"]) for r in records)
+    assert all(math.isfinite(r["loss"]) for r in records)

@@ -167,3 +167,21 @@ def test_augment_scale_replaces_only_the_named_sources_resize_range(tiny_data):
     assert sources["region"].augment.scale == (0.6, 1.0)
     assert sources["region"].augment.hflip == TASK_AUGMENT["region"].hflip  # the rest of the task's augment stays
     assert sources["refer"].augment is None  # by task, as before
+
+
+def test_preloaded_images_train_exactly_as_files(tiny_data, tmp_path):
+    from PIL import Image
+
+    from pixelllm_plugins.training.trainer import build_sources
+
+    sources = build_sources(tiny_data, "train", {"refer": 1.0, "region": 1.0}, {}, preload_images=True)
+    images = [s.image for src in sources for s in src.samples]
+    assert all(isinstance(im, Image.Image) and im.mode == "RGB" for im in images)
+    assert len({id(im) for im in images}) == len({s.image_id for src in sources for s in src.samples})  # once each
+    values = {"data_dir": str(tiny_data), "steps": 3, "batch_size": 2, "progress": False, "checkpoint_every": 3,
+              "sources": {"refer": 1.0, "region": 1.0}}
+    losses = []
+    for preload in (False, True):
+        train(recipe_config("tiny-smoke", out_dir=str(tmp_path / str(preload)), preload_images=preload, **values))
+        losses.append([r["loss"] for r in read_metrics(tmp_path / str(preload) / "metrics.jsonl")])
+    assert len(losses[0]) == 3 and losses[0] == losses[1]
