@@ -21,7 +21,7 @@ from torch import Tensor
 from ..errors import TrainingError
 from ..modeling.inputs import ImageEmbedding
 
-DEFAULT_MAX_IMAGES = 4096  # about 0.3 GB for the embedded model (tokens, proposal and fine maps)
+DEFAULT_MAX_BYTES = 1 << 30  # the embedded model's embedding of one canvas is 1.1 MB: about 1,000 images
 
 
 def image_side_trains(model: torch.nn.Module) -> list[str]:
@@ -33,16 +33,17 @@ def image_side_trains(model: torch.nn.Module) -> list[str]:
 
 class ImageEmbeddingCache:
     """``cache(pixel_values) -> ImageEmbedding`` of ``model`` (a ``PixelLLM``, LoRA injected or not), each
-    distinct canvas embedded once; at most ``max_images`` kept (least recently used dropped)."""
+    distinct canvas embedded once; at most ``max_bytes`` of embeddings kept (least recently used dropped)."""
 
-    def __init__(self, model: torch.nn.Module, max_images: int = DEFAULT_MAX_IMAGES):
+    def __init__(self, model: torch.nn.Module, max_bytes: int = DEFAULT_MAX_BYTES):
         training = image_side_trains(model)
         if training:
             raise TrainingError(f"image embeddings can only be reused when the image side is frozen, but "
                                 f"{len(training)} of its parameters train (e.g. {training[0]}); turn "
                                 "cache_image_embeddings off, or do not adapt the vision encoder")
         self.model = model
-        self.max_images = int(max_images)
+        self.max_bytes = int(max_bytes)
+        self.bytes = 0
         self.maps = getattr(model, "proposal_head", None) is not None  # what training's forward computes
         self.computed = 0
         self.reused = 0
@@ -68,8 +69,9 @@ class ImageEmbeddingCache:
             for k, part in zip(fresh, batch.split()):
                 found[k] = _detached_copy(part)
                 self._store[k] = found[k]
-            while len(self._store) > self.max_images:
-                self._store.popitem(last=False)
+                self.bytes += _nbytes(found[k])
+            while self.bytes > self.max_bytes and len(self._store) > 1:
+                self.bytes -= _nbytes(self._store.popitem(last=False)[1])
         return ImageEmbedding.stack([found[k] for k in keys])
 
 
@@ -78,6 +80,10 @@ def _key(pixels: Tensor) -> bytes:
     digest = hashlib.blake2b(data.numpy().tobytes(), digest_size=16)
     digest.update(repr((tuple(data.shape), str(data.dtype))).encode())
     return digest.digest()
+
+
+def _nbytes(part: ImageEmbedding) -> int:
+    return part.tokens.nbytes + sum(v.nbytes for v in (part.maps or {}).values())
 
 
 def _detached_copy(part: ImageEmbedding) -> ImageEmbedding:

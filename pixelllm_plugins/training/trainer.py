@@ -232,20 +232,28 @@ def build_sources(data_dir: str | Path, split: str, weights: dict[str, float], m
     return sources
 
 
-def _preload(sources) -> None:
-    """Decode each image file of ``sources`` once; the samples then carry the decoded RGB image."""
+PRELOAD_MAX_BYTES = 2 << 30  # decoded RGB kept in memory; images past it are read from disk as before
+
+
+def _preload(sources, max_bytes: int = PRELOAD_MAX_BYTES) -> None:
+    """Decode each image file of ``sources`` once (up to ``max_bytes`` of RGB pixels); those samples then
+    carry the decoded image."""
     decoded: dict = {}
+    used = 0
     for source in sources:
         loaded = []
         for sample in source.samples:
             key = sample.image if isinstance(sample.image, (str, Path)) else None
-            if key is not None and key not in decoded:
+            if key is not None and key not in decoded and used < max_bytes:
                 try:
                     decoded[key] = sample.load_image()
                 except PixelLLMError as exc:
                     raise TrainingError(f"cannot load training image {key}: {exc}") from exc
-            loaded.append(dataclasses.replace(sample, image=decoded[key]) if key is not None else sample)
+                used += decoded[key].width * decoded[key].height * 3
+            loaded.append(dataclasses.replace(sample, image=decoded[key]) if key in decoded else sample)
         source.samples = loaded
+    if used >= max_bytes:
+        log.info("preloaded %d images (%.1f GB); the rest are read from disk at each step", len(decoded), used / 1e9)
 
 
 class RankStream(IterableDataset):

@@ -44,12 +44,14 @@ def test_least_recently_used_images_are_dropped(tiny_base):
     model = _lora_model(tiny_base)
     size = model.config.vision.image_size
     a, b, c = (torch.full((3, size, size), float(v)) for v in range(3))
-    cache = ImageEmbeddingCache(model, max_images=2)
+    cache = ImageEmbeddingCache(model)
+    cache(torch.stack([a]))
+    cache.max_bytes = 2 * cache.bytes  # room for two images
     cache(torch.stack([a, b]))
     cache(torch.stack([a]))  # a is now the most recent
     cache(torch.stack([c]))  # b goes
     cache(torch.stack([a, c]))
-    assert (cache.computed, cache.reused) == (3, 3)
+    assert (cache.computed, cache.reused, len(cache)) == (3, 4, 2)
     cache(torch.stack([b]))
     assert cache.computed == 4
 

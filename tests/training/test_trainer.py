@@ -185,3 +185,17 @@ def test_preloaded_images_train_exactly_as_files(tiny_data, tmp_path):
         train(recipe_config("tiny-smoke", out_dir=str(tmp_path / str(preload)), preload_images=preload, **values))
         losses.append([r["loss"] for r in read_metrics(tmp_path / str(preload) / "metrics.jsonl")])
     assert len(losses[0]) == 3 and losses[0] == losses[1]
+
+
+def test_preloading_stops_at_its_memory_budget(tiny_data):
+    from PIL import Image
+
+    from pixelllm_plugins.training.trainer import _preload, build_sources
+
+    sources = build_sources(tiny_data, "train", {"refer": 1.0}, {})
+    first = sources[0].samples[0]
+    with Image.open(first.image) as im:
+        one = im.width * im.height * 3
+    _preload(sources, max_bytes=one)  # room for the first image only
+    kinds = [isinstance(s.image, Image.Image) for s in sources[0].samples]
+    assert kinds[0] and not any(kinds[1:])
