@@ -65,10 +65,14 @@ def default_trainer(*, from_model, data_dir, out_adapter, steps, **kwargs):
         from pixelllm_plugins.checkpoint import DEFAULT_MODEL_DIR
 
         from_model = DEFAULT_MODEL_DIR
-    params = inspect.signature(finetune).parameters
+    from pixelllm_plugins.training.trainer import TrainConfig
+
+    # finetune's own arguments and the TrainConfig fields it passes on (the round's lr_multipliers, its
+    # image-embedding cache, ...); others (adapter_name) are the backend's
+    accepted = set(inspect.signature(finetune).parameters) | {f.name for f in dataclasses.fields(TrainConfig)}
     # the run folder (checkpoints, metrics) stays with the dataset, not among the adapters a worker scans
     defaults = {"progress": False, "split": SPLIT, "work_dir": Path(data_dir) / "run"}
-    extra = {k: v for k, v in {**defaults, **kwargs}.items() if k in params}
+    extra = {k: v for k, v in {**defaults, **kwargs}.items() if k in accepted}
     return finetune(from_model, data_dir, out_adapter, steps=steps, **extra)
 
 

@@ -3,6 +3,7 @@ never becomes the version, and ``/health`` shows both scores (trainer and evalua
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from conftest import REFERRING
@@ -101,3 +102,22 @@ def test_few_annotations_skip_the_gate(client, images_dir, fake_trainer, tmp_pat
     assert training.wait_idle(60)
     assert _version(client) == "fake-1+ls-p7-ft1" and evaluator.calls == []
     assert client.get("/health").json()["training"]["7"]["last_round"]["gate"].startswith("skipped")
+
+
+def test_the_backend_trainer_passes_the_round_settings_on_to_finetune(monkeypatch, tmp_path):
+    """The round's learning-rate multipliers (new words at 5e-3, heads at a tenth) and its speed settings are
+    TrainConfig fields that finetune passes on; the backend's own keywords stay with the backend."""
+    import pixelllm_plugins.training.finetune as finetune_module
+    from label_studio_backend.training import default_trainer
+
+    calls = []
+    real = finetune_module.finetune
+    monkeypatch.setattr(finetune_module, "finetune", functools.wraps(real)(lambda *a, **k: calls.append((a, k)) or a[2]))
+    default_trainer(from_model="BASE", data_dir=tmp_path, out_adapter=tmp_path / "adapter", steps=5,
+                    adapter_name="ls-p1-ft1", lr_multipliers={"point_head.": 0.1}, cache_image_embeddings=True,
+                    max_prompts={"refer": 3}, new_words=["pentagon"], r=4)
+    (args, kwargs), = calls
+    assert args == ("BASE", tmp_path, tmp_path / "adapter") and kwargs["steps"] == 5
+    assert kwargs["lr_multipliers"] == {"point_head.": 0.1} and kwargs["cache_image_embeddings"] is True
+    assert kwargs["max_prompts"] == {"refer": 3} and kwargs["new_words"] == ["pentagon"] and kwargs["r"] == 4
+    assert "adapter_name" not in kwargs and kwargs["progress"] is False
