@@ -217,7 +217,7 @@ def collate_for_model(samples: Sequence[GroundedSample | TransformedSample], tok
                       augment: AugmentConfig | Mapping[str, AugmentConfig] | None = None,
                       task: str | None = None, point_prompt_prob: float = 0.0,
                       point_rng: torch.Generator | np.random.Generator | None = None,
-                      masks: bool | None = None) -> ModelInputs:
+                      masks: bool = True) -> ModelInputs:
     """The training batch of ``config``'s model: :func:`collate` (the same batch, bit for bit) for a model
     without a mask decoder or point prompts; otherwise the same inputs (the same draws from ``generator``)
     plus target masks at stride :data:`MASK_STRIDE` (``heads.mask_decoder > 0``, as
@@ -226,7 +226,7 @@ def collate_for_model(samples: Sequence[GroundedSample | TransformedSample], tok
     point prompts drawn from ``point_rng`` (default: ``generator``, after every other draw) by
     :func:`sample_point_prompts`. ``masks=False`` leaves the target masks out even for a model with a mask
     decoder (one that does not learn: the same draws, no mask loss to compute)."""
-    with_masks = config.heads.mask_decoder > 0 if masks is None else masks and config.heads.mask_decoder > 0
+    with_masks = masks and config.heads.mask_decoder > 0
     with_points = train and point_prompt_prob > 0 and config.prompt.points
     if not with_masks and not with_points:
         return collate(samples, tokenizer, config, train, generator, max_prompts=max_prompts, augment=augment,

@@ -49,7 +49,7 @@ class MixtureDataset(IterableDataset):
     def __init__(self, sources: Sequence[Source], tokenizer: PixelTokenizer, config: PixelLLMConfig,
                  batch_size: int, *, seed: int = 0, start_step: int = 0, num_steps: int | None = None,
                  train: bool = True, point_prompt_prob: float = 0.0, region_box_jitter: float = 0.0,
-                 masks: bool | None = None):
+                 masks: bool = True):
         sources = [s for s in sources if s.weight > 0]
         if not sources:
             raise ValueError("a mixture needs at least one source with a positive weight")
@@ -63,7 +63,7 @@ class MixtureDataset(IterableDataset):
         self.train = train
         self.point_prompt_prob = float(point_prompt_prob)
         self.region_box_jitter = float(region_box_jitter)
-        self.masks = masks  # None: target masks when the model has a mask decoder; False: never
+        self.masks = masks and config.heads.mask_decoder > 0  # whether batches carry target masks
         w = np.asarray([s.weight for s in self.sources], dtype=np.float64)
         self.probs = w / w.sum()
 
@@ -94,7 +94,7 @@ class MixtureDataset(IterableDataset):
         idx = rng.choice(n, size=bs, replace=n < bs)
         generator = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
         samples = [source.samples[int(i)] for i in idx]
-        if (self.config.heads.mask_decoder <= 0 or self.masks is False) and not self._points:
+        if not self.masks and not self._points:
             return collate(samples, self.tokenizer, self.config, train=self.train, generator=generator,
                            max_prompts=source.max_prompts, augment=source.augment, task=source.name)
         point_rng = np.random.default_rng([self.seed, step, 1]) if self._points else None

@@ -91,8 +91,9 @@ def grow_tables(model: nn.Module, adapter: str, count: int, anchor_ids: Sequence
     """Give ``adapter``'s copies of the word embedding and output layer ``count`` more rows (the mean of the
     ``anchor_ids`` rows of the base, or of all rows when none); returns the base vocabulary size. With
     ``trainable`` only the new rows' weights learn (their output bias stays at the anchors' mean: a
-    correction round sets it when it settles the word): the old rows get no gradient and no weight decay (the optimizer skips decay on parameters marked
-    ``_pixelllm_no_decay``). Nothing happens to copies already grown."""
+    correction round sets it when it settles the word): the old rows get no gradient and no weight decay
+    (the optimizer skips decay on parameters marked ``_pixelllm_no_decay``). Nothing happens to copies
+    already grown."""
     embed_name, output_name = word_table_modules(model)
     for module_name in (embed_name, output_name):
         base, copy = _copy_of(model, module_name, adapter)

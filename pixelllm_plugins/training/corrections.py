@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..data.formats import write_refer_and_regions
-from ..errors import TrainingError
+from ..errors import PixelLLMError, TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -314,7 +314,6 @@ def round_new_words(base: str, texts: list[str], anchor_texts: list[str]) -> tup
     and the one-token words that ``anchor_texts`` (the replay captions) end with most often. Neither for a
     base whose language model or tokenizer cannot take new words."""
     from ..config import PixelLLMConfig
-    from ..errors import PixelLLMError
     from ..modeling.new_words import find_new_words
     from ..tokenizer import PixelTokenizer
 

@@ -562,7 +562,7 @@ def _setup(cfg: TrainConfig, ctx: D.DistContext) -> _Run:
                             masks=learns_masks or cfg.point_prompt_prob > 0, preload_images=cfg.preload_images)
     mixture = MixtureDataset(sources, tokenizer, model.config, cfg.batch_size, seed=cfg.seed,
                              point_prompt_prob=cfg.point_prompt_prob, region_box_jitter=cfg.region_box_jitter,
-                             masks=None if learns_masks else False)
+                             masks=learns_masks)
     loader = DataLoader(RankStream(mixture, micro_batches, ctx.rank, ctx.world_size), batch_size=None,
                         num_workers=cfg.num_workers, collate_fn=_identity)
     batches = iter(loader)
