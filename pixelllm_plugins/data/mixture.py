@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..config import PixelLLMConfig
 from ..modeling.inputs import ModelInputs
 from ..tokenizer import PixelTokenizer
-from .collate import collate, collate_for_model, jitter_region_boxes
+from .collate import REGION_BOX_JITTER, collate, collate_for_model, jitter_region_boxes
 from .formats import SyntheticDataset
 from .loaders import load_coco_captions, load_localized_narratives, load_refcoco, load_vg
 from .transforms import AugmentConfig
@@ -49,7 +49,7 @@ class MixtureDataset(IterableDataset):
     def __init__(self, sources: Sequence[Source], tokenizer: PixelTokenizer, config: PixelLLMConfig,
                  batch_size: int, *, seed: int = 0, start_step: int = 0, num_steps: int | None = None,
                  train: bool = True, point_prompt_prob: float = 0.0, region_box_jitter: float = 0.0,
-                 masks: bool = True):
+                 region_box_jitter_scale: float = REGION_BOX_JITTER, masks: bool = True):
         sources = [s for s in sources if s.weight > 0]
         if not sources:
             raise ValueError("a mixture needs at least one source with a positive weight")
@@ -63,6 +63,7 @@ class MixtureDataset(IterableDataset):
         self.train = train
         self.point_prompt_prob = float(point_prompt_prob)
         self.region_box_jitter = float(region_box_jitter)
+        self.region_box_jitter_scale = float(region_box_jitter_scale)
         self.masks = masks and config.heads.mask_decoder > 0  # whether batches carry target masks
         w = np.asarray([s.weight for s in self.sources], dtype=np.float64)
         self.probs = w / w.sum()
@@ -83,7 +84,8 @@ class MixtureDataset(IterableDataset):
         """Batch number ``step`` of the stream (region boxes jittered when ``region_box_jitter`` > 0)."""
         inputs = self._batch(step)
         if self.train and self.region_box_jitter > 0:
-            inputs = jitter_region_boxes(inputs, self.region_box_jitter, np.random.default_rng([self.seed, step, 2]))
+            inputs = jitter_region_boxes(inputs, self.region_box_jitter, np.random.default_rng([self.seed, step, 2]),
+                                         self.region_box_jitter_scale)
         return inputs
 
     def _batch(self, step: int) -> ModelInputs:

@@ -51,8 +51,12 @@ def add_training_parsers(sub) -> None:
                         "a point on the object (sometimes plus one off it), half of them instead of the box "
                         "(default: the recipe's, 0)")
     p.add_argument("--region-box-jitter", type=float_arg(0), default=None, metavar="P",
-                   help="the fraction (0-1) of region prompts whose box is moved (each side by up to 10%% of the "
-                        "box's size), so captions and masks hold for loosely drawn boxes (default: the recipe's, 0)")
+                   help="the fraction (0-1) of region prompts whose box is moved (each side by up to "
+                        "--region-box-jitter-scale of the box's size), so captions and masks hold for loosely "
+                        "drawn boxes (default: the recipe's, 0)")
+    p.add_argument("--region-box-jitter-scale", type=float_arg(0), default=None, metavar="S",
+                   help="how far each side of a jittered region box may move, as a fraction of the box's width or "
+                        "height (default: the recipe's, 0.1)")
     p.add_argument("--device", default=None, type=device_arg(allow_auto=True), help="auto | cpu | cuda")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT/checkpoint-last exists")
     p.add_argument("--no-progress", action="store_true")
@@ -123,7 +127,8 @@ def _train(args) -> int:
                  "seed": args.seed,
                  "checkpoint_every": args.checkpoint_every, "eval_every": args.eval_every,
                  "num_threads": args.num_threads, "num_workers": args.num_workers, "device": args.device,
-                 "point_prompt_prob": args.point_prompt_prob, "region_box_jitter": args.region_box_jitter}
+                 "point_prompt_prob": args.point_prompt_prob, "region_box_jitter": args.region_box_jitter,
+                 "region_box_jitter_scale": args.region_box_jitter_scale}
     if args.sources:
         overrides["sources"] = _weights(args.sources, "--sources", "refer=4")
     if args.lr_multiplier:

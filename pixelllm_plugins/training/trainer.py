@@ -107,9 +107,11 @@ class TrainConfig:
     # mask decoder's rows gets a positive point on the object (maybe plus a negative one), half of them
     # instead of the box (data.collate.sample_point_prompts); 0: box prompts only, as before
     point_prompt_prob: float = 0.0
-    # this fraction of the region rows gets its box prompt moved (each side by up to 10 % of the box's size,
-    # data.collate.jitter_region_boxes): captions and masks that hold for loosely drawn boxes; 0: exact boxes
+    # this fraction of the region rows gets its box prompt moved (each side by up to region_box_jitter_scale
+    # of the box's size, data.collate.jitter_region_boxes): captions and masks that hold for loosely drawn
+    # boxes; 0: exact boxes
     region_box_jitter: float = 0.0
+    region_box_jitter_scale: float = 0.1
     # embed each distinct image canvas once and reuse it at later steps (training.embedding_cache); only for
     # runs whose vision encoder and proposal head do not train, and worth it only when images repeat with
     # the same canvas (augment_scale [1, 1]): correction rounds
@@ -147,6 +149,9 @@ class TrainConfig:
             raise TrainingError(f"point_prompt_prob is a fraction of the prompts: 0 to 1, got {self.point_prompt_prob}")
         if not 0.0 <= self.region_box_jitter <= 1.0:
             raise TrainingError(f"region_box_jitter is a fraction of the region rows: 0 to 1, got {self.region_box_jitter}")
+        if not 0.0 < self.region_box_jitter_scale <= 0.5:
+            raise TrainingError("region_box_jitter_scale is how far each side of a jittered box may move, as a "
+                                f"fraction of the box's size: above 0, at most 0.5; got {self.region_box_jitter_scale}")
         strays = sorted(set(self.augment_scale) - {k for k, w in self.sources.items() if w > 0})
         if strays:
             raise TrainingError(f"augment_scale names {strays}, which are not sources of this mixture "
@@ -562,6 +567,7 @@ def _setup(cfg: TrainConfig, ctx: D.DistContext) -> _Run:
                             masks=learns_masks or cfg.point_prompt_prob > 0, preload_images=cfg.preload_images)
     mixture = MixtureDataset(sources, tokenizer, model.config, cfg.batch_size, seed=cfg.seed,
                              point_prompt_prob=cfg.point_prompt_prob, region_box_jitter=cfg.region_box_jitter,
+                             region_box_jitter_scale=cfg.region_box_jitter_scale,
                              masks=learns_masks)
     loader = DataLoader(RankStream(mixture, micro_batches, ctx.rank, ctx.world_size), batch_size=None,
                         num_workers=cfg.num_workers, collate_fn=_identity)

@@ -87,6 +87,37 @@ def test_evaluate_with_oracle(data_dir):
     assert [c for c in pred.calls if c[0] == "refer"] == [("refer", 2), ("refer", 2), ("refer", 1)]
 
 
+class TightBoxPredictor(OraclePredictor):
+    """Names each region right only from its exact GT box: a model that reads shape from the box's extent."""
+
+    def caption_regions(self, images, boxes, *, adapter=None, max_new_tokens=20, num_beams=1):
+        self.calls.append(("caption_regions", len(images)))
+        out = []
+        for image, image_boxes in zip(images, boxes):
+            gt = {tuple(round(v, 3) for v in p.box): p.text for p in self.regions[str(image)]}
+            out.append([RegionCaption(tuple(b), gt.get(tuple(round(float(v), 3) for v in b), "region"), 1.0)
+                        for b in image_boxes])
+        return out
+
+
+def test_region_loose_boxes_score_what_people_draw(data_dir):
+    from pixelllm_plugins.evaluation.evaluate import LOOSE_BOX_GROWTH, eval_region, loose_box
+
+    assert loose_box((10, 20, 30, 60), (100, 100), 0.1) == [8.0, 16.0, 32.0, 64.0]
+    assert loose_box((0, 0, 100, 50), (100, 60), 0.1) == [0.0, 0.0, 100.0, 55.0]  # clipped to the image
+    samples = load_task_samples(data_dir, "val", "region")
+    region = eval_region(TightBoxPredictor(data_dir), samples, batch_size=2, meteor=False)
+    assert region["attribute_accuracy"] == pytest.approx(1.0)
+    assert region["loose_box_attribute_accuracy"] == pytest.approx(0.0)
+    assert region["loose_box_growth"] == LOOSE_BOX_GROWTH
+    oracle = OraclePredictor(data_dir)
+    both = eval_region(oracle, samples, batch_size=2, meteor=False)
+    assert both["loose_box_attribute_accuracy"] == pytest.approx(1.0)  # box-blind: the same either way
+    calls = len(oracle.calls)
+    skipped = eval_region(oracle, samples, batch_size=2, meteor=False, loose_growth=0)
+    assert "loose_box_attribute_accuracy" not in skipped and len(oracle.calls) - calls == calls / 2
+
+
 def test_fake_predictor_scores_and_report(data_dir, tmp_path):
     r = evaluate(FakePredictor(), data_dir, "val", tasks=("refer", "region"), limit=2, meteor=False,
                  progress=False)
@@ -94,6 +125,7 @@ def test_fake_predictor_scores_and_report(data_dir, tmp_path):
     assert r["tasks"]["refer"]["images"] == 2
     assert 0.0 <= r["tasks"]["refer"]["P@0.5"] <= 1.0
     assert r["tasks"]["region"]["attribute_accuracy"] == 0.0  # "region 0" never names an attribute
+    assert r["tasks"]["region"]["loose_box_attribute_accuracy"] == 0.0
     md = write_report(r, tmp_path / "report").read_text()
     assert "| refer | P@0.5 |" in md
     saved = json.loads((tmp_path / "report" / "results.json").read_text())

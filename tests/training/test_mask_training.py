@@ -296,18 +296,27 @@ def test_region_box_jitter_in_the_mixture_flag_and_checks(tiny_data, seg_checkpo
     jittered = MixtureDataset(sources, tokenizer, config, 3, seed=1, region_box_jitter=1.0).batch(0)
     assert torch.equal(plain.pixel_values, jittered.pixel_values) and torch.equal(plain.text_ids, jittered.text_ids)
     assert not torch.equal(plain.prompt_boxes, jittered.prompt_boxes)
+    wide = MixtureDataset(sources, tokenizer, config, 3, seed=1, region_box_jitter=1.0,
+                          region_box_jitter_scale=0.3).batch(0)  # the same draws, three times as far
+    real = plain.prompt_mask
+    far, near = (wide.prompt_boxes - plain.prompt_boxes)[real], (jittered.prompt_boxes - plain.prompt_boxes)[real]
+    assert far.abs().max() > near.abs().max()
     evaluation = MixtureDataset(sources, tokenizer, config, 3, seed=1, region_box_jitter=1.0, train=False).batch(0)
     assert torch.equal(evaluation.prompt_boxes, MixtureDataset(sources, tokenizer, config, 3, seed=1,
                                                                train=False).batch(0).prompt_boxes)
     out = tmp_path / "cli"
     assert main(["train", "--recipe", "tiny-smoke", "--data", str(tiny_data), "--out", str(out), "--steps", "1",
                  "--init", str(seg_checkpoint), "--sources", "region=1", "--region-box-jitter", "0.5",
-                 "--no-progress"]) == 0
+                 "--region-box-jitter-scale", "0.2", "--no-progress"]) == 0
     import json
 
-    assert json.loads((out / "final" / "meta.json").read_text())["train_config"]["region_box_jitter"] == 0.5
+    saved = json.loads((out / "final" / "meta.json").read_text())["train_config"]
+    assert saved["region_box_jitter"] == 0.5 and saved["region_box_jitter_scale"] == 0.2
     with pytest.raises(TrainingError, match="region_box_jitter"):
         recipe_config("tiny-smoke", data_dir=str(tiny_data), region_box_jitter=2.0).validate()
+    for scale in (0.0, 0.6):
+        with pytest.raises(TrainingError, match="region_box_jitter_scale"):
+            recipe_config("tiny-smoke", data_dir=str(tiny_data), region_box_jitter_scale=scale).validate()
 
 
 def test_a_decoder_that_does_not_learn_gets_no_masks_and_the_same_draws(tiny_data):
