@@ -1,15 +1,23 @@
 """Gated correction rounds in the backend: a round whose held-out refer P@0.5 is below the current version's
-never becomes the version, and ``/health`` shows both scores (trainer and evaluator are stand-ins)."""
+never becomes the version, and ``/health`` shows both scores (trainer and evaluator are stand-ins, whose
+held-out slice is one expression: any loss rejects here, ``HELDOUT_MARGIN`` 1)."""
 
 from __future__ import annotations
 
 import functools
 import logging
 
+import pytest
 from conftest import REFERRING
 from test_ls_training import annotation_event
 
+import pixelllm_plugins.training.corrections as corrections
 from pixelllm_plugins.training.corrections import plan_round
+
+
+@pytest.fixture(autouse=True)
+def any_loss_rejects(monkeypatch):
+    monkeypatch.setattr(corrections, "HELDOUT_MARGIN", 1)
 
 
 class Evaluator:

@@ -12,8 +12,10 @@ import torch
 
 from pixelllm_plugins.errors import TrainingError
 from pixelllm_plugins.training.corrections import (
+    HELDOUT_MARGIN,
     MIN_FOR_GATE,
     RoundPlan,
+    heldout_loss,
     plan_round,
     run_correction_round,
     split_holdout,
@@ -104,7 +106,7 @@ def test_gate_accepts_only_a_round_that_is_not_worse(tiny_data, tmp_path, curren
     trainer, evaluator = Trainer(), Evaluator(current, new)
     result = run_correction_round("BASE", examples, tmp_path / "new", current_adapter=tmp_path / "current",
                                   trainer=trainer, evaluator=evaluator, replay=0.5, seed=1,
-                                  replay_dir=tmp_path / "replay", replay_pool=18)
+                                  replay_dir=tmp_path / "replay", replay_pool=18, heldout_margin=1)
     assert result.accepted is accepted and result.gate == ("passed" if accepted else "rejected")
     assert (result.current_score, result.new_score) == (current, new)
     held = evaluator.calls[0]["files"]
@@ -126,6 +128,30 @@ def test_gate_accepts_only_a_round_that_is_not_worse(tiny_data, tmp_path, curren
     assert call["lr_multipliers"] == {"point_head.": 0.1, "confidence_head.": 0.1}  # the heads learn slowly
     assert result.to_dict()["plan"]["alpha"] == 8 and result.to_dict()["plan"]["head_lr_scale"] == 0.1
     assert result.to_dict()["plan"]["keep"] == 0.5  # half of the update is kept (the stub wrote no weights)
+
+
+def test_heldout_loss_counts_expressions():
+    assert heldout_loss(0.5, 0.0, 2) == 1 and heldout_loss(0.75, 0.25, 4) == 2
+    assert heldout_loss(0.5, 0.75, 4) == 0 and heldout_loss(0.5, 0.5, 0) == 0 and heldout_loss(0.5, 0.25, 1) == 0.25
+
+
+def test_gate_rejects_only_a_loss_beyond_chance(tiny_data, tmp_path):
+    """By default a round is rejected when it loses HELDOUT_MARGIN or more held-out expressions (net); a
+    smaller loss on a slice of a few corrections is accepted, and the summary says so."""
+    examples, _ = _examples(tiny_data, tmp_path, 8)
+
+    def gate(current, new, **kwargs):
+        return run_correction_round("BASE", examples, tmp_path / "new", trainer=Trainer(),
+                                    evaluator=Evaluator(current, new), replay=0, retention_images=0, **kwargs)
+
+    n = gate(1.0, 1.0).holdout["refer"]
+    assert n >= HELDOUT_MARGIN  # the slice can tell
+    within = gate(1.0, 1.0 - (HELDOUT_MARGIN - 1) / n)
+    assert within.accepted and within.heldout_lost == HELDOUT_MARGIN - 1 and "within chance" in within.summary()
+    beyond = gate(1.0, 1.0 - HELDOUT_MARGIN / n)
+    assert not beyond.accepted and beyond.heldout_lost == HELDOUT_MARGIN and "worse" in beyond.reason
+    strict = gate(1.0, 1.0 - 1 / n, heldout_margin=1)  # any loss rejects
+    assert not strict.accepted and strict.to_dict()["heldout_lost"] == 1
 
 
 @pytest.mark.parametrize(("retention", "accepted"), [((0.8, 0.79), True), ((0.8, 0.75), False)])
