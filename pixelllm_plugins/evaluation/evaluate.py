@@ -50,6 +50,7 @@ from PIL import Image
 
 from ..data.formats import SyntheticDataset
 from ..data.types import GroundedSample
+from ..geometry import clip_box
 from ..inference.protocol import PredictorProtocol
 from .metrics import (
     DenseDetection,
@@ -169,8 +170,7 @@ def loose_box(box, size: tuple[int, int], growth: float = LOOSE_BOX_GROWTH) -> l
     """``box`` (x1, y1, x2, y2) grown by ``growth`` of its width / height on every side, clipped to ``size``."""
     x1, y1, x2, y2 = (float(v) for v in box)
     dx, dy = growth * (x2 - x1), growth * (y2 - y1)
-    w, h = size
-    return [max(0.0, x1 - dx), max(0.0, y1 - dy), min(float(w), x2 + dx), min(float(h), y2 + dy)]
+    return list(clip_box((x1 - dx, y1 - dy, x2 + dx, y2 + dy), *size))
 
 
 def _sample_size(sample: GroundedSample) -> tuple[int, int]:
@@ -187,8 +187,10 @@ def _region_captions(predictor: PredictorProtocol, samples: list[GroundedSample]
     preds: list[str] = []
     with _bar(len(samples), desc, progress) as bar:
         for chunk in _chunks(samples, batch_size):
-            boxes = [[loose_box(p.box, _sample_size(s), growth) if growth else p.box for p in s.prompts]
-                     for s in chunk]
+            boxes = [[p.box for p in s.prompts] for s in chunk]
+            if growth:
+                sizes = [_sample_size(s) for s in chunk]  # one header read per image, not per box
+                boxes = [[loose_box(b, size, growth) for b in image_boxes] for image_boxes, size in zip(boxes, sizes)]
             out = predictor.caption_regions([s.image for s in chunk], boxes, adapter=adapter)
             for sample, caps in zip(chunk, out):
                 if len(caps) != len(sample.prompts):

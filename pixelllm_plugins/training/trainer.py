@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..data.collate import REGION_BOX_JITTER
 from ..errors import PixelLLMError, TrainingError
 from . import distributed as D
 from .state import TrainingState, capture_rng, restore_rng
@@ -111,7 +112,7 @@ class TrainConfig:
     # of the box's size, data.collate.jitter_region_boxes): captions and masks that hold for loosely drawn
     # boxes; 0: exact boxes
     region_box_jitter: float = 0.0
-    region_box_jitter_scale: float = 0.1
+    region_box_jitter_scale: float = REGION_BOX_JITTER
     # embed each distinct image canvas once and reuse it at later steps (training.embedding_cache); only for
     # runs whose vision encoder and proposal head do not train, and worth it only when images repeat with
     # the same canvas (augment_scale [1, 1]): correction rounds
