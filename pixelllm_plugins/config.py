@@ -137,6 +137,9 @@ class HeadsConfig:
     # outputs per prompt (K mask tokens and an IoU token through a two-way transformer with the prompt's
     # tokens; masks at stride 4 on the canvas, each with a predicted IoU). 0 = no mask decoder.
     mask_decoder: int = 0
+    # Channels of the mask refiner (``modeling/mask_refiner.py``): the decoder's stride-4 masks sharpened on
+    # the canvas pixels to stride 1, trained at stride 1. 0 = masks stay at stride 4.
+    mask_refine: int = 0
 
 
 @dataclass
@@ -233,6 +236,10 @@ class PixelLLMConfig:
         if heads.mask_decoder < 0 or heads.mask_decoder > MAX_MASK_OUTPUTS:
             raise PixelLLMError(f"heads.mask_decoder is the number of mask outputs per prompt: 0 (none) to "
                                 f"{MAX_MASK_OUTPUTS}, got {heads.mask_decoder}")
+        if heads.mask_refine < 0 or (heads.mask_refine and not heads.mask_decoder):
+            raise PixelLLMError(f"heads.mask_refine is the mask refiner's channels (0: none) and refines the mask "
+                                f"decoder's masks: it needs heads.mask_decoder > 0, got mask_refine "
+                                f"{heads.mask_refine} with mask_decoder {heads.mask_decoder}")
         if heads.mask_decoder and vision.image_size % 4:
             raise PixelLLMError(f"heads.mask_decoder predicts masks at stride 4: vision.image_size must be "
                                 f"divisible by 4, got {vision.image_size}")

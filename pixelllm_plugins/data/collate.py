@@ -45,7 +45,7 @@ from .types import Box, GroundedSample, PromptRecord
 
 CAPTION_SHORT_PROMPT = "a photo of "  # spec 3.6; the config has no template for short captions
 DEFAULT_MAX_PROMPTS = 8
-MASK_STRIDE = 4  # the mask decoder's logits: stride 4 on the canvas
+MASK_STRIDE = 4  # the mask decoder's logits: stride 4 on the canvas (stride 1 with heads.mask_refine)
 # point prompts (collate_for_model): per point-prompted row
 POINT_SLOTS = 2  # a positive point, then a negative one or padding (label -1)
 POINT_KEEP_BOX_PROB = 0.5  # the row keeps its box (box + points); else the whole image's box (points alone)
@@ -210,6 +210,11 @@ def _with_masks(inputs: ModelInputs, items: Sequence[TransformedSample], selecte
                                mask_boxes=mask_boxes), targets
 
 
+def mask_stride(config: PixelLLMConfig) -> int:
+    """Canvas pixels per cell of ``config``'s mask logits: :data:`MASK_STRIDE`, or 1 with a mask refiner."""
+    return 1 if config.heads.mask_refine > 0 else MASK_STRIDE
+
+
 def collate_for_model(samples: Sequence[GroundedSample | TransformedSample], tokenizer: PixelTokenizer,
                       config: PixelLLMConfig, train: bool = False,
                       generator: torch.Generator | np.random.Generator | None = None, *,
@@ -220,7 +225,7 @@ def collate_for_model(samples: Sequence[GroundedSample | TransformedSample], tok
                       masks: bool = True) -> ModelInputs:
     """The training batch of ``config``'s model: :func:`collate` (the same batch, bit for bit) for a model
     without a mask decoder or point prompts; otherwise the same inputs (the same draws from ``generator``)
-    plus target masks at stride :data:`MASK_STRIDE` (``heads.mask_decoder > 0``, as
+    plus target masks at the decoder's stride, :func:`mask_stride` (``heads.mask_decoder > 0``, as
     :func:`collate_with_masks`; a row whose mask is empty at that stride, an object smaller than about two
     cells, gets ``mask_valid`` False) and, when ``train`` and ``point_prompt_prob > 0`` with ``prompt.points``,
     point prompts drawn from ``point_rng`` (default: ``generator``, after every other draw) by
@@ -234,7 +239,7 @@ def collate_for_model(samples: Sequence[GroundedSample | TransformedSample], tok
     inputs, items, selected = _collate(samples, tokenizer, config, train, generator, max_prompts, augment,
                                        task, masks=True)
     if with_masks:
-        inputs = _with_masks(inputs, items, selected, config, MASK_STRIDE)[0]
+        inputs = _with_masks(inputs, items, selected, config, mask_stride(config))[0]
         # an object too small to fill half a cell at the decoder's stride has no target there: no mask loss
         inputs.mask_valid = inputs.mask_valid & inputs.target_masks.flatten(2).any(-1)
     if with_points:

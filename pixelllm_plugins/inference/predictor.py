@@ -291,7 +291,7 @@ class Predictor:
         """The images' ``ImageEmbedding``, running the vision pass only on cache misses; ``maps`` asks for
         the proposal maps even when the model's prompts do not read them (dense captioning)."""
         keys = list(dict.fromkeys(im.key for im in images))
-        missing = [k for k in keys if k not in self._cache or (maps and self._cache[k].maps is None)]
+        missing = [k for k in keys if k not in self._cache or (maps and "heatmap" not in (self._cache[k].maps or {}))]
         by_key = {im.key: im for im in images}
         for start in range(0, len(missing), self.batch_size):
             chunk = missing[start:start + self.batch_size]
@@ -934,7 +934,7 @@ class Predictor:
                 iou = iou.float()
                 best = iou.argmax(-1)
                 ar = torch.arange(len(ps), device=best.device)
-                low = logits[ar, best].float()  # [m, S/4, S/4] on the padded canvas
+                low = logits[ar, best].float()  # [m, s, s] on the padded canvas (stride 4, or 1 refined)
                 scores = iou[ar, best].clamp(0, 1).cpu().tolist()
                 for n, (k, p) in enumerate(zip(chunk, ps)):
                     out[k] = (_to_original(low[n], loaded[p.image].prepared, canvas, F), round(float(scores[n]), 4))

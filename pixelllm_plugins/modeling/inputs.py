@@ -73,7 +73,7 @@ class ModelOutput:
     points: Tensor | None = None  # [B,N,T,4] normalised x0,y0,x1,y1 (unclipped, as in the paper)
     confidence: Tensor | None = None  # [B,N,T] logits of the predicted-IoU head
     # heads.mask_decoder, when the batch has target masks (zeros at rows without one)
-    mask_logits: Tensor | None = None  # [B,N,K,S/4,S/4] on the padded canvas
+    mask_logits: Tensor | None = None  # [B,N,K,s,s] on the padded canvas (s = S/4, or S refined)
     mask_iou: Tensor | None = None  # [B,N,K] predicted IoU of each mask
     proposals: dict[str, Tensor] = field(default_factory=dict)  # raw proposal-head maps
     loss: Tensor | None = None
@@ -102,11 +102,12 @@ class ImageEmbedding:
 
     @staticmethod
     def stack(parts: list[ImageEmbedding]) -> ImageEmbedding:
-        """A batch from per-image embeddings (maps only when every part has them)."""
+        """A batch from per-image embeddings (the maps every part has)."""
         tokens = torch.stack([p.tokens for p in parts])
         if any(p.maps is None for p in parts):
             return ImageEmbedding(tokens)
-        return ImageEmbedding(tokens, {k: torch.stack([p.maps[k] for p in parts]) for k in parts[0].maps})
+        shared = [k for k in parts[0].maps if all(k in p.maps for p in parts)]
+        return ImageEmbedding(tokens, {k: torch.stack([p.maps[k] for p in parts]) for k in shared} or None)
 
 
 @dataclass

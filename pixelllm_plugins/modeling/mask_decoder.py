@@ -6,7 +6,9 @@ prompts, from the shared ``PromptEncoder``), go through a two-way transformer wi
 updated image tokens are upscaled to stride 4 on the canvas (transposed convs, as SAM; with the ViT's fine
 map, ``vision.fine_channels``, a 1x1 projection of it is added there, as SAM-HQ adds early ViT features);
 each mask token's hypernetwork MLP gives the weights of a dot product with that map: mask logits
-``[M,K,S/4,S/4]``. The IoU token's MLP predicts each mask's IoU with the target.
+``[M,K,S/4,S/4]``. The IoU token's MLP predicts each mask's IoU with the target. With ``refine`` channels
+(``heads.mask_refine``), ``mask_refiner.MaskRefiner`` sharpens those logits on the canvas pixels to
+``[M,K,S,S]``.
 
 The decoder has its own depth-2 two-way transformer (SAM's ``TwoWayTransformer``, the class the prompt
 adapter uses) rather than adding its tokens to the prompt adapter's: the upscaling reads the transformer's
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .mask_refiner import MaskRefiner
 from .prompt_adapter import TwoWayTransformer
 
 DEPTH = 2  # SAM's decoder transformer
@@ -85,15 +88,18 @@ def two_way(transformer: TwoWayTransformer, image: Tensor, image_pe: Tensor, tok
 
 class MaskDecoder(nn.Module):
     """K mask tokens + an IoU token, with the prompt's tokens, read the image tokens in a two-way
-    transformer -> mask logits [M,K,S/4,S/4] on the canvas and their predicted IoU [M,K].
+    transformer -> mask logits [M,K,S/4,S/4] on the canvas (``[M,K,S,S]`` with a refiner) and their predicted
+    IoU [M,K].
 
     ``dim``, ``num_heads``, ``mlp_dim``, ``downsample``: the transformer's (the prompt adapter's settings);
     ``embed_dim``: the prompt encoder's width; ``grid``: the image-token grid's side; ``canvas_size``: S;
-    ``fine_dim``: channels of the ViT's stride-4 fine map (0: none).
+    ``fine_dim``: channels of the ViT's stride-4 fine map (0: none); ``refine``: the stride-1 refiner's
+    channels (0: none; it reads the canvas pixels).
     """
 
     def __init__(self, num_masks: int, *, vision_dim: int, embed_dim: int, dim: int, num_heads: int,
-                 mlp_dim: int, downsample: int, grid: int, canvas_size: int, fine_dim: int = 0):
+                 mlp_dim: int, downsample: int, grid: int, canvas_size: int, fine_dim: int = 0,
+                 refine: int = 0):
         super().__init__()
         if num_masks < 1:
             raise ValueError(f"a mask decoder needs at least one mask output, got {num_masks}")
@@ -111,12 +117,16 @@ class MaskDecoder(nn.Module):
         self.fine_proj = nn.Conv2d(fine_dim, channels, 1) if fine_dim > 0 else None
         self.hypernetworks = nn.ModuleList(mlp(dim, dim, channels, 3) for _ in range(num_masks))
         self.iou_head = mlp(dim, dim, num_masks, 3)
+        self.refiner = MaskRefiner(refine, num_masks) if refine > 0 else None
+        self.output_size = canvas_size if refine > 0 else self.mask_size
 
     def forward(self, image_tokens: Tensor, grid_size: tuple[int, int], image_pe: Tensor, dense_embedding: Tensor,
-                prompt_tokens: Tensor, image_index: Tensor, fine: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                prompt_tokens: Tensor, image_index: Tensor, fine: Tensor | None = None,
+                pixels: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """image_tokens [B,L,Cv] (L = gh*gw), image_pe [L,E], dense_embedding [1,E], prompt_tokens [M,P,E],
-        image_index [M] (the image of each prompt), fine [B,Cf,S/4,S/4] (when built with ``fine_dim``)
-        -> (mask logits [M,K,S/4,S/4] on the padded canvas, predicted IoU [M,K])."""
+        image_index [M] (the image of each prompt), fine [B,Cf,S/4,S/4] (when built with ``fine_dim``),
+        pixels [B,3,S,S] (the normalised canvas; when built with ``refine``)
+        -> (mask logits [M,K,s,s] on the padded canvas, s = ``output_size``; predicted IoU [M,K])."""
         m = prompt_tokens.shape[0]
         src = self.image_proj(image_tokens) + self.dense_proj(dense_embedding)  # projected once per image
         src = src.index_select(0, image_index)
@@ -139,4 +149,8 @@ class MaskDecoder(nn.Module):
             up = up + f.index_select(0, image_index)
         hyper = torch.stack([net(mask_out[:, k]) for k, net in enumerate(self.hypernetworks)], 1)  # [M,K,C]
         masks = (hyper @ up.flatten(2)).view(m, self.num_masks, *size)
+        if self.refiner is not None:
+            if pixels is None:
+                raise ValueError("this mask decoder refines on the canvas pixels: pass the embedding's maps['pixels']")
+            masks = self.refiner(masks, pixels, image_index)
         return masks, self.iou_head(iou_out)

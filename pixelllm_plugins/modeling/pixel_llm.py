@@ -121,7 +121,8 @@ class PixelLLM(nn.Module):
                 heads.mask_decoder, vision_dim=self.vision.out_dim, embed_dim=prompt.embed_dim,
                 dim=prompt.hidden_size, num_heads=prompt.num_heads, mlp_dim=prompt.mlp_dim,
                 downsample=prompt.attention_downsample, grid=self.vision.grid_size[0],
-                canvas_size=self.canvas_size, fine_dim=getattr(self.vision, "fine_dim", 0))
+                canvas_size=self.canvas_size, fine_dim=getattr(self.vision, "fine_dim", 0),
+                refine=heads.mask_refine)
 
     # ---- the public surface: embed images once, then run any number of prompt passes ---------------------
     def embed_images(self, pixel_values: Tensor, *, maps: bool | None = None) -> ImageEmbedding:
@@ -135,14 +136,17 @@ class PixelLLM(nn.Module):
         else:
             tokens, fine = self.vision.forward_with_fine(pixel_values)
         want = self._needs_maps if maps is None else maps
+        mask_maps = {}  # the mask decoder's, kept even without the other maps
+        if fine is not None and self._masks_read_fine:
+            mask_maps["fine"] = fine
+        if self._masks_read_pixels:
+            mask_maps["pixels"] = pixel_values
         if not want or self.proposal_head is None:
-            if fine is not None and self._masks_read_fine:  # the mask decoder's, even without the other maps
-                return ImageEmbedding(tokens, {"fine": fine})
-            return ImageEmbedding(tokens)
+            return ImageEmbedding(tokens, mask_maps or None)
         image_maps = self.proposal_head(tokens)
         if fine is not None:
             image_maps["fine"] = fine
-        return ImageEmbedding(tokens, image_maps)
+        return ImageEmbedding(tokens, image_maps | mask_maps)
 
     def prompt_tokens(self, embedding: ImageEmbedding, boxes: Tensor, image_index: Tensor,
                       image_sizes: Tensor | None = None, points: Tensor | None = None,
@@ -183,8 +187,8 @@ class PixelLLM(nn.Module):
                      image_sizes: Tensor | None = None, points: Tensor | None = None,
                      point_labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Segmentation (``heads.mask_decoder = K``, SAM's decoder): prompts as in ``prompt_tokens`` (the
-        object's box, plus optional points) -> (mask logits [M,K,S/4,S/4] on the padded canvas at stride 4,
-        predicted IoU [M,K]). No language model runs: for referring segmentation, the box is the one a refer
+        object's box, plus optional points) -> (mask logits [M,K,s,s] on the padded canvas, at stride 4, or
+        stride 1 with ``heads.mask_refine``; predicted IoU [M,K]). No language model runs: for referring segmentation, the box is the one a refer
         pass answers (training: the target's, ``ModelInputs.mask_boxes``). ``image_sizes`` is accepted for a
         uniform seam; the decoder does not read it."""
         if self.mask_decoder is None:
@@ -197,11 +201,17 @@ class PixelLLM(nn.Module):
                 raise PixelLLMError("this model's mask decoder reads the fine map: embed the images with "
                                     "PixelLLM.embed_images")
             fine = embedding.maps["fine"]
+        pixels = None
+        if self._masks_read_pixels:
+            if embedding.maps is None or "pixels" not in embedding.maps:
+                raise PixelLLMError("this model's mask decoder refines on the canvas pixels: embed the images "
+                                    "with PixelLLM.embed_images")
+            pixels = embedding.maps["pixels"]
         dense_pe, dense = pe.dense_pe(self.vision.grid_size), pe.dense_embedding()
 
         def decode(rows_boxes, rows_index, rows_points, rows_labels):
             return self.mask_decoder(embedding.tokens, self.vision.grid_size, dense_pe, dense,
-                                     pe.embed(rows_boxes, rows_points, rows_labels), rows_index, fine)
+                                     pe.embed(rows_boxes, rows_points, rows_labels), rows_index, fine, pixels)
 
         return _by_point_rows(decode, (boxes, image_index), points, point_labels)
 
@@ -278,6 +288,10 @@ class PixelLLM(nn.Module):
     @property
     def _masks_read_fine(self) -> bool:
         return self.mask_decoder is not None and self.mask_decoder.fine_proj is not None
+
+    @property
+    def _masks_read_pixels(self) -> bool:
+        return self.mask_decoder is not None and self.mask_decoder.refiner is not None
 
     @staticmethod
     def _mask_rows(inputs: ModelInputs, valid: Tensor) -> Tensor:
