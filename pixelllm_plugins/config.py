@@ -288,7 +288,7 @@ def _synth_small() -> PixelLLMConfig:
                                 max_positions=128, dropout=0.0, max_context_tokens=24, max_text_tokens=40),
         heads=HeadsConfig(point_hidden=192, point_layers=3, proposal_hidden=128, max_proposals=30,
                           point_mode="grid", box_words=True, relation_layers=2, point_context_layers=1,
-                          point_refine=True, point_coords=True, mask_decoder=3),
+                          point_refine=True, point_coords=True, mask_decoder=3, mask_refine=8),
     )
 
 
