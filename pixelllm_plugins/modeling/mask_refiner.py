@@ -13,8 +13,17 @@ CascadePSP refine masks the same way, with image features at the finer scale).
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+# Without gradients (inference) each prompt is refined only in a window around the pixels where its coarse
+# masks are not surely background (some logit above -SURE_BACKGROUND), widened by WINDOW_MARGIN pixels:
+# more than the refiner's reach (5 pixels: stem 2, dilated conv 2, residual 1), so inside those pixels the
+# answer is the full canvas's, exactly; outside, the upsampled coarse logits stand. A prompt's window is
+# a small part of the canvas, so this is several times cheaper.
+SURE_BACKGROUND = 4.0
+WINDOW_MARGIN = 8
 
 
 class MaskRefiner(nn.Module):
@@ -32,12 +41,32 @@ class MaskRefiner(nn.Module):
         nn.init.zeros_(self.residual.weight)
         nn.init.zeros_(self.residual.bias)
 
-    def forward(self, coarse: Tensor, pixels: Tensor, image_index: Tensor) -> Tensor:
+    def forward(self, coarse: Tensor, pixels: Tensor, image_index: Tensor, windowed: bool | None = None) -> Tensor:
         """coarse [M,K,s,s] logits on the padded canvas, pixels [B,3,S,S] (the normalised canvas the image
-        embedding came from), image_index [M] -> refined logits [M,K,S,S]."""
-        size = pixels.shape[-2:]
-        up = F.interpolate(coarse, size=size, mode="bilinear", align_corners=False)
+        embedding came from), image_index [M] -> refined logits [M,K,S,S]. ``windowed`` (default: when no
+        gradient is recorded): refine each prompt in its window only (``SURE_BACKGROUND``)."""
+        up = F.interpolate(coarse, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
+        pixels = pixels.to(up.dtype)
+        if windowed if windowed is not None else not torch.is_grad_enabled():
+            return self._windowed(up, pixels, image_index)
         used, rows = image_index.unique(return_inverse=True)  # the stem once per image these prompts are on
-        features = self.stem(pixels.index_select(0, used).to(up.dtype)).index_select(0, rows)
-        h = self.body(features + self.mask_in(up.sigmoid()))
-        return up + self.residual(h)
+        features = self.stem(pixels.index_select(0, used)).index_select(0, rows)
+        return up + self._residual(features, up)
+
+    def _residual(self, features: Tensor, up: Tensor) -> Tensor:
+        return self.residual(self.body(features + self.mask_in(up.sigmoid())))
+
+    def _windowed(self, up: Tensor, pixels: Tensor, image_index: Tensor) -> Tensor:
+        out = up.clone()
+        height, width = up.shape[-2:]
+        unsure = up.amax(1) > -SURE_BACKGROUND  # [M,S,S]
+        for m in range(up.shape[0]):
+            ys, xs = unsure[m].nonzero(as_tuple=True)
+            if not len(ys):
+                continue
+            y0, y1 = max(0, int(ys.min()) - WINDOW_MARGIN), min(height, int(ys.max()) + 1 + WINDOW_MARGIN)
+            x0, x1 = max(0, int(xs.min()) - WINDOW_MARGIN), min(width, int(xs.max()) + 1 + WINDOW_MARGIN)
+            window = up[m : m + 1, :, y0:y1, x0:x1]
+            features = self.stem(pixels[image_index[m], :, y0:y1, x0:x1].unsqueeze(0))
+            out[m, :, y0:y1, x0:x1] += self._residual(features, window)[0]
+        return out

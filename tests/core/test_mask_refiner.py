@@ -156,3 +156,31 @@ def test_validate_mask_refine():
     del data["heads"]["mask_refine"]
     assert PixelLLMConfig.from_dict(data).heads.mask_refine == 0
     assert PixelLLMConfig.from_dict(refined_config().to_dict()) == refined_config()
+
+
+def test_windowed_refinement_is_exact_where_the_coarse_mask_is_unsure():
+    """Inference refines each prompt in a window around its unsure pixels: there the logits equal the
+    full canvas's, and elsewhere they are the upsampled coarse logits."""
+    from pixelllm_plugins.modeling import mask_refiner
+
+    torch.manual_seed(0)
+    refiner = MaskRefiner(4, 3)
+    with torch.no_grad():
+        refiner.residual.weight.normal_(0, 0.5)
+    yy, xx = torch.meshgrid(torch.arange(S // 4), torch.arange(S // 4), indexing="ij")
+    blob = 8.0 - ((yy - 5.0) ** 2 + (xx - 9.0) ** 2).float()  # an object near the top, the rest sure background
+    coarse = torch.stack([blob, blob - 2, torch.full_like(blob, -20.0)])[None].repeat(3, 1, 1, 1)
+    coarse[1] = coarse[1].flip(-1)  # another place
+    coarse[2] = -20.0  # nothing at all: no window
+    image = pixels()
+    with torch.no_grad():
+        full = refiner(coarse, image, INDEX, windowed=False)
+        windowed = refiner(coarse, image, INDEX)  # no gradient: windowed by default
+    up = F.interpolate(coarse, size=(S, S), mode="bilinear", align_corners=False)
+    unsure = up.amax(1, keepdim=True).expand_as(up) > -mask_refiner.SURE_BACKGROUND
+    assert unsure[:2].any() and not unsure[2].any() and not unsure[0].all()
+    assert torch.allclose(windowed[unsure], full[unsure], atol=1e-5)
+    assert torch.equal(windowed[2], up[2])
+    far = torch.zeros_like(unsure)
+    far[0, :, -8:, :] = True  # the bottom rows, far from the object: outside its window
+    assert torch.equal(windowed[far], up[far]) and not torch.equal(full[far], up[far])
