@@ -44,6 +44,13 @@ def _rows_of(points: Tensor | None, labels: Tensor | None, rows: Tensor) -> tupl
     return points[rows], labels[rows]
 
 
+def _mask_map(embedding: ImageEmbedding, key: str, what: str) -> Tensor:
+    """The embedding's map the mask decoder reads under ``key``, or a clear error when it was left out."""
+    if embedding.maps is None or key not in embedding.maps:
+        raise PixelLLMError(f"this model's mask decoder {what}: embed the images with PixelLLM.embed_images")
+    return embedding.maps[key]
+
+
 def _by_point_rows(fn, row_args: tuple[Tensor, ...], points: Tensor | None, labels: Tensor | None):
     """``fn(*row_args, points, labels)`` over M prompt rows, where a row whose point labels are all padding
     (-1) is a box-only prompt (``fn`` gets None for its points): a batch that mixes rows with and without
@@ -188,25 +195,15 @@ class PixelLLM(nn.Module):
                      point_labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Segmentation (``heads.mask_decoder = K``, SAM's decoder): prompts as in ``prompt_tokens`` (the
         object's box, plus optional points) -> (mask logits [M,K,s,s] on the padded canvas, at stride 4, or
-        stride 1 with ``heads.mask_refine``; predicted IoU [M,K]). No language model runs: for referring segmentation, the box is the one a refer
-        pass answers (training: the target's, ``ModelInputs.mask_boxes``). ``image_sizes`` is accepted for a
+        stride 1 with ``heads.mask_refine``; predicted IoU [M,K]). No language model runs: for referring
+        segmentation, the box is the one a refer pass answers (training: the target's, ``ModelInputs.mask_boxes``). ``image_sizes`` is accepted for a
         uniform seam; the decoder does not read it."""
         if self.mask_decoder is None:
             raise PixelLLMError("this model has no mask decoder (heads.mask_decoder is 0); segment with a "
                                 "model built with heads.mask_decoder > 0")
         pe = self.prompt_encoder
-        fine = None
-        if self._masks_read_fine:
-            if embedding.maps is None or "fine" not in embedding.maps:
-                raise PixelLLMError("this model's mask decoder reads the fine map: embed the images with "
-                                    "PixelLLM.embed_images")
-            fine = embedding.maps["fine"]
-        pixels = None
-        if self._masks_read_pixels:
-            if embedding.maps is None or "pixels" not in embedding.maps:
-                raise PixelLLMError("this model's mask decoder refines on the canvas pixels: embed the images "
-                                    "with PixelLLM.embed_images")
-            pixels = embedding.maps["pixels"]
+        fine = _mask_map(embedding, "fine", "reads the fine map") if self._masks_read_fine else None
+        pixels = _mask_map(embedding, "pixels", "refines on the canvas pixels") if self._masks_read_pixels else None
         dense_pe, dense = pe.dense_pe(self.vision.grid_size), pe.dense_embedding()
 
         def decode(rows_boxes, rows_index, rows_points, rows_labels):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_mask_decoder import BOXES, INDEX, LABELS, POINTS, S, _scene, build, pixels, tiny_config
 
 from pixelllm_plugins.checkpoint import grow_pretrained, load_pretrained, save_pretrained
 from pixelllm_plugins.config import PixelLLMConfig
@@ -15,7 +16,6 @@ from pixelllm_plugins.modeling import losses as L
 from pixelllm_plugins.modeling.inputs import ImageEmbedding
 from pixelllm_plugins.modeling.mask_refiner import MaskRefiner
 from pixelllm_plugins.tokenizer import PixelTokenizer
-from tests.core.test_mask_decoder import BOXES, INDEX, LABELS, POINTS, S, _scene, build, pixels, tiny_config
 
 
 def refined_config(channels: int = 4, fine: int = 0) -> PixelLLMConfig:

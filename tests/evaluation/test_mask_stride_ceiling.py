@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
+from script_loader import load_script
 
 from pixelllm_plugins.masks import mask_to_rle
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "mask_stride_ceiling.py"
-
 
 def _script():
-    spec = importlib.util.spec_from_file_location("mask_stride_ceiling", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("mask_stride_ceiling")
 
 
 def test_blocks_survive_every_stride_and_thin_lines_do_not():

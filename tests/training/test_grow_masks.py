@@ -3,24 +3,18 @@ existing output (refer boxes, caption logits, traces) stays the same."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
+from script_loader import load_script
 
 from pixelllm_plugins.checkpoint import load_pretrained
 from pixelllm_plugins.data.collate import collate
 from pixelllm_plugins.data.mixture import synthetic_sources
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "grow_model.py"
-
 
 def _script():
-    spec = importlib.util.spec_from_file_location("grow_model", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("grow_model")
 
 
 def test_grow_adds_decoder_and_points_keeping_boxes_and_captions(tiny_checkpoint, tiny_data, tmp_path, capsys):
