@@ -1,9 +1,9 @@
 """The best mean IoU a mask decoder can reach at a given output stride on a dataset's instance masks.
 
 Each ground-truth mask is drawn on the model's canvas (longer side ``--canvas`` pixels, as the Predictor
-resizes), area-pooled to one value per cell of the stride, turned back into the image's pixels the way
-``Predictor.segment`` does (bilinear over the canvas's extent, padding cropped, threshold at one half) and
-compared with itself. No model runs: the figure is the ceiling that the stride alone sets, so a decoder
+resizes), area-pooled to one value per cell of the stride, turned back into the image's pixels by the
+function ``Predictor.segment`` uses (bilinear over the canvas's extent, padding cropped, threshold at one
+half) and compared with itself. No model runs: the figure is the ceiling that the stride alone sets, so a decoder
 scoring near it is limited by its resolution, not by what it learned.
 
     python scripts/mask_stride_ceiling.py --data DV --split test test_shift --strides 4 2 1
@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from pixelllm_plugins.inference.predictor import _to_original
+from pixelllm_plugins.inference.preprocess import PreparedImage
 from pixelllm_plugins.masks import rle_to_mask, segmentation_to_rle
 
 
@@ -30,14 +32,13 @@ def ceiling(masks: list[np.ndarray], canvas: int, stride: int) -> float:
     for mask in masks:
         h, w = mask.shape
         scale = canvas / max(w, h)
+        resized = (max(1, round(w * scale)), max(1, round(h * scale)))  # as preprocess.resize_longer_side
         cells = canvas // stride
-        cw, ch = max(1, round(w * scale / stride)), max(1, round(h * scale / stride))
+        cw, ch = max(1, round(resized[0] / stride)), max(1, round(resized[1] / stride))
         pooled = F.interpolate(torch.from_numpy(mask).float()[None, None], size=(ch, cw), mode="area")
-        grid = torch.zeros(1, 1, cells, cells)
-        grid[..., :ch, :cw] = pooled[..., :cells, :cells]
-        ext_w, ext_h = round(canvas * w / (w * scale)), round(canvas * h / (h * scale))
-        back = F.interpolate(grid - 0.5, size=(ext_h, ext_w), mode="bilinear", align_corners=False)
-        pred = (back[0, 0, :h, :w] > 0).numpy()
+        grid = torch.zeros(cells, cells)
+        grid[:ch, :cw] = pooled[0, 0, :cells, :cells]
+        pred = _to_original(grid - 0.5, PreparedImage(torch.empty(0), (w, h), resized, scale), canvas, F)
         union = (pred | mask).sum()
         ious.append(float((pred & mask).sum() / union) if union else 1.0)
     return float(np.mean(ious)) if ious else float("nan")

@@ -118,7 +118,6 @@ class MaskDecoder(nn.Module):
         self.hypernetworks = nn.ModuleList(mlp(dim, dim, channels, 3) for _ in range(num_masks))
         self.iou_head = mlp(dim, dim, num_masks, 3)
         self.refiner = MaskRefiner(refine, num_masks) if refine > 0 else None
-        self.output_size = canvas_size if refine > 0 else self.mask_size
 
     def forward(self, image_tokens: Tensor, grid_size: tuple[int, int], image_pe: Tensor, dense_embedding: Tensor,
                 prompt_tokens: Tensor, image_index: Tensor, fine: Tensor | None = None,
@@ -126,7 +125,7 @@ class MaskDecoder(nn.Module):
         """image_tokens [B,L,Cv] (L = gh*gw), image_pe [L,E], dense_embedding [1,E], prompt_tokens [M,P,E],
         image_index [M] (the image of each prompt), fine [B,Cf,S/4,S/4] (when built with ``fine_dim``),
         pixels [B,3,S,S] (the normalised canvas; when built with ``refine``)
-        -> (mask logits [M,K,s,s] on the padded canvas, s = ``output_size``; predicted IoU [M,K])."""
+        -> (mask logits [M,K,s,s] on the padded canvas, s = S/4, or S with a refiner; predicted IoU [M,K])."""
         m = prompt_tokens.shape[0]
         src = self.image_proj(image_tokens) + self.dense_proj(dense_embedding)  # projected once per image
         src = src.index_select(0, image_index)

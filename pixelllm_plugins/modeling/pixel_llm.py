@@ -143,17 +143,12 @@ class PixelLLM(nn.Module):
         else:
             tokens, fine = self.vision.forward_with_fine(pixel_values)
         want = self._needs_maps if maps is None else maps
-        mask_maps = {}  # the mask decoder's, kept even without the other maps
-        if fine is not None and self._masks_read_fine:
-            mask_maps["fine"] = fine
-        if self._masks_read_pixels:
-            mask_maps["pixels"] = pixel_values
-        if not want or self.proposal_head is None:
-            return ImageEmbedding(tokens, mask_maps or None)
-        image_maps = self.proposal_head(tokens)
-        if fine is not None:
+        image_maps = self.proposal_head(tokens) if want and self.proposal_head is not None else {}
+        if fine is not None and (image_maps or self._masks_read_fine):  # the mask decoder reads it without them
             image_maps["fine"] = fine
-        return ImageEmbedding(tokens, image_maps | mask_maps)
+        if self._masks_read_pixels:
+            image_maps["pixels"] = pixel_values
+        return ImageEmbedding(tokens, image_maps or None)
 
     def prompt_tokens(self, embedding: ImageEmbedding, boxes: Tensor, image_index: Tensor,
                       image_sizes: Tensor | None = None, points: Tensor | None = None,
@@ -196,8 +191,9 @@ class PixelLLM(nn.Module):
         """Segmentation (``heads.mask_decoder = K``, SAM's decoder): prompts as in ``prompt_tokens`` (the
         object's box, plus optional points) -> (mask logits [M,K,s,s] on the padded canvas, at stride 4, or
         stride 1 with ``heads.mask_refine``; predicted IoU [M,K]). No language model runs: for referring
-        segmentation, the box is the one a refer pass answers (training: the target's, ``ModelInputs.mask_boxes``). ``image_sizes`` is accepted for a
-        uniform seam; the decoder does not read it."""
+        segmentation, the box is the one a refer pass answers (training: the target's,
+        ``ModelInputs.mask_boxes``). ``image_sizes`` is accepted for a uniform seam; the decoder does not
+        read it."""
         if self.mask_decoder is None:
             raise PixelLLMError("this model has no mask decoder (heads.mask_decoder is 0); segment with a "
                                 "model built with heads.mask_decoder > 0")
