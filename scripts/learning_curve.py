@@ -53,7 +53,8 @@ def write_concept(scenes: list, out_dir: Path, split: str, *, with_vg: bool) -> 
 
 
 def score(predictor, samples: dict, adapter: str | None, word: str | None = None) -> dict:
-    """Refer P@0.5, mean IoU and score ECE per split; with ``word``, also the share of the new-concept
+    """Refer P@0.5, mean IoU and score ECE (with the ECE a calibrated score would read on as many
+    expressions, ``metrics.ece_floor``) per split; with ``word``, also the share of the new-concept
     targets whose region caption contains it (``named``) and the regular regions' attribute accuracy."""
     from pixelllm_plugins.evaluation.evaluate import eval_refer, eval_region
 
@@ -61,7 +62,8 @@ def score(predictor, samples: dict, adapter: str | None, word: str | None = None
     for key in ("new", "regular"):
         r = eval_refer(predictor, samples[key], batch_size=8, progress=True, adapter=adapter)
         out[key] = {"P@0.5": round(r["P@0.5"], 4), "mean_IoU": round(r["mean_IoU"], 4),
-                    "score_ECE": round(r["score_ECE"], 4), "count": r["count"]}
+                    "score_ECE": round(r["score_ECE"], 4), "score_ECE_floor": round(r["score_ECE_floor"], 4),
+                    "count": r["count"]}
     if word is not None:
         new = samples["new"]
         caps = [predictor.caption_regions([s.image], [[s.prompts[0].target_box]], adapter=adapter)[0][0].text

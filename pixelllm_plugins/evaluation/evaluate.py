@@ -63,6 +63,7 @@ from .metrics import (
     caption_objects,
     caption_scores,
     densecap_map,
+    ece_floor,
     expected_calibration_error,
     has_holes,
     interior_point,
@@ -157,6 +158,7 @@ def eval_refer(predictor: PredictorProtocol, samples: list[GroundedSample], batc
     return {"P@0.5": box_precision(o.preds, o.gts), "mean_IoU": float(np.mean(o.ious)) if o.ious else math.nan,
             "mean_score": float(np.mean(o.scores)) if o.scores else math.nan,
             "score_ECE": expected_calibration_error(o.scores, o.right) if o.scores else math.nan,
+            "score_ECE_floor": ece_floor(o.scores) if o.scores else math.nan,
             "count": len(o.gts), "images": len(samples)}
 
 

@@ -697,9 +697,18 @@ def expected_calibration_error(scores: Sequence[float], right: Sequence[bool], b
     if len(s) == 0:
         return 0.0
     index = np.minimum((s * bins).astype(int), bins - 1)
-    total = 0.0
-    for b in range(bins):
-        inside = index == b
-        if inside.any():
-            total += inside.mean() * abs(s[inside].mean() - y[inside].mean())
-    return float(total)
+    counts = np.bincount(index, minlength=bins)
+    gap = np.abs(np.bincount(index, s, bins) - np.bincount(index, y, bins))  # per bin: count x |mean gap|
+    return float(gap[counts > 0].sum() / len(s))
+
+
+def ece_floor(scores: Sequence[float], bins: int = 10, draws: int = 200, seed: int = 0) -> float:
+    """The ECE that a perfectly calibrated score with these values would show on this many boxes: the mean
+    ECE over ``draws`` redraws of the outcomes, each box right with probability its score (consistency
+    resampling, Broecker & Smith 2007). A measured ECE near this floor is sampling noise, not
+    miscalibration: on 150 boxes the floor is about 0.08, on 600 about 0.04."""
+    s = np.clip(np.asarray(scores, dtype=np.float64), 0.0, 1.0)
+    if len(s) == 0:
+        return 0.0
+    rng = np.random.default_rng(seed)
+    return float(np.mean([expected_calibration_error(s, rng.random(len(s)) < s, bins) for _ in range(draws)]))

@@ -10,7 +10,7 @@ import pytest
 
 from pixelllm_plugins.checkpoint import load_pretrained
 from pixelllm_plugins.errors import CheckpointError
-from pixelllm_plugins.evaluation.metrics import expected_calibration_error
+from pixelllm_plugins.evaluation.metrics import ece_floor, expected_calibration_error
 from pixelllm_plugins.inference.calibration import ScoreCalibration, fit_calibration
 from pixelllm_plugins.inference.predictor import Predictor
 
@@ -28,6 +28,21 @@ def test_ece_of_a_perfect_and_a_wrong_score():
     assert expected_calibration_error(np.full(100, 0.8), right) == pytest.approx(0.0)
     assert expected_calibration_error(np.full(100, 0.3), right) == pytest.approx(0.5)
     assert expected_calibration_error([], []) == 0.0
+    scores = np.array([0.05, 0.15, 0.55, 0.95, 0.99])  # one bin each, and the last two share the top bin
+    right = np.array([False, True, True, True, False])
+    assert expected_calibration_error(scores, right) == pytest.approx((0.05 + 0.85 + 0.45 + 2 * 0.47) / 5)
+
+
+def test_ece_floor_is_what_a_calibrated_score_reads_on_that_many_boxes():
+    rng = np.random.default_rng(5)
+    scores = rng.uniform(0.2, 0.9, 600)
+    few, many = ece_floor(scores[:150]), ece_floor(scores)
+    assert 0.05 < few < 0.11 and 0.025 < many < 0.055 and many < few  # noise shrinks with more boxes
+    calibrated = [expected_calibration_error(scores, rng.random(600) < scores) for _ in range(50)]
+    assert np.mean(calibrated) == pytest.approx(many, abs=0.01)
+    off = rng.random(600) < scores + 0.1  # under-confident by 0.1
+    assert expected_calibration_error(scores, off) > 1.5 * many
+    assert ece_floor([]) == 0.0 and ece_floor([0.0, 1.0, 1.0]) == 0.0  # certain scores: no noise
 
 
 def test_fitted_map_removes_the_bias_on_fresh_data_and_keeps_the_order():
