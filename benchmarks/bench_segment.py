@@ -5,9 +5,11 @@ is grown in memory with ``heads.mask_decoder=3`` and ``prompt.points``, its deco
 with ``--random`` the synth-small preset with random weights. Per
 image, ``--prompts`` texts (refer, and segment by text: refer + the decoder), boxes and points (segment only).
 
-Each row: CPU ms per image (``time.process_time``: this process, all threads; minimum over ``--repeat``
-calls), with the image embedding cached (the annotation-tool case: several prompts on one image) and cold
-(cache cleared before each call: the vision pass included). The ratio rows compare segment to refer; the
+Each row: CPU ms per image (``time.process_time``: this process, all threads; median over ``--repeat``
+rounds), with the image embedding cached (the annotation-tool case: several prompts on one image) and cold
+(cache cleared before each call: the vision pass included). The calls take turns within each round, so a
+shared machine's drift (tens of percent within minutes) reaches all of them alike; the ratio rows are the
+median over rounds of segment / refer measured in the same round (the quartiles show the spread). The
 target is segment (texts) <= 1.5x refer. Masks are upsampled to, and encoded (COCO RLE, polygons) at, the
 image's own size (``--size``).
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -107,16 +110,28 @@ def blob_masks(predictor: Predictor):
     return smooth
 
 
-def cpu_ms(fn, repeat: int, before=None) -> float:
-    fn()  # warm-up (and the first embedding)
-    best = float("inf")
+def cpu_s(fn, before=None) -> float:
+    if before is not None:
+        before()
+    t0 = time.process_time()
+    fn()
+    return time.process_time() - t0
+
+
+def interleaved(calls: dict, repeat: int, before=None) -> dict[str, list[float]]:
+    """CPU seconds of each call in each of ``repeat`` rounds, the calls taking turns (after one warm-up)."""
+    for fn in calls.values():
+        fn()  # warm-up (and the first embedding)
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeat):
-        if before is not None:
-            before()
-        t0 = time.process_time()
-        fn()
-        best = min(best, time.process_time() - t0)
-    return 1000 * best
+        for name, fn in calls.items():
+            times[name].append(cpu_s(fn, before))
+    return times
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    q1, q2, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
+    return q1, q2, q3
 
 
 def main(argv=None) -> int:
@@ -145,39 +160,49 @@ def main(argv=None) -> int:
     n = len(images)
     print(f"Machine: {machine()}; {args.threads} torch thread(s)")
     print(f"Model: {how} (mask source: {predictor.mask_source})")
-    print(f"{n} images of {w}x{h} per call, {k} prompts each; CPU ms per image, min of {args.repeat}\n")
-    print("| call | cached embedding | cold (vision included) |")
-    print("|---|---|---|")
-    times = {}
+    print(f"{n} images of {w}x{h} per call, {k} prompts each; CPU ms per image, median of {args.repeat} "
+          "interleaved rounds\n")
 
-    def measure(label: str, fn) -> None:
-        warm = cpu_ms(fn, args.repeat) / n
-        cold = cpu_ms(fn, args.repeat, before=predictor.clear_cache) / n
-        times[label] = (warm, cold)
-        print(f"| {label} | {warm:.1f} | {cold:.1f} |", flush=True)
+    def measure(calls: dict) -> dict[str, tuple[list[float], list[float]]]:
+        warm = interleaved(calls, args.repeat)
+        cold = interleaved(calls, args.repeat, before=predictor.clear_cache)
+        return {name: (warm[name], cold[name]) for name in calls}
 
-    def encoding(label: str) -> None:
+    def encoding() -> tuple[float, float]:
         masks = [m.to_mask() for per in predictor.segment(images, boxes=boxes) for m in per]
         holes = sum(len(poly["holes"]) for m in masks for poly in mask_to_polygons(m)) / len(masks)
-        ms = cpu_ms(lambda: [(mask_to_rle(m), mask_to_polygons(m)) for m in masks], args.repeat) / n
-        print(f"| {label}: of which RLE + polygons ({holes:.0f} holes a mask) | {ms:.1f} | {ms:.1f} |", flush=True)
+        times = interleaved({"encode": lambda: [(mask_to_rle(m), mask_to_polygons(m)) for m in masks]}, args.repeat)
+        return 1000 * statistics.median(times["encode"]) / n, holes
 
-    for name, fn in calls.items():
-        measure(name, fn)
-    encoding("the model's masks")
+    times = measure(calls)
+    model_encoding = encoding()
     predictor.model.prompt_masks = blob_masks(predictor)
-    for name, fn in calls.items():
-        if name.startswith("segment"):
-            measure(f"{name}, blob masks", fn)
-    encoding("blob masks")
+    times |= {f"{name}, blob masks": t for name, t in measure({k: v for k, v in calls.items()
+                                                               if k.startswith("segment")}).items()}
+    blob_encoding = encoding()
     del predictor.model.prompt_masks
-    refer_warm, refer_cold = times["refer (texts)"]
-    print("\n| ratio to refer (texts) | cached embedding | cold |")
+    print("| call | cached embedding | cold (vision included) |")
     print("|---|---|---|")
-    for name in times:
+    for name, (warm, cold) in times.items():
+        print(f"| {name} | {1000 * statistics.median(warm) / n:.1f} | {1000 * statistics.median(cold) / n:.1f} |")
+        if name == "segment (points)":
+            print(f"| the model's masks: of which RLE + polygons ({model_encoding[1]:.0f} holes a mask) | "
+                  f"{model_encoding[0]:.1f} | {model_encoding[0]:.1f} |")
+    print(f"| blob masks: of which RLE + polygons ({blob_encoding[1]:.0f} holes a mask) | {blob_encoding[0]:.1f} | "
+          f"{blob_encoding[0]:.1f} |")
+    refer_warm, refer_cold = times["refer (texts)"]
+    print("\n| ratio to refer (texts), median over rounds [quartiles] | cached embedding | cold |")
+    print("|---|---|---|")
+    for name, (warm, cold) in times.items():
         if name.startswith("segment"):
-            warm, cold = times[name]
-            print(f"| {name} | {warm / refer_warm:.2f}x | {cold / refer_cold:.2f}x |")
+            cells = []
+            for mine, refer in ((warm, refer_warm), (cold, refer_cold)):
+                if name.endswith("blob masks"):  # measured in other rounds than refer: ratio of medians
+                    cells.append(f"{statistics.median(mine) / statistics.median(refer):.2f}x")
+                else:
+                    q1, q2, q3 = quartiles([a / b for a, b in zip(mine, refer)])
+                    cells.append(f"**{q2:.2f}x** [{q1:.2f}, {q3:.2f}]")
+            print(f"| {name} | {cells[0]} | {cells[1]} |")
     return 0
 
 
