@@ -145,6 +145,14 @@ class ImageFetcher:
                 candidate = (root / rel).resolve()
                 if candidate.is_relative_to(root) and candidate.is_file():
                     return self._read_file(candidate)
+            if self._roots and not self.settings.label_studio_url:  # looked for here, and nowhere else to ask
+                found = [root / rel for root in self._roots if (root / rel).resolve().is_relative_to(root)
+                         and (root / rel).exists()]
+                what = "is a folder, not an image file" if found and all(f.is_dir() for f in found) else (
+                    "is not a regular file" if found else "was not found")
+                raise ImageFetchError(f"local file ?d={_short(rel)} {what} under the backend's local roots "
+                                      "(PIXELLLM_LS_LOCAL_ROOTS / LOCAL_FILES_DOCUMENT_ROOT); check the path, or "
+                                      "set LABEL_STUDIO_URL so the backend asks Label Studio for it")
         if not self.settings.label_studio_url:
             raise ImageFetchError(f"{_short(path)} is a Label Studio path but LABEL_STUDIO_URL is not set; set "
                                   "LABEL_STUDIO_URL (and LABEL_STUDIO_API_KEY) in the backend's environment")

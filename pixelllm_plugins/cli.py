@@ -364,11 +364,23 @@ def _check_request(task: Command, raw: dict | None, error: str | None = None) ->
     request = Request(_echo(raw, ("image", *task.inputs)))
     try:
         request.image = check_image_field(raw)
+        _check_known_fields(task, raw)
         if task.check is not None:
             task.check(raw, request)
     except PixelLLMError as exc:
         request.error = _message(exc)
     return request
+
+
+def _check_known_fields(task: Command, raw: dict) -> None:
+    """A field the command does not read (a per-line ``adapter``, ``points`` on a refer line, a typo) is an
+    error of its line rather than silently dropped: the flags set what applies to every line."""
+    unknown = sorted(k for k in raw if k not in ("image", *task.inputs))
+    if unknown:
+        known = ", ".join(f"'{k}'" for k in ("image", *task.inputs))
+        names = ", ".join(short_repr(k, 40) for k in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        raise InvalidPromptError(f"unknown field{'s' if len(unknown) > 1 else ''} {names}; a line of this "
+                                 f"command has {known} (flags such as --adapter apply to every line)")
 
 
 def _request_from_args(args) -> dict:
@@ -452,6 +464,9 @@ def _load_predictor(model: str | None, device: str | None, **options):
     from .errors import CheckpointError
     from .inference.predictor import Predictor
 
+    if model is not None and not model.strip():
+        raise CheckpointError("--model is empty; give a checkpoint folder or a preset name, or leave --model out "
+                              "for the embedded model")
     try:
         return Predictor(model, device=device, **options)
     except OSError as exc:
@@ -480,9 +495,11 @@ def check_draw_target(target: str) -> Path:
     no picture type, a parent that is a file or cannot be written to."""
     from PIL import Image
 
+    if not target.strip():
+        raise PixelLLMError("--draw is empty; give a picture file name such as result.png")
     out = Path(target)
     try:
-        if not target.strip() or out.is_dir() or target.endswith(("/", os.sep)):
+        if out.is_dir() or target.endswith(("/", os.sep)):
             raise PixelLLMError(f"--draw {target} is a folder; give a picture file name such as "
                                 f"{out / 'result.png'}")
         Image.init()
@@ -505,7 +522,10 @@ def check_draw_target(target: str) -> Path:
 
 def _run_inference(args) -> int:
     task = COMMANDS[args.command]
-    draw_target = check_draw_target(args.draw) if args.draw else None
+    draw_target = check_draw_target(args.draw) if args.draw is not None else None
+    if args.adapter is not None and not args.adapter.strip():
+        raise PixelLLMError("--adapter is empty; give a LoRA adapter folder (pixelllm finetune writes one), "
+                            "or leave --adapter out for the base model")
     requests = _requests_from_args(args, task)
     if task.task == "segment":
         predictor = _load_segment_predictor(args)
@@ -513,7 +533,7 @@ def _run_inference(args) -> int:
         predictor = _load_predictor(args.model, args.device, mask_engine=args.mask_engine)
     else:
         predictor = _load_predictor(args.model, args.device)
-    if args.adapter:
+    if args.adapter is not None:
         _load_adapter(predictor, args.adapter)
     as_json = bool(args.json or args.batch)
     size = max(1, int(getattr(predictor, "batch_size", 32) or 1))
@@ -767,6 +787,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="one JSON request per line ({\"image\": path, ...}), UTF-8; one JSON result per "
                             "line, in order, with \"error\" when that request failed")
         p.add_argument("--adapter", default=None, help="LoRA adapter folder (from pixelllm finetune)")
+
+    def beams_arg(p):  # only where text is generated
         p.add_argument("--beams", type=bound_arg("num_beams"), default=1,
                        help="beam size for generated text, 1 to 8 (default 1: greedy)")
 
@@ -781,6 +803,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "each object's words pointing at its box); --free lets the language model "
                                    "write it from the whole image instead.")
     infer_args(p, "image file")
+    beams_arg(p)
     p.add_argument("--trace", action="store_true", help="give every word a box (pointer trace)")
     p.add_argument("--free", action="store_true",
                    help="the language model's own caption of the whole image, not one composed from regions")
@@ -791,6 +814,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "own mask decoder) finds there, and a model built with prompt.points also "
                                    "reads the point itself; each result names its point.")
     infer_args(p, "image file")
+    beams_arg(p)
     p.add_argument("--box", action="append", metavar="x1,y1,x2,y2", help="a box in image pixels (repeatable)")
     p.add_argument("--point", action="append", metavar="x,y",
                    help="a point on an object in image pixels, one caption each (repeatable; not with --box)")

@@ -165,6 +165,9 @@ def _read_file(path: Path, limits: ImageLimits, what: str) -> bytes:
         if path.is_dir():
             raise InvalidImageError(f"{what} is a folder, not an image file")
         if not path.is_file():
+            if os.path.lexists(path):  # there, but a device, a pipe, a socket or a link that leads nowhere
+                raise InvalidImageError(f"{what} is not a regular file (a device, pipe or broken or looping "
+                                        "link); give an image file")
             raise InvalidImageError(f"{what}: file not found; check the path")
         size = path.stat().st_size
         if size > limits.max_bytes:

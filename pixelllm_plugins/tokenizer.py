@@ -32,12 +32,18 @@ upper lower far closest smallest largest biggest shaped colored coloured nothing
 """.split()
 
 
+# Control (Cc) and format (Cf: zero-width space, direction overrides, byte-order mark) characters: not text
+_INVISIBLE = ("Cc", "Cf")
+_READABLE = "LNPS"  # a text needs a letter, number, punctuation mark or symbol
+
+
 def validate_text(text: object, what: str = "text", *, max_chars: int | None = None) -> str:
     """The one check of a user's text before it reaches a tokenizer; returns it with whitespace collapsed.
 
     Refuses what is not a string, text that is not valid Unicode (a lone surrogate, as a JSON ``\\ud800``
-    escape or an undecodable command-line byte gives), text with nothing but whitespace and control
-    characters, and, when ``max_chars`` is given, text longer than that. Control characters become spaces.
+    escape or an undecodable command-line byte gives), text with nothing to read (only whitespace, control
+    and format characters such as a zero-width space or a direction override, or combining marks) and, when
+    ``max_chars`` is given, text longer than that. Control and format characters become spaces.
     """
     if not isinstance(text, str):
         raise InvalidPromptError(f"{what} must be a string, got {type(text).__name__}")
@@ -45,11 +51,12 @@ def validate_text(text: object, what: str = "text", *, max_chars: int | None = N
     if bad is not None:
         raise InvalidPromptError(f"{what} is not valid Unicode (a lone surrogate at character {bad}); "
                                  "send UTF-8 text")
-    if any(unicodedata.category(c) == "Cc" for c in text):
-        text = "".join(" " if unicodedata.category(c) == "Cc" else c for c in text)
+    if any(unicodedata.category(c) in _INVISIBLE for c in text):
+        text = "".join(" " if unicodedata.category(c) in _INVISIBLE else c for c in text)
     text = " ".join(text.split())
-    if not text:
-        raise InvalidPromptError(f"{what} is empty; describe the object, e.g. 'the red circle'")
+    if not any(unicodedata.category(c)[0] in _READABLE for c in text):
+        raise InvalidPromptError(f"{what} is empty{' of anything to read' if text else ''}; describe the object, "
+                                 "e.g. 'the red circle'")
     if max_chars is not None and len(text) > max_chars:
         raise InvalidPromptError(f"{what} has {len(text):,} characters, more than the limit of {max_chars:,}; "
                                  "shorten it")

@@ -29,6 +29,9 @@ from ..geometry import clip_box
 from ..io import ImageInput, ImageLimits, load_image, load_image_scaled
 from ..modeling.inputs import ImageEmbedding
 from ..tokenizer import validate_text
+from .arguments import adapter_name, image_list, per_image
+from .arguments import check_generation as _check_generation
+from .arguments import check_labels as _check_labels
 from .calibration import words as text_words
 from .compose import align_words, compose_caption
 from .preprocess import PreparedImage, prepare_image_keyed
@@ -138,6 +141,10 @@ class Predictor:
                  model_version: str | None = None, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, cache_size: int = 32, batch_size: int = 32,
                  limits: ImageLimits | None = None, mask_engine=None):
+        if isinstance(device, str):
+            from ..argtypes import check_device
+
+            device = check_device(device)  # an unknown or absent device: the project's error, naming those here
         self.device = torch.device(device) if device else default_device()
         self.dtype = dtype or default_dtype(self.device)
         from .mask_engine import resolve_mask_engine
@@ -200,6 +207,7 @@ class Predictor:
         from ..modeling import lora, new_words
         from ..tokenizer import PixelTokenizer
 
+        path = adapter_name(path, "load_adapter's path")
         name = name or Path(path).name
         with self._lock:
             info = new_words.read_words(path)
@@ -242,6 +250,8 @@ class Predictor:
             del self._text_cache[key]
 
     def _use_adapter(self, adapter: str | None) -> None:
+        if adapter is not None:
+            adapter = adapter_name(adapter)
         if adapter is not None and adapter not in self._adapter_paths:
             by_path = {v: k for k, v in self._adapter_paths.items()}
             adapter = by_path.get(str(adapter), adapter)  # a folder given again: the name it was loaded as
@@ -415,9 +425,10 @@ class Predictor:
     @torch.inference_mode()
     def refer(self, images: Sequence[ImageInput], texts: Sequence[Sequence[str]], *,
               adapter: str | None = None) -> list[list[list[Detection]]]:
-        if len(images) != len(texts):
-            raise InvalidPromptError(f"refer got {len(images)} images but {len(texts)} text lists; "
-                                     "give one list of texts per image")
+        images = image_list(images, "refer", PreparedInput)
+        texts = per_image(texts, len(images), "text lists", "refer")
+        if not images:
+            return []
         with self._lock:
             self._use_adapter(adapter)
             return self._refer_loaded(self._load(images), texts)
@@ -428,9 +439,9 @@ class Predictor:
         rows: list[_Row] = []
         row_texts: list[str] = []
         for i, image_texts in enumerate(texts):
-            if isinstance(image_texts, str):
-                image_texts = [image_texts]
-            for j, raw in enumerate(image_texts):
+            if image_texts is None:
+                raise InvalidPromptError(f"image {i}: refer needs a list of texts, got None")
+            for j, raw in enumerate(_as_list(image_texts, f"image {i}: texts")):
                 text = self._clean_text(raw, f"image {i} text {j}")
                 row_texts.append(text)
                 context = self._encode(prefix + text, lang.max_context_tokens, add_bos=False,
@@ -510,14 +521,17 @@ class Predictor:
         model then reads that box, plus the point itself on a ``prompt.points`` model. A model with neither
         refuses points (``NO_POINT_REGIONS``). Each point's ``RegionCaption`` has ``point`` = the given
         ``[x, y]`` and ``box_xyxy`` = its region."""
+        images = image_list(images, "caption_regions", PreparedInput)
         n = len(images)
         if boxes is None and points is None:
             raise InvalidPromptError("caption_regions needs boxes or points: one list per image")
-        if boxes is not None and len(boxes) != n:
-            raise InvalidPromptError(f"caption_regions got {n} images but {len(boxes)} box lists")
-        if points is not None and len(points) != n:
-            raise InvalidPromptError(f"caption_regions got {n} images but {len(points)} point lists")
-        _check_generation(max_new_tokens, num_beams)
+        if boxes is not None:
+            boxes = per_image(boxes, n, "box lists", "caption_regions")
+        if points is not None:
+            points = per_image(points, n, "point lists", "caption_regions")
+        max_new_tokens, num_beams = _check_generation(max_new_tokens, num_beams)
+        if not n:
+            return []
         box_lists: list = []
         for i in range(n):
             b, p = (boxes[i] if boxes is not None else None), (points[i] if points is not None else None)
@@ -630,7 +644,10 @@ class Predictor:
         model's dense captions, objects left to right, each object's words pointing at its box (see
         ``inference.compose``); an image where nothing is found gets the language model's own caption.
         ``from_regions=False``: the language model writes the caption from the whole image."""
-        _check_generation(max_new_tokens, num_beams)
+        images = image_list(images, "caption", PreparedInput)
+        max_new_tokens, num_beams = _check_generation(max_new_tokens, num_beams)
+        if not images:
+            return []
         if from_regions is None:
             from_regions = self.model.proposal_head is not None
         if from_regions:
@@ -691,6 +708,10 @@ class Predictor:
 
     def trace_points(self, images: Sequence[ImageInput], captions: Sequence[str]) -> list[list[Word]]:
         """Per-word boxes for given captions (teacher-forced): what ``caption`` traces, for known text."""
+        images = image_list(images, "trace_points", PreparedInput)
+        captions = per_image(captions, len(images), "captions", "trace_points")
+        if not images:
+            return []
         lang = self.config.language
         with self._lock, torch.inference_mode():
             loaded = self._load(images)
@@ -726,9 +747,12 @@ class Predictor:
         if self.model.proposal_head is None:
             raise PixelLLMError(f"model {self.base_version} has no proposal head; dense captioning needs a "
                                 "checkpoint trained with heads.proposals=true")
-        max_regions = check_bound("max_regions", max_regions)
-        min_score = check_bound("min_score", min_score)
-        check_bound("max_new_tokens", max_new_tokens)
+        images = image_list(images, "dense_caption", PreparedInput)
+        max_regions = int(check_bound("max_regions", max_regions))
+        min_score = float(check_bound("min_score", min_score))
+        max_new_tokens = int(check_bound("max_new_tokens", max_new_tokens))
+        if not images:
+            return []
         with self._lock:
             self._use_adapter(adapter)
             loaded = self._load(images)
@@ -801,12 +825,13 @@ class Predictor:
         given box clipped to the image (box) or the mask's box (point); ``score`` refer's score (text) or the
         mask score; ``mask`` COCO RLE and ``polygons`` in original image pixels; ``mask_score`` the mask's
         predicted IoU. An empty mask fails its image's call with a message naming the prompt."""
+        images = image_list(images, "segment", PreparedInput)
         n = len(images)
-        given = {"texts": texts, "boxes": boxes, "points": points, "point_labels": point_labels}
-        for name, value in given.items():
-            if value is not None and len(value) != n:
-                raise InvalidPromptError(f"segment got {n} images but {len(value)} entries of {name}; give one "
-                                         f"per image (None for an image prompted another way)")
+        texts, boxes, points, point_labels = (
+            None if value is None else per_image(value, n, f"entries of {name} (None for an image prompted "
+                                                  "another way)", "segment")
+            for name, value in (("texts", texts), ("boxes", boxes), ("points", points),
+                                ("point_labels", point_labels)))
         kinds = [self._segment_kind(i, texts, boxes, points, point_labels) for i in range(n)]
         engine = self.mask_engine
         if engine is None:
@@ -1075,11 +1100,6 @@ def _region_words(traced: list[Word], composed: list[tuple[str, int | None]],
     return words
 
 
-def _check_generation(max_new_tokens: int, num_beams: int) -> None:
-    check_bound("max_new_tokens", max_new_tokens)
-    check_bound("num_beams", num_beams)
-
-
 def _clip_soft(box, width: float, height: float) -> tuple[float, float, float, float]:
     """Clip a predicted box to the image without raising (predictions may fall outside)."""
     x0, y0, x1, y1 = (float(v) for v in box)
@@ -1088,14 +1108,14 @@ def _clip_soft(box, width: float, height: float) -> tuple[float, float, float, f
     return (round(x0, 2), round(y0, 2), round(x1, 2), round(y1, 2))
 
 
-def _as_list(value) -> list:
+def _as_list(value, what: str = "prompts") -> list:
     """A per-image prompt list (a lone string is one text)."""
     if isinstance(value, str):
         return [value]
     try:
         return list(value)
     except TypeError:
-        raise InvalidPromptError(f"prompts must be a list, got {type(value).__name__}") from None
+        raise InvalidPromptError(f"{what} must be a list, got {type(value).__name__}") from None
 
 
 def _not_text(i: int, j: int, value) -> str:
@@ -1121,15 +1141,3 @@ def _check_point(i: int, j: int, point, width: int, height: int) -> tuple[float,
     if not (0 <= x <= width and 0 <= y <= height):
         raise InvalidPromptError(f"image {i} point {j}: ({x:g}, {y:g}) lies outside the {width}x{height} image")
     return (x, y)
-
-
-def _check_labels(i: int, labels, count: int) -> list[int]:
-    labels = list(labels)
-    if len(labels) != count:
-        raise InvalidPromptError(f"image {i}: {count} points but {len(labels)} point_labels; give one label per "
-                                 "point (1 the object, 0 not the object)")
-    for j, label in enumerate(labels):
-        if isinstance(label, bool) or label not in (0, 1):
-            raise InvalidPromptError(f"image {i} point_labels[{j}]: must be 1 (the object) or 0 (not the "
-                                     f"object), got {str(label)[:20]}")
-    return [int(v) for v in labels]

@@ -27,13 +27,14 @@ from PIL import Image
 
 from .. import errors as errors_module
 from ..bounds import DEFAULT_MAX_REGIONS, DEFAULT_MIN_SCORE
+from ..bounds import check as check_bound
 from ..errors import (
-    InvalidBoxError,
     InvalidPromptError,
     PixelLLMError,
     RemoteError,
 )
 from ..geometry import as_box
+from ..inference.arguments import check_generation, check_labels, image_list, per_image
 from ..inference.results import Detection, MaskResult, RegionCaption, TracedCaption, Word
 from ..io import ImageInput, ImageLimits, load_image, read_image_bytes
 
@@ -57,6 +58,18 @@ def encode_image(image: ImageInput, limits: ImageLimits | None = None) -> dict:
     else:
         data = read_image_bytes(image, limits)
     return {"b64": base64.b64encode(data).decode("ascii")}
+
+
+def _prompt_list(i: int, kind: str, value) -> list:
+    """One image's prompts as a list (a lone text is one text); the project's error for anything else."""
+    if isinstance(value, str):
+        return [value]
+    if value is None:
+        raise InvalidPromptError(f"image {i}: {kind} must be a list, got None")
+    try:
+        return list(value)
+    except TypeError:
+        raise InvalidPromptError(f"image {i}: {kind} must be a list, got {type(value).__name__}") from None
 
 
 def _point(i: int, j: int, point) -> list[float]:
@@ -248,10 +261,9 @@ class RemotePredictor:
     # ---- PredictorProtocol -------------------------------------------------------------------------
     def refer(self, images: Sequence[ImageInput], texts: Sequence[Sequence[str]], *,
               adapter: str | None = None) -> list[list[list[Detection]]]:
-        if len(images) != len(texts):
-            raise InvalidPromptError(f"refer got {len(images)} images but {len(texts)} text lists; "
-                                     "give one list of texts per image")
-        texts = [[ts] if isinstance(ts, str) else list(ts) for ts in texts]
+        images = image_list(images, "refer")
+        texts = [_prompt_list(i, "texts", ts) for i, ts in enumerate(per_image(texts, len(images), "text lists",
+                                                                                "refer"))]
         bodies = [self._body(im, adapter, texts=ts) if ts else None for im, ts in zip(images, texts)]
         answers = self._post_each("/v1/refer", bodies)
         return [[[Detection.from_dict(d) for d in dets] for dets in a["per_text"]] if a else [] for a in answers]
@@ -261,15 +273,15 @@ class RemotePredictor:
                         points: Sequence[Sequence[Sequence[float]] | None] | None = None, *,
                         adapter: str | None = None, max_new_tokens: int = 20,
                         num_beams: int = 1) -> list[list[RegionCaption]]:
+        images = image_list(images, "caption_regions")
         n = len(images)
         if boxes is None and points is None:
             raise InvalidPromptError("caption_regions needs boxes or points: one list per image")
-        if boxes is not None and len(boxes) != n:
-            raise InvalidBoxError(f"caption_regions got {n} images but {len(boxes)} box lists; "
-                                  "give one list of boxes per image")
-        if points is not None and len(points) != n:
-            raise InvalidPromptError(f"caption_regions got {n} images but {len(points)} point lists; "
-                                     "give one list of points per image (None for an image with boxes)")
+        if boxes is not None:
+            boxes = per_image(boxes, n, "box lists (None for an image with points)", "caption_regions")
+        if points is not None:
+            points = per_image(points, n, "point lists (None for an image with boxes)", "caption_regions")
+        max_new_tokens, num_beams = check_generation(max_new_tokens, num_beams)
         bodies: list[dict | None] = []
         for i, image in enumerate(images):
             bs = boxes[i] if boxes is not None else None
@@ -281,9 +293,9 @@ class RemotePredictor:
                 raise InvalidPromptError(f"image {i}: caption_regions needs boxes or points")
             options = {"max_new_tokens": max_new_tokens, "num_beams": num_beams}
             if ps is not None:
-                fields: dict[str, Any] = {"points": [_point(i, j, p) for j, p in enumerate(ps)]}
+                fields: dict[str, Any] = {"points": [_point(i, j, p) for j, p in enumerate(_prompt_list(i, "points", ps))]}
             else:
-                fields = {"boxes": [list(as_box(b)) for b in bs]}
+                fields = {"boxes": [list(as_box(b)) for b in _prompt_list(i, "boxes", bs)]}
             prompts = next(iter(fields.values()))
             bodies.append(self._body(image, adapter, **fields, **options) if prompts else None)
         answers = self._post_each("/v1/caption_regions", bodies)
@@ -292,6 +304,8 @@ class RemotePredictor:
     def caption(self, images: Sequence[ImageInput], *, trace: bool = True, adapter: str | None = None,
                 max_new_tokens: int = 40, num_beams: int = 1,
                 from_regions: bool | None = None) -> list[TracedCaption]:
+        images = image_list(images, "caption")
+        max_new_tokens, num_beams = check_generation(max_new_tokens, num_beams)
         extra = {} if from_regions is None else {"from_regions": from_regions}
         bodies = [self._body(im, adapter, trace=trace, max_new_tokens=max_new_tokens, num_beams=num_beams, **extra)
                   for im in images]
@@ -302,6 +316,9 @@ class RemotePredictor:
 
     def dense_caption(self, images: Sequence[ImageInput], *, max_regions: int = DEFAULT_MAX_REGIONS, min_score: float = DEFAULT_MIN_SCORE,
                       adapter: str | None = None) -> list[list[RegionCaption]]:
+        images = image_list(images, "dense_caption")
+        max_regions = int(check_bound("max_regions", max_regions))
+        min_score = float(check_bound("min_score", min_score))
         bodies = [self._body(im, adapter, max_regions=max_regions, min_score=min_score) for im in images]
         answers = self._post_each("/v1/dense_caption", bodies)
         return [[RegionCaption.from_dict(r) for r in a["regions"]] for a in answers]
@@ -311,12 +328,12 @@ class RemotePredictor:
                 points: Sequence[Sequence[Sequence[float]] | None] | None = None,
                 point_labels: Sequence[Sequence[int] | None] | None = None, *,
                 adapter: str | None = None) -> list[list[MaskResult]]:
+        images = image_list(images, "segment")
         n = len(images)
-        given = {"texts": texts, "boxes": boxes, "points": points, "point_labels": point_labels}
-        for name, value in given.items():
-            if value is not None and len(value) != n:
-                raise InvalidPromptError(f"segment got {n} images but {len(value)} entries of {name}; give one "
-                                         "per image (None for an image prompted another way)")
+        given = {name: None if value is None else per_image(value, n, f"entries of {name} (None for an image "
+                                                             "prompted another way)", "segment")
+                 for name, value in (("texts", texts), ("boxes", boxes), ("points", points),
+                                     ("point_labels", point_labels))}
         bodies: list[dict | None] = []
         for i, image in enumerate(images):
             present = [name for name in ("texts", "boxes", "points")
@@ -329,8 +346,7 @@ class RemotePredictor:
             labels = point_labels[i] if point_labels is not None else None
             if labels is not None and kind != "points":
                 raise InvalidPromptError(f"image {i}: point_labels go with points, not {kind}")
-            items = given[kind][i]
-            items = [items] if isinstance(items, str) else list(items)
+            items = _prompt_list(i, kind, given[kind][i])
             if not items:
                 bodies.append(None)
             elif kind == "texts":
@@ -340,7 +356,7 @@ class RemotePredictor:
             else:
                 fields: dict[str, Any] = {"points": [[float(v) for v in p] for p in items]}
                 if labels is not None:
-                    fields["point_labels"] = [int(v) for v in labels]
+                    fields["point_labels"] = check_labels(i, labels, len(items))
                 bodies.append(self._body(image, adapter, **fields))
         answers = self._post_each("/v1/segment", bodies)
         return [[MaskResult.from_dict(d) for d in a["detections"]] if a else [] for a in answers]

@@ -78,12 +78,15 @@ async def _api_error(request: Request, exc: APIError) -> JSONResponse:
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     detail, parts = [], []
+    as_json = "json" in request.headers.get("content-type", "").lower()
     for err in exc.errors():
         loc = [_field_name(p) for p in err.get("loc", ()) if p != "body"]
         where = ".".join(loc) or "body"
         msg = err.get("msg", "invalid")
         if err.get("type") == "json_invalid":
             where, msg = "body", "is not valid JSON"
+        elif not loc and not as_json:  # the body was not read as JSON at all
+            msg = "must be a JSON object sent with Content-Type: application/json"
         elif err.get("type") == "missing":
             msg = "is required"
         elif err.get("type") == "extra_forbidden":
@@ -100,8 +103,8 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
         named = f" {path}" if _PLAIN_PATH.fullmatch(path) else ""  # a plain path, else not repeated
         message = f"no route{named}; see /docs for the API"
     elif exc.status_code == 400 and message == "There was an error parsing the body":
-        message = ("the body could not be parsed (JSON nested too deeply or a number too long); send a "
-                   "JSON object as in /docs")
+        message = ("the body could not be read as JSON: send a UTF-8 JSON object, not compressed, as in /docs "
+                   "(JSON nested too deeply or a number too long fails the same way)")
     return json_error(exc.status_code, "HTTPError", message, getattr(exc, "headers", None))
 
 

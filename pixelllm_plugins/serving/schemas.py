@@ -40,6 +40,9 @@ def _knob(name: str):
             Field(description=bound.describe(), json_schema_extra={"minimum": bound.low, "maximum": bound.high}))
 
 
+# a coordinate or label is a number, not true or false (which pydantic would read as 1 and 0)
+Coordinate = Annotated[float, BeforeValidator(_not_bool)]
+Label = Annotated[int, BeforeValidator(_not_bool)]
 MaxNewTokens = Annotated[(int, *_knob("max_new_tokens"))]
 NumBeams = Annotated[(int, *_knob("num_beams"))]
 MaxRegions = Annotated[(int, *_knob("max_regions"))]
@@ -66,8 +69,9 @@ class _Request(BaseModel):
     image: ImageRef
     adapter: str | None = Field(None, pattern=ADAPTER_PATTERN,
                                 description="name of a LoRA adapter known to the worker (per project)")
-    timeout_s: float | None = Field(None, gt=0, description="give up after this many seconds "
-                                    "(capped by the worker's PIXELLLM_WORKER_TIMEOUT_S)")
+    timeout_s: Annotated[float, BeforeValidator(_not_bool)] | None = Field(
+        None, gt=0, allow_inf_nan=False,
+        description="give up after this many seconds (capped by the worker's PIXELLLM_WORKER_TIMEOUT_S)")
 
 
 class ReferRequest(_Request):
@@ -88,8 +92,8 @@ class CaptionRegionsRequest(_Request):
     """Exactly one of ``boxes`` or ``points`` (one caption per point: the region the worker's mask source
     finds there, and the point itself on a model built with ``prompt.points``)."""
 
-    boxes: list[list[float]] | None = Field(None, description="[[x1, y1, x2, y2], ...] in image pixels")
-    points: list[list[float]] | None = Field(None, description="[[x, y], ...] in image pixels, one caption each")
+    boxes: list[list[Coordinate]] | None = Field(None, description="[[x1, y1, x2, y2], ...] in image pixels")
+    points: list[list[Coordinate]] | None = Field(None, description="[[x, y], ...] in image pixels, one caption each")
     max_new_tokens: MaxNewTokens = 20
     num_beams: NumBeams = 1
 
@@ -114,9 +118,9 @@ class SegmentRequest(_Request):
 
     text: str | None = Field(None, description="one referring expression")
     texts: list[str] | None = Field(None, description="several referring expressions, one mask each")
-    boxes: list[list[float]] | None = Field(None, description="[[x1, y1, x2, y2], ...] in image pixels")
-    points: list[list[float]] | None = Field(None, description="[[x, y], ...] in image pixels, one mask each")
-    point_labels: list[int] | None = Field(None, description="one per point: 1 the object, 0 not the object")
+    boxes: list[list[Coordinate]] | None = Field(None, description="[[x1, y1, x2, y2], ...] in image pixels")
+    points: list[list[Coordinate]] | None = Field(None, description="[[x, y], ...] in image pixels, one mask each")
+    point_labels: list[Label] | None = Field(None, description="one per point: 1 the object, 0 not the object")
 
     def all_texts(self) -> list[str] | None:
         if self.text is None and self.texts is None:

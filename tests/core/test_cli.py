@@ -82,6 +82,9 @@ def test_batch_keeps_order_and_isolates_errors(capsys, tiny_checkpoint, scene_fi
     (["refer", "{tmp}/nope.png", "x", "--model", "tiny"], "not found"),
     (["caption-regions", "{img}", "--box", "1,2,3", "--model", "tiny"], "4 numbers"),
     (["refer", "{img}", "--model", "tiny"], "referring TEXT"),
+    (["refer", "{img}", "x", "--model", ""], "--model is empty"),
+    (["refer", "{img}", "x", "--model", "tiny", "--adapter", ""], "--adapter is empty"),
+    (["info", "--model", " "], "--model is empty"),
     (["serve", "--ray", "--fronts", "2"], "scale with --replicas"),
 ])
 def test_errors_are_messages_not_tracebacks(capsys, scene_files, tmp_path, argv, message):
@@ -178,6 +181,9 @@ def test_malformed_batch_lines_fail_alone(capsys, tiny_checkpoint, scene_files, 
         "[" * 100_000 + "]" * 100_000,
         "[1, 2]",
         "42",
+        {"image": img, "text": "a", "adapter": "mine"},  # flags apply to every line; a per-line one is refused
+        {"image": img, "text": "a", "points": [[3, 4]]},
+        {"image": img, "text": "\u200b"},  # nothing to read
         {"image": str(scene_files[1]), "texts": ["the blue square", "the red circle"]},  # good
     ]
     code, out, err = run(capsys, "refer", "--batch", batch_file(tmp_path, lines), "--model", tiny_checkpoint)
@@ -191,6 +197,9 @@ def test_malformed_batch_lines_fail_alone(capsys, tiny_checkpoint, scene_files, 
     assert "empty" in results[6]["error"]
     assert "is a folder, not an image file" in results[8]["error"]
     assert "NaN" in results[11]["error"]
+    assert "unknown field 'adapter'" in results[17]["error"] and "--adapter" in results[17]["error"]
+    assert "unknown field 'points'; a line of this command has 'image', 'text', 'texts'" in results[18]["error"]
+    assert "empty" in results[19]["error"]
 
 
 def test_malformed_boxes_fail_alone(capsys, tiny_checkpoint, scene_files, tmp_path):
@@ -246,6 +255,8 @@ def test_unexpected_failure_in_a_chunk_fails_only_its_request(capsys, monkeypatc
     ("out", "without an extension"),
     ("{tmp}", "is a folder"),
     ("{tmp}/afile/out.png", "is a file, not a folder"),
+    ("", "--draw is empty"),
+    ("  ", "--draw is empty"),
 ])
 def test_bad_draw_targets_are_refused_up_front(capsys, monkeypatch, scene_files, tmp_path, draw, message):
     (tmp_path / "afile").write_text("x")
@@ -292,6 +303,8 @@ def test_batch_drawings_are_numbered(capsys, tiny_checkpoint, scene_files, tmp_p
     (["dense-caption", "{img}", "--max-regions", "-5"], "--max-regions: must be an integer from 1 to 256"),
     (["dense-caption", "{img}", "--min-score", "nan"], "--min-score: must be a number from 0 to 1"),
     (["caption", "{img}", "--beams", "0"], "--beams: must be an integer from 1 to 8"),
+    (["refer", "{img}", "x", "--beams", "2"], "unrecognized arguments: --beams"),  # refer writes no text
+    (["dense-caption", "{img}", "--beams", "2"], "unrecognized arguments: --beams"),
     (["serve", "--port", "70000"], "--port: must be an integer from 0 to 65535"),
     (["train", "--data", "d", "--steps", "0"], "--steps: must be an integer >= 1"),
     (["train", "--data", "d", "--lr", "inf"], "--lr: must be a number >= 0"),

@@ -181,3 +181,21 @@ def test_a_bad_limit_variable_is_one_line_from_the_cli(tmp_path):
                               env=os.environ | {variable: "lots"}, capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and "Traceback" not in done.stderr and "internal error" not in done.stderr
         assert done.stderr.strip().splitlines()[-1].startswith(f"error: {variable} must be an integer from 1 to ")
+
+
+def test_a_path_that_is_there_but_no_file_says_so(tmp_path):
+    """A device, a pipe or a link that leads nowhere is named for what it is, not "not found"."""
+    import os
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    loop = tmp_path / "loop.png"
+    loop.symlink_to(tmp_path / "loop2.png")
+    (tmp_path / "loop2.png").symlink_to(loop)
+    dangling = tmp_path / "gone.png"
+    dangling.symlink_to(tmp_path / "nothing.png")
+    for path in (fifo, loop, dangling, "/dev/zero"):
+        with pytest.raises(InvalidImageError, match="is not a regular file"):
+            load_image(path)
+    with pytest.raises(InvalidImageError, match="file not found; check the path"):
+        load_image(tmp_path / "absent.png")

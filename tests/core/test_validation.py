@@ -74,6 +74,8 @@ def test_argtype_gives_argparse_a_message():
 @pytest.mark.parametrize("text,match", [
     ("a\ud800b", "lone surrogate"), ("\udcff", "lone surrogate"), ("\x00\x00", "empty"), ("  \n\t ", "empty"),
     ("", "empty"), (12, "must be a string"), (None, "must be a string"), (b"red", "must be a string"),
+    ("\u200b\u200b", "empty"), ("\u202e", "empty"), ("\ufeff \u200d", "empty"),  # zero-width, direction, BOM
+    ("\u0301\u0308", "nothing to read|anything to read"),  # combining marks with no letter under them
 ])
 def test_validate_text_refuses(text, match):
     with pytest.raises(InvalidPromptError, match=match):
@@ -83,6 +85,8 @@ def test_validate_text_refuses(text, match):
 def test_validate_text_cleans_control_characters_and_whitespace():
     assert validate_text(" the\x00red\x07 mug\n ") == "the red mug"
     assert validate_text("la tasse \u2615") == "la tasse \u2615"
+    assert validate_text("red\u200bcircle\u202e") == "red circle"  # format characters separate words
+    assert validate_text("cafe\u0301 !") == "cafe\u0301 !"  # a combining mark on a letter stays
 
 
 def test_validate_text_max_chars():

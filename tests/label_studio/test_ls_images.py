@@ -173,8 +173,12 @@ def test_local_files_only_under_allowed_roots(tmp_path):
             f.load(bad)
     with pytest.raises(ImageFetchError, match="'..' segments"):
         f.load("/data/local-files/?d=../secret.png")  # refused before the disk or Label Studio is asked
-    with pytest.raises(ImageFetchError, match="LABEL_STUDIO_URL"):
-        f.load("/data/local-files/?d=sub/other.png")  # not on disk: would need Label Studio
+    # not on disk, and no Label Studio to ask: the message says what is wrong with the path first
+    with pytest.raises(ImageFetchError, match=r"\?d=sub/other.png was not found under the backend's local roots"
+                                              r".*LABEL_STUDIO_URL"):
+        f.load("/data/local-files/?d=sub/other.png")
+    with pytest.raises(ImageFetchError, match="is a folder, not an image file"):
+        f.load("/data/local-files/?d=sub")
     with pytest.raises(ImageFetchError, match="disabled"):
         ImageFetcher(Settings.from_env(local_roots=(), label_studio_url="")).load(str(root / "sub" / "ok.png"))
 

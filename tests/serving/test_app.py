@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -69,6 +70,8 @@ def test_health_ready_metrics_openapi(make_client):
     ({"image": {}, "text": "x"}, 422, "exactly one of 'b64'"),
     ({"image": image_field(), "text": "x", "bogus": 1}, 422, "bogus: is not a known field"),
     ({"image": image_field(), "text": "   "}, 400, "empty"),
+    ({"image": image_field(), "text": "\u200b\u200b"}, 400, "empty"),  # zero-width spaces: nothing to read
+    ({"image": image_field(), "text": "x", "timeout_s": True}, 422, "timeout_s: must be a number"),
     ({"image": image_field(), "texts": []}, 400, "texts is empty"),
     ({"image": image_field(), "text": "x", "adapter": "../etc"}, 422, "adapter"),
     ({"image": {"url": "http://example.com/a.png"}, "text": "x"}, 403, "PIXELLLM_WORKER_ALLOWED_HOSTS"),
@@ -87,6 +90,23 @@ def test_more_malformed_bodies(make_client):
     c = make_client(FakePredictor())
     r = c.post("/v1/refer", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 422 and "not valid JSON" in r.json()["error"]
+    # JSON sent as another content type is not read as JSON: the message says how to send it
+    r = c.post("/v1/refer", content=b'{"text": "x"}', headers={"content-type": "text/plain"})
+    assert r.status_code == 422 and "Content-Type: application/json" in r.json()["error"]
+    # a body that is not UTF-8 (Latin-1 here) cannot be read: a 400 that says so
+    r = c.post("/v1/refer", content='{"text": "caf\u00e9"}'.encode("latin-1"),
+               headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "UTF-8 JSON object" in r.json()["error"]
+    # an endless timeout is no timeout (Python's JSON reads Infinity, and 1e400 overflows to it)
+    for raw in (b"Infinity", b"1e400"):
+        body = b'{"image": %s, "text": "x", "timeout_s": %s}' % (json.dumps(image_field()).encode(), raw)
+        r = c.post("/v1/refer", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 422 and "timeout_s: Input should be a finite number" in r.json()["error"]
+    # true is not a coordinate, nor a point label
+    r = c.post("/v1/caption_regions", json={"image": image_field(), "boxes": [[True, 0, 10, 10]]})
+    assert r.status_code == 422 and "boxes.0.0: must be a number, not true or false" in r.json()["error"]
+    r = c.post("/v1/segment", json={"image": image_field(), "points": [[3, 4]], "point_labels": [True]})
+    assert r.status_code == 422 and "point_labels.0: must be a number" in r.json()["error"]
     r = c.post("/v1/caption_regions", json={"image": image_field(), "boxes": [[1, 2, 3]]})
     assert r.status_code == 400 and "4 numbers" in r.json()["error"]
     r = c.post("/v1/caption_regions", json={"image": image_field(), "boxes": []})
