@@ -372,15 +372,21 @@ def _check_request(task: Command, raw: dict | None, error: str | None = None) ->
     return request
 
 
+# Fields some subcommand, flag or the worker reads. On a line whose subcommand does not read one (a per-line
+# "adapter", "points" on a refer line) it is an error of that line rather than silently dropped; any other
+# key ("id", "note") is the user's own and ignored.
+REQUEST_FIELDS = ("image", "text", "texts", "boxes", "points", "point_labels", "adapter", "timeout_s", "trace",
+                  "from_regions", "max_new_tokens", "num_beams", "max_regions", "min_score")
+
+
 def _check_known_fields(task: Command, raw: dict) -> None:
-    """A field the command does not read (a per-line ``adapter``, ``points`` on a refer line, a typo) is an
-    error of its line rather than silently dropped: the flags set what applies to every line."""
-    unknown = sorted(k for k in raw if k not in ("image", *task.inputs))
-    if unknown:
+    """Refuse a request field that this subcommand does not read (see ``REQUEST_FIELDS``)."""
+    unread = [k for k in REQUEST_FIELDS if k in raw and k not in ("image", *task.inputs)]
+    if unread:
         known = ", ".join(f"'{k}'" for k in ("image", *task.inputs))
-        names = ", ".join(short_repr(k, 40) for k in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
-        raise InvalidPromptError(f"unknown field{'s' if len(unknown) > 1 else ''} {names}; a line of this "
-                                 f"command has {known} (flags such as --adapter apply to every line)")
+        names = ", ".join(f"'{k}'" for k in unread)
+        raise InvalidPromptError(f"this subcommand does not read {names} on a line; its lines have {known} "
+                                 "(flags such as --adapter apply to every line)")
 
 
 def _request_from_args(args) -> dict:
@@ -527,6 +533,11 @@ def _run_inference(args) -> int:
         raise PixelLLMError("--adapter is empty; give a LoRA adapter folder (pixelllm finetune writes one), "
                             "or leave --adapter out for the base model")
     requests = _requests_from_args(args, task)
+    as_json = bool(args.json or args.batch)
+    if all(r.error is not None for r in requests):  # nothing left to run: no model to load
+        for r in requests:
+            _emit(args.command, {**r.echo, "error": r.error}, as_json)
+        return EXIT_OK if args.batch else EXIT_FAILED
     if task.task == "segment":
         predictor = _load_segment_predictor(args)
     elif getattr(args, "mask_engine", None):
@@ -535,7 +546,6 @@ def _run_inference(args) -> int:
         predictor = _load_predictor(args.model, args.device)
     if args.adapter is not None:
         _load_adapter(predictor, args.adapter)
-    as_json = bool(args.json or args.batch)
     size = max(1, int(getattr(predictor, "batch_size", 32) or 1))
     results: list[dict] = []
     for start in range(0, len(requests), size):

@@ -197,8 +197,8 @@ def test_malformed_batch_lines_fail_alone(capsys, tiny_checkpoint, scene_files, 
     assert "empty" in results[6]["error"]
     assert "is a folder, not an image file" in results[8]["error"]
     assert "NaN" in results[11]["error"]
-    assert "unknown field 'adapter'" in results[17]["error"] and "--adapter" in results[17]["error"]
-    assert "unknown field 'points'; a line of this command has 'image', 'text', 'texts'" in results[18]["error"]
+    assert "does not read 'adapter'" in results[17]["error"] and "--adapter" in results[17]["error"]
+    assert "does not read 'points' on a line; its lines have 'image', 'text', 'texts'" in results[18]["error"]
     assert "empty" in results[19]["error"]
 
 
@@ -442,3 +442,15 @@ def test_batch_reader_units():
     assert [line.number for line in lines] == [1, 4, 5, 6]
     assert lines[0].request == {"image": "a"} and lines[0].error is None
     assert all(line.request is None and line.error.startswith(f"line {line.number}: ") for line in lines[1:])
+
+
+def test_requests_that_all_fail_their_checks_load_no_model(capsys, monkeypatch, scene_files, tmp_path):
+    """Bad text or boxes are answered at once: the model (seconds to load) is loaded only for work."""
+    monkeypatch.setattr(cli, "_load_predictor", lambda *a, **k: pytest.fail("loaded a model for nothing"))
+    code, out, err = run(capsys, "refer", scene_files[0], "")
+    assert code == cli.EXIT_FAILED and "text is empty" in one_error_line(err)
+    lines = [{"image": str(scene_files[0]), "text": "\u200b"}, {"image": str(scene_files[0]), "boxes": [[1, 2]]}]
+    code, out, err = run(capsys, "refer", "--batch", batch_file(tmp_path, lines))
+    results = [json.loads(line) for line in out.splitlines()]
+    assert code == cli.EXIT_OK and [("error" in r) for r in results] == [True, True]
+    assert "empty" in results[0]["error"] and "does not read 'boxes'" in results[1]["error"]
