@@ -114,6 +114,8 @@ def test_unknown_adapter_is_refused_before_anything_runs(dataset, adapter_root, 
     ({"label_field": "ground_truth", "name": "x-v2"}, "name"),
     ({"label_field": "ground_truth", "holdout_fraction": 1.5}, "holdout_fraction"),
     ({"label_field": "ground_truth", "replay": -1}, "replay"), ({"label_field": "ground_truth", "steps": 2.5}, "steps"),
+    ({"label_field": "ground_truth", "steps": float("nan")}, "steps"),
+    ({"label_field": "ground_truth", "steps": float("inf")}, "steps"),
 ])
 def test_finetune_parameters_are_checked(params, param):
     with pytest.raises(pxfo.PixelLLMError) as info:
@@ -177,3 +179,36 @@ def test_real_tiny_round_trains_an_adapter_the_predictor_loads(dataset, adapter_
         pytest.skip("the 2-step tiny adapter scored below the base on the held-out slice (kept out, as it should)")
     result = pxfo.run_refer(dataset, prompt_field="refexp", adapter="tiny", model=str(tiny_checkpoint))
     assert result.processed == 6 and result.model_version.endswith("+tiny-v1")
+
+
+def test_a_bad_box_or_image_is_its_samples_problem_not_the_rounds(dataset, tmp_path):
+    """What ``finetune`` exports: a box with no area in its image or a NaN, and an image that is truncated or
+    declares more pixels than the limits allow, are listed as problems; every other box still trains."""
+    import struct
+    import zlib
+
+    import fiftyone as fo
+
+    samples = list(dataset)
+    samples[0].ground_truth.detections[0].bounding_box = [1.5, 1.5, 0.2, 0.2]  # wholly outside the image
+    samples[0].save()
+    samples[1].ground_truth.detections[0].bounding_box = [float("nan"), 0.1, 0.2, 0.2]
+    samples[1].save()
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(Path(samples[2].filepath).read_bytes()[:200])
+    header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)  # a PNG that says 100000x100000
+    chunk = b"IHDR" + header
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk))
+                     + struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND")))
+    box = fo.Detection(label="the red circle", bounding_box=[0.1, 0.1, 0.3, 0.3])
+    for path in (truncated, bomb):
+        dataset.add_sample(fo.Sample(filepath=str(path), ground_truth=fo.Detections(detections=[box.copy()])))
+    total = sum(len(s.ground_truth.detections) for s in samples)
+    out = pxfo.export_corrections(dataset, "ground_truth", tmp_path / "export")
+    errors = [p["error"] for p in out["problems"]]
+    assert out["boxes"] == total - 2 and out["images"] == 6, out
+    assert any("detection 0" in e and "no area inside" in e for e in errors), errors
+    assert any("detection 0" in e and "non-finite" in e for e in errors), errors
+    assert sum("cannot read the image" in e for e in errors) == 2, errors
+    assert {p["filepath"] for p in out["problems"] if "cannot read" in p["error"]} == {str(truncated), str(bomb)}

@@ -6,6 +6,7 @@ import fiftyone as fo
 import fiftyone.zoo as foz
 import pytest
 
+from pixelllm_plugins.errors import InvalidParameterError
 from pixelllm_plugins.integrations import fiftyone as pxfo
 
 
@@ -56,8 +57,12 @@ def test_apply_model_records_per_sample_errors(dataset, fake):
 
 
 def test_model_rejects_unknown_operation():
-    with pytest.raises(ValueError, match="operation must be one of"):
+    with pytest.raises(InvalidParameterError, match="operation must be one of"):
         pxfo.PixelLLMModel("segmentation")
+    with pytest.raises(InvalidParameterError, match="operation must be one of .* got 5"):
+        pxfo.PixelLLMModel(5)
+    with pytest.raises(InvalidParameterError, match="predictor must be a Predictor .* got str; .* pass model="):
+        pxfo.PixelLLMModel("refer", predictor="synth-small")
 
 
 def test_zoo_source_lists_and_loads(dataset, fake, tmp_root):

@@ -269,6 +269,23 @@ def test_foreign_labels_in_output_field_are_not_clobbered(dataset, fake):
     assert dataset.count("ground_truth.detections.prompt") == 0
 
 
+def test_a_trace_never_overwrites_the_users_own_keypoints_or_polylines(dataset, fake):
+    """``caption_with_trace`` writes three fields; the trace and its path are checked like the caption."""
+    import fiftyone as fo
+
+    for sample in dataset:
+        sample["clicks"] = fo.Keypoints(keypoints=[fo.Keypoint(label="mine", points=[(0.5, 0.5)])])
+        sample["t_path"] = fo.Polylines(polylines=[fo.Polyline(label="p", points=[[(0.1, 0.1), (0.2, 0.2)]])])
+        sample.save()
+    for trace_field in ("clicks", "t"):  # the user's keypoints, then the user's polylines under t_path
+        summary = pxfo.run_caption_with_trace(dataset, caption_field="cap", trace_field=trace_field)
+        assert summary.failed == 6 and "not written by PixelLLM" in summary.errors[0]["error"], summary
+    assert dataset.distinct("clicks.keypoints.label") == ["mine"] and dataset.distinct("t_path.polylines.label") == ["p"]
+    assert not dataset.has_field("cap") or not dataset.exists("cap").count()
+    summary = pxfo.run_caption_with_trace(dataset, caption_field="cap", trace_field="clicks", overwrite=True)
+    assert summary.processed == 6  # asked for: written
+
+
 def test_free_model_releases_cached_predictors():
     from pixelllm_plugins import predictors
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -34,6 +35,7 @@ from PIL import Image
 
 from ...errors import InvalidParameterError, PixelLLMError
 from ...geometry import clip_box, fo_relative_to_xyxy
+from ...io import load_image
 from ...tokenizer import validate_text
 from .params import MAX_PROMPT_CHARS, FieldError, _attribute_name, _field_name, _model_name, _shown, _tag
 
@@ -166,10 +168,9 @@ def export_corrections(samples, label_field: str, out_dir: str | Path, *, captio
             progress(i - 1, len(ids))
         if not isinstance(dets, fol.Detections) or not dets.detections:
             continue
-        try:
-            with Image.open(filepath) as im:
-                width, height = im.size
-        except (OSError, ValueError) as exc:
+        try:  # decoded whole, within the pixel limits: a truncated file is this sample's problem, not the round's
+            width, height = load_image(filepath).size
+        except (PixelLLMError, OSError, ValueError) as exc:
             problems.append({"sample_id": sid, "filepath": filepath, "error": f"cannot read the image: {exc}"})
             continue
         file_name = f"{sid}{Path(filepath).suffix.lower() or '.png'}"
@@ -183,7 +184,11 @@ def export_corrections(samples, label_field: str, out_dir: str | Path, *, captio
                 continue
             if det.bounding_box is None or len(det.bounding_box) != 4:
                 continue
-            box = clip_box(fo_relative_to_xyxy(det.bounding_box, width, height), width, height)
+            try:
+                box = clip_box(fo_relative_to_xyxy(det.bounding_box, width, height), width, height)
+            except PixelLLMError as exc:  # NaN, or no area inside the image: this detection is left out
+                problems.append({"sample_id": sid, "filepath": filepath, "error": f"detection {k}: {exc}"})
+                continue
             if box[2] - box[0] < 1 or box[3] - box[1] < 1:
                 continue
             ref_id = i * 1000 + k
@@ -255,8 +260,8 @@ def _fraction(value: object, param: str, low: float, high: float, default: float
 def _integer(value: object, param: str, low: int, high: int, default: int) -> int:
     if value is None or value == "":
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value) \
-            or not low <= int(value) <= high:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or float(value) != int(value) or not low <= int(value) <= high:
         raise _tag(InvalidParameterError(f"{param} must be a whole number from {low} to {high}, got "
                                          f"{_shown(value)}"), param)
     return int(value)

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from ...bounds import DEFAULT_MAX_REGIONS, DEFAULT_MIN_SCORE
-from ...errors import PixelLLMError
+from ...errors import InvalidParameterError, PixelLLMError
 from ...geometry import xyxy_to_fo_relative
 from ...inference.protocol import PredictorProtocol
 from ...io import load_image, open_encoded
@@ -31,6 +31,7 @@ from .params import (
     _model_name,
     _number,
     _prompt_list,
+    _shown,
     _texts_from,
 )
 from .predictors import resolve_predictor
@@ -58,8 +59,12 @@ class PixelLLMModel(fom.Model, fom.SamplesMixin):
                  caption_attribute: str = DEFAULT_CAPTION_ATTRIBUTE, max_new_tokens: int | None = None,
                  num_beams: int = 1, output: str = "instance_masks"):
         fom.SamplesMixin.__init__(self)
-        if operation not in OPERATIONS:
-            raise ValueError(f"operation must be one of {OPERATIONS}, got {operation!r}")
+        if not isinstance(operation, str) or operation not in OPERATIONS:
+            raise InvalidParameterError(f"operation must be one of {', '.join(OPERATIONS)}, got {_shown(operation)}")
+        method = "caption" if operation == "caption_with_trace" else operation
+        if predictor is not None and not callable(getattr(predictor, method, None)):
+            raise InvalidParameterError(f"predictor must be a Predictor or RemotePredictor (with a {method} method), "
+                                        f"got {type(predictor).__name__}; to name a model, pass model=")
         self.operation = operation
         self.prompt = prompt
         self.prompts = _prompt_list(prompt)

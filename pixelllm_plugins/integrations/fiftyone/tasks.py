@@ -425,14 +425,23 @@ class _TraceTask(_Task):
         _check_output_field(samples, self.path_field, fol.Polylines)
 
     def read_fields(self):
-        return [self.caption_field]
+        return self.output_fields()
 
     def output_fields(self):
         return [self.caption_field, self.trace_field, self.path_field]
 
     def prepare(self, item, overwrite):
-        _check_writable(item, item.values.get(self.caption_field), self.caption_field, self.version, None,
-                        overwrite)
+        """All three fields are written together: a sample is skipped when all hold this version's labels,
+        and refused when any holds labels PixelLLM did not write (the user's own keypoints, say)."""
+        if overwrite:
+            return
+        made = {name: _made_by(item.values.get(name), self.version) for name in self.output_fields()}
+        foreign = [name for name, ours in made.items() if ours is None]
+        if foreign:
+            item.error = (f"field {foreign[0]!r} already holds labels not written by PixelLLM; choose another "
+                          "field or set overwrite")
+        elif all(made.values()):
+            item.skip = True
 
     def infer(self, items):
         return self.predictor.caption([i.image for i in items], trace=True,
