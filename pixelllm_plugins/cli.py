@@ -364,9 +364,9 @@ def _check_request(task: Command, raw: dict | None, error: str | None = None) ->
     request = Request(_echo(raw, ("image", *task.inputs)))
     try:
         request.image = check_image_field(raw)
-        _check_known_fields(task, raw)
         if task.check is not None:
             task.check(raw, request)
+        _check_known_fields(task, raw)  # after the subcommand's own checks, whose messages say more
     except PixelLLMError as exc:
         request.error = _message(exc)
     return request

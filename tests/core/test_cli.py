@@ -449,7 +449,8 @@ def test_requests_that_all_fail_their_checks_load_no_model(capsys, monkeypatch, 
     monkeypatch.setattr(cli, "_load_predictor", lambda *a, **k: pytest.fail("loaded a model for nothing"))
     code, out, err = run(capsys, "refer", scene_files[0], "")
     assert code == cli.EXIT_FAILED and "text is empty" in one_error_line(err)
-    lines = [{"image": str(scene_files[0]), "text": "\u200b"}, {"image": str(scene_files[0]), "boxes": [[1, 2]]}]
+    lines = [{"image": str(scene_files[0]), "text": "\u200b"},
+             {"image": str(scene_files[0]), "text": "x", "boxes": [[1, 2]]}]
     code, out, err = run(capsys, "refer", "--batch", batch_file(tmp_path, lines))
     results = [json.loads(line) for line in out.splitlines()]
     assert code == cli.EXIT_OK and [("error" in r) for r in results] == [True, True]
