@@ -172,6 +172,7 @@ class Predictor:
         self._current: str | None = None
         self._adapter: str | None = None
         self._adapter_paths: dict[str, str] = {}
+        self._image_adapters: set[str] = set()  # adapters that change image embeddings (see _load)
         self._text_cache: OrderedDict[tuple, list[int]] = OrderedDict()  # see _encode
         self._lock = threading.RLock()  # one forward at a time per model
         self.stats = {"vision_calls": 0, "cache_hits": 0}
@@ -215,6 +216,9 @@ class Predictor:
             lora.load_adapter(self.model, str(path), name)
             self.model.to(self.device, self.dtype).eval()
             self._adapter_paths[name] = str(path)
+            self._image_adapters.discard(name)
+            if lora.adapter_changes_image_side(self.model, name):
+                self._image_adapters.add(name)
             self._adapter_vocab.pop(name, None)
             self._forget_texts(name)
             if tokenizer is not None:
@@ -232,6 +236,7 @@ class Predictor:
                 self._use_adapter(None)
             lora.delete_adapter(self.model, name)
             del self._adapter_paths[name]
+            self._image_adapters.discard(name)
             self._adapter_vocab.pop(name, None)
             self._forget_texts(name)
             self._cache = OrderedDict((k, v) for k, v in self._cache.items() if not k.endswith(f":{name}"))
@@ -280,7 +285,10 @@ class Predictor:
                 ready = self.prepare(source)
             except PixelLLMError as exc:
                 raise type(exc)(f"image {i}: {exc}") from exc
-            out.append(_Image(ready.prepared, f"{ready.digest}:{self._adapter or ''}"))
+            # an embedding is the base's unless the adapter in use changes the image side: adapters that
+            # only change the language side (correction rounds) share it, so switching costs no vision pass
+            side = self._adapter if self._adapter in self._image_adapters else ""
+            out.append(_Image(ready.prepared, f"{ready.digest}:{side}"))
         return out
 
     def set_image(self, image: ImageInput) -> str:

@@ -44,6 +44,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # what peft puts before every key it saves
 # peft LoRA parameter containers: "<module>.<container>.<adapter>[.weight]"
 _LORA_CONTAINERS = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"}
+IMAGE_SIDE = ("vision", "proposal_head")  # the modules an image embedding comes from
 _LM_QV = ("q", "v", "q_proj", "v_proj", "query", "value")
 _LM_FUSED = ("c_attn", "qkv", "query_key_value", "Wqkv", "qkv_proj", "in_proj")
 _ADAPTER_QV = ("q_proj", "v_proj")
@@ -201,6 +202,13 @@ def _checkpoint_key(key: str, name: str) -> str:
 def _adapter_keys(model: nn.Module, name: str) -> dict[str, str]:
     """checkpoint key -> model state-dict key, for every tensor of adapter ``name``."""
     return {_checkpoint_key(k, name): k for k in model.state_dict() if _adapter_of_key(k, {name}) == name}
+
+
+def adapter_changes_image_side(model: nn.Module, name: str) -> bool:
+    """Whether adapter ``name`` has weights in the vision encoder or the proposal head, the parts an image
+    embedding comes from (``PixelLLM.embed_images``). Only then does an image's embedding depend on it."""
+    return any(key.split(".", 1)[0] in IMAGE_SIDE and _adapter_of_key(key, {name}) == name
+               for key in model.state_dict())
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

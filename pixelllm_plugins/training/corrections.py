@@ -35,6 +35,7 @@ trained on that image, and all its referred boxes are the proposal head's target
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import json
 import logging
@@ -290,14 +291,53 @@ def replay_cache(cache_dir: str | Path | None = None, num_images: int = DEFAULT_
 
 # ---- evaluation ---------------------------------------------------------------------------------------------
 
+class _RoundPredictor:
+    """One in-process Predictor of ``base`` for everything a round scores after training (settling new words,
+    both sides of the gate), made on first use: the base loads once, and an image is embedded once for
+    every adapter that leaves the image side alone. Adapters load under names of their own, by folder."""
+
+    def __init__(self, base: str):
+        self.base = base
+        self._predictor = None
+        self._names: dict[str, str] = {}
+
+    @property
+    def predictor(self):
+        if self._predictor is None:
+            import torch
+
+            from ..inference.predictor import Predictor
+
+            self._predictor = Predictor(self.base, device="cpu", dtype=torch.float32, cache_size=64)
+        return self._predictor
+
+    def adapter(self, path: str | None) -> str | None:
+        """The loaded name of the adapter folder ``path`` (None: the base), loading it the first time."""
+        if path is None:
+            return None
+        path = str(path)
+        if path not in self._names:
+            self._names[path] = self.predictor.load_adapter(path, f"round-{len(self._names)}")
+        return self._names[path]
+
+
+_ROUND: contextvars.ContextVar[_RoundPredictor | None] = contextvars.ContextVar("correction_round", default=None)
+
+
+def _round_predictor(base: str) -> _RoundPredictor:
+    """The running round's shared predictor when it is of ``base``, else a new one."""
+    shared = _ROUND.get()
+    return shared if shared is not None and shared.base == str(base) else _RoundPredictor(str(base))
+
+
 def refer_p50(base: str, adapter: str | None, data_dir: Path, split: str) -> float:
     """Refer P@0.5 of ``base`` (+ ``adapter``) on the ``refcoco_<split>.json`` of ``data_dir``, in-process."""
     from ..evaluation.evaluate import eval_refer, load_task_samples
-    from ..inference.predictor import Predictor
 
-    predictor = Predictor(base, device="cpu")
+    shared = _round_predictor(base)
+    name = shared.adapter(adapter)
     samples = load_task_samples(data_dir, split, "refer")
-    return float(eval_refer(predictor, samples, batch_size=8, adapter=adapter)["P@0.5"])
+    return float(eval_refer(shared.predictor, samples, batch_size=8, adapter=name)["P@0.5"])
 
 
 def _texts(records: _Records, names: set[str] | None = None) -> list[str]:
@@ -350,18 +390,27 @@ def settle_new_words(base: str, adapter: str | Path, negatives: Path, split: str
     new word learns to be written far more often than it is right (measured on "pentagon" after 32
     corrections: 8 of 108 regular regions, 6 of them hexagons, captioned "pentagon"; settled, none).
     Returns word -> the logit subtracted (0: none needed)."""
-    import torch
-
     from ..evaluation.evaluate import load_task_samples
-    from ..inference.predictor import Predictor
-    from ..modeling.new_words import lower_output_bias, read_words
+    from ..modeling.new_words import read_words
 
     info = read_words(adapter)
     samples = load_task_samples(negatives, split, "region") if (negatives / f"vg_{split}.json").is_file() else []
     if info is None or not samples:
         return {}
-    predictor = Predictor(base, device="cpu", dtype=torch.float32)
+    predictor = _round_predictor(base).predictor
     name = predictor.load_adapter(adapter, "settle")
+    try:
+        return _settle(predictor, name, info, adapter, samples, rate, max_regions)
+    finally:
+        predictor.unload_adapter(name)  # its output bias changes on disk: the gate loads it again
+
+
+def _settle(predictor, name: str, info: dict, adapter: str | Path, samples: list, rate: float,
+            max_regions: int) -> dict[str, float]:
+    import torch
+
+    from ..modeling.new_words import lower_output_bias
+
     first = info["base_vocab_size"]
     ids = list(range(first, first + len(info["words"])))
     margins: list[list[float]] = []  # per region, per new word: its best lead over the right next token
@@ -536,42 +585,46 @@ def run_correction_round(base: str | Path, examples_dir: str | Path, out_adapter
         **train_kwargs)
     if not out_adapter.is_dir():
         raise TrainingError(f"the trainer finished but wrote no adapter at {out_adapter}")
-    from ..modeling.lora import ADAPTER_WEIGHTS, scale_adapter
+    # everything scored from here on (settling new words, the gate) shares one predictor of the base
+    token = _ROUND.set(_RoundPredictor(base))
+    try:
+        from ..modeling.lora import ADAPTER_WEIGHTS, scale_adapter
 
-    if plan.keep < 1.0 and (out_adapter / ADAPTER_WEIGHTS).is_file():  # (a stub trainer writes none)
-        from ..checkpoint import load_pretrained
-
-        scale_adapter(out_adapter, load_pretrained(base)[0].state_dict(), plan.keep)
-    offsets: dict[str, float] = {}
-    if words and (out_adapter / ADAPTER_WEIGHTS).is_file() and replay_records is not None:
-        negatives = work / RETENTION_SPLIT
-        if not kept:  # no retention slice (no gate): the first replay scenes stand in
-            _write_folder(negatives, RETENTION_SPLIT, [(replay_records, set(pool[:RETENTION_IMAGES]), "r_")])
-        offsets = settle_new_words(base, out_adapter, negatives, RETENTION_SPLIT)
-    result = RoundResult(adapter=str(out_adapter), accepted=True, gate="passed", plan=plan, train=train_counts,
-                         holdout=holdout_counts, replay_images=n_replay, correction_copies=copies,
-                         new_words=words, new_word_offsets=offsets)
-    if not held:
-        result.gate = (f"skipped: {len(names)} corrected image(s), fewer than {MIN_FOR_GATE}" if len(names) < MIN_FOR_GATE
-                       else "skipped: no referring expression to hold out" if not refer_names
-                       else "skipped: holdout_fraction is 0")
-    else:
-        evaluate = evaluator or refer_p50
-        current = str(current_adapter) if current_adapter else None
-        result.current_score = float(evaluate(base, current, work / HOLDOUT_SPLIT, HOLDOUT_SPLIT))
-        result.new_score = float(evaluate(base, str(out_adapter), work / HOLDOUT_SPLIT, HOLDOUT_SPLIT))
-        if kept:
-            retention = work / RETENTION_SPLIT
-            result.current_retention = float(evaluate(base, current, retention, RETENTION_SPLIT))
-            result.new_retention = float(evaluate(base, str(out_adapter), retention, RETENTION_SPLIT))
-        margin = HELDOUT_MARGIN if heldout_margin is None else max(1, int(heldout_margin))
-        result.heldout_lost = heldout_loss(result.current_score, result.new_score, holdout_counts["refer"])
-        if result.heldout_lost > margin - 1:  # margin 1: any loss
-            result.reason = "worse on the held-out corrections"
-        elif kept and result.new_retention < result.current_retention - RETENTION_TOLERANCE:
-            result.reason = "forgets what the base knew (retention slice)"
-        result.accepted = not result.reason
-        result.gate = "passed" if result.accepted else "rejected"
+        if plan.keep < 1.0 and (out_adapter / ADAPTER_WEIGHTS).is_file():  # (a stub trainer writes none)
+            # the shared predictor's model, no adapter loaded into it yet: the base's own weights
+            scale_adapter(out_adapter, _ROUND.get().predictor.model.state_dict(), plan.keep)
+        offsets: dict[str, float] = {}
+        if words and (out_adapter / ADAPTER_WEIGHTS).is_file() and replay_records is not None:
+            negatives = work / RETENTION_SPLIT
+            if not kept:  # no retention slice (no gate): the first replay scenes stand in
+                _write_folder(negatives, RETENTION_SPLIT, [(replay_records, set(pool[:RETENTION_IMAGES]), "r_")])
+            offsets = settle_new_words(base, out_adapter, negatives, RETENTION_SPLIT)
+        result = RoundResult(adapter=str(out_adapter), accepted=True, gate="passed", plan=plan, train=train_counts,
+                             holdout=holdout_counts, replay_images=n_replay, correction_copies=copies,
+                             new_words=words, new_word_offsets=offsets)
+        if not held:
+            result.gate = (f"skipped: {len(names)} corrected image(s), fewer than {MIN_FOR_GATE}" if len(names) < MIN_FOR_GATE
+                           else "skipped: no referring expression to hold out" if not refer_names
+                           else "skipped: holdout_fraction is 0")
+        else:
+            evaluate = evaluator or refer_p50
+            current = str(current_adapter) if current_adapter else None
+            result.current_score = float(evaluate(base, current, work / HOLDOUT_SPLIT, HOLDOUT_SPLIT))
+            result.new_score = float(evaluate(base, str(out_adapter), work / HOLDOUT_SPLIT, HOLDOUT_SPLIT))
+            if kept:
+                retention = work / RETENTION_SPLIT
+                result.current_retention = float(evaluate(base, current, retention, RETENTION_SPLIT))
+                result.new_retention = float(evaluate(base, str(out_adapter), retention, RETENTION_SPLIT))
+            margin = HELDOUT_MARGIN if heldout_margin is None else max(1, int(heldout_margin))
+            result.heldout_lost = heldout_loss(result.current_score, result.new_score, holdout_counts["refer"])
+            if result.heldout_lost > margin - 1:  # margin 1: any loss
+                result.reason = "worse on the held-out corrections"
+            elif kept and result.new_retention < result.current_retention - RETENTION_TOLERANCE:
+                result.reason = "forgets what the base knew (retention slice)"
+            result.accepted = not result.reason
+            result.gate = "passed" if result.accepted else "rejected"
+    finally:
+        _ROUND.reset(token)
     result.seconds = round(time.time() - started, 2)
     log.info("correction round: %s", result.summary())
     return result

@@ -26,7 +26,9 @@ DEFAULT_MAX_BYTES = 1 << 30  # the embedded model's embedding of one canvas is 1
 
 def image_side_trains(model: torch.nn.Module) -> list[str]:
     """Names of the trainable parameters that an image embedding depends on (vision encoder, proposal head)."""
-    parts = [("vision", getattr(model, "vision", None)), ("proposal_head", getattr(model, "proposal_head", None))]
+    from ..modeling.lora import IMAGE_SIDE
+
+    parts = [(prefix, getattr(model, prefix, None)) for prefix in IMAGE_SIDE]
     return [f"{prefix}.{name}" for prefix, module in parts if module is not None
             for name, p in module.named_parameters() if p.requires_grad]
 

@@ -207,6 +207,39 @@ def test_adapter_load_use_unload(tiny_checkpoint, scene_files, tmp_path):
     assert by_path[0].box_xyxy == by_path[1].box_xyxy == pytest.approx(adapted.box_xyxy, abs=1e-4)
 
 
+def test_adapters_share_the_base_image_embedding_unless_they_change_the_image_side(tiny_checkpoint, scene_files,
+                                                                                    tmp_path):
+    import torch
+
+    from pixelllm_plugins.checkpoint import load_pretrained
+    from pixelllm_plugins.inference.predictor import Predictor
+    from pixelllm_plugins.modeling import lora
+
+    torch.manual_seed(0)
+    for name, vision in (("words", False), ("eyes", True)):
+        model, _, _ = load_pretrained(str(tiny_checkpoint))
+        lora.add_lora(model, name, r=2, adapt_vision=vision)
+        for p in lora.trainable_parameters(model).values():
+            p.data.add_(torch.randn_like(p) * 0.1)
+        lora.save_adapter(model, tmp_path / name, name)
+    text = [["the red circle"]]
+    pred = Predictor(tiny_checkpoint, device="cpu")
+    base = pred.refer([scene_files[0]], text)[0][0][0]
+    calls = pred.stats["vision_calls"]
+    words = pred.refer([scene_files[0]], text, adapter=str(tmp_path / "words"))[0][0][0]
+    assert pred.stats["vision_calls"] == calls  # the language-side adapter reads the cached embedding
+    eyes = pred.refer([scene_files[0]], text, adapter=str(tmp_path / "eyes"))[0][0][0]
+    assert pred.stats["vision_calls"] == calls + 1  # the vision adapter embeds the image its own way
+    assert pred.refer([scene_files[0]], text)[0][0][0].box_xyxy == pytest.approx(base.box_xyxy, abs=1e-4)
+    assert pred.stats["vision_calls"] == calls + 1  # and the base's embedding is still the base's
+    for name, answer in (("words", words), ("eyes", eyes)):  # the same answers as a predictor that never switched
+        fresh = Predictor(tiny_checkpoint, device="cpu")
+        fresh.load_adapter(tmp_path / name)
+        assert fresh.refer([scene_files[0]], text, adapter=name)[0][0][0].box_xyxy == pytest.approx(
+            answer.box_xyxy, abs=1e-4)
+    assert eyes.box_xyxy != pytest.approx(words.box_xyxy, abs=1e-3)
+
+
 def test_a_scaled_adapter_keeps_that_fraction_of_its_update(tiny_checkpoint, scene_files, tmp_path):
     import shutil
 
