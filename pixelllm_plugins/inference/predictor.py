@@ -216,7 +216,6 @@ class Predictor:
             lora.load_adapter(self.model, str(path), name)
             self.model.to(self.device, self.dtype).eval()
             self._adapter_paths[name] = str(path)
-            self._image_adapters.discard(name)
             if lora.adapter_changes_image_side(self.model, name):
                 self._image_adapters.add(name)
             self._adapter_vocab.pop(name, None)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -330,6 +331,19 @@ def _round_predictor(base: str) -> _RoundPredictor:
     return shared if shared is not None and shared.base == str(base) else _RoundPredictor(str(base))
 
 
+def _one_predictor_per_round(round_fn):
+    """Run a round with one shared predictor of its base (made only if something scores)."""
+    @functools.wraps(round_fn)
+    def run(base, *args, **kwargs):
+        token = _ROUND.set(_RoundPredictor(str(base)))
+        try:
+            return round_fn(base, *args, **kwargs)
+        finally:
+            _ROUND.reset(token)
+
+    return run
+
+
 def refer_p50(base: str, adapter: str | None, data_dir: Path, split: str) -> float:
     """Refer P@0.5 of ``base`` (+ ``adapter``) on the ``refcoco_<split>.json`` of ``data_dir``, in-process."""
     from ..evaluation.evaluate import eval_refer, load_task_samples
@@ -490,6 +504,7 @@ class RoundResult:
         return text + words
 
 
+@_one_predictor_per_round
 def run_correction_round(base: str | Path, examples_dir: str | Path, out_adapter: str | Path, *,
                          current_adapter: str | Path | None = None,
                          holdout_fraction: float = DEFAULT_HOLDOUT_FRACTION, replay: float = DEFAULT_REPLAY,
@@ -585,46 +600,41 @@ def run_correction_round(base: str | Path, examples_dir: str | Path, out_adapter
         **train_kwargs)
     if not out_adapter.is_dir():
         raise TrainingError(f"the trainer finished but wrote no adapter at {out_adapter}")
-    # everything scored from here on (settling new words, the gate) shares one predictor of the base
-    token = _ROUND.set(_RoundPredictor(base))
-    try:
-        from ..modeling.lora import ADAPTER_WEIGHTS, scale_adapter
+    from ..modeling.lora import ADAPTER_WEIGHTS, scale_adapter
 
-        if plan.keep < 1.0 and (out_adapter / ADAPTER_WEIGHTS).is_file():  # (a stub trainer writes none)
-            # the shared predictor's model, no adapter loaded into it yet: the base's own weights
-            scale_adapter(out_adapter, _ROUND.get().predictor.model.state_dict(), plan.keep)
-        offsets: dict[str, float] = {}
-        if words and (out_adapter / ADAPTER_WEIGHTS).is_file() and replay_records is not None:
-            negatives = work / RETENTION_SPLIT
-            if not kept:  # no retention slice (no gate): the first replay scenes stand in
-                _write_folder(negatives, RETENTION_SPLIT, [(replay_records, set(pool[:RETENTION_IMAGES]), "r_")])
-            offsets = settle_new_words(base, out_adapter, negatives, RETENTION_SPLIT)
-        result = RoundResult(adapter=str(out_adapter), accepted=True, gate="passed", plan=plan, train=train_counts,
-                             holdout=holdout_counts, replay_images=n_replay, correction_copies=copies,
-                             new_words=words, new_word_offsets=offsets)
-        if not held:
-            result.gate = (f"skipped: {len(names)} corrected image(s), fewer than {MIN_FOR_GATE}" if len(names) < MIN_FOR_GATE
-                           else "skipped: no referring expression to hold out" if not refer_names
-                           else "skipped: holdout_fraction is 0")
-        else:
-            evaluate = evaluator or refer_p50
-            current = str(current_adapter) if current_adapter else None
-            result.current_score = float(evaluate(base, current, work / HOLDOUT_SPLIT, HOLDOUT_SPLIT))
-            result.new_score = float(evaluate(base, str(out_adapter), work / HOLDOUT_SPLIT, HOLDOUT_SPLIT))
-            if kept:
-                retention = work / RETENTION_SPLIT
-                result.current_retention = float(evaluate(base, current, retention, RETENTION_SPLIT))
-                result.new_retention = float(evaluate(base, str(out_adapter), retention, RETENTION_SPLIT))
-            margin = HELDOUT_MARGIN if heldout_margin is None else max(1, int(heldout_margin))
-            result.heldout_lost = heldout_loss(result.current_score, result.new_score, holdout_counts["refer"])
-            if result.heldout_lost > margin - 1:  # margin 1: any loss
-                result.reason = "worse on the held-out corrections"
-            elif kept and result.new_retention < result.current_retention - RETENTION_TOLERANCE:
-                result.reason = "forgets what the base knew (retention slice)"
-            result.accepted = not result.reason
-            result.gate = "passed" if result.accepted else "rejected"
-    finally:
-        _ROUND.reset(token)
+    if plan.keep < 1.0 and (out_adapter / ADAPTER_WEIGHTS).is_file():  # (a stub trainer writes none)
+        # the round's shared predictor, no adapter loaded into it yet: the base's own weights
+        scale_adapter(out_adapter, _round_predictor(base).predictor.model.state_dict(), plan.keep)
+    offsets: dict[str, float] = {}
+    if words and (out_adapter / ADAPTER_WEIGHTS).is_file() and replay_records is not None:
+        negatives = work / RETENTION_SPLIT
+        if not kept:  # no retention slice (no gate): the first replay scenes stand in
+            _write_folder(negatives, RETENTION_SPLIT, [(replay_records, set(pool[:RETENTION_IMAGES]), "r_")])
+        offsets = settle_new_words(base, out_adapter, negatives, RETENTION_SPLIT)
+    result = RoundResult(adapter=str(out_adapter), accepted=True, gate="passed", plan=plan, train=train_counts,
+                         holdout=holdout_counts, replay_images=n_replay, correction_copies=copies,
+                         new_words=words, new_word_offsets=offsets)
+    if not held:
+        result.gate = (f"skipped: {len(names)} corrected image(s), fewer than {MIN_FOR_GATE}" if len(names) < MIN_FOR_GATE
+                       else "skipped: no referring expression to hold out" if not refer_names
+                       else "skipped: holdout_fraction is 0")
+    else:
+        evaluate = evaluator or refer_p50
+        current = str(current_adapter) if current_adapter else None
+        result.current_score = float(evaluate(base, current, work / HOLDOUT_SPLIT, HOLDOUT_SPLIT))
+        result.new_score = float(evaluate(base, str(out_adapter), work / HOLDOUT_SPLIT, HOLDOUT_SPLIT))
+        if kept:
+            retention = work / RETENTION_SPLIT
+            result.current_retention = float(evaluate(base, current, retention, RETENTION_SPLIT))
+            result.new_retention = float(evaluate(base, str(out_adapter), retention, RETENTION_SPLIT))
+        margin = HELDOUT_MARGIN if heldout_margin is None else max(1, int(heldout_margin))
+        result.heldout_lost = heldout_loss(result.current_score, result.new_score, holdout_counts["refer"])
+        if result.heldout_lost > margin - 1:  # margin 1: any loss
+            result.reason = "worse on the held-out corrections"
+        elif kept and result.new_retention < result.current_retention - RETENTION_TOLERANCE:
+            result.reason = "forgets what the base knew (retention slice)"
+        result.accepted = not result.reason
+        result.gate = "passed" if result.accepted else "rejected"
     result.seconds = round(time.time() - started, 2)
     log.info("correction round: %s", result.summary())
     return result
