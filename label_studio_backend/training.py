@@ -54,6 +54,7 @@ ImageLoader = Callable[..., Image.Image]
 
 _ANN_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
 _DEL_EVENTS = ("ANNOTATION_DELETED", "ANNOTATIONS_DELETED")
+_REPLAY_JOB = "<replay>"  # the queue item that renders the gated round's replay scenes (never a project id)
 
 
 def default_trainer(*, from_model, data_dir, out_adapter, steps, **kwargs):
@@ -250,6 +251,7 @@ class TrainingManager:
         self._running: str | None = None
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._replay_ready = False
 
     # ------------------------------------------------------------------ state
     def _pdir(self, pid: str) -> Path:
@@ -359,6 +361,8 @@ class TrainingManager:
             tasks = data.get("task")
             pairs = list(zip(anns, tasks)) if isinstance(anns, list) and isinstance(tasks, list) else [(anns, tasks)]
             stored = sum(self.record(pid, t, a, label_config) for a, t in pairs)
+            if stored:
+                self._prepare_replay()
             pending = int(self.state(pid).get("pending", 0))
             queued = stored > 0 and pending >= self.min_annotations and self.request(pid)
             return {"stored": stored, "pending": pending, "queued": bool(queued)}
@@ -386,6 +390,27 @@ class TrainingManager:
         self._queue.put((pid, pull))
         return True
 
+    def _prepare_replay(self) -> None:
+        """Queue the rendering of the gated rounds' replay scenes once, at the first stored annotation: a
+        labeller takes minutes to correct enough tasks for a round, so the round need not render them."""
+        if not self.gate or self.replay <= 0:
+            return
+        with self._lock:
+            if self._replay_ready or self._closed or _REPLAY_JOB in self._queued:
+                return
+            self._ensure_thread()
+            self._queued[_REPLAY_JOB] = False
+        self._queue.put((_REPLAY_JOB, False))
+
+    def _render_replay(self) -> None:
+        from pixelllm_plugins.training.corrections import prepare_replay
+
+        try:
+            prepare_replay(self.replay_dir)
+            self._replay_ready = True
+        except Exception as exc:  # noqa: BLE001 - the round renders them itself and reports what fails
+            log.warning("could not render the replay scenes ahead of the first round: %s", exc)
+
     def _ensure_thread(self) -> None:
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._loop, name="pixelllm-ls-fit", daemon=True)
@@ -401,7 +426,10 @@ class TrainingManager:
                 pull = self._queued.pop(pid, False)
                 self._running = pid
             try:
-                self._train(pid, pull)
+                if pid == _REPLAY_JOB:
+                    self._render_replay()
+                else:
+                    self._train(pid, pull)
             except BaseException:  # noqa: BLE001 - the server must survive any training failure
                 log.error("training of project %s crashed:\n%s", pid, traceback.format_exc())
             finally:

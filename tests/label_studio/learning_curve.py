@@ -109,6 +109,7 @@ def run(base: str, n: int, steps: int, n_eval: int, shape: str = "pentagon", wor
         state = runtime.training.state("1")
         if state.get("status") != "idle":
             raise RuntimeError(f"training failed: {state.get('last_error')}")
+        out["round_s"] = state["history"][-1]["seconds"]  # the round alone (train_s also renders the replay)
         out["after"] = score(client, eval_tasks, gts)
     return out
 

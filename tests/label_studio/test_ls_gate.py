@@ -112,6 +112,33 @@ def test_few_annotations_skip_the_gate(client, images_dir, fake_trainer, tmp_pat
     assert client.get("/health").json()["training"]["7"]["last_round"]["gate"].startswith("skipped")
 
 
+def test_the_first_annotation_renders_the_replay_before_any_round(client, images_dir, fake_trainer, tmp_path):
+    """Gated rounds read 128 synthetic replay scenes; the first stored annotation renders them in the training
+    thread, so the round a labeller waits for does not. Once: later annotations queue nothing more."""
+    from pixelllm_plugins.training.corrections import DEFAULT_REPLAY_LOOK, replay_cache
+
+    training = _gated(client, Evaluator(current=0.5, new=0.5), tmp_path)
+    training.min_annotations = 100  # no round yet
+    manifest = tmp_path / "replay" / DEFAULT_REPLAY_LOOK / "manifest_replay.json"
+    _annotate(client, images_dir, [11])
+    assert training.wait_idle(60)
+    assert manifest.is_file() and fake_trainer.calls == []
+    stamp = manifest.stat().st_mtime_ns
+    assert replay_cache(tmp_path / "replay", 128, DEFAULT_REPLAY_LOOK) == manifest.parent  # what a round asks for
+    _annotate(client, images_dir, [12])
+    assert training.wait_idle(60)
+    assert manifest.stat().st_mtime_ns == stamp and training.state("7")["status"] == "idle"
+
+
+def test_ungated_backends_render_no_replay(client, images_dir, fake_trainer, tmp_path):
+    training = client.app.state.runtime.training
+    training.replay_dir, training.min_annotations = tmp_path / "replay", 100
+    assert training.gate is False  # a stand-in trainer: ungated unless asked
+    _annotate(client, images_dir, [11])
+    assert training.wait_idle(60)
+    assert not (tmp_path / "replay").exists()
+
+
 def test_the_backend_trainer_passes_the_round_settings_on_to_finetune(monkeypatch, tmp_path):
     """The round's learning-rate multipliers (new words at 5e-3, heads at a tenth) and its speed settings are
     TrainConfig fields that finetune passes on; the backend's own keywords stay with the backend."""
