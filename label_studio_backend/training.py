@@ -59,8 +59,10 @@ _REPLAY_JOB = "<replay>"  # the queue item that renders the gated round's replay
 
 def default_trainer(*, from_model, data_dir, out_adapter, steps, **kwargs):
     """The project's LoRA fine-tune, ``pixelllm_plugins.training.finetune.finetune`` (imported lazily:
-    training code is heavy). ``from_model=None`` means the embedded default checkpoint."""
+    training code is heavy), in a fresh process when called from the training thread (``finetune_isolated``).
+    ``from_model=None`` means the embedded default checkpoint."""
     from pixelllm_plugins.training.finetune import finetune
+    from pixelllm_plugins.training.isolated import finetune_isolated
 
     if from_model is None:
         from pixelllm_plugins.checkpoint import DEFAULT_MODEL_DIR
@@ -74,7 +76,7 @@ def default_trainer(*, from_model, data_dir, out_adapter, steps, **kwargs):
     # the run folder (checkpoints, metrics) stays with the dataset, not among the adapters a worker scans
     defaults = {"progress": False, "split": SPLIT, "work_dir": Path(data_dir) / "run"}
     extra = {k: v for k, v in {**defaults, **kwargs}.items() if k in accepted}
-    return finetune(from_model, data_dir, out_adapter, steps=steps, **extra)
+    return finetune_isolated(from_model, data_dir, out_adapter, steps=steps, **extra)
 
 
 def adapter_name(project_id: str, round_: int) -> str:

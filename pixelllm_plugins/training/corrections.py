@@ -461,9 +461,9 @@ def heldout_loss(current: float, new: float, expressions: int) -> float:
 
 
 def _default_trainer(*, from_model, data_dir, out_adapter, steps, **kwargs):
-    from .finetune import finetune
+    from .isolated import finetune_isolated
 
-    return finetune(from_model, data_dir, out_adapter, steps=steps, **kwargs)
+    return finetune_isolated(from_model, data_dir, out_adapter, steps=steps, **kwargs)
 
 
 # ---- the round ----------------------------------------------------------------------------------------------
