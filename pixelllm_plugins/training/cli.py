@@ -199,7 +199,7 @@ def _eval(args) -> int:
     else:
         from ..predictors import get_predictor
 
-        predictor = get_predictor(args.model, device=args.device)
+        predictor = get_predictor(args.model, device=args.device, own_thread=False)
     if (args.tasks is None and "segment" not in tasks and hasattr(predictor, "mask_engine")
             and segment_unavailable(predictor) is None):
         tasks.append("segment")  # the model can segment: report its masks too

@@ -495,6 +495,12 @@ class RoundResult:
         out["plan"] = {**asdict(self.plan), "alpha": self.plan.alpha}
         return out
 
+    @classmethod
+    def from_dict(cls, data: dict) -> RoundResult:
+        """The result :meth:`to_dict` wrote (a round run in another process)."""
+        plan = {k: v for k, v in data["plan"].items() if k != "alpha"}
+        return cls(**{**data, "plan": RoundPlan(**plan)})
+
     def summary(self) -> str:
         words = f"; new words: {', '.join(self.new_words)}" if self.new_words else ""
         if self.new_score is None:

@@ -1,69 +1,96 @@
-"""Fine-tuning in a fresh Python process, for callers on a thread other than the main one.
+"""Fine-tuning and correction rounds in a fresh Python process, for callers on a thread other than the main
+one.
 
 torch's CPU kernels run on GNU OpenMP thread pools, one per thread that calls them, and idle pool threads
 stop spinning and sleep as soon as a process holds more of them than it has cores. A server whose request
 threads ran inference holds such pools, so a fine-tune on yet another thread keeps waking sleeping helpers
 between its many small kernels: measured on a 2-core Xeon, the training of a round of 32 corrections took
-53 s on the Label Studio backend's training thread and 35 s alone. A fresh process has one pool; starting
-it costs a few seconds. The child is ``python -m pixelllm_plugins.training.isolated`` (not a
-``multiprocessing`` spawn, which re-runs the parent's main script and fails for ``python -`` or
-notebooks); it gets its arguments as JSON and writes its result or error to a file.
+53 s on the Label Studio backend's training thread and 35 s alone; and the pools a training thread leaves
+behind slow the server's inference in turn. A fresh process has one pool; starting it costs a few seconds.
+The child is ``python -m pixelllm_plugins.training.isolated`` (not a ``multiprocessing`` spawn, which
+re-runs the parent's main script and fails for ``python -`` or notebooks); it gets its arguments as JSON
+and writes its result or error to a file.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
 from .. import errors
 
+_TASKS = {"finetune": ("pixelllm_plugins.training.finetune", "finetune"),
+          "round": ("pixelllm_plugins.training.corrections", "run_correction_round")}
 
-def finetune_isolated(from_model: str | Path, data_dir: str | Path, out_adapter: str | Path, *,
-                      isolate: bool | None = None, **kwargs) -> Path:
-    """:func:`finetune`, in a fresh process when ``isolate`` is true (``None``: when called off the main
-    thread). The keyword arguments must be JSON values or paths. Errors come back as the project exception
-    the child raised, with its message."""
-    from .finetune import finetune  # looked up now (tests replace it)
 
-    if isolate is None:
-        isolate = threading.current_thread() is not threading.main_thread()
-    if not isolate:
-        return finetune(from_model, data_dir, out_adapter, **kwargs)
-    with tempfile.TemporaryDirectory(prefix="pixelllm-finetune-") as tmp:
+def _function(task: str):
+    module, name = _TASKS[task]
+    return getattr(importlib.import_module(module), name)  # looked up now (tests replace it)
+
+
+def _off_main_thread() -> bool:
+    return threading.current_thread() is not threading.main_thread()
+
+
+def run_isolated(task: str, *args: Any, **kwargs: Any) -> Any:
+    """Run ``task`` (``finetune`` or ``round``) with these arguments (JSON values or paths) in a child
+    process; returns its result as JSON (a path as a string, a round as ``RoundResult.to_dict()``). Errors
+    come back as the project exception the child raised, with its message."""
+    with tempfile.TemporaryDirectory(prefix="pixelllm-train-") as tmp:
         result_file = Path(tmp) / "result.json"
-        request = {"args": [str(from_model), str(data_dir), str(out_adapter)], "kwargs": kwargs,
+        request = {"task": task, "args": [str(a) if isinstance(a, Path) else a for a in args], "kwargs": kwargs,
                    "result": str(result_file)}
         proc = subprocess.run([sys.executable, "-m", __name__], input=json.dumps(request, default=str), text=True,
                               stdout=subprocess.DEVNULL, check=False)
         try:
             result = json.loads(result_file.read_text())
         except (OSError, ValueError):
-            raise errors.TrainingError(f"the fine-tuning process ended (exit code {proc.returncode}) without a "
+            raise errors.TrainingError(f"the training process ended (exit code {proc.returncode}) without a "
                                        "result; its error output above says why") from None
     if "error" in result:
         kind = getattr(errors, result["error"], None)
         if isinstance(kind, type) and issubclass(kind, errors.PixelLLMError):
             raise kind(result["message"])
-        raise errors.TrainingError(f"fine-tuning failed: {result['error']}: {result['message']}")
-    return Path(result["adapter"])
+        raise errors.TrainingError(f"{task} failed: {result['error']}: {result['message']}")
+    return result["value"]
+
+
+def finetune_isolated(from_model: str | Path, data_dir: str | Path, out_adapter: str | Path, *,
+                      isolate: bool | None = None, **kwargs) -> Path:
+    """``finetune.finetune``, in a fresh process when ``isolate`` is true (``None``: when called off the
+    main thread)."""
+    if not (_off_main_thread() if isolate is None else isolate):
+        return _function("finetune")(from_model, data_dir, out_adapter, **kwargs)
+    return Path(run_isolated("finetune", from_model, data_dir, out_adapter, **kwargs))
+
+
+def correction_round_isolated(base: str | Path, examples_dir: str | Path, out_adapter: str | Path, *,
+                              isolate: bool | None = None, **kwargs):
+    """``corrections.run_correction_round`` with its default trainer and evaluator, in a fresh process when
+    ``isolate`` is true (``None``: when called off the main thread): training, settling and gate alike."""
+    if not (_off_main_thread() if isolate is None else isolate):
+        return _function("round")(base, examples_dir, out_adapter, **kwargs)
+    from .corrections import RoundResult
+
+    return RoundResult.from_dict(run_isolated("round", base, examples_dir, out_adapter, **kwargs))
 
 
 def main() -> int:
-    from .finetune import finetune
-
     request = json.loads(sys.stdin.read())
     result_file = Path(request["result"])
     try:
-        adapter = finetune(*request["args"], **request["kwargs"])
-        result = {"adapter": str(adapter)}
+        value = _function(request["task"])(*request["args"], **request["kwargs"])
+        result = {"value": value.to_dict() if hasattr(value, "to_dict") else str(value)}
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
         result = {"error": type(exc).__name__, "message": str(exc)}
-    result_file.write_text(json.dumps(result))
-    return 0 if "adapter" in result else 1
+    result_file.write_text(json.dumps(result, default=str))
+    return 0 if "value" in result else 1
 
 
 if __name__ == "__main__":

@@ -23,3 +23,21 @@ def test_corrections_improve_suggestions_for_a_new_kind_of_object(tiny_checkpoin
     (ARTIFACTS / "learning_ci.json").write_text(json.dumps(result, indent=1))
     assert result["after"]["model_version"] != result["before"]["model_version"]
     assert result["after"]["mean_iou"] > result["before"]["mean_iou"] + 0.01, result
+
+
+def test_a_gated_round_runs_whole_in_a_child_process(tiny_checkpoint, tmp_path, monkeypatch):
+    """The backend's gated round (training, settling, gate) runs in ``python -m
+    pixelllm_plugins.training.isolated``: this process's ``run_correction_round`` is never called."""
+    import pixelllm_plugins.training.corrections as corrections
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("the round ran in the backend's process")
+
+    monkeypatch.setattr(corrections, "run_correction_round", not_here)
+    result = run(str(tiny_checkpoint), n=4, steps=3, n_eval=2, workdir=tmp_path)
+    state = json.loads((tmp_path / "model_dir" / "projects" / "1" / "state.json").read_text())
+    last = state["last_round"]
+    assert state["status"] == "idle" and last["gate"] in ("passed", "rejected"), state
+    assert last["plan"]["steps"] == 3 and last["replay_images"] == 96 and last["train"]["images"] == 3 + 96
+    assert last["holdout"]["refer"] == 1 and last["new_score"] is not None and last["seconds"] > 0
+    assert result["round_s"] > 0

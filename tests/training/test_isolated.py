@@ -62,6 +62,16 @@ def test_the_childs_project_errors_come_back_with_their_message(tmp_path, in_pro
 
 
 def test_other_errors_of_the_child_become_training_errors(tiny_base, tmp_path):
-    with pytest.raises(TrainingError, match="^fine-tuning failed: TypeError: .*not iterable") as info:
+    with pytest.raises(TrainingError, match="^finetune failed: TypeError: .*not iterable") as info:
         finetune_isolated(tiny_base, tmp_path, tmp_path / "adapter", isolate=True, new_words=5)
     assert isinstance(info.value, PixelLLMError)
+
+
+def test_a_round_result_comes_back_whole_from_its_dict():
+    from pixelllm_plugins.training.corrections import RoundResult, plan_round
+
+    result = RoundResult(adapter="a", accepted=False, gate="rejected", plan=plan_round(32),
+                         train={"images": 120, "refer": 130, "regions": 140}, holdout={"images": 8},
+                         replay_images=96, new_words=["pentagon"], new_word_offsets={"pentagon": 0.78},
+                         new_score=0.5, current_score=0.625, reason="worse on the held-out corrections")
+    assert RoundResult.from_dict(result.to_dict()) == result
