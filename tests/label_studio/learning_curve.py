@@ -66,7 +66,6 @@ def run(base: str, n: int, steps: int, n_eval: int, shape: str = "pentagon", wor
     from label_studio_backend import labeling_config
     from label_studio_backend.server import create_app
     from pixelllm_plugins.geometry import xyxy_to_ls_percent
-    from pixelllm_plugins.inference.predictor import Predictor
 
     workdir = Path(workdir or tempfile.mkdtemp(prefix="ls-learning-"))
     images = workdir / "images"
@@ -82,12 +81,14 @@ def run(base: str, n: int, steps: int, n_eval: int, shape: str = "pentagon", wor
     eval_tasks = [{"id": 10_000 + i, "data": {"image": save("eval", i, im), "expression": text}}
                   for i, (im, text, _) in enumerate(held_out)]
     gts = [box for _, _, box in held_out]
-    app = create_app(model_dir=workdir / "model_dir", predictor=Predictor(base, device="cpu"), model=base,
+    app = create_app(model_dir=workdir / "model_dir", model=base, device="cpu",
                      local_roots=str(images), label_studio_url="", label_studio_api_key="", basic_auth_user="",
                      basic_auth_pass="", train_steps=steps, train_min_annotations=n, **settings)
     out = {"shape": shape, "n_corrections": n, "steps": steps, "n_eval": n_eval, "base": str(base)}
     with TestClient(app) as client:
+        started = time.monotonic()
         out["before"] = score(client, eval_tasks, gts)
+        out["predict_s"] = round(time.monotonic() - started, 2)  # loads the model, then boxes the held-out tasks
         project = {"id": 1, "label_config": labeling_config("referring")}
         started = time.monotonic()
         for i, (im, text, box) in enumerate(train):
@@ -111,6 +112,9 @@ def run(base: str, n: int, steps: int, n_eval: int, shape: str = "pentagon", wor
             raise RuntimeError(f"training failed: {state.get('last_error')}")
         out["round_s"] = state["history"][-1]["seconds"]  # the round alone (train_s also renders the replay)
         out["after"] = score(client, eval_tasks, gts)
+    from pixelllm_plugins.predictors import release_predictors
+
+    release_predictors()  # the next run's backend starts from the base model again
     return out
 
 
