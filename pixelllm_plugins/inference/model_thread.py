@@ -13,6 +13,7 @@ thread, so request threads still prepare images in parallel.
 from __future__ import annotations
 
 import functools
+import inspect
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -47,8 +48,8 @@ class OnModelThread:
 
     def __getattr__(self, name: str) -> Any:
         value = getattr(self._predictor, name)
-        if not callable(value) or name in _CALLER_SIDE or name.startswith("__"):
-            return value
+        if not inspect.ismethod(value) or name in _CALLER_SIDE or name.startswith("__"):
+            return value  # attributes (the torch model and tokenizer too) read through
 
         @functools.wraps(value)
         def on_model_thread(*args, **kwargs):

@@ -46,7 +46,9 @@ def test_loading_and_every_call_run_on_the_model_thread_whoever_calls():
     p.wrapped.threads.pop("refer")
     assert _on_a_thread(lambda: p.refer(["img"], [["a"]])) == [[["box"]]]
     assert p.wrapped.threads["refer"] is model_thread
-    assert p.model_version == "fake-1"  # attributes read through
+    assert p.model_version == "fake-1"  # attributes read through, callable objects too (a torch model)
+    p.wrapped.model = Recorder
+    assert p.model is Recorder
     p.close()
 
 
