@@ -38,7 +38,7 @@ def _off_main_thread() -> bool:
     return threading.current_thread() is not threading.main_thread()
 
 
-def run_isolated(task: str, *args: Any, **kwargs: Any) -> Any:
+def run_in_child(task: str, *args: Any, **kwargs: Any) -> Any:
     """Run ``task`` (``finetune`` or ``round``) with these arguments (JSON values or paths) in a child
     process; returns its result as JSON (a path as a string, a round as ``RoundResult.to_dict()``). Errors
     come back as the project exception the child raised, with its message."""
@@ -67,7 +67,7 @@ def finetune_isolated(from_model: str | Path, data_dir: str | Path, out_adapter:
     main thread)."""
     if not (_off_main_thread() if isolate is None else isolate):
         return _function("finetune")(from_model, data_dir, out_adapter, **kwargs)
-    return Path(run_isolated("finetune", from_model, data_dir, out_adapter, **kwargs))
+    return Path(run_in_child("finetune", from_model, data_dir, out_adapter, **kwargs))
 
 
 def correction_round_isolated(base: str | Path, examples_dir: str | Path, out_adapter: str | Path, *,
@@ -78,7 +78,7 @@ def correction_round_isolated(base: str | Path, examples_dir: str | Path, out_ad
         return _function("round")(base, examples_dir, out_adapter, **kwargs)
     from .corrections import RoundResult
 
-    return RoundResult.from_dict(run_isolated("round", base, examples_dir, out_adapter, **kwargs))
+    return RoundResult.from_dict(run_in_child("round", base, examples_dir, out_adapter, **kwargs))
 
 
 def main() -> int:
