@@ -61,24 +61,30 @@ def run_in_child(task: str, *args: Any, **kwargs: Any) -> Any:
     return result["value"]
 
 
+def _run(task: str, isolate: bool | None, *args: Any, **kwargs: Any) -> tuple[Any, bool]:
+    """(result, whether it came from a child process as JSON): in a child when ``isolate`` is true
+    (``None``: when called off the main thread), else here."""
+    if _off_main_thread() if isolate is None else isolate:
+        return run_in_child(task, *args, **kwargs), True
+    return _function(task)(*args, **kwargs), False
+
+
 def finetune_isolated(from_model: str | Path, data_dir: str | Path, out_adapter: str | Path, *,
                       isolate: bool | None = None, **kwargs) -> Path:
     """``finetune.finetune``, in a fresh process when ``isolate`` is true (``None``: when called off the
     main thread)."""
-    if not (_off_main_thread() if isolate is None else isolate):
-        return _function("finetune")(from_model, data_dir, out_adapter, **kwargs)
-    return Path(run_in_child("finetune", from_model, data_dir, out_adapter, **kwargs))
+    value, _ = _run("finetune", isolate, from_model, data_dir, out_adapter, **kwargs)
+    return Path(value)
 
 
 def correction_round_isolated(base: str | Path, examples_dir: str | Path, out_adapter: str | Path, *,
                               isolate: bool | None = None, **kwargs):
     """``corrections.run_correction_round`` with its default trainer and evaluator, in a fresh process when
     ``isolate`` is true (``None``: when called off the main thread): training, settling and gate alike."""
-    if not (_off_main_thread() if isolate is None else isolate):
-        return _function("round")(base, examples_dir, out_adapter, **kwargs)
     from .corrections import RoundResult
 
-    return RoundResult.from_dict(run_in_child("round", base, examples_dir, out_adapter, **kwargs))
+    value, from_child = _run("round", isolate, base, examples_dir, out_adapter, **kwargs)
+    return RoundResult.from_dict(value) if from_child else value
 
 
 def main() -> int:
