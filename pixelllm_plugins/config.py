@@ -79,6 +79,12 @@ class PromptConfig:
     # to the prompt encoder (``point_embed``, ``not_a_point_embed``); without points given, every output is
     # exactly as without the option. False = box prompts only.
     points: bool = False
+    # Beyond the paper: the prompt box's pixels, cut out as a square around the box (a fifth wider than its
+    # longer side, so a shape keeps its proportions) and resampled to zoom x zoom, through a small CNN and a
+    # zero-initialised layer added to the map tokens (needs map_tokens). A small object covers one or two
+    # image tokens; zoomed in, its outline is what the CNN sees. Growing it onto a trained model changes
+    # nothing until it is trained. 0 = none.
+    zoom: int = 0
 
 
 @dataclass
@@ -220,6 +226,9 @@ class PixelLLMConfig:
         if prompt.fine_grid > 0 and (not vision.fine_channels or prompt.map_tokens <= 0):
             raise PixelLLMError("prompt.fine_grid adds samples of the fine map to the map tokens: it needs "
                                 "vision.fine_channels > 0 and prompt.map_tokens > 0")
+        if prompt.zoom and (prompt.map_tokens <= 0 or prompt.zoom < 8 or prompt.zoom % 8):
+            raise PixelLLMError("prompt.zoom adds the zoomed-in box to the map tokens: it needs "
+                                "prompt.map_tokens > 0 and a crop size that is a multiple of 8 (e.g. 32)")
         if heads.box_words and not heads.proposals:
             raise PixelLLMError("heads.box_words reads the proposal head's features: it needs "
                                 "heads.proposals")

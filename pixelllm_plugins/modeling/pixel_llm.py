@@ -19,6 +19,7 @@ from .extensions.box_words import BoxWordHead
 from .extensions.confidence import ConfidenceHead
 from .extensions.grid_pointing import GridPointHead
 from .extensions.map_tokens import MapTokens
+from .extensions.zoom import ZoomEncoder
 from .heads import PointHead, ProposalHead
 from .inputs import ImageEmbedding, ModelInputs, ModelOutput, PromptOutput
 from .losses import combine_losses
@@ -130,6 +131,8 @@ class PixelLLM(nn.Module):
                 downsample=prompt.attention_downsample, grid=self.vision.grid_size[0],
                 canvas_size=self.canvas_size, fine_dim=getattr(self.vision, "fine_dim", 0),
                 refine=heads.mask_refine)
+        self.zoom = (ZoomEncoder(prompt.zoom, self.map_tokens.num_tokens, prompt.output_dim)
+                     if prompt.zoom and self.map_tokens is not None else None)
 
     # ---- the public surface: embed images once, then run any number of prompt passes ---------------------
     def embed_images(self, pixel_values: Tensor, *, maps: bool | None = None) -> ImageEmbedding:
@@ -146,7 +149,7 @@ class PixelLLM(nn.Module):
         image_maps = self.proposal_head(tokens) if want and self.proposal_head is not None else {}
         if fine is not None and (image_maps or self._masks_read_fine):  # the mask decoder reads it without them
             image_maps["fine"] = fine
-        if self._masks_read_pixels:
+        if self._masks_read_pixels or self.zoom is not None:
             image_maps["pixels"] = pixel_values
         return ImageEmbedding(tokens, image_maps or None)
 
@@ -161,6 +164,12 @@ class PixelLLM(nn.Module):
         visual = self._adapter_tokens(embedding.tokens, boxes, boxes01, image_index, points, point_labels)
         if self.map_tokens is not None:
             visual = self.map_tokens(self, visual, self._maps_for_prompts(embedding), boxes01, image_index)
+            if self.zoom is not None:
+                pixels = self._maps_for_prompts(embedding).get("pixels")
+                if pixels is None:
+                    raise PixelLLMError("this model's prompt.zoom reads the canvas pixels: embed the images "
+                                        "with PixelLLM.embed_images")
+                visual = self.zoom.add_to(visual, pixels, boxes01, image_index)
         if self.box_extent is not None:
             visual = self.box_extent.add_to(visual, boxes, image_index, image_sizes)
         return visual

@@ -186,6 +186,26 @@ def test_grow_adds_zero_started_point_modules_and_refuses_what_would_drop_weight
     assert not (tmp_path / "bad").exists()
 
 
+def test_grown_zoom_changes_no_answer_until_trained(tmp_path):
+    torch.manual_seed(0)
+    model, tokenizer, _ = load_pretrained("tiny")
+    model.config.vision.patch_size, model.config.prompt.map_tokens = 16, 2
+    mapped = PixelLLM(model.config, tokenizer.vocab_size).eval()
+    save_pretrained(mapped, tokenizer, tmp_path / "mapped")
+    ckpt.grow_pretrained(tmp_path / "mapped", tmp_path / "zoom", {"prompt.zoom": 16})
+    zoomed, _, _ = load_pretrained(tmp_path / "zoom")
+    assert zoomed.zoom is not None and zoomed.config.prompt.zoom == 16
+    with torch.no_grad():
+        want, got = mapped(_inputs(mapped, tokenizer)), zoomed(_inputs(zoomed, tokenizer))
+    torch.testing.assert_close(got.logits, want.logits)
+    torch.testing.assert_close(got.points, want.points)
+    # once its projection has weights, the region's tokens (and so the words) depend on the pixels
+    torch.nn.init.normal_(zoomed.zoom.proj.weight, std=0.5)
+    with torch.no_grad():
+        moved = zoomed(_inputs(zoomed, tokenizer))
+    assert not torch.allclose(moved.logits, want.logits)
+
+
 def test_retired_options_load_when_off_and_are_unknown_otherwise():
     data = get_preset("tiny").to_dict()
     data["vision"]["stem_blocks"], data["heads"]["candidate_fine_grid"] = 0, 0

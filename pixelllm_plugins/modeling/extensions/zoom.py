@@ -1,0 +1,63 @@
+"""Zoom (ours; ``prompt.zoom``): the prompt box's own pixels, zoomed in, added to the map tokens.
+
+The image tokens are 16 canvas pixels apart and the fine map 4, so a small object (20 pixels across) is one
+or two tokens: enough for its colour, not always for its outline (a turned square against a diamond, a
+hexagon against a circle). Here a square around the box, a fifth wider than the box's longer side (so a
+shape keeps its proportions), is resampled from the canvas pixels to ``zoom x zoom`` and read by a small CNN
+(three stride-2 stages); a zero-initialised layer turns its output into one addition per map token, so
+growing it onto a trained model changes no answer until it is trained. The model holds it as ``zoom``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..common import zero_linear
+
+MARGIN = 1.2  # the crop's side over the box's longer side
+MIN_SIDE = 4.0 / 192  # the smallest crop, as a fraction of the canvas
+
+
+def square_crops(boxes01: Tensor, size: int) -> Tensor:
+    """Sampling grids [M,size,size,2] (grid_sample's -1..1 frame) of squares around boxes01 [M,4]
+    (x1,y1,x2,y2 normalised to the canvas): centred on each box, side ``MARGIN`` times its longer side."""
+    centre = (boxes01[:, :2] + boxes01[:, 2:]) / 2
+    side = ((boxes01[:, 2:] - boxes01[:, :2]).amax(dim=1) * MARGIN).clamp(min=MIN_SIDE)  # [M]
+    steps = (torch.arange(size, device=boxes01.device, dtype=boxes01.dtype) + 0.5) / size - 0.5
+    offsets = steps[None, :] * side[:, None]  # [M,size]
+    xs = centre[:, 0:1] + offsets
+    ys = centre[:, 1:2] + offsets
+    grid = torch.stack([xs[:, None, :].expand(-1, size, -1), ys[:, :, None].expand(-1, -1, size)], -1)
+    return 2 * grid - 1
+
+
+class ZoomEncoder(nn.Module):
+    """Canvas pixels under each prompt box -> an addition to each of the prompt's ``num_tokens`` map tokens."""
+
+    def __init__(self, size: int, num_tokens: int, output_dim: int, channels: tuple[int, ...] = (32, 48, 64)):
+        super().__init__()
+        self.size, self.num_tokens, self.output_dim = size, num_tokens, output_dim
+        layers: list[nn.Module] = [nn.Conv2d(3, channels[0], 3, padding=1), nn.GELU()]
+        width = channels[0]
+        for out in channels:  # each stage halves the side
+            layers += [nn.Conv2d(width, out, 3, stride=2, padding=1), nn.GELU()]
+            width = out
+        self.cnn = nn.Sequential(*layers)
+        side = size // 2 ** len(channels)
+        self.proj = zero_linear(width * side * side, num_tokens * output_dim)
+
+    def forward(self, pixels: Tensor, boxes01: Tensor, image_index: Tensor) -> Tensor:
+        """pixels [B,3,S,S] (the normalised canvas), boxes01 [M,4], image_index [M] -> [M,num_tokens,D]."""
+        weight = self.proj.weight
+        grid = square_crops(boxes01.float(), self.size)
+        crops = F.grid_sample(pixels.index_select(0, image_index).float(), grid, mode="bilinear",
+                              padding_mode="zeros", align_corners=False)
+        features = self.cnn(crops.to(weight.dtype)).flatten(1)
+        return self.proj(features).view(-1, self.num_tokens, self.output_dim)
+
+    def add_to(self, visual: Tensor, pixels: Tensor, boxes01: Tensor, image_index: Tensor) -> Tensor:
+        """visual tokens [M,Q+T,D] whose last T are the map tokens -> the same with the zoom added to those."""
+        extra = self(pixels, boxes01, image_index).to(visual.dtype)
+        return torch.cat([visual[:, : -self.num_tokens], visual[:, -self.num_tokens:] + extra], dim=1)
