@@ -5,6 +5,7 @@ stand-ins except in the one real tiny round)."""
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import fiftyone.operators as foo
@@ -13,6 +14,7 @@ from fakes import FakePredictor
 from fiftyone.operators.delegated import DelegatedOperationService
 
 import pixelllm_plugins.training.corrections as corrections
+import pixelllm_plugins.training.isolated as isolated
 from pixelllm_plugins.errors import InvalidParameterError, TrainingError
 from pixelllm_plugins.integrations import fiftyone as pxfo
 
@@ -152,6 +154,7 @@ def test_interrupted_round_resumes_in_the_same_run_folder(dataset, adapter_root)
 def test_operator_immediate_and_delegated_with_progress(plugin_installed, dataset, adapter_root, monkeypatch):
     monkeypatch.setattr(corrections, "_default_trainer", Trainer())
     monkeypatch.setattr(corrections, "refer_p50", Evaluator(current=0.5, new=1.0))
+    monkeypatch.setattr(isolated, "_off_main_thread", lambda: False)  # the stand-ins live in this process
     params = {"label_field": "ground_truth", "name": "ops", "replay": 0, "model": str(adapter_root.parent)}
     res = foo.execute_operator(FINETUNE, ctx=dict(dataset=dataset, params={**params, "delegate": False}))
     assert res.error is None, res.error
@@ -179,6 +182,33 @@ def test_real_tiny_round_trains_an_adapter_the_predictor_loads(dataset, adapter_
         pytest.skip("the 2-step tiny adapter scored below the base on the held-out slice (kept out, as it should)")
     result = pxfo.run_refer(dataset, prompt_field="refexp", adapter="tiny", model=str(tiny_checkpoint))
     assert result.processed == 6 and result.model_version.endswith("+tiny-v1")
+
+
+def test_a_round_started_off_the_main_thread_runs_whole_in_a_child_process(dataset, adapter_root, tiny_checkpoint,
+                                                                          monkeypatch):
+    """The App runs operators off the main thread: there the round (training, settling, gate) runs in
+    ``python -m pixelllm_plugins.training.isolated``, and this process's ``run_correction_round`` is never
+    called."""
+    def not_here(*args, **kwargs):
+        raise AssertionError("the round ran in the App's process")
+
+    monkeypatch.setattr(corrections, "run_correction_round", not_here)
+    out: dict = {}
+
+    def operator_thread():
+        try:
+            out["summary"] = pxfo.run_finetune(dataset, label_field="ground_truth", name="child",
+                                               model=str(tiny_checkpoint), steps=2, replay=0.5)
+        except Exception as exc:  # noqa: BLE001 - asserted below
+            out["error"] = exc
+
+    thread = threading.Thread(target=operator_thread)
+    thread.start()
+    thread.join()
+    assert "error" not in out, out.get("error")
+    summary = out["summary"]
+    assert summary.gate in ("passed", "rejected") and summary.new_score is not None
+    assert summary.round["plan"]["steps"] == 2 and summary.round["train"]["images"] > 0
 
 
 def test_a_bad_box_or_image_is_its_samples_problem_not_the_rounds(dataset, tmp_path):
