@@ -122,6 +122,10 @@ class HeadsConfig:
     # text) before the tokens score them, so "the star above the red square" and "the leftmost circle" can
     # compare objects. 0 = each candidate is scored on its own.
     relation_layers: int = 0
+    # Ours, with relation_layers: each of those candidates also brings its own box's pixels, zoomed in to
+    # candidate_zoom x candidate_zoom (``modeling/extensions/zoom.py``, through a zero-started layer), so
+    # "the pentagon" can be told from "the hexagon" where the map features of small objects blur. 0 = none.
+    candidate_zoom: int = 0
     # Ours, grid point head only: ``point_context_layers`` bidirectional self-attention layers over the
     # row's token states form the pointing queries, so a word's point may depend on the words after it
     # (a trace puts "a small" on the object the phrase goes on to name; the causal LM cannot know it yet).
@@ -242,6 +246,11 @@ class PixelLLMConfig:
                                     "grid point head: set heads.point_mode 'grid' or leave them at 0 / false")
         else:
             raise PixelLLMError(f"unknown heads.point_mode {heads.point_mode!r}; use 'mlp' or 'grid'")
+        if heads.candidate_zoom and (heads.point_mode != "grid" or heads.relation_layers <= 0
+                                     or heads.candidate_zoom < 8 or heads.candidate_zoom % 8):
+            raise PixelLLMError("heads.candidate_zoom adds each compared candidate's zoomed-in box to the relation "
+                                "layers: it needs heads.point_mode 'grid', heads.relation_layers > 0 and a crop "
+                                "size that is a multiple of 8 (e.g. 32)")
         if heads.mask_decoder < 0 or heads.mask_decoder > MAX_MASK_OUTPUTS:
             raise PixelLLMError(f"heads.mask_decoder is the number of mask outputs per prompt: 0 (none) to "
                                 f"{MAX_MASK_OUTPUTS}, got {heads.mask_decoder}")

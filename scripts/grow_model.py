@@ -2,7 +2,8 @@
 
 Weights that exist in both keep their values; new modules keep their initialisation. The grid point
 head's additions (``heads.point_context_layers``, ``heads.point_refine``, ``heads.point_coords``), the fine
-map's projection (``prompt.fine_grid``), the zoom (``prompt.zoom``) and the box extent
+map's projection (``prompt.fine_grid``), the zooms (``prompt.zoom``,
+``heads.candidate_zoom``) and the box extent
 (``prompt.box_extent``) start at zero, so the grown model answers exactly as the source until it is trained
 (``pixelllm train --init DST``).
 The mask decoder (``heads.mask_decoder=K``) and point prompts (``prompt.points``) are built apart from every
@@ -12,7 +13,7 @@ training the grown model then trains the decoder on the data's masks (``--point-
     python scripts/grow_model.py SRC DST heads.point_context_layers=1 heads.point_refine=true
     python scripts/grow_model.py SRC DST vision.fine_channels=16 prompt.fine_grid=4
     python scripts/grow_model.py SRC DST prompt.box_extent=true
-    python scripts/grow_model.py SRC DST prompt.zoom=32
+    python scripts/grow_model.py SRC DST prompt.zoom=32 heads.candidate_zoom=32
     python scripts/grow_model.py SRC DST heads.mask_decoder=3 prompt.points=true
 
 SRC may also be a preset name (``synth-small``): a random model with the changed config.

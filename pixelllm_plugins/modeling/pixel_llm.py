@@ -149,7 +149,7 @@ class PixelLLM(nn.Module):
         image_maps = self.proposal_head(tokens) if want and self.proposal_head is not None else {}
         if fine is not None and (image_maps or self._masks_read_fine):  # the mask decoder reads it without them
             image_maps["fine"] = fine
-        if self._masks_read_pixels or self.zoom is not None:
+        if self._reads_pixels:
             image_maps["pixels"] = pixel_values
         return ImageEmbedding(tokens, image_maps or None)
 
@@ -290,6 +290,11 @@ class PixelLLM(nn.Module):
     @property
     def _masks_read_fine(self) -> bool:
         return self.mask_decoder is not None and self.mask_decoder.fine_proj is not None
+
+    @property
+    def _reads_pixels(self) -> bool:
+        """Whether a part reads the canvas pixels (kept as ``maps["pixels"]`` in the image embedding)."""
+        return self._masks_read_pixels or self.zoom is not None or self.config.heads.candidate_zoom > 0
 
     @property
     def _masks_read_pixels(self) -> bool:

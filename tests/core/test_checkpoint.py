@@ -206,6 +206,30 @@ def test_grown_zoom_changes_no_answer_until_trained(tmp_path):
     assert not torch.allclose(moved.logits, want.logits)
 
 
+def test_grown_candidate_zoom_changes_no_point_until_trained(tmp_path):
+    torch.manual_seed(0)
+    model, tokenizer, _ = load_pretrained("tiny")
+    model.config.heads.point_mode, model.config.heads.relation_layers = "grid", 1
+    grid = PixelLLM(model.config, tokenizer.vocab_size).eval()
+    save_pretrained(grid, tokenizer, tmp_path / "grid")
+    ckpt.grow_pretrained(tmp_path / "grid", tmp_path / "zoom", {"heads.candidate_zoom": 16})
+    zoomed, _, _ = load_pretrained(tmp_path / "zoom")
+    assert zoomed.point_head.relations.zoom is not None
+    inputs = _inputs(grid, tokenizer)
+    with torch.no_grad():
+        want, got = grid(inputs), zoomed(inputs)
+    torch.testing.assert_close(got.points, want.points)
+    torch.testing.assert_close(got.logits, want.logits)
+    # trained, the candidates' pixels reach the pointing: the token's scores over candidates move
+    torch.nn.init.normal_(zoomed.point_head.relations.zoom.proj.weight, std=0.5)
+    torch.nn.init.normal_(zoomed.point_head.relations.out[1].weight, std=0.5)
+    embedding = zoomed.embed_images(inputs.pixel_values)
+    assert "pixels" in embedding.maps
+    with torch.no_grad():
+        moved = zoomed(inputs)
+    assert not torch.allclose(moved.points, want.points)
+
+
 def test_retired_options_load_when_off_and_are_unknown_otherwise():
     data = get_preset("tiny").to_dict()
     data["vision"]["stem_blocks"], data["heads"]["candidate_fine_grid"] = 0, 0

@@ -53,3 +53,16 @@ def test_needs_map_tokens_and_a_multiple_of_eight():
             setattr(config.prompt, key, value)
         with pytest.raises(PixelLLMError, match="prompt.zoom"):
             config.validate()
+
+
+def test_candidate_zoom_needs_the_relation_layers_and_a_multiple_of_eight():
+    for heads in ({"point_mode": "mlp", "candidate_zoom": 32}, {"point_mode": "grid", "relation_layers": 0,
+                  "candidate_zoom": 32}, {"point_mode": "grid", "relation_layers": 1, "candidate_zoom": 20}):
+        config = get_preset("tiny")
+        for key, value in heads.items():
+            setattr(config.heads, key, value)
+        with pytest.raises(PixelLLMError, match="heads.candidate_zoom"):
+            config.validate()
+    config = get_preset("tiny")
+    config.heads.point_mode, config.heads.relation_layers, config.heads.candidate_zoom = "grid", 1, 16
+    config.validate()

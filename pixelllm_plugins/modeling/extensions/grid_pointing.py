@@ -4,7 +4,8 @@ Instead of the paper's MLP regressing coordinates from a token's hidden state, t
 the peaks of the proposal heatmap (the objects the proposal head sees) and takes the box of the best one:
 a softmax blend while training, plus a pointer cross-entropy toward the candidate that matches the target
 (``losses.pointer_loss``). Optional parts, each zero at the start so it can be grown onto a trained model:
-``heads.relation_layers`` (:class:`CandidateRelations`), ``heads.point_context_layers``
+``heads.relation_layers`` (:class:`CandidateRelations`, with ``heads.candidate_zoom`` each candidate's own
+pixels zoomed in), ``heads.point_context_layers``
 (:class:`PointContext`), ``heads.point_refine`` and ``heads.point_coords``. The model holds the head as
 ``point_head``, where the paper's ``PointHead`` sits otherwise.
 """
@@ -16,8 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...config import HeadsConfig
+from ...errors import PixelLLMError
 from ..common import zero_linear
 from ..heads import ProposalHead
+from .zoom import ZoomEncoder
 
 
 class CandidateRelations(nn.Module):
@@ -27,7 +30,7 @@ class CandidateRelations(nn.Module):
     compare objects. The output only adds to the first-stage scores (zero-initialised), so training
     starts from the plain grid head."""
 
-    def __init__(self, dim: int, text_dim: int, num_layers: int, num_heads: int = 4):
+    def __init__(self, dim: int, text_dim: int, num_layers: int, num_heads: int = 4, zoom: int = 0):
         super().__init__()
         self.box_embed = nn.Sequential(nn.Linear(4, dim), nn.GELU(), nn.Linear(dim, dim))
         self.text_proj = nn.Sequential(nn.LayerNorm(text_dim, eps=1e-6), nn.Linear(text_dim, dim))
@@ -36,17 +39,31 @@ class CandidateRelations(nn.Module):
                                        batch_first=True, norm_first=True)
             for _ in range(num_layers))
         self.out = nn.Sequential(nn.LayerNorm(dim, eps=1e-6), zero_linear(dim, dim))
+        # heads.candidate_zoom: each candidate's own pixels, zoomed in; zero at the start (made last, so a
+        # seeded model's other weights are the same with or without it)
+        self.zoom = ZoomEncoder(zoom, num_tokens=1, output_dim=dim) if zoom else None
 
-    def forward(self, keys: Tensor, boxes: Tensor, valid: Tensor, text: Tensor, text_mask: Tensor | None) -> Tensor:
+    def forward(self, keys: Tensor, boxes: Tensor, valid: Tensor, text: Tensor, text_mask: Tensor | None,
+                zoomed: Tensor | None = None) -> Tensor:
         """keys [M,K,d], boxes [M,K,4] (x0,y0,x1,y1 in the image frame), valid [M,K], text [M,T,H],
-        text_mask [M,T] or None -> candidate vectors [M,K,d] for the tokens' queries to score."""
+        text_mask [M,T] or None, zoomed [M,K,d] (``zoom_candidates``, with ``heads.candidate_zoom``)
+        -> candidate vectors [M,K,d] for the tokens' queries to score."""
         centre, size = (boxes[..., :2] + boxes[..., 2:]) / 2, (boxes[..., 2:] - boxes[..., :2])
         x = keys + self.box_embed(torch.cat([centre, size], -1).clamp(-1, 2).to(keys.dtype))
+        if zoomed is not None:
+            x = x + zoomed.to(x.dtype)
         memory = self.text_proj(text).to(x.dtype)
         text_pad = None if text_mask is None else ~text_mask.bool()
         for layer in self.layers:
             x = layer(x, memory, tgt_key_padding_mask=~valid, memory_key_padding_mask=text_pad)
         return self.out(x)
+
+    def zoom_candidates(self, pixels: Tensor, boxes01: Tensor, image_index: Tensor) -> Tensor:
+        """pixels [B,3,S,S] (the normalised canvas), candidate boxes01 [M,K,4] normalised to the canvas,
+        image_index [M] -> [M,K,d]."""
+        m, k = boxes01.shape[:2]
+        zoomed = self.zoom(pixels, boxes01.reshape(m * k, 4).clamp(0, 1), image_index.repeat_interleave(k))
+        return zoomed.view(m, k, -1)
 
 
 class PointContext(nn.Module):
@@ -114,7 +131,7 @@ class GridPointHead(nn.Module):
                         if config.point_context_layers > 0 else None)
         # point_refine: a per-token correction of the picked box, in units of its size
         self.refine = zero_linear(hidden, 4) if config.point_refine else None
-        self.relations = (CandidateRelations(hidden, in_dim, config.relation_layers)
+        self.relations = (CandidateRelations(hidden, in_dim, config.relation_layers, zoom=config.candidate_zoom)
                           if config.relation_layers > 0 else None)
         self.query = nn.Sequential(nn.LayerNorm(in_dim, eps=1e-6), nn.Linear(in_dim, hidden), nn.GELU(),
                                    nn.Linear(hidden, hidden))
@@ -159,7 +176,14 @@ class GridPointHead(nn.Module):
             valid = torch.isfinite(top)
             picked = keys.gather(1, cells[..., None].expand(-1, -1, keys.shape[-1]))
             cand_boxes = boxes.gather(1, cells[..., None].expand(-1, -1, 4))
-            related = self.relations(picked, cand_boxes, valid, hidden, text_mask)  # [M,K,h]
+            zoomed = None
+            if self.relations.zoom is not None:
+                if "pixels" not in maps:
+                    raise PixelLLMError("this model's heads.candidate_zoom reads the canvas pixels: embed the "
+                                        "images with PixelLLM.embed_images")
+                canvas01 = cand_boxes * size / self.canvas_size  # image frame -> canvas frame
+                zoomed = self.relations.zoom_candidates(maps["pixels"], canvas01, image_index)
+            related = self.relations(picked, cand_boxes, valid, hidden, text_mask, zoomed)  # [M,K,h]
             delta = torch.einsum("mtd,mkd->mtk", query, related).float() * self.scale
             delta = delta.masked_fill(~valid[:, None, :], 0.0)
             logits = logits.scatter_add(2, cells[:, None, :].expand(-1, logits.shape[1], -1), delta)
