@@ -2,10 +2,9 @@
 
 Weights that exist in both keep their values; new modules keep their initialisation. The grid point
 head's additions (``heads.point_context_layers``, ``heads.point_refine``, ``heads.point_coords``), the fine
-map's projection (``prompt.fine_grid``), the zooms (``prompt.zoom``,
-``heads.candidate_zoom``) and the box extent
-(``prompt.box_extent``) start at zero, so the grown model answers exactly as the source until it is trained
-(``pixelllm train --init DST``).
+map's projection (``prompt.fine_grid``), the zooms (``prompt.zoom``, ``heads.candidate_zoom``) and the box
+extent (``prompt.box_extent``) start at zero, so the grown model answers exactly as the source until it is
+trained (``pixelllm train --init DST``).
 The mask decoder (``heads.mask_decoder=K``) and point prompts (``prompt.points``) are built apart from every
 other part and read only by masks and point prompts, so boxes, captions and traces stay the same too;
 training the grown model then trains the decoder on the data's masks (``--point-prompt-prob P`` adds points).
