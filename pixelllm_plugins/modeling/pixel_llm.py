@@ -131,7 +131,8 @@ class PixelLLM(nn.Module):
                 downsample=prompt.attention_downsample, grid=self.vision.grid_size[0],
                 canvas_size=self.canvas_size, fine_dim=getattr(self.vision, "fine_dim", 0),
                 refine=heads.mask_refine)
-        self.zoom = (ZoomEncoder(prompt.zoom, self.map_tokens.num_tokens, prompt.output_dim)
+        self.zoom = (ZoomEncoder(prompt.zoom, self.map_tokens.num_tokens, prompt.output_dim,
+                                 vocab_size=vocab_size if heads.box_words else 0)
                      if prompt.zoom and self.map_tokens is not None else None)
 
     # ---- the public surface: embed images once, then run any number of prompt passes ---------------------
@@ -330,7 +331,7 @@ class PixelLLM(nn.Module):
 
     def _loss(self, inputs: ModelInputs, valid: Tensor, flat: dict[str, Tensor],
               maps: dict[str, Tensor]) -> tuple[Tensor | None, dict[str, float]]:
-        kw: dict = self.word_head.loss_inputs(inputs, valid, maps) if self.word_head is not None else {}
+        kw: dict = self.word_head.loss_inputs(inputs, valid, maps, zoom=self.zoom) if self.word_head is not None else {}
         if "mask_logits" in flat and inputs.target_masks is not None:
             kw.update(mask_logits=flat["mask_logits"], mask_iou=flat["mask_iou"],
                       target_masks=inputs.target_masks[self._mask_rows(inputs, valid)])

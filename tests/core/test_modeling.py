@@ -585,6 +585,25 @@ def test_box_words_head_trains_on_region_batches_only():
     assert model.word_head[1].weight.grad is not None and model.word_head[1].weight.grad.abs().sum() == 0
 
 
+def test_the_zooms_word_head_shares_the_box_words_loss_and_trains_its_cnn_from_the_first_step():
+    cfg = get_preset("tiny")
+    cfg.heads.box_words, cfg.vision.patch_size, cfg.prompt.map_tokens, cfg.prompt.zoom = True, 16, 2, 16
+    torch.manual_seed(0)
+    model = PixelLLM(cfg, V)
+    assert model.zoom.words is not None and not model.zoom.proj.weight.any()  # the addition starts at zero
+    inputs = make_inputs(cfg)
+    inputs.task = "region"
+    out = model(inputs)
+    assert out.losses["box_words"] > 0
+    out.loss.backward()
+    assert model.zoom.cnn[0].weight.grad.abs().sum() > 0  # through the word head, not the zero layer
+    assert model.zoom.words[1].weight.grad.abs().sum() > 0
+    model.zero_grad()
+    inputs.task = "trace"
+    model(inputs).loss.backward()  # no box words: the heads join the graph with a zero gradient
+    assert model.zoom.words[1].weight.grad is not None and model.zoom.words[1].weight.grad.abs().sum() == 0
+
+
 def test_pointer_loss_targets_the_best_matching_candidate():
     boxes = torch.tensor([[[0.0, 0.0, 0.2, 0.2], [0.5, 0.5, 0.9, 0.9], [0.1, 0.1, 0.3, 0.3]]])  # [1,3,4]
     target = torch.tensor([[[0.5, 0.5, 0.9, 0.8], [0.0, 0.0, 0.2, 0.2], [0.6, 0.0, 0.7, 0.1]]])  # [1,3,4]

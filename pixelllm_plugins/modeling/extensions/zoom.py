@@ -6,6 +6,10 @@ hexagon against a circle). Here a square around the box, a fifth wider than the 
 shape keeps its proportions), is resampled from the canvas pixels to ``zoom x zoom`` and read by a small CNN
 (three stride-2 stages); a zero-initialised layer turns its output into one addition per map token, so
 growing it onto a trained model changes no answer until it is trained. The model holds it as ``zoom``.
+
+With ``heads.box_words`` the zoom also gets a word head of its own (``words``, training only): the box-words
+loss asks it for the words of each target box's text from the CNN's features, which trains the CNN directly
+instead of only through the language model (where its zero-started layer first passes no gradient back).
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ def square_crops(boxes01: Tensor, size: int) -> Tensor:
 class ZoomEncoder(nn.Module):
     """Canvas pixels under each prompt box -> an addition to each of the prompt's ``num_tokens`` map tokens."""
 
-    def __init__(self, size: int, num_tokens: int, output_dim: int, channels: tuple[int, ...] = (32, 48, 64)):
+    def __init__(self, size: int, num_tokens: int, output_dim: int, channels: tuple[int, ...] = (32, 48, 64),
+                 vocab_size: int = 0):
         super().__init__()
         self.size, self.num_tokens, self.output_dim = size, num_tokens, output_dim
         layers: list[nn.Module] = [nn.Conv2d(3, channels[0], 3, padding=1), nn.GELU()]
@@ -46,16 +51,26 @@ class ZoomEncoder(nn.Module):
             width = out
         self.cnn = nn.Sequential(*layers)
         side = size // 2 ** len(channels)
-        self.proj = zero_linear(width * side * side, num_tokens * output_dim)
+        self.feature_dim = width * side * side
+        self.proj = zero_linear(self.feature_dim, num_tokens * output_dim)
+        self.words = (nn.Sequential(nn.LayerNorm(self.feature_dim), nn.Linear(self.feature_dim, vocab_size))
+                      if vocab_size else None)
 
-    def forward(self, pixels: Tensor, boxes01: Tensor, image_index: Tensor) -> Tensor:
-        """pixels [B,3,S,S] (the normalised canvas), boxes01 [M,4], image_index [M] -> [M,num_tokens,D]."""
+    def features(self, pixels: Tensor, boxes01: Tensor, image_index: Tensor) -> Tensor:
+        """pixels [B,3,S,S] (the normalised canvas), boxes01 [M,4], image_index [M] -> CNN features [M,F]."""
         weight = self.proj.weight
         grid = square_crops(boxes01.float(), self.size)
         crops = F.grid_sample(pixels.index_select(0, image_index).float(), grid, mode="bilinear",
                               padding_mode="zeros", align_corners=False)
-        features = self.cnn(crops.to(weight.dtype)).flatten(1)
-        return self.proj(features).view(-1, self.num_tokens, self.output_dim)
+        return self.cnn(crops.to(weight.dtype)).flatten(1)
+
+    def forward(self, pixels: Tensor, boxes01: Tensor, image_index: Tensor) -> Tensor:
+        """-> [M,num_tokens,D]: the additions to each prompt's map tokens."""
+        return self.proj(self.features(pixels, boxes01, image_index)).view(-1, self.num_tokens, self.output_dim)
+
+    def word_logits(self, pixels: Tensor, boxes01: Tensor, image_index: Tensor) -> Tensor:
+        """-> [M,V]: the word head's logits (``vocab_size`` > 0 only)."""
+        return self.words(self.features(pixels, boxes01, image_index))
 
     def add_to(self, visual: Tensor, pixels: Tensor, boxes01: Tensor, image_index: Tensor) -> Tensor:
         """visual tokens [M,Q+T,D] whose last T are the map tokens -> the same with the zoom added to those."""
