@@ -301,12 +301,12 @@ def _synth_small() -> PixelLLMConfig:
                             conv_stem=True, detail_channels=16, fine_channels=16),
         prompt=PromptConfig(embed_dim=64, hidden_size=128, depth=2, num_heads=4, mlp_dim=256,
                             attention_downsample=1, num_queries=8, output_dim=192, roi_grid=3, map_tokens=2,
-                            fine_grid=4, box_extent=True, points=True),
+                            fine_grid=4, box_extent=True, points=True, zoom=32),
         language=LanguageConfig(hidden_size=192, num_layers=3, num_heads=4, intermediate_size=512,
                                 max_positions=128, dropout=0.0, max_context_tokens=24, max_text_tokens=40),
         heads=HeadsConfig(point_hidden=192, point_layers=3, proposal_hidden=128, max_proposals=30,
                           point_mode="grid", box_words=True, relation_layers=2, point_context_layers=1,
-                          point_refine=True, point_coords=True, mask_decoder=3, mask_refine=8),
+                          point_refine=True, point_coords=True, mask_decoder=3, mask_refine=8, candidate_zoom=32),
     )
 
 
