@@ -485,7 +485,11 @@ def test_config_checks_run_before_anything_is_built():
     cfg.heads.proposals = False  # map tokens, box words and the grid head all read the proposal features
     with pytest.raises(PixelLLMError, match="map_tokens samples the proposal head"):
         cfg.validate()
+    cfg.heads.proposals = True
     cfg.prompt.map_tokens = cfg.prompt.fine_grid = 0
+    with pytest.raises(PixelLLMError, match="prompt.zoom adds the zoomed-in box to the map tokens"):
+        cfg.validate()
+    cfg.heads.proposals, cfg.prompt.zoom = False, 0
     with pytest.raises(PixelLLMError, match="box_words reads the proposal head"):
         cfg.validate()
     cfg.vision.kind = "hf"  # the check fails before a Hugging Face tower would be fetched
@@ -494,7 +498,7 @@ def test_config_checks_run_before_anything_is_built():
 
 
 def test_extension_hooks_are_none_in_a_paper_model(tiny):
-    assert tiny.map_tokens is None and tiny.box_extent is None and tiny.word_head is None
+    assert tiny.map_tokens is None and tiny.box_extent is None and tiny.word_head is None and tiny.zoom is None
     assert type(tiny.point_head) is PointHead and tiny.map_token_proj is None and tiny.fine_token_proj is None
     assert not any(k.startswith(("map_token", "fine_token", "box_extent", "word_head")) for k in tiny.state_dict())
 
