@@ -527,7 +527,6 @@ class TrainingManager:
         """One ``run_correction_round`` against the project's current version (the core's gate); with the
         default trainer and evaluator, the whole round runs in a child process (``training.isolated``), so
         no torch work of training happens on the server's threads."""
-        from pixelllm_plugins.training.corrections import run_correction_round
         from pixelllm_plugins.training.isolated import correction_round_isolated
 
         base = self.base_model
@@ -539,14 +538,13 @@ class TrainingManager:
         settings = dict(current_adapter=current[1] if current else None, holdout_fraction=self.holdout_fraction,
                         replay=self.replay, seed=round_, split=SPLIT, replay_dir=self.replay_dir,
                         steps=self.steps or None, work_dir=data_dir / "round")
-        if self.trainer is default_trainer and self.evaluator is None:
-            result = correction_round_isolated(base, data_dir, out_dir, **settings)
-        else:
+        trainer = None
+        if self.trainer is not default_trainer:
             def trainer(**kwargs):
                 return self.trainer(adapter_name=name, **kwargs)
 
-            result = run_correction_round(base, data_dir, out_dir, trainer=trainer, evaluator=self.evaluator,
-                                          **settings)
+        result = correction_round_isolated(base, data_dir, out_dir, trainer=trainer, evaluator=self.evaluator,
+                                           **settings)
         log.info("project %s: round %d %s", pid, round_, result.summary())
         return result
 

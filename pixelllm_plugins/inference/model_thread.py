@@ -6,8 +6,8 @@ its helpers to wake. A server that answers each request on whichever thread its 
 with a pool per thread: measured on a 2-core Xeon (benchmarks/bench_threads.py), `refer` on one image took
 54-67 ms on such a thread and 31-34 ms from any thread when one thread did all the model work.
 :class:`OnModelThread` loads the predictor on its own thread and runs every call there (calls were one at a
-time anyway: a Predictor holds a lock around its model). Work that needs no model (``prepare``: decoding and resizing with numpy) stays on the caller's
-thread, so request threads still prepare images in parallel.
+time anyway: a Predictor holds a lock around its model). Work that needs no model (``prepare``: decoding
+and resizing with numpy) stays on the caller's thread, so request threads still prepare images in parallel.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from .extensions.box_words import BoxWordHead
 from .extensions.confidence import ConfidenceHead
 from .extensions.grid_pointing import GridPointHead
 from .extensions.map_tokens import MapTokens
-from .extensions.zoom import ZoomEncoder
+from .extensions.zoom import ZoomEncoder, canvas_pixels
 from .heads import PointHead, ProposalHead
 from .inputs import ImageEmbedding, ModelInputs, ModelOutput, PromptOutput
 from .losses import combine_losses
@@ -164,13 +164,10 @@ class PixelLLM(nn.Module):
         boxes01 = (boxes.float() / self.canvas_size).clamp(0, 1)
         visual = self._adapter_tokens(embedding.tokens, boxes, boxes01, image_index, points, point_labels)
         if self.map_tokens is not None:
-            visual = self.map_tokens(self, visual, self._maps_for_prompts(embedding), boxes01, image_index)
+            maps = self._maps_for_prompts(embedding)
+            visual = self.map_tokens(self, visual, maps, boxes01, image_index)
             if self.zoom is not None:
-                pixels = self._maps_for_prompts(embedding).get("pixels")
-                if pixels is None:
-                    raise PixelLLMError("this model's prompt.zoom reads the canvas pixels: embed the images "
-                                        "with PixelLLM.embed_images")
-                visual = self.zoom.add_to(visual, pixels, boxes01, image_index)
+                visual = self.zoom.add_to(visual, canvas_pixels(maps, "prompt.zoom"), boxes01, image_index)
         if self.box_extent is not None:
             visual = self.box_extent.add_to(visual, boxes, image_index, image_sizes)
         return visual
@@ -331,7 +328,7 @@ class PixelLLM(nn.Module):
 
     def _loss(self, inputs: ModelInputs, valid: Tensor, flat: dict[str, Tensor],
               maps: dict[str, Tensor]) -> tuple[Tensor | None, dict[str, float]]:
-        kw: dict = self.word_head.loss_inputs(inputs, valid, maps, zoom=self.zoom) if self.word_head is not None else {}
+        kw: dict = {} if self.word_head is None else self.word_head.loss_inputs(inputs, valid, maps, zoom=self.zoom)
         if "mask_logits" in flat and inputs.target_masks is not None:
             kw.update(mask_logits=flat["mask_logits"], mask_iou=flat["mask_iou"],
                       target_masks=inputs.target_masks[self._mask_rows(inputs, valid)])

@@ -78,11 +78,15 @@ def finetune_isolated(from_model: str | Path, data_dir: str | Path, out_adapter:
 
 
 def correction_round_isolated(base: str | Path, examples_dir: str | Path, out_adapter: str | Path, *,
-                              isolate: bool | None = None, **kwargs):
-    """``corrections.run_correction_round`` with its default trainer and evaluator, in a fresh process when
-    ``isolate`` is true (``None``: when called off the main thread): training, settling and gate alike."""
+                              isolate: bool | None = None, trainer=None, evaluator=None, **kwargs):
+    """``corrections.run_correction_round``, in a fresh process when ``isolate`` is true (``None``: when
+    called off the main thread): training, settling and gate alike. A ``trainer`` or ``evaluator`` given
+    (Python callables, which a child cannot receive) keeps the round in this process."""
     from .corrections import RoundResult
 
+    if trainer is not None or evaluator is not None:
+        isolate = False
+        kwargs.update(trainer=trainer, evaluator=evaluator)
     value, from_child = _run("round", isolate, base, examples_dir, out_adapter, **kwargs)
     return RoundResult.from_dict(value) if from_child else value
 

@@ -75,3 +75,23 @@ def test_a_round_result_comes_back_whole_from_its_dict():
                          replay_images=96, new_words=["pentagon"], new_word_offsets={"pentagon": 0.78},
                          new_score=0.5, current_score=0.625, reason="worse on the held-out corrections")
     assert RoundResult.from_dict(result.to_dict()) == result
+
+
+def test_a_round_with_a_trainer_or_evaluator_of_the_callers_stays_in_this_process(tmp_path, monkeypatch):
+    """Callables cannot travel to a child: with either one given the round runs here, on any thread."""
+    import pixelllm_plugins.training.corrections as corrections
+    import pixelllm_plugins.training.isolated as isolated
+    from pixelllm_plugins.training.isolated import correction_round_isolated
+
+    def no_child(*args, **kwargs):
+        raise AssertionError("the round went to a child process")
+
+    calls = []
+    monkeypatch.setattr(isolated, "run_in_child", no_child)
+    monkeypatch.setattr(corrections, "run_correction_round", lambda *a, **k: calls.append(k) or "result")
+    trainer, evaluator = object(), object()
+    assert _on_a_thread(correction_round_isolated, "BASE", tmp_path, tmp_path / "a", trainer=trainer) == "result"
+    assert _on_a_thread(correction_round_isolated, "BASE", tmp_path, tmp_path / "b", evaluator=evaluator,
+                        seed=3) == "result"
+    assert [(k["trainer"], k["evaluator"]) for k in calls] == [(trainer, None), (None, evaluator)]
+    assert calls[1]["seed"] == 3

@@ -323,7 +323,6 @@ def run_finetune(samples, *, label_field: str, name: str = DEFAULT_ADAPTER_NAME,
     ``run_correction_round``; without them, called off the main thread (the App's operators), the whole round
     runs in a child process (``training.isolated``). Accepted: a new version ``NAME-v<k>`` becomes the current
     one."""
-    from ...training.corrections import run_correction_round
     from ...training.isolated import correction_round_isolated
 
     kwargs = finetune_kwargs({"label_field": label_field, "name": name, "caption_attribute": caption_attribute,
@@ -369,12 +368,10 @@ def run_finetune(samples, *, label_field: str, name: str = DEFAULT_ADAPTER_NAME,
     candidate = root / ".candidates" / f"{name}-candidate"
     round_dir = work / f"round-{_digest(examples)}"  # same labels: the training run resumes
     report(0.1, f"training on {exported['images']} images ({exported['boxes']} boxes)")
-    settings = dict(current_adapter=root / current if current else None, holdout_fraction=kwargs["holdout_fraction"],
-                    replay=kwargs["replay"], seed=kwargs["seed"], steps=kwargs["steps"] or None, work_dir=round_dir)
-    if trainer is None and evaluator is None:  # the whole round in a child process when off the main thread
-        result = correction_round_isolated(base, examples, candidate, **settings)
-    else:
-        result = run_correction_round(base, examples, candidate, trainer=trainer, evaluator=evaluator, **settings)
+    result = correction_round_isolated(base, examples, candidate, current_adapter=root / current if current else None,
+                                       holdout_fraction=kwargs["holdout_fraction"], replay=kwargs["replay"],
+                                       seed=kwargs["seed"], steps=kwargs["steps"] or None, work_dir=round_dir,
+                                       trainer=trainer, evaluator=evaluator)
     report(0.95, "gate: " + result.gate)
     summary.round, summary.gate, summary.accepted = result.to_dict(), result.gate, result.accepted
     summary.new_score, summary.current_score = result.new_score, result.current_score

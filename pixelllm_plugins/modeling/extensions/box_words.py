@@ -26,11 +26,13 @@ class BoxWordHead(nn.Sequential):
         super().__init__(nn.LayerNorm(feature_dim), nn.Linear(feature_dim, vocab_size))
         self.canvas_size = canvas_size
 
-    def box_logits(self, maps: dict[str, Tensor], boxes: Tensor, image_index: Tensor, image_sizes: Tensor
-                   ) -> Tensor:
-        """Word logits [R,V] from the proposal features inside boxes [R,4] (normalised to each image)."""
+    def canvas_boxes(self, boxes: Tensor, image_index: Tensor, image_sizes: Tensor) -> Tensor:
+        """boxes [R,4] normalised to each image -> normalised to the canvas."""
         scale = (image_sizes.float().index_select(0, image_index) / self.canvas_size).repeat(1, 2)
-        boxes01 = (boxes.float() * scale).clamp(0, 1)
+        return (boxes.float() * scale).clamp(0, 1)
+
+    def box_logits(self, maps: dict[str, Tensor], boxes01: Tensor, image_index: Tensor) -> Tensor:
+        """Word logits [R,V] from the proposal features inside boxes01 [R,4] (normalised to the canvas)."""
         sampled, _ = sample_lattice(maps["features"], boxes01.to(maps["features"].dtype), image_index, 2)
         return self(sampled.mean(1))
 
@@ -59,9 +61,9 @@ class BoxWordHead(nn.Sequential):
         b_idx = has.nonzero(as_tuple=True)[0]
         text_mask = (inputs.text_mask if inputs.text_mask is not None
                      else torch.ones_like(inputs.text_ids, dtype=torch.bool))
-        logits, ids, mask = self.box_logits(maps, boxes, b_idx, inputs.image_sizes), inputs.text_ids[has], text_mask[has]
+        boxes01 = self.canvas_boxes(boxes, b_idx, inputs.image_sizes)
+        logits, ids, mask = self.box_logits(maps, boxes01, b_idx), inputs.text_ids[has], text_mask[has]
         if zoom_words:
-            scale = (inputs.image_sizes.float().index_select(0, b_idx) / self.canvas_size).repeat(1, 2)
-            zoomed = zoom.word_logits(maps["pixels"], (boxes.float() * scale).clamp(0, 1), b_idx)
+            zoomed = zoom.word_logits(maps["pixels"], boxes01, b_idx)
             logits, ids, mask = torch.cat([logits, zoomed.to(logits.dtype)]), ids.repeat(2, 1), mask.repeat(2, 1)
         return {"word_logits": logits, "word_text_ids": ids, "word_text_mask": mask}

@@ -17,10 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...config import HeadsConfig
-from ...errors import PixelLLMError
 from ..common import zero_linear
 from ..heads import ProposalHead
-from .zoom import ZoomEncoder
+from .zoom import ZoomEncoder, canvas_pixels
 
 
 class CandidateRelations(nn.Module):
@@ -58,12 +57,12 @@ class CandidateRelations(nn.Module):
             x = layer(x, memory, tgt_key_padding_mask=~valid, memory_key_padding_mask=text_pad)
         return self.out(x)
 
-    def zoom_candidates(self, pixels: Tensor, boxes01: Tensor, image_index: Tensor) -> Tensor:
-        """pixels [B,3,S,S] (the normalised canvas), candidate boxes01 [M,K,4] normalised to the canvas,
-        image_index [M] -> [M,K,d]."""
-        m, k = boxes01.shape[:2]
-        zoomed = self.zoom(pixels, boxes01.reshape(m * k, 4).clamp(0, 1), image_index.repeat_interleave(k))
-        return zoomed.view(m, k, -1)
+    def zoom_candidates(self, pixels: Tensor, boxes01: Tensor) -> Tensor:
+        """pixels [B,3,S,S] (the normalised canvas), each image's candidate boxes01 [B,K,4] normalised to
+        the canvas -> [B,K,d]."""
+        b, k = boxes01.shape[:2]
+        image_index = torch.arange(b, device=boxes01.device).repeat_interleave(k)
+        return self.zoom(pixels, boxes01.reshape(b * k, 4).clamp(0, 1), image_index).view(b, k, -1)
 
 
 class PointContext(nn.Module):
@@ -164,25 +163,27 @@ class GridPointHead(nn.Module):
         keys = (self.key(features) + self.key_position).index_select(0, image_index)  # [M,L,h]
         query = self.query(hidden if self.context is None else self.context(hidden, text_mask)).to(keys.dtype)
         logits = torch.einsum("mtd,mld->mtl", query, keys).float() * self.scale
-        prior = self.candidates(maps, image_sizes).index_select(0, image_index)  # [M,L]
+        image_prior = self.candidates(maps, image_sizes)  # [B,L]
+        prior = image_prior.index_select(0, image_index)  # [M,L]
         logits = logits + prior[:, None, :]
         size = image_sizes.float().index_select(0, image_index).repeat(1, 2)[:, None, :]
-        boxes = ProposalHead.cell_boxes(maps, self.canvas_size).index_select(0, image_index) / size  # [M,L,4]
+        canvas_boxes = ProposalHead.cell_boxes(maps, self.canvas_size)  # [B,L,4] canvas px
+        boxes = canvas_boxes.index_select(0, image_index) / size  # [M,L,4]
         if self.coords is not None:  # candidates' box centres, about -0.5 .. 0.5 across the image
             centres = ((boxes[..., :2] + boxes[..., 2:]) / 2 - 0.5).clamp(-1, 1)
             logits = logits + self.COORD_GAIN * torch.einsum("mtc,mlc->mtl", self.coords(query).float(), centres)
         if self.relations is not None:
-            top, cells = prior.topk(min(self.relation_candidates, prior.shape[1]), dim=1)  # [M,K]
+            # the candidates are an image's (its prior's top K), the same for every row of that image
+            image_top, image_cells = image_prior.topk(min(self.relation_candidates, prior.shape[1]), dim=1)  # [B,K]
+            top, cells = image_top.index_select(0, image_index), image_cells.index_select(0, image_index)  # [M,K]
             valid = torch.isfinite(top)
             picked = keys.gather(1, cells[..., None].expand(-1, -1, keys.shape[-1]))
             cand_boxes = boxes.gather(1, cells[..., None].expand(-1, -1, 4))
             zoomed = None
-            if self.relations.zoom is not None:
-                if "pixels" not in maps:
-                    raise PixelLLMError("this model's heads.candidate_zoom reads the canvas pixels: embed the "
-                                        "images with PixelLLM.embed_images")
-                canvas01 = cand_boxes * size / self.canvas_size  # image frame -> canvas frame
-                zoomed = self.relations.zoom_candidates(maps["pixels"], canvas01, image_index)
+            if self.relations.zoom is not None:  # zoomed in once per image, then given to its rows
+                image_boxes01 = canvas_boxes.gather(1, image_cells[..., None].expand(-1, -1, 4)) / self.canvas_size
+                pixels = canvas_pixels(maps, "heads.candidate_zoom")
+                zoomed = self.relations.zoom_candidates(pixels, image_boxes01).index_select(0, image_index)
             related = self.relations(picked, cand_boxes, valid, hidden, text_mask, zoomed)  # [M,K,h]
             delta = torch.einsum("mtd,mkd->mtk", query, related).float() * self.scale
             delta = delta.masked_fill(~valid[:, None, :], 0.0)

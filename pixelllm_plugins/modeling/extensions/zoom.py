@@ -18,10 +18,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...errors import PixelLLMError
 from ..common import zero_linear
 
 MARGIN = 1.2  # the crop's side over the box's longer side
 MIN_SIDE = 4.0 / 192  # the smallest crop, as a fraction of the canvas
+
+
+def canvas_pixels(maps: dict[str, Tensor], option: str) -> Tensor:
+    """The normalised canvas pixels kept in an image embedding's maps, or a clear error naming ``option``."""
+    pixels = maps.get("pixels")
+    if pixels is None:
+        raise PixelLLMError(f"this model's {option} reads the canvas pixels: embed the images with "
+                            "PixelLLM.embed_images")
+    return pixels
 
 
 def square_crops(boxes01: Tensor, size: int) -> Tensor:
