@@ -29,6 +29,7 @@ Injection renames the wrapped modules' keys in ``model.state_dict()`` (``q.weigh
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -262,14 +263,20 @@ def _inject(model: nn.Module, name: str, lora_config) -> None:
     active = get_active_adapter(model)
     flags = {id(p): p.requires_grad for p in model.parameters()}
     mts = list(lora_config.modules_to_save or [])
+    # peft would also wrap every module whose name merely ends with one of these ("zoom.proj" would take
+    # "point_head.relations.zoom.proj" too): it injects the LoRA layers only, the copies are made below by
+    # exact name, and the config it keeps (and saves) still lists them
+    lora_only = copy.copy(lora_config)
+    lora_only.modules_to_save = None
     try:
         with warnings.catch_warnings():  # several adapters on one model are intended here
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-            inject_adapter_in_model(lora_config, model, adapter_name=name)
+            inject_adapter_in_model(lora_only, model, adapter_name=name)
     except (ValueError, TypeError, KeyError) as exc:
         model.__dict__.get("peft_config", {}).pop(name, None)
         raise CheckpointError(f"cannot add LoRA adapter {name!r} on {lora_config.target_modules}: {exc}. "
                               "Was it trained for a different model architecture?") from exc
+    model.peft_config[name] = lora_config
     for module_name in mts:
         try:
             module = model.get_submodule(module_name)

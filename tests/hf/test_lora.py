@@ -231,3 +231,27 @@ def test_pixel_llm_tiny_adapter_round_trip(tmp_path):
     assert same(outputs(fresh, inputs), tuned_out)
     lora.set_active_adapter(fresh, None)
     assert same(outputs(fresh, inputs), base_out)
+
+
+def test_an_extra_copy_is_the_module_named_not_every_module_whose_name_ends_so(tmp_path):
+    """peft matches modules_to_save by suffix: "zoom.proj" (the prompt zoom's layer) would also wrap the
+    candidate zoom's "relations.zoom.proj" inside the point head's copy. Copies are made by exact name, and
+    the saved folder loads back onto the same modules."""
+    from pixelllm_plugins.checkpoint import load_pretrained
+
+    def build():
+        torch.manual_seed(0)
+        return load_pretrained("synth-small")[0]
+
+    model = build()
+    lora.add_lora(model, "a", r=2, extra_modules_to_save=["zoom.proj"])
+    wrapped = sorted(name for name, m in model.named_modules() if lora._is_mts_wrapper(m))
+    assert wrapped == ["confidence_head", "point_head", "zoom.proj"]
+    lora.save_adapter(model, tmp_path / "a", "a")
+    keys = load_file(str(tmp_path / "a" / lora.ADAPTER_WEIGHTS))
+    assert {"base_model.model.zoom.proj.weight", "base_model.model.point_head.relations.zoom.proj.weight"} <= set(keys)
+    assert json.loads((tmp_path / "a" / lora.ADAPTER_CONFIG).read_text())["modules_to_save"] == [
+        "confidence_head", "point_head", "zoom.proj"]
+    fresh = build()
+    lora.load_adapter(fresh, tmp_path / "a", "a")
+    assert sorted(name for name, m in fresh.named_modules() if lora._is_mts_wrapper(m)) == wrapped
