@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,12 @@ class PromptConfig:
     # image tokens; zoomed in, its outline is what the CNN sees. Growing it onto a trained model changes
     # nothing until it is trained. 0 = none.
     zoom: int = 0
+    # Beyond the paper, with zoom and heads.box_words: how strongly the zoom's own word head (trained on the
+    # words of each box's text) votes while a region caption is written: each step adds zoom_words times
+    # its log-probability of every word, relative to its favourite and floored, to the language model's
+    # (the end of the text and an adapter's new words get no vote), so a shape the CNN reads plainly is not
+    # overruled by a blurred map token (``modeling/extensions/zoom.py``). Inference only; 0 = none.
+    zoom_words: float = 0.0
 
 
 @dataclass
@@ -233,6 +240,11 @@ class PixelLLMConfig:
         if prompt.zoom and (prompt.map_tokens <= 0 or prompt.zoom < 8 or prompt.zoom % 8):
             raise PixelLLMError("prompt.zoom adds the zoomed-in box to the map tokens: it needs "
                                 "prompt.map_tokens > 0 and a crop size that is a multiple of 8 (e.g. 32)")
+        if prompt.zoom_words and (not prompt.zoom or not heads.box_words or prompt.zoom_words < 0
+                                  or not math.isfinite(prompt.zoom_words)):
+            raise PixelLLMError(f"prompt.zoom_words is the zoom's word head's vote in region captions: it needs "
+                                f"prompt.zoom > 0, heads.box_words (the head trains with it) and a finite "
+                                f"weight >= 0, got {prompt.zoom_words}")
         if heads.box_words and not heads.proposals:
             raise PixelLLMError("heads.box_words reads the proposal head's features: it needs "
                                 "heads.proposals")
@@ -301,7 +313,7 @@ def _synth_small() -> PixelLLMConfig:
                             conv_stem=True, detail_channels=16, fine_channels=16),
         prompt=PromptConfig(embed_dim=64, hidden_size=128, depth=2, num_heads=4, mlp_dim=256,
                             attention_downsample=1, num_queries=8, output_dim=192, roi_grid=3, map_tokens=2,
-                            fine_grid=4, box_extent=True, points=True, zoom=32),
+                            fine_grid=4, box_extent=True, points=True, zoom=32, zoom_words=1.0),
         language=LanguageConfig(hidden_size=192, num_layers=3, num_heads=4, intermediate_size=512,
                                 max_positions=128, dropout=0.0, max_context_tokens=24, max_text_tokens=40),
         heads=HeadsConfig(point_hidden=192, point_layers=3, proposal_hidden=128, max_proposals=30,

@@ -9,6 +9,12 @@ that adds the zoom to the map tokens stays zero, so the model still answers exac
 (also copied into ``heads.candidate_zoom``'s, when the model has one) is then ready when the model trains.
 
     python scripts/pretrain_zoom.py g21 DV8 g21z --steps 3000
+
+``--words-only`` trains the word head alone on a trained model (its CNN, and so every answer but the zoom's
+vote in region captions, ``prompt.zoom_words``, stays as it was), e.g. on scenes of both looks so the vote
+also reads the classic drawing:
+
+    python scripts/pretrain_zoom.py MODEL TRAIN_VARIED TRAIN_CLASSIC OUT --words-only --steps 1500
 """
 
 from __future__ import annotations
@@ -79,7 +85,7 @@ def word_recall(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="a checkpoint folder whose config has prompt.zoom and heads.box_words")
-    p.add_argument("data", type=Path, help="a data folder with vg_<split>.json and images/<split>/")
+    p.add_argument("data", type=Path, nargs="+", help="data folder(s) with vg_<split>.json and images/<split>/")
     p.add_argument("out", type=Path, help="where to write the checkpoint with the pretrained zoom")
     p.add_argument("--split", default="train")
     p.add_argument("--steps", type=int, default=3000)
@@ -89,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jitter", type=float, default=0.15)
     p.add_argument("--holdout", type=float, default=0.05, help="share of the crops kept out to report on")
     p.add_argument("--max-images", type=int, default=0, help="use the first N images only (0: all)")
+    p.add_argument("--words-only", action="store_true",
+                   help="train only the word head (the CNN stays as it is; the model's answers other than the "
+                        "zoom's vote do not change)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     progress = sys.stderr.isatty()
@@ -96,13 +105,29 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer, version = load_pretrained(args.model)
     if model.zoom is None or model.zoom.words is None:
         p.error(f"{args.model} has no zoom with a word head: grow it with prompt.zoom=32 (heads.box_words on)")
-    crops, ids, mask = cut_crops(model, tokenizer, args.data, args.split, args.copies, args.jitter, args.seed,
-                                 progress, args.max_images)
+    parts_of_data = [cut_crops(model, tokenizer, data, args.split, args.copies, args.jitter, args.seed, progress,
+                               args.max_images) for data in args.data]
+    zoom = model.zoom.float().train()
+    if args.words_only:  # the CNN is frozen: read each crop once, then train the head on its features
+        zoom.cnn.eval().requires_grad_(False)
+        with torch.no_grad():
+            parts_of_data = [(torch.cat([zoom.cnn(c.float()).flatten(1) for c in crops.split(1024)]), ids, mask)
+                             for crops, ids, mask in parts_of_data]
+    width = max(ids.shape[1] for _, ids, _ in parts_of_data)
+    crops = torch.cat([c for c, _, _ in parts_of_data])
+    ids = torch.cat([F.pad(i, (0, width - i.shape[1]), value=tokenizer.pad_id) for _, i, _ in parts_of_data])
+    mask = ids != tokenizer.pad_id
+    order = torch.randperm(len(crops) // args.copies, generator=torch.Generator().manual_seed(args.seed))
+    order = (order[:, None] * args.copies + torch.arange(args.copies)).flatten()  # a region's copies together
+    crops, ids, mask = crops[order], ids[order], mask[order]
     n_hold = int(len(crops) * args.holdout) // args.copies * args.copies  # whole regions at the end
     train, held = slice(0, len(crops) - n_hold), slice(len(crops) - n_hold, len(crops))
     print(f"{len(crops)} crops of {len(crops) // args.copies} regions ({n_hold} held out)")
-    zoom = model.zoom.float().train()
-    parts = list(zoom.cnn.parameters()) + list(zoom.words.parameters())
+
+    def head_logits(batch: torch.Tensor) -> torch.Tensor:
+        return zoom.words(batch if args.words_only else zoom.cnn(batch).flatten(1))
+
+    parts = list(zoom.words.parameters()) + ([] if args.words_only else list(zoom.cnn.parameters()))
     optimizer = torch.optim.AdamW(parts, lr=args.lr, weight_decay=0.01)
     n_train, start = train.stop, time.time()
     for step in tqdm(range(args.steps), desc="pretraining the zoom", disable=not progress):
@@ -111,22 +136,22 @@ def main(argv: list[str] | None = None) -> int:
             group["lr"] = lr
         rows = torch.randint(0, n_train, (args.batch_size,))
         batch = crops[rows].float()
-        flip = torch.rand(len(rows)) < 0.5
-        batch[flip] = batch[flip].flip(-1)
-        loss = box_words_loss(zoom.words(zoom.cnn(batch).flatten(1)), ids[rows], mask[rows])
+        if not args.words_only:  # (features of mirrored crops would need the CNN again)
+            flip = torch.rand(len(rows)) < 0.5
+            batch[flip] = batch[flip].flip(-1)
+        loss = box_words_loss(head_logits(batch), ids[rows], mask[rows])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if (step + 1) % max(1, args.steps // 5) == 0 or step + 1 == args.steps:
             with torch.no_grad():
                 zoom.eval()
-                logits = torch.cat([zoom.words(zoom.cnn(c.float()).flatten(1))
-                                    for c in crops[held].split(1024)])
+                logits = torch.cat([head_logits(c.float()) for c in crops[held].split(1024)])
                 zoom.train()
             print(f"step {step + 1}: loss {loss.item():.3f}, held-out word recall "
                   f"{word_recall(logits, ids[held], mask[held]):.3f} ({time.time() - start:.0f} s)", flush=True)
     relations = getattr(model.point_head, "relations", None)
-    if relations is not None and relations.zoom is not None:
+    if relations is not None and relations.zoom is not None and not args.words_only:
         relations.zoom.cnn.load_state_dict(zoom.cnn.state_dict())
     model.eval()
     new_version = save_pretrained(model, tokenizer, args.out, extra_meta={"zoom_pretrained_from": version})

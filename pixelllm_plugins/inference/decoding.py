@@ -58,8 +58,9 @@ def _check(visual: Tensor, context_ids: Tensor, context_mask: Tensor, max_new_to
 @torch.no_grad()
 def generate(lm: LanguageModel, visual: Tensor, context_ids: Tensor, context_mask: Tensor, *, bos_id: int,
              eos_id: int, pad_id: int, max_new_tokens: int, num_beams: int = 1, length_penalty: float = 0.6,
-             min_new_tokens: int = 1) -> GenerationResult:
-    """Decode one text per row. visual [M,Q,Dv], context_ids/context_mask [M,Tc]."""
+             min_new_tokens: int = 1, word_bias: Tensor | None = None) -> GenerationResult:
+    """Decode one text per row. visual [M,Q,Dv], context_ids/context_mask [M,Tc]; ``word_bias`` [M,V'] is
+    added to each row's next-word log-probabilities at every step (``with_word_bias``)."""
     _check(visual, context_ids, context_mask, max_new_tokens, num_beams)
     m = visual.shape[0]
     if m == 0:
@@ -68,14 +69,30 @@ def generate(lm: LanguageModel, visual: Tensor, context_ids: Tensor, context_mas
         return GenerationResult([[bos_id] for _ in range(m)], [0.0] * m, [False] * m)
     if num_beams == 1:
         return greedy_search(lm, visual, context_ids, context_mask, bos_id=bos_id, eos_id=eos_id,
-                             pad_id=pad_id, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
+                             pad_id=pad_id, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                             word_bias=word_bias)
     return beam_search(lm, visual, context_ids, context_mask, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id,
                        max_new_tokens=max_new_tokens, num_beams=num_beams, length_penalty=length_penalty,
-                       min_new_tokens=min_new_tokens)
+                       min_new_tokens=min_new_tokens, word_bias=word_bias)
 
 
-def _log_probs(logits: Tensor, step: int, eos_id: int, min_new_tokens: int) -> Tensor:
-    logp = torch.log_softmax(logits.float(), dim=-1)
+def with_word_bias(scores: Tensor, word_bias: Tensor | None, eos_id: int) -> Tensor:
+    """scores [..., V] (next-word logits or log-probabilities) plus ``word_bias`` [..., V'] (V' <= V: the
+    columns past V', an adapter's new words, get none), except at ``eos_id``: a vote on the words never
+    ends a text early or late."""
+    if word_bias is None:
+        return scores
+    bias = word_bias.to(scores.dtype)
+    if bias.shape[-1] < scores.shape[-1]:
+        bias = torch.nn.functional.pad(bias, (0, scores.shape[-1] - bias.shape[-1]))
+    bias = bias[..., : scores.shape[-1]].clone()
+    bias[..., eos_id] = 0.0
+    return scores + bias
+
+
+def _log_probs(logits: Tensor, step: int, eos_id: int, min_new_tokens: int, word_bias: Tensor | None = None
+               ) -> Tensor:
+    logp = with_word_bias(torch.log_softmax(logits.float(), dim=-1), word_bias, eos_id)
     if step < min_new_tokens:
         logp[..., eos_id] = NEG_INF
     return logp
@@ -83,7 +100,8 @@ def _log_probs(logits: Tensor, step: int, eos_id: int, min_new_tokens: int) -> T
 
 @torch.no_grad()
 def greedy_search(lm: LanguageModel, visual: Tensor, context_ids: Tensor, context_mask: Tensor, *, bos_id: int,
-                  eos_id: int, pad_id: int, max_new_tokens: int, min_new_tokens: int = 1) -> GenerationResult:
+                  eos_id: int, pad_id: int, max_new_tokens: int, min_new_tokens: int = 1,
+                  word_bias: Tensor | None = None) -> GenerationResult:
     m = visual.shape[0]
     device = visual.device
     state = lm.start_decoding(visual, context_ids, context_mask)
@@ -95,7 +113,7 @@ def greedy_search(lm: LanguageModel, visual: Tensor, context_ids: Tensor, contex
     tok = torch.full((m,), bos_id, dtype=torch.long, device=device)
     for step in range(max_new_tokens):
         logits, _, state = lm.decode_step(state, tok)
-        logp = _log_probs(logits, step, eos_id, min_new_tokens)
+        logp = _log_probs(logits, step, eos_id, min_new_tokens, None if word_bias is None else word_bias[alive])
         best_logp, tok = logp.max(dim=-1)
         out[alive, step] = tok
         sum_logp[alive] += best_logp
@@ -117,7 +135,7 @@ def greedy_search(lm: LanguageModel, visual: Tensor, context_ids: Tensor, contex
 @torch.no_grad()
 def beam_search(lm: LanguageModel, visual: Tensor, context_ids: Tensor, context_mask: Tensor, *, bos_id: int,
                 eos_id: int, pad_id: int, max_new_tokens: int, num_beams: int, length_penalty: float = 0.6,
-                min_new_tokens: int = 1) -> GenerationResult:
+                min_new_tokens: int = 1, word_bias: Tensor | None = None) -> GenerationResult:
     m, k = visual.shape[0], num_beams
     device = visual.device
     length_max = max_new_tokens
@@ -140,7 +158,8 @@ def beam_search(lm: LanguageModel, visual: Tensor, context_ids: Tensor, context_
     for step in range(max_new_tokens):
         a = rows.shape[0]
         logits, _, state = lm.decode_step(state, tok)
-        logp = _log_probs(logits, step, eos_id, min_new_tokens).view(a, k, -1)
+        bias = None if word_bias is None else word_bias[rows].repeat_interleave(k, dim=0)
+        logp = _log_probs(logits, step, eos_id, min_new_tokens, bias).view(a, k, -1)
         vocab = logp.shape[-1]
         cand = (alive_logp[:, :, None] + logp).view(a, k * vocab)
         n_cand = min(2 * k, k * vocab)

@@ -34,6 +34,7 @@ from .arguments import check_generation as _check_generation
 from .arguments import check_labels as _check_labels
 from .calibration import words as text_words
 from .compose import align_words, compose_caption
+from .decoding import with_word_bias
 from .preprocess import PreparedImage, prepare_image_keyed
 from .results import Detection, MaskResult, RegionCaption, TracedCaption, Word
 
@@ -390,15 +391,18 @@ class Predictor:
                                      txt, txt_mask)
         return out.points.float(), out.confidence.float()
 
-    def _generate(self, embedding: ImageEmbedding, sizes, rows, max_new_tokens, num_beams):
+    def _generate(self, embedding: ImageEmbedding, sizes, rows, max_new_tokens, num_beams, *, regions: bool = False):
+        """``regions``: the rows' boxes each hold one object (region and dense captions), so a model with
+        ``prompt.zoom_words`` lets its zoom vote on the words."""
         from .decoding import generate
 
-        visual = self.model.prompt_tokens(embedding, self._boxes(rows), self._row_index(rows), sizes,
-                                          *self._row_points(rows))
+        boxes, index = self._boxes(rows), self._row_index(rows)
+        visual = self.model.prompt_tokens(embedding, boxes, index, sizes, *self._row_points(rows))
         ctx, ctx_mask = self._pad([r.context for r in rows])
         tok = self.tokenizer
+        vote = self.model.region_word_vote(embedding, boxes, index) if regions else None
         return generate(self.model.language, visual, ctx, ctx_mask, bos_id=tok.bos_id, eos_id=tok.eos_id,
-                        pad_id=tok.pad_id, max_new_tokens=max_new_tokens, num_beams=num_beams)
+                        pad_id=tok.pad_id, max_new_tokens=max_new_tokens, num_beams=num_beams, word_bias=vote)
 
     def _row_points(self, rows: list[_Row]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(points [R,1,2] canvas pixels, labels [R,1]) of rows that all have a point prompt; (None, None) for
@@ -488,8 +492,9 @@ class Predictor:
     def region_text_logits(self, image: ImageInput, boxes: Sequence[Sequence[float]], texts: Sequence[str], *,
                            adapter: str | None = None) -> list[tuple[list[int], torch.Tensor]]:
         """Teacher-forced: per (box, text) of one image, the text's token ids (BOS ... EOS) and the language
-        model's next-token logits at each of them ([T, V] float32 on the CPU; row t predicts token t + 1).
-        How likely the model finds a caption for a box, and what it would rather have written."""
+        model's next-token logits at each of them ([T, V] float32 on the CPU; row t predicts token t + 1), with
+        the zoom's vote added as region captions are written (``prompt.zoom_words``). How likely the model
+        finds a caption for a box, and what it would rather have written."""
         if len(boxes) != len(texts):
             raise InvalidPromptError(f"region_text_logits got {len(boxes)} boxes but {len(texts)} texts")
         with self._lock:
@@ -505,9 +510,11 @@ class Predictor:
             for chunk in self._chunks(rows):
                 ctx, ctx_mask = self._pad([r.context for r in chunk])
                 txt, txt_mask = self._pad([r.text for r in chunk])
-                result = self.model.prompt_pass(embedding, self._boxes(chunk), self._row_index(chunk), sizes, ctx,
-                                                ctx_mask, txt, txt_mask)
-                logits = result.logits.float().cpu()
+                boxes, index = self._boxes(chunk), self._row_index(chunk)
+                result = self.model.prompt_pass(embedding, boxes, index, sizes, ctx, ctx_mask, txt, txt_mask)
+                vote = self.model.region_word_vote(embedding, boxes, index)
+                logits = with_word_bias(result.logits.float(), None if vote is None else vote[:, None, :],
+                                        self.tokenizer.eos_id).cpu()
                 out += [(list(r.text), logits[k, :len(r.text)]) for k, r in enumerate(chunk)]
             return out
 
@@ -635,7 +642,8 @@ class Predictor:
         for group in ([k for k, r in enumerate(rows) if r.point is None],
                       [k for k, r in enumerate(rows) if r.point is not None]):
             for chunk in self._chunks(group):
-                result = self._generate(embedding, sizes, [rows[k] for k in chunk], max_new_tokens, num_beams)
+                result = self._generate(embedding, sizes, [rows[k] for k in chunk], max_new_tokens, num_beams,
+                                        regions=True)
                 for k, tokens, score in zip(chunk, result.tokens, result.scores):
                     texts[k] = self.tokenizer.decode(tokens)
                     scores[k] = round(float(torch.tensor(score).exp().clamp(0, 1)), 4)

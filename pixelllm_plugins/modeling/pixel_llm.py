@@ -172,6 +172,17 @@ class PixelLLM(nn.Module):
             visual = self.box_extent.add_to(visual, boxes, image_index, image_sizes)
         return visual
 
+    def region_word_vote(self, embedding: ImageEmbedding, boxes: Tensor, image_index: Tensor) -> Tensor | None:
+        """``prompt.zoom_words``: the zoom word head's vote [M,V] for captions of the prompt boxes [M,4]
+        (canvas pixels; ``ZoomEncoder.word_vote``), or None for a model without it. For boxes around one
+        object (region captions, dense captions), not whole-image captions: the head never saw those."""
+        weight = self.config.prompt.zoom_words
+        if not weight or self.zoom is None or self.zoom.words is None:
+            return None
+        boxes01 = (boxes.float() / self.canvas_size).clamp(0, 1)
+        return self.zoom.word_vote(canvas_pixels(self._maps_for_prompts(embedding), "prompt.zoom_words"), boxes01,
+                                   image_index, weight)
+
     def prompt_pass(self, embedding: ImageEmbedding, boxes: Tensor, image_index: Tensor, image_sizes: Tensor,
                     context_ids: Tensor, context_mask: Tensor, text_ids: Tensor, text_mask: Tensor, *,
                     points: Tensor | None = None, point_labels: Tensor | None = None) -> PromptOutput:

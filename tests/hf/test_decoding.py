@@ -186,3 +186,20 @@ def test_edge_cases():
         generate(lm, visual, ctx[:1], cmask[:1], bos_id=BOS, eos_id=EOS, pad_id=PAD, max_new_tokens=3)
     with pytest.raises(InvalidPromptError):
         generate(lm, visual, ctx, cmask, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_new_tokens=3, num_beams=0)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_word_bias_reorders_words_per_row_and_never_touches_the_end(num_beams):
+    # BOS -> 3 (p 0.6) or 4 (p 0.4), then EOS; a vote against 3 turns row 1 to 4, row 0 keeps 3
+    table = logp_table({BOS: {3: 0.6, 4: 0.4}, 3: {EOS: 0.99}, 4: {EOS: 0.99}}, vocab=5)
+    lm = ToyLM(table)
+    visual, ctx, cmask = torch.zeros(2, 1, 5), torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.bool)
+    kw = dict(bos_id=BOS, eos_id=EOS, pad_id=PAD, max_new_tokens=4, num_beams=num_beams)
+    assert generate(lm, visual, ctx, cmask, **kw).tokens == [[BOS, 3, EOS]] * 2
+    bias = torch.zeros(2, 4)  # narrower than the vocabulary: token 4 (an adapter's new word) gets no vote
+    bias[1, 3] = -2.0
+    bias[:, EOS] = -50.0  # a vote on the end of the text is ignored
+    res = generate(lm, visual, ctx, cmask, word_bias=bias, **kw)
+    assert res.tokens == [[BOS, 3, EOS], [BOS, 4, EOS]]
+    if num_beams == 1:  # the score is the voted log-probability
+        assert res.scores[1] == pytest.approx(math.log(0.4) / 2, abs=1e-3)  # 4, then EOS (p about 1)

@@ -10,6 +10,9 @@ growing it onto a trained model changes no answer until it is trained. The model
 With ``heads.box_words`` the zoom also gets a word head of its own (``words``, training only): the box-words
 loss asks it for the words of each target box's text from the CNN's features, which trains the CNN directly
 instead of only through the language model (where its zero-started layer first passes no gradient back).
+With ``prompt.zoom_words`` that head also votes while region captions are written (:meth:`ZoomEncoder.word_vote`,
+``inference.decoding.generate``'s ``word_bias``): on turned shapes the CNN names the outline more often than the
+language model reading the map tokens does.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from ..common import zero_linear
 
 MARGIN = 1.2  # the crop's side over the box's longer side
 MIN_SIDE = 4.0 / 192  # the smallest crop, as a fraction of the canvas
+VOTE_FLOOR = -4.0  # the lowest word_vote per unit weight (log-probability below the favourite word's)
 
 
 def canvas_pixels(maps: dict[str, Tensor], option: str) -> Tensor:
@@ -81,6 +85,13 @@ class ZoomEncoder(nn.Module):
     def word_logits(self, pixels: Tensor, boxes01: Tensor, image_index: Tensor) -> Tensor:
         """-> [M,V]: the word head's logits (``vocab_size`` > 0 only)."""
         return self.words(self.features(pixels, boxes01, image_index))
+
+    def word_vote(self, pixels: Tensor, boxes01: Tensor, image_index: Tensor, weight: float) -> Tensor:
+        """``prompt.zoom_words``: [M,V] additions to a region caption's next-word log-probabilities, ``weight``
+        times the word head's log-probability of each word minus that of its favourite word, at least
+        ``weight * VOTE_FLOOR`` (all <= 0: the vote reorders words, it never pushes a caption on)."""
+        logp = torch.log_softmax(self.word_logits(pixels, boxes01, image_index).float(), dim=-1)
+        return weight * (logp - logp.amax(dim=-1, keepdim=True)).clamp(min=VOTE_FLOOR)
 
     def add_to(self, visual: Tensor, pixels: Tensor, boxes01: Tensor, image_index: Tensor) -> Tensor:
         """visual tokens [M,Q+T,D] whose last T are the map tokens -> the same with the zoom added to those."""
