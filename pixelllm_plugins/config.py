@@ -133,6 +133,12 @@ class HeadsConfig:
     # candidate_zoom x candidate_zoom (``modeling/extensions/zoom.py``, through a zero-started layer), so
     # "the pentagon" can be told from "the hexagon" where the map features of small objects blur. 0 = none.
     candidate_zoom: int = 0
+    # Ours, with the grid point head, prompt.zoom and box_words: when a text is localised, the zoom's word
+    # head reads each of the 8 candidates' boxes and votes for the candidates that show the text's words:
+    # candidate_words times the mean, over the words it sees on some candidate, of each candidate's
+    # log-probability minus the best candidate's (floored), added to the candidates' scores
+    # (``PixelLLM.refer_word_vote``). Inference only, for referring texts; 0 = none.
+    candidate_words: float = 0.0
     # Ours, grid point head only: ``point_context_layers`` bidirectional self-attention layers over the
     # row's token states form the pointing queries, so a word's point may depend on the words after it
     # (a trace puts "a small" on the object the phrase goes on to name; the causal LM cannot know it yet).
@@ -245,6 +251,11 @@ class PixelLLMConfig:
             raise PixelLLMError(f"prompt.zoom_words is the zoom's word head's vote in region captions: it needs "
                                 f"prompt.zoom > 0, heads.box_words (the head trains with it) and a finite "
                                 f"weight >= 0, got {prompt.zoom_words}")
+        if heads.candidate_words and (heads.point_mode != "grid" or not prompt.zoom or not heads.box_words
+                                      or heads.candidate_words < 0 or not math.isfinite(heads.candidate_words)):
+            raise PixelLLMError(f"heads.candidate_words is the zoom's word head's vote on which candidate a text "
+                                f"names: it needs heads.point_mode 'grid', prompt.zoom > 0, heads.box_words and a "
+                                f"finite weight >= 0, got {heads.candidate_words}")
         if heads.box_words and not heads.proposals:
             raise PixelLLMError("heads.box_words reads the proposal head's features: it needs "
                                 "heads.proposals")
@@ -318,7 +329,8 @@ def _synth_small() -> PixelLLMConfig:
                                 max_positions=128, dropout=0.0, max_context_tokens=24, max_text_tokens=40),
         heads=HeadsConfig(point_hidden=192, point_layers=3, proposal_hidden=128, max_proposals=30,
                           point_mode="grid", box_words=True, relation_layers=2, point_context_layers=1,
-                          point_refine=True, point_coords=True, mask_decoder=3, mask_refine=8, candidate_zoom=32),
+                          point_refine=True, point_coords=True, mask_decoder=3, mask_refine=8, candidate_zoom=32,
+                          candidate_words=1.0),
     )
 
 

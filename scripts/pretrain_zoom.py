@@ -14,7 +14,7 @@ that adds the zoom to the map tokens stays zero, so the model still answers exac
 vote in region captions, ``prompt.zoom_words``, stays as it was), e.g. on scenes of both looks so the vote
 also reads the classic drawing:
 
-    python scripts/pretrain_zoom.py MODEL TRAIN_VARIED TRAIN_CLASSIC OUT --words-only --steps 1500
+    python scripts/pretrain_zoom.py MODEL TRAIN_VARIED TRAIN_CLASSIC OUT --words-only --steps 1500 --vote 1.0
 """
 
 from __future__ import annotations
@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--words-only", action="store_true",
                    help="train only the word head (the CNN stays as it is; the model's answers other than the "
                         "zoom's vote do not change)")
+    p.add_argument("--vote", type=float, default=None,
+                   help="also set prompt.zoom_words (the head's vote in region captions) of the saved model")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     progress = sys.stderr.isatty()
@@ -154,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     if relations is not None and relations.zoom is not None and not args.words_only:
         relations.zoom.cnn.load_state_dict(zoom.cnn.state_dict())
     model.eval()
+    if args.vote is not None:
+        model.config.prompt.zoom_words = args.vote
+        model.config.validate()
     new_version = save_pretrained(model, tokenizer, args.out, extra_meta={"zoom_pretrained_from": version})
     print(f"{new_version} in {args.out}")
     return 0

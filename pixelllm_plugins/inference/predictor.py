@@ -382,13 +382,20 @@ class Predictor:
     def _row_index(self, rows: list[_Row]) -> torch.Tensor:
         return torch.tensor([r.image for r in rows], device=self.device)
 
-    def _teacher_forced(self, embedding: ImageEmbedding, sizes, rows) -> tuple[torch.Tensor, torch.Tensor]:
+    def _teacher_forced(self, embedding: ImageEmbedding, sizes, rows, *, refer: bool = False
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """Points and confidence logits at every text position: (points [R,T,4], conf [R,T]); ``sizes``:
-        ``_sizes`` of the images."""
+        ``_sizes`` of the images. ``refer``: each row's text names one object, so a model with
+        ``heads.candidate_words`` lets its zoom vote on the candidates."""
         ctx, ctx_mask = self._pad([r.context for r in rows])
         txt, txt_mask = self._pad([r.text for r in rows])
-        out = self.model.prompt_pass(embedding, self._boxes(rows), self._row_index(rows), sizes, ctx, ctx_mask,
-                                     txt, txt_mask)
+        index = self._row_index(rows)
+        vote = None
+        if refer:  # the words between BOS and EOS
+            words, words_mask = self._pad([r.text[1:-1] or [self.tokenizer.pad_id] for r in rows])
+            vote = self.model.refer_word_vote(embedding, index, sizes, words, words_mask & (words != self.tokenizer.pad_id))
+        out = self.model.prompt_pass(embedding, self._boxes(rows), index, sizes, ctx, ctx_mask, txt, txt_mask,
+                                     cell_bias=vote)
         return out.points.float(), out.confidence.float()
 
     def _generate(self, embedding: ImageEmbedding, sizes, rows, max_new_tokens, num_beams, *, regions: bool = False):
@@ -463,7 +470,7 @@ class Predictor:
         sizes = self._sizes(loaded)
         boxes, scores = [], []
         for chunk in self._chunks(rows):
-            points, conf = self._teacher_forced(embedding, sizes, chunk)
+            points, conf = self._teacher_forced(embedding, sizes, chunk, refer=True)
             last = torch.tensor([len(r.text) - 2 for r in chunk], device=points.device)
             ar = torch.arange(len(chunk), device=points.device)
             boxes.append(points[ar, last])

@@ -19,7 +19,7 @@ from .extensions.box_words import BoxWordHead
 from .extensions.confidence import ConfidenceHead
 from .extensions.grid_pointing import GridPointHead
 from .extensions.map_tokens import MapTokens
-from .extensions.zoom import ZoomEncoder, canvas_pixels
+from .extensions.zoom import VOTE_FLOOR, ZoomEncoder, canvas_pixels
 from .heads import PointHead, ProposalHead
 from .inputs import ImageEmbedding, ModelInputs, ModelOutput, PromptOutput
 from .losses import combine_losses
@@ -183,9 +183,30 @@ class PixelLLM(nn.Module):
         return self.zoom.word_vote(canvas_pixels(self._maps_for_prompts(embedding), "prompt.zoom_words"), boxes01,
                                    image_index, weight)
 
+    def refer_word_vote(self, embedding: ImageEmbedding, image_index: Tensor, image_sizes: Tensor, word_ids: Tensor,
+                        word_mask: Tensor) -> Tensor | None:
+        """``heads.candidate_words``: the zoom word head's vote [M,L] on the grid head's cells for rows whose
+        texts' words (ids without BOS/EOS, [M,T], ``word_mask`` [M,T]) refer to one object: each image's
+        candidates get ``ZoomEncoder.candidate_vote``, every other cell the lowest vote. None for a model
+        without it. Give it to ``prompt_pass(cell_bias=)``; for referring texts, not captions or traces."""
+        weight = self.config.heads.candidate_words
+        if not weight or self.zoom is None or self.zoom.words is None or not self._points_need_maps:
+            return None
+        maps = self._maps_for_prompts(embedding)
+        head = self.point_head
+        _, cells = head.top_candidates(head.candidates(maps, image_sizes))  # [B,K]
+        boxes01 = ProposalHead.cell_boxes(maps, self.canvas_size).gather(1, cells[..., None].expand(-1, -1, 4))
+        vote = self.zoom.candidate_vote(canvas_pixels(maps, "heads.candidate_words"),
+                                        (boxes01 / self.canvas_size).clamp(0, 1), image_index, word_ids,
+                                        word_mask, weight)  # [M,K]
+        cells_per_map = maps["heatmap"].shape[-2] * maps["heatmap"].shape[-1]
+        bias = vote.new_full((vote.shape[0], cells_per_map), weight * VOTE_FLOOR)
+        return bias.scatter(1, cells.index_select(0, image_index), vote)
+
     def prompt_pass(self, embedding: ImageEmbedding, boxes: Tensor, image_index: Tensor, image_sizes: Tensor,
                     context_ids: Tensor, context_mask: Tensor, text_ids: Tensor, text_mask: Tensor, *,
-                    points: Tensor | None = None, point_labels: Tensor | None = None) -> PromptOutput:
+                    points: Tensor | None = None, point_labels: Tensor | None = None,
+                    cell_bias: Tensor | None = None) -> PromptOutput:
         """The one pass over M (image, prompt) rows that training and inference share: visual tokens of
         each box, the language model over [visual | context | text], then points and confidence at every
         text position. Shapes: boxes [M,4], context [M,Tc], text [M,T] (BOS + text + EOS, padded); optional
@@ -196,7 +217,8 @@ class PixelLLM(nn.Module):
         if self._points_need_maps:
             maps = self._maps_for_prompts(embedding)
             out_points, cell_logits, cell_boxes = self.point_head(hidden, maps, image_index, image_sizes,
-                                                                  text_mask=text_mask, with_choices=True)
+                                                                  text_mask=text_mask, with_choices=True,
+                                                                  cell_bias=cell_bias)
         else:
             out_points, cell_logits, cell_boxes = self.point_head(hidden), None, None
         confidence = (hidden.new_zeros(hidden.shape[:-1]) if self.confidence_head is None

@@ -489,7 +489,7 @@ def test_config_checks_run_before_anything_is_built():
     cfg.prompt.map_tokens = cfg.prompt.fine_grid = 0
     with pytest.raises(PixelLLMError, match="prompt.zoom adds the zoomed-in box to the map tokens"):
         cfg.validate()
-    cfg.heads.proposals, cfg.prompt.zoom, cfg.prompt.zoom_words = False, 0, 0.0
+    cfg.heads.proposals, cfg.prompt.zoom, cfg.prompt.zoom_words, cfg.heads.candidate_words = False, 0, 0.0, 0.0
     with pytest.raises(PixelLLMError, match="box_words reads the proposal head"):
         cfg.validate()
     cfg.vision.kind = "hf"  # the check fails before a Hugging Face tower would be fetched

@@ -134,3 +134,80 @@ def test_the_vote_steers_region_captions_and_not_whole_image_captions(tmp_path):
     assert diff.min().item() == pytest.approx(-32.0, abs=1e-3)
     whole = [p.caption([image], from_regions=False, trace=False, max_new_tokens=5)[0].text for p in (plain, voting)]
     assert whole[0] == whole[1]
+
+
+def test_candidate_vote_favours_candidates_showing_the_text_words(monkeypatch):
+    from pixelllm_plugins.modeling.extensions.zoom import SEEN, VOTE_FLOOR
+
+    zoom = ZoomEncoder(16, num_tokens=2, output_dim=8, vocab_size=6)
+    # two candidates: the head reads word 2 on the first (and a little of word 3), word 3 on the second
+    logits = torch.tensor([[0.0, 0.0, 9.0, 7.0, 0.0, 0.0], [0.0, 0.0, 0.0, 9.0, 0.0, 0.0]])
+    monkeypatch.setattr(zoom, "word_logits", lambda pixels, boxes01, index: logits)
+    boxes = torch.tensor([[[0.0, 0.0, 0.4, 1.0], [0.6, 0.0, 1.0, 1.0]]])  # one image, two candidates
+    ids = torch.tensor([[2, 0], [3, 0], [5, 0], [2, 7], [2, 3]])  # 2; 3; a word nobody shows; 2 + a new word; both
+    mask = torch.tensor([[True, False], [True, False], [True, False], [True, True], [True, True]])
+    vote = zoom.candidate_vote(torch.zeros(1, 3, 32, 32), boxes, torch.zeros(5, dtype=torch.long), ids, mask, 2.0)
+    logp = torch.log_softmax(logits, -1)
+    assert vote.shape == (5, 2)
+    assert vote[0, 0] == 0 and vote[0, 1].item() == pytest.approx(2.0 * VOTE_FLOOR)  # 9 below: floored
+    assert vote[1, 1] == 0 and vote[1, 0].item() == pytest.approx(2.0 * (logp[0, 3] - logp[1, 3]).item())
+    assert logp[:, 5].max() < SEEN and torch.equal(vote[2], torch.zeros(2))  # nobody shows it: no vote
+    torch.testing.assert_close(vote[3], vote[0])  # a word outside the head's vocabulary never counts
+    torch.testing.assert_close(vote[4], (vote[0] + vote[1]) / 2)  # the mean over the words
+
+
+def test_candidate_words_needs_the_grid_head_and_the_zoom_word_head():
+    config = get_preset("synth-small")
+    config.heads.candidate_words = 1.0
+    config.validate()
+    for section, key, value in (("heads", "candidate_words", -1.0), ("heads", "box_words", False),
+                                ("prompt", "zoom", 0)):
+        config = get_preset("synth-small")
+        config.heads.candidate_words, config.prompt.zoom_words = 1.0, 0.0
+        setattr(getattr(config, section), key, value)
+        with pytest.raises(PixelLLMError, match="heads.candidate_words"):
+            config.validate()
+
+
+def test_refer_takes_the_candidate_the_vote_favours_and_captions_do_not_see_it(tmp_path, monkeypatch):
+    """With heads.candidate_words, refer adds the vote to the grid head's cell scores: a vote for the image's
+    second candidate (every other cell at the floor) makes it the answer. Region captions are as before."""
+    from PIL import Image
+
+    from pixelllm_plugins.checkpoint import load_pretrained, save_pretrained
+    from pixelllm_plugins.inference.predictor import Predictor
+    from pixelllm_plugins.modeling.extensions.zoom import VOTE_FLOOR
+    from pixelllm_plugins.modeling.heads import ProposalHead
+
+    torch.manual_seed(0)
+    model, tokenizer, _ = load_pretrained("synth-small")
+    model.config.prompt.zoom_words, model.config.heads.candidate_words = 0.0, 0.0
+    save_pretrained(model, tokenizer, tmp_path / "plain")
+    model.config.heads.candidate_words = 100.0
+    save_pretrained(model, tokenizer, tmp_path / "voting")
+    plain, voting = Predictor(tmp_path / "plain"), Predictor(tmp_path / "voting")
+    image = Image.new("RGB", (192, 192), (255, 255, 255))
+    assert plain.model.refer_word_vote(*([None] * 5)) is None  # off: nothing to compute
+    calls = []
+    loaded = voting._load([image])
+    embedding, sizes = voting._embed(loaded), voting._sizes(loaded)
+    head = voting.model.point_head
+    _, cells = head.top_candidates(head.candidates(embedding.maps, sizes))
+    cell_boxes = ProposalHead.cell_boxes(embedding.maps, voting.model.canvas_size)[0] * 192 / voting.model.canvas_size
+    for k in (1, 2):
+        def favour(pixels, boxes01, image_index, word_ids, word_mask, weight, k=k):
+            calls.append(word_ids.tolist())
+            vote = torch.full((len(image_index), boxes01.shape[1]), weight * VOTE_FLOOR)
+            vote[:, k] = 0.0
+            return vote
+
+        monkeypatch.setattr(voting.model.zoom, "candidate_vote", favour)
+        got = voting.refer([image], [["the hexagon"]])[0][0][0].box_xyxy
+        # (the head's per-token refinement moves the picked box a little at most)
+        assert got == pytest.approx(cell_boxes[cells[0, k]].tolist(), abs=1.5)
+    assert cell_boxes[cells[0, 1]].sub(cell_boxes[cells[0, 2]]).abs().max() > 3  # two different answers
+    assert calls == [[tokenizer.encode("the hexagon", add_eos=False)]] * 2  # the words, without BOS and EOS
+    box = [[20.0, 20.0, 90.0, 90.0]]
+    assert (voting.caption_regions([image], [box], max_new_tokens=4)[0][0].text
+            == plain.caption_regions([image], [box], max_new_tokens=4)[0][0].text)
+    assert len(calls) == 2

@@ -138,6 +138,11 @@ class GridPointHead(nn.Module):
         self.key_position = nn.Parameter(torch.randn(map_size[0] * map_size[1], hidden) * 0.02)
         self.scale = hidden ** -0.5
 
+    def top_candidates(self, image_prior: Tensor) -> tuple[Tensor, Tensor]:
+        """Each image's ``relation_candidates`` strongest cells of :meth:`candidates`' log-prior [B,L]:
+        (their log-prior [B,K], their cell index [B,K])."""
+        return image_prior.topk(min(self.relation_candidates, image_prior.shape[1]), dim=1)
+
     def candidates(self, maps: dict[str, Tensor], image_sizes: Tensor) -> Tensor:
         """Log-prior per map cell [B,L]: the detached log detection score at heatmap peaks inside the
         image, -inf elsewhere (the strongest cell always stays a candidate)."""
@@ -154,11 +159,12 @@ class GridPointHead(nn.Module):
         return F.logsigmoid(heat.flatten(1)).masked_fill(~peak, float("-inf"))
 
     def forward(self, hidden: Tensor, maps: dict[str, Tensor], image_index: Tensor, image_sizes: Tensor,
-                *, text_mask: Tensor | None = None, with_choices: bool = False):
+                *, text_mask: Tensor | None = None, with_choices: bool = False, cell_bias: Tensor | None = None):
         """hidden [M,T,H], proposal maps of B images, image_index [M], image_sizes [B,2] (w,h canvas px)
         -> points [M,T,4] as x0,y0,x1,y1 normalised to each row's image; with ``with_choices`` also
         (cell logits [M,T,L], cell boxes [M,L,4] in the same frame) for the pointer loss. ``text_mask``
-        [M,T] marks real tokens for the relation layers and the point context (all tokens count when None)."""
+        [M,T] marks real tokens for the relation layers and the point context (all tokens count when None);
+        ``cell_bias`` [M,L] is added to every token's cell scores (``PixelLLM.refer_word_vote``)."""
         features = maps["features"].flatten(2).transpose(1, 2)  # [B,L,C]
         keys = (self.key(features) + self.key_position).index_select(0, image_index)  # [M,L,h]
         query = self.query(hidden if self.context is None else self.context(hidden, text_mask)).to(keys.dtype)
@@ -174,7 +180,7 @@ class GridPointHead(nn.Module):
             logits = logits + self.COORD_GAIN * torch.einsum("mtc,mlc->mtl", self.coords(query).float(), centres)
         if self.relations is not None:
             # the candidates are an image's (its prior's top K), the same for every row of that image
-            image_top, image_cells = image_prior.topk(min(self.relation_candidates, prior.shape[1]), dim=1)  # [B,K]
+            image_top, image_cells = self.top_candidates(image_prior)  # [B,K]
             top, cells = image_top.index_select(0, image_index), image_cells.index_select(0, image_index)  # [M,K]
             valid = torch.isfinite(top)
             picked = keys.gather(1, cells[..., None].expand(-1, -1, keys.shape[-1]))
@@ -188,6 +194,8 @@ class GridPointHead(nn.Module):
             delta = torch.einsum("mtd,mkd->mtk", query, related).float() * self.scale
             delta = delta.masked_fill(~valid[:, None, :], 0.0)
             logits = logits.scatter_add(2, cells[:, None, :].expand(-1, logits.shape[1], -1), delta)
+        if cell_bias is not None:
+            logits = logits + cell_bias[:, None, :].float()
         if self.training:
             points = torch.bmm(logits.softmax(-1), boxes)
         else:  # at inference a token points at one object: the box of its best candidate, not a blend

@@ -12,7 +12,8 @@ loss asks it for the words of each target box's text from the CNN's features, wh
 instead of only through the language model (where its zero-started layer first passes no gradient back).
 With ``prompt.zoom_words`` that head also votes while region captions are written (:meth:`ZoomEncoder.word_vote`,
 ``inference.decoding.generate``'s ``word_bias``): on turned shapes the CNN names the outline more often than the
-language model reading the map tokens does.
+language model reading the map tokens does; with ``heads.candidate_words`` it also reads each candidate a
+referring text may name and votes for those that show the text's words (:meth:`ZoomEncoder.candidate_vote`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from ..common import zero_linear
 
 MARGIN = 1.2  # the crop's side over the box's longer side
 MIN_SIDE = 4.0 / 192  # the smallest crop, as a fraction of the canvas
-VOTE_FLOOR = -4.0  # the lowest word_vote per unit weight (log-probability below the favourite word's)
+VOTE_FLOOR = -4.0  # the lowest vote per unit weight (log-probability below the favourite word's or candidate's)
+SEEN = -3.0  # candidate_vote counts a word only where the head gives some candidate at least this log-probability
 
 
 def canvas_pixels(maps: dict[str, Tensor], option: str) -> Tensor:
@@ -92,6 +94,25 @@ class ZoomEncoder(nn.Module):
         ``weight * VOTE_FLOOR`` (all <= 0: the vote reorders words, it never pushes a caption on)."""
         logp = torch.log_softmax(self.word_logits(pixels, boxes01, image_index).float(), dim=-1)
         return weight * (logp - logp.amax(dim=-1, keepdim=True)).clamp(min=VOTE_FLOOR)
+
+    def candidate_vote(self, pixels: Tensor, boxes01: Tensor, image_index: Tensor, word_ids: Tensor,
+                       word_mask: Tensor, weight: float) -> Tensor:
+        """``heads.candidate_words``: pixels [B,3,S,S], each image's K candidate boxes01 [B,K,4], rows'
+        image_index [M] and the ids of their text's words [M,T] (``word_mask`` [M,T]) -> [M,K]: ``weight``
+        times the mean, over the words the head sees on at least one candidate (log-probability above
+        ``SEEN``; words outside its vocabulary, an adapter's new words, never count), of each candidate's
+        log-probability minus the best candidate's, at least ``VOTE_FLOOR``; 0 for a row with no such word."""
+        b, k = boxes01.shape[:2]
+        per_image = torch.arange(b, device=boxes01.device).repeat_interleave(k)
+        logp = torch.log_softmax(self.word_logits(pixels, boxes01.reshape(b * k, 4), per_image).float(), dim=-1)
+        logp = logp.view(b, k, -1).index_select(0, image_index)  # [M,K,V]
+        vocab = logp.shape[-1]
+        known = word_mask & (word_ids < vocab)
+        words = logp.gather(2, word_ids.clamp(0, vocab - 1)[:, None, :].expand(-1, k, -1))  # [M,K,T]
+        best = words.amax(dim=1)  # [M,T]
+        counted = (known & (best > SEEN)).float()
+        relative = (words - best[:, None, :]).clamp(min=VOTE_FLOOR) * counted[:, None, :]
+        return weight * relative.sum(-1) / counted.sum(-1, keepdim=True).clamp(min=1.0)
 
     def add_to(self, visual: Tensor, pixels: Tensor, boxes01: Tensor, image_index: Tensor) -> Tensor:
         """visual tokens [M,Q+T,D] whose last T are the map tokens -> the same with the zoom added to those."""
