@@ -60,7 +60,8 @@ def generate(lm: LanguageModel, visual: Tensor, context_ids: Tensor, context_mas
              eos_id: int, pad_id: int, max_new_tokens: int, num_beams: int = 1, length_penalty: float = 0.6,
              min_new_tokens: int = 1, word_bias: Tensor | None = None) -> GenerationResult:
     """Decode one text per row. visual [M,Q,Dv], context_ids/context_mask [M,Tc]; ``word_bias`` [M,V'] is
-    added to each row's next-word log-probabilities at every step (``with_word_bias``)."""
+    added to each row's next-word log-probabilities at every step to choose the words (``with_word_bias``);
+    a text's score stays the language model's own mean log-probability of it."""
     _check(visual, context_ids, context_mask, max_new_tokens, num_beams)
     m = visual.shape[0]
     if m == 0:
@@ -91,11 +92,13 @@ def with_word_bias(scores: Tensor, word_bias: Tensor | None, eos_id: int) -> Ten
 
 
 def _log_probs(logits: Tensor, step: int, eos_id: int, min_new_tokens: int, word_bias: Tensor | None = None
-               ) -> Tensor:
-    logp = with_word_bias(torch.log_softmax(logits.float(), dim=-1), word_bias, eos_id)
+               ) -> tuple[Tensor, Tensor]:
+    """(the scores that choose the next word: log-probabilities plus ``word_bias``, the language model's own
+    log-probabilities, which a text's reported score averages)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
     if step < min_new_tokens:
         logp[..., eos_id] = NEG_INF
-    return logp
+    return with_word_bias(logp, word_bias, eos_id), logp
 
 
 @torch.no_grad()
@@ -113,10 +116,11 @@ def greedy_search(lm: LanguageModel, visual: Tensor, context_ids: Tensor, contex
     tok = torch.full((m,), bos_id, dtype=torch.long, device=device)
     for step in range(max_new_tokens):
         logits, _, state = lm.decode_step(state, tok)
-        logp = _log_probs(logits, step, eos_id, min_new_tokens, None if word_bias is None else word_bias[alive])
-        best_logp, tok = logp.max(dim=-1)
+        voted, logp = _log_probs(logits, step, eos_id, min_new_tokens,
+                                 None if word_bias is None else word_bias[alive])
+        tok = voted.argmax(dim=-1)
         out[alive, step] = tok
-        sum_logp[alive] += best_logp
+        sum_logp[alive] += logp.gather(1, tok[:, None])[:, 0]
         lengths[alive] += 1
         done = tok == eos_id
         if bool(done.any()):
@@ -146,7 +150,8 @@ def beam_search(lm: LanguageModel, visual: Tensor, context_ids: Tensor, context_
     alive_seq = torch.full((m, k, max_new_tokens), pad_id, dtype=torch.long, device=device)
     alive_logp = torch.full((m, k), NEG_INF, device=device)
     alive_logp[:, 0] = 0.0
-    # finished beams: normalised score, sequence, summed log-prob, length
+    alive_own = torch.zeros((m, k), device=device)  # the language model's own summed log-probabilities
+    # finished beams: normalised score, sequence, summed log-prob (the language model's own), length
     fin_score = torch.full((m, k), NEG_INF, device=device)
     fin_seq = torch.full((m, k, max_new_tokens), pad_id, dtype=torch.long, device=device)
     fin_logp = torch.zeros((m, k), device=device)
@@ -159,11 +164,15 @@ def beam_search(lm: LanguageModel, visual: Tensor, context_ids: Tensor, context_
         a = rows.shape[0]
         logits, _, state = lm.decode_step(state, tok)
         bias = None if word_bias is None else word_bias[rows].repeat_interleave(k, dim=0)
-        logp = _log_probs(logits, step, eos_id, min_new_tokens, bias).view(a, k, -1)
+        voted, own = _log_probs(logits, step, eos_id, min_new_tokens, bias)
+        logp = voted.view(a, k, -1)
         vocab = logp.shape[-1]
         cand = (alive_logp[:, :, None] + logp).view(a, k * vocab)
         n_cand = min(2 * k, k * vocab)
         cand_logp, cand_idx = cand.topk(n_cand, dim=-1)
+        # the language model's own summed log-probability of each candidate (what a result reports)
+        cand_own = (cand_logp if word_bias is None
+                    else (alive_own[:, :, None] + own.view(a, k, -1)).view(a, k * vocab).gather(1, cand_idx))
         cand_beam, cand_tok = cand_idx // vocab, cand_idx % vocab
         cand_seq = alive_seq.gather(1, cand_beam[:, :, None].expand(-1, -1, max_new_tokens)).clone()
         cand_seq[:, :, step] = cand_tok
@@ -175,11 +184,12 @@ def beam_search(lm: LanguageModel, visual: Tensor, context_ids: Tensor, context_
         all_score = torch.cat([fin_score, new_score], 1)
         fin_score, pick = all_score.topk(k, dim=-1)
         fin_seq = torch.cat([fin_seq, cand_seq], 1).gather(1, pick[:, :, None].expand(-1, -1, max_new_tokens))
-        fin_logp = torch.cat([fin_logp, cand_logp], 1).gather(1, pick)
+        fin_logp = torch.cat([fin_logp, cand_own], 1).gather(1, pick)
         fin_len = torch.cat([fin_len, torch.full_like(cand_logp, length, dtype=torch.long)], 1).gather(1, pick)
         # alive set: the k best non-EOS candidates
         alive_cand = torch.where(is_eos, torch.full_like(cand_logp, NEG_INF), cand_logp)
         alive_logp, pick = alive_cand.topk(k, dim=-1)
+        alive_own = cand_own.gather(1, pick)
         alive_beam = cand_beam.gather(1, pick)
         alive_seq = cand_seq.gather(1, pick[:, :, None].expand(-1, -1, max_new_tokens))
         tok_rows = cand_tok.gather(1, pick)
@@ -191,14 +201,14 @@ def beam_search(lm: LanguageModel, visual: Tensor, context_ids: Tensor, context_
             done = torch.ones_like(done)
         if bool(done.any()):
             for j in done.nonzero(as_tuple=True)[0].tolist():
-                results[int(rows[j])] = _pick_result(j, fin_score, fin_seq, fin_logp, fin_len, alive_logp,
+                results[int(rows[j])] = _pick_result(j, fin_score, fin_seq, fin_logp, fin_len, alive_own,
                                                      alive_seq, length, length_penalty, bos_id)
             keep = (~done).nonzero(as_tuple=True)[0]
             if keep.numel() == 0:
                 break
             rows = rows[keep]
-            alive_seq, alive_logp, alive_beam, tok_rows = (alive_seq[keep], alive_logp[keep], alive_beam[keep],
-                                                           tok_rows[keep])
+            alive_seq, alive_logp, alive_own, alive_beam, tok_rows = (
+                alive_seq[keep], alive_logp[keep], alive_own[keep], alive_beam[keep], tok_rows[keep])
             fin_score, fin_seq, fin_logp, fin_len = fin_score[keep], fin_seq[keep], fin_logp[keep], fin_len[keep]
         # cache rows follow their beams: new beam (r, i) continues old beam (r, alive_beam[r, i])
         a = rows.shape[0]
@@ -219,7 +229,8 @@ def beam_search(lm: LanguageModel, visual: Tensor, context_ids: Tensor, context_
 def _pick_result(j: int, fin_score: Tensor, fin_seq: Tensor, fin_logp: Tensor, fin_len: Tensor,
                  alive_logp: Tensor, alive_seq: Tensor, length: int, alpha: float,
                  bos_id: int) -> tuple[list[int], float, bool]:
-    """Best finished beam of active row j; the best alive beam when none finished."""
+    """Best finished beam of active row j; the best alive beam when none finished. The score: the mean of
+    ``fin_logp`` / ``alive_logp`` (the language model's own log-probabilities) over the text."""
     if torch.isfinite(fin_score[j, 0]):
         n = int(fin_len[j, 0])
         return [bos_id] + fin_seq[j, 0, :n].tolist(), float(fin_logp[j, 0]) / n, True

@@ -45,27 +45,45 @@ def test_zero_started_and_gradients_reach_the_cnn():
     assert zoom.cnn[0].weight.grad is not None and zoom.cnn[0].weight.grad.abs().sum() > 0
 
 
-def test_needs_map_tokens_and_a_multiple_of_eight():
-    for prompt in ({"map_tokens": 0, "zoom": 32}, {"map_tokens": 2, "zoom": 12}):
-        config = get_preset("tiny")
-        config.vision.patch_size = 16
-        for key, value in prompt.items():
-            setattr(config.prompt, key, value)
-        with pytest.raises(PixelLLMError, match="prompt.zoom"):
-            config.validate()
+def _config(preset: str, changes: dict):
+    """``preset``'s config with ``{"section.field": value}`` changes."""
+    config = get_preset(preset)
+    for name, value in changes.items():
+        section, key = name.split(".")
+        setattr(getattr(config, section), key, value)
+    return config
 
 
-def test_candidate_zoom_needs_the_relation_layers_and_a_multiple_of_eight():
-    for heads in ({"point_mode": "mlp", "candidate_zoom": 32}, {"point_mode": "grid", "relation_layers": 0,
-                  "candidate_zoom": 32}, {"point_mode": "grid", "relation_layers": 1, "candidate_zoom": 20}):
-        config = get_preset("tiny")
-        for key, value in heads.items():
-            setattr(config.heads, key, value)
-        with pytest.raises(PixelLLMError, match="heads.candidate_zoom"):
-            config.validate()
-    config = get_preset("tiny")
-    config.heads.point_mode, config.heads.relation_layers, config.heads.candidate_zoom = "grid", 1, 16
-    config.validate()
+TINY16 = {"vision.patch_size": 16}
+NO_VOTES = {"prompt.zoom_words": 0.0, "heads.candidate_words": 0.0}
+
+
+@pytest.mark.parametrize("preset, changes, match", [
+    ("tiny", TINY16 | {"prompt.map_tokens": 0, "prompt.zoom": 32}, "prompt.zoom"),
+    ("tiny", TINY16 | {"prompt.map_tokens": 2, "prompt.zoom": 12}, "prompt.zoom"),  # not a multiple of 8
+    ("tiny", {"heads.point_mode": "mlp", "heads.candidate_zoom": 32}, "heads.candidate_zoom"),
+    ("tiny", {"heads.point_mode": "grid", "heads.relation_layers": 0, "heads.candidate_zoom": 32},
+     "heads.candidate_zoom"),
+    ("tiny", {"heads.point_mode": "grid", "heads.relation_layers": 1, "heads.candidate_zoom": 20},
+     "heads.candidate_zoom"),
+    ("synth-small", {"prompt.zoom_words": -1.0}, "prompt.zoom_words"),
+    ("synth-small", {"prompt.zoom_words": float("nan")}, "prompt.zoom_words"),
+    ("synth-small", {"heads.candidate_words": 0.0, "prompt.zoom": 0}, "prompt.zoom_words"),
+    ("synth-small", {"heads.candidate_words": 0.0, "heads.box_words": False}, "prompt.zoom_words"),
+    ("synth-small", {"heads.candidate_words": -1.0}, "heads.candidate_words"),
+    ("synth-small", NO_VOTES | {"heads.candidate_words": 1.0, "heads.box_words": False}, "heads.candidate_words"),
+    ("synth-small", NO_VOTES | {"heads.candidate_words": 1.0, "prompt.zoom": 0}, "heads.candidate_words"),
+])
+def test_zoom_options_check_what_they_need(preset, changes, match):
+    """The zoom needs map tokens, the candidate zoom the relation layers (crops a multiple of 8); both votes
+    need the zoom's word head (box_words), the candidates' vote the grid head; weights finite and >= 0."""
+    with pytest.raises(PixelLLMError, match=match):
+        _config(preset, changes).validate()
+
+
+def test_zoom_options_pass_their_checks_when_they_have_what_they_need():
+    _config("tiny", {"heads.point_mode": "grid", "heads.relation_layers": 1, "heads.candidate_zoom": 16}).validate()
+    _config("synth-small", {"prompt.zoom_words": 2.0, "heads.candidate_words": 0.5}).validate()
 
 
 def test_word_vote_is_relative_to_the_favourite_word_and_floored():
@@ -80,23 +98,6 @@ def test_word_vote_is_relative_to_the_favourite_word_and_floored():
     assert vote[0, 1].item() == pytest.approx(2.0 * -4.0)  # 4 below the favourite: the floor
     assert vote[0, 3].item() == pytest.approx(2.0 * VOTE_FLOOR)
     assert VOTE_FLOOR == -4.0
-
-
-def test_zoom_words_needs_the_zoom_word_head():
-    config = get_preset("synth-small")
-    config.prompt.zoom_words = 1.0
-    config.validate()
-    for change in ({"zoom_words": -1.0}, {"zoom_words": float("nan")}, {"zoom": 0}):
-        config = get_preset("synth-small")
-        config.prompt.zoom_words = 1.0
-        for key, value in change.items():
-            setattr(config.prompt, key, value)
-        with pytest.raises(PixelLLMError, match="prompt.zoom_words"):
-            config.validate()
-    config = get_preset("synth-small")
-    config.prompt.zoom_words, config.heads.box_words = 1.0, False
-    with pytest.raises(PixelLLMError, match="prompt.zoom_words"):
-        config.validate()
 
 
 def test_the_vote_steers_region_captions_and_not_whole_image_captions(tmp_path):
@@ -154,19 +155,6 @@ def test_candidate_vote_favours_candidates_showing_the_text_words(monkeypatch):
     assert logp[:, 5].max() < SEEN and torch.equal(vote[2], torch.zeros(2))  # nobody shows it: no vote
     torch.testing.assert_close(vote[3], vote[0])  # a word outside the head's vocabulary never counts
     torch.testing.assert_close(vote[4], (vote[0] + vote[1]) / 2)  # the mean over the words
-
-
-def test_candidate_words_needs_the_grid_head_and_the_zoom_word_head():
-    config = get_preset("synth-small")
-    config.heads.candidate_words = 1.0
-    config.validate()
-    for section, key, value in (("heads", "candidate_words", -1.0), ("heads", "box_words", False),
-                                ("prompt", "zoom", 0)):
-        config = get_preset("synth-small")
-        config.heads.candidate_words, config.prompt.zoom_words = 1.0, 0.0
-        setattr(getattr(config, section), key, value)
-        with pytest.raises(PixelLLMError, match="heads.candidate_words"):
-            config.validate()
 
 
 def test_refer_takes_the_candidate_the_vote_favours_and_captions_do_not_see_it(tmp_path, monkeypatch):
