@@ -11,8 +11,8 @@ that adds the zoom to the map tokens stays zero, so the model still answers exac
     python scripts/pretrain_zoom.py g21 DV8 g21z --steps 3000
 
 ``--words-only`` trains the word head alone on a trained model (its CNN, and so every answer but the zoom's
-vote in region captions, ``prompt.zoom_words``, stays as it was), e.g. on scenes of both looks so the vote
-also reads the classic drawing:
+votes, ``prompt.zoom_words`` and ``heads.candidate_words``, stays as it was), e.g. on scenes of both looks so
+the votes also read the classic drawing:
 
     python scripts/pretrain_zoom.py MODEL TRAIN_VARIED TRAIN_CLASSIC OUT --words-only --steps 1500 --vote 1.0
 """
@@ -99,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="train only the word head (the CNN stays as it is; the model's answers other than the "
                         "zoom's vote do not change)")
     p.add_argument("--vote", type=float, default=None,
-                   help="also set prompt.zoom_words (the head's vote in region captions) of the saved model")
+                   help="also set the head's votes in the saved model's config: prompt.zoom_words (region "
+                        "captions) and, with the grid point head, heads.candidate_words (which object a text "
+                        "names); refit the score calibration afterwards (scripts/calibrate_scores.py)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     progress = sys.stderr.isatty()
@@ -158,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
     if args.vote is not None:
         model.config.prompt.zoom_words = args.vote
+        if model.config.heads.point_mode == "grid":
+            model.config.heads.candidate_words = args.vote
         model.config.validate()
     new_version = save_pretrained(model, tokenizer, args.out, extra_meta={"zoom_pretrained_from": version})
     print(f"{new_version} in {args.out}")
