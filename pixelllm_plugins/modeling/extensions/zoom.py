@@ -7,7 +7,7 @@ shape keeps its proportions), is resampled from the canvas pixels to ``zoom x zo
 (three stride-2 stages); a zero-initialised layer turns its output into one addition per map token, so
 growing it onto a trained model changes no answer until it is trained. The model holds it as ``zoom``.
 
-With ``heads.box_words`` the zoom also gets a word head of its own (``words``, training only): the box-words
+With ``heads.box_words`` the zoom also gets a word head of its own (``words``): the box-words
 loss asks it for the words of each target box's text from the CNN's features, which trains the CNN directly
 instead of only through the language model (where its zero-started layer first passes no gradient back).
 With ``prompt.zoom_words`` that head also votes while region captions are written (:meth:`ZoomEncoder.word_vote`,
