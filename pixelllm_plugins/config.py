@@ -92,6 +92,10 @@ class PromptConfig:
     # (the end of the text and an adapter's new words get no vote), so a shape the CNN reads plainly is not
     # overruled by a blurred map token (``modeling/extensions/zoom.py``). Inference only; 0 = none.
     zoom_words: float = 0.0
+    # With zoom_words or heads.candidate_words: the views of each crop whose word-head log-probabilities the
+    # votes average: 1 (the crop), 2 (and its mirror image), 4 (its quarter turns) or 8 (both). No shape's
+    # name changes under them, and a view the head reads well outvotes one it reads badly.
+    zoom_views: int = 1
 
 
 @dataclass
@@ -251,6 +255,9 @@ class PixelLLMConfig:
             raise PixelLLMError(f"prompt.zoom_words is the zoom's word head's vote in region captions: it needs "
                                 f"prompt.zoom > 0, heads.box_words (the head trains with it) and a finite "
                                 f"weight >= 0, got {prompt.zoom_words}")
+        if prompt.zoom_views not in (1, 2, 4, 8):
+            raise PixelLLMError(f"prompt.zoom_views is how many views of a crop the zoom's votes average: 1, 2 "
+                                f"(with its mirror image), 4 (its quarter turns) or 8 (both), got {prompt.zoom_views}")
         if heads.candidate_words and (heads.point_mode != "grid" or not prompt.zoom or not heads.box_words
                                       or heads.candidate_words < 0 or not math.isfinite(heads.candidate_words)):
             raise PixelLLMError(f"heads.candidate_words is the zoom's word head's vote on which candidate a text "
@@ -324,7 +331,8 @@ def _synth_small() -> PixelLLMConfig:
                             conv_stem=True, detail_channels=16, fine_channels=16),
         prompt=PromptConfig(embed_dim=64, hidden_size=128, depth=2, num_heads=4, mlp_dim=256,
                             attention_downsample=1, num_queries=8, output_dim=192, roi_grid=3, map_tokens=2,
-                            fine_grid=4, box_extent=True, points=True, zoom=32, zoom_words=1.0),
+                            fine_grid=4, box_extent=True, points=True, zoom=32, zoom_words=1.0,
+                            zoom_views=8),
         language=LanguageConfig(hidden_size=192, num_layers=3, num_heads=4, intermediate_size=512,
                                 max_positions=128, dropout=0.0, max_context_tokens=24, max_text_tokens=40),
         heads=HeadsConfig(point_hidden=192, point_layers=3, proposal_hidden=128, max_proposals=30,

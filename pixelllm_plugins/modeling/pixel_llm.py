@@ -181,7 +181,7 @@ class PixelLLM(nn.Module):
             return None
         boxes01 = (boxes.float() / self.canvas_size).clamp(0, 1)
         return self.zoom.word_vote(canvas_pixels(self._maps_for_prompts(embedding), "prompt.zoom_words"), boxes01,
-                                   image_index, weight)
+                                   image_index, weight, self.config.prompt.zoom_views)
 
     def refer_word_vote(self, embedding: ImageEmbedding, image_index: Tensor, image_sizes: Tensor, word_ids: Tensor,
                         word_mask: Tensor) -> Tensor | None:
@@ -195,10 +195,12 @@ class PixelLLM(nn.Module):
         maps = self._maps_for_prompts(embedding)
         head = self.point_head
         _, cells = head.top_candidates(head.candidates(maps, image_sizes))  # [B,K]
+        # each image's candidates are read once, and only those of images that have rows here
+        used, row_image = image_index.unique(return_inverse=True)
         boxes01 = ProposalHead.cell_boxes(maps, self.canvas_size).gather(1, cells[..., None].expand(-1, -1, 4))
-        vote = self.zoom.candidate_vote(canvas_pixels(maps, "heads.candidate_words"),
-                                        (boxes01 / self.canvas_size).clamp(0, 1), image_index, word_ids,
-                                        word_mask, weight)  # [M,K]
+        vote = self.zoom.candidate_vote(canvas_pixels(maps, "heads.candidate_words").index_select(0, used),
+                                        (boxes01.index_select(0, used) / self.canvas_size).clamp(0, 1), row_image,
+                                        word_ids, word_mask, weight, self.config.prompt.zoom_views)  # [M,K]
         cells_per_map = maps["heatmap"].shape[-2] * maps["heatmap"].shape[-1]
         bias = vote.new_full((vote.shape[0], cells_per_map), weight * VOTE_FLOOR)
         return bias.scatter(1, cells.index_select(0, image_index), vote)

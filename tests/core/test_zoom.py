@@ -71,6 +71,7 @@ NO_VOTES = {"prompt.zoom_words": 0.0, "heads.candidate_words": 0.0}
     ("synth-small", {"heads.candidate_words": 0.0, "prompt.zoom": 0}, "prompt.zoom_words"),
     ("synth-small", {"heads.candidate_words": 0.0, "heads.box_words": False}, "prompt.zoom_words"),
     ("synth-small", {"heads.candidate_words": -1.0}, "heads.candidate_words"),
+    ("synth-small", {"prompt.zoom_views": 3}, "prompt.zoom_views"),
     ("synth-small", NO_VOTES | {"heads.candidate_words": 1.0, "heads.box_words": False}, "heads.candidate_words"),
     ("synth-small", NO_VOTES | {"heads.candidate_words": 1.0, "prompt.zoom": 0}, "heads.candidate_words"),
 ])
@@ -137,13 +138,30 @@ def test_the_vote_steers_region_captions_and_not_whole_image_captions(tmp_path):
     assert whole[0] == whole[1]
 
 
+def test_word_log_probs_over_quarter_turns_do_not_depend_on_how_the_image_is_turned():
+    torch.manual_seed(0)
+    zoom = ZoomEncoder(16, num_tokens=2, output_dim=8, vocab_size=6)
+    pixels = torch.randn(1, 3, 32, 32)
+    whole, index = torch.tensor([[0.0, 0.0, 1.0, 1.0]]), torch.tensor([0])
+    turned = torch.rot90(pixels, 1, dims=(2, 3))
+    with torch.no_grad():
+        for views in (4, 8):
+            torch.testing.assert_close(zoom.word_log_probs(turned, whole, index, views),
+                                       zoom.word_log_probs(pixels, whole, index, views), atol=1e-5, rtol=0)
+        one = zoom.word_log_probs(pixels, whole, index, 1)
+        assert not torch.allclose(zoom.word_log_probs(turned, whole, index, 1), one, atol=1e-5)
+        torch.testing.assert_close(one, torch.log_softmax(zoom.word_logits(pixels, whole, index), -1))
+        mirrored = zoom.word_log_probs(pixels.flip(-1), whole, index, 2)
+        torch.testing.assert_close(mirrored, zoom.word_log_probs(pixels, whole, index, 2), atol=1e-5, rtol=0)
+
+
 def test_candidate_vote_favours_candidates_showing_the_text_words(monkeypatch):
     from pixelllm_plugins.modeling.extensions.zoom import SEEN, VOTE_FLOOR
 
     zoom = ZoomEncoder(16, num_tokens=2, output_dim=8, vocab_size=6)
     # two candidates: the head reads word 2 on the first (and a little of word 3), word 3 on the second
     logits = torch.tensor([[0.0, 0.0, 9.0, 7.0, 0.0, 0.0], [0.0, 0.0, 0.0, 9.0, 0.0, 0.0]])
-    monkeypatch.setattr(zoom, "word_logits", lambda pixels, boxes01, index: logits)
+    monkeypatch.setattr(zoom, "word_log_probs", lambda pixels, boxes01, index, views: torch.log_softmax(logits, -1))
     boxes = torch.tensor([[[0.0, 0.0, 0.4, 1.0], [0.6, 0.0, 1.0, 1.0]]])  # one image, two candidates
     ids = torch.tensor([[2, 0], [3, 0], [5, 0], [2, 7], [2, 3]])  # 2; 3; a word nobody shows; 2 + a new word; both
     mask = torch.tensor([[True, False], [True, False], [True, False], [True, True], [True, True]])
@@ -183,7 +201,7 @@ def test_refer_takes_the_candidate_the_vote_favours_and_captions_do_not_see_it(t
     _, cells = head.top_candidates(head.candidates(embedding.maps, sizes))
     cell_boxes = ProposalHead.cell_boxes(embedding.maps, voting.model.canvas_size)[0] * 192 / voting.model.canvas_size
     for k in (1, 2):
-        def favour(pixels, boxes01, image_index, word_ids, word_mask, weight, k=k):
+        def favour(pixels, boxes01, image_index, word_ids, word_mask, weight, views, k=k):
             calls.append(word_ids.tolist())
             vote = torch.full((len(image_index), boxes01.shape[1]), weight * VOTE_FLOOR)
             vote[:, k] = 0.0

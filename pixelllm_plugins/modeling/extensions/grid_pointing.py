@@ -186,10 +186,12 @@ class GridPointHead(nn.Module):
             picked = keys.gather(1, cells[..., None].expand(-1, -1, keys.shape[-1]))
             cand_boxes = boxes.gather(1, cells[..., None].expand(-1, -1, 4))
             zoomed = None
-            if self.relations.zoom is not None:  # zoomed in once per image, then given to its rows
+            if self.relations.zoom is not None:  # zoomed in once per image that has rows, then given to them
+                used, row_image = image_index.unique(return_inverse=True)
                 image_boxes01 = canvas_boxes.gather(1, image_cells[..., None].expand(-1, -1, 4)) / self.canvas_size
-                pixels = canvas_pixels(maps, "heads.candidate_zoom")
-                zoomed = self.relations.zoom_candidates(pixels, image_boxes01).index_select(0, image_index)
+                pixels = canvas_pixels(maps, "heads.candidate_zoom").index_select(0, used)
+                zoomed = self.relations.zoom_candidates(pixels, image_boxes01.index_select(0, used))
+                zoomed = zoomed.index_select(0, row_image)
             related = self.relations(picked, cand_boxes, valid, hidden, text_mask, zoomed)  # [M,K,h]
             delta = torch.einsum("mtd,mkd->mtk", query, related).float() * self.scale
             delta = delta.masked_fill(~valid[:, None, :], 0.0)

@@ -72,13 +72,16 @@ class ZoomEncoder(nn.Module):
         self.words = (nn.Sequential(nn.LayerNorm(self.feature_dim), nn.Linear(self.feature_dim, vocab_size))
                       if vocab_size else None)
 
-    def features(self, pixels: Tensor, boxes01: Tensor, image_index: Tensor) -> Tensor:
-        """pixels [B,3,S,S] (the normalised canvas), boxes01 [M,4], image_index [M] -> CNN features [M,F]."""
-        weight = self.proj.weight
+    def crops(self, pixels: Tensor, boxes01: Tensor, image_index: Tensor) -> Tensor:
+        """pixels [B,3,S,S] (the normalised canvas), boxes01 [M,4], image_index [M] -> crops [M,3,z,z]."""
         grid = square_crops(boxes01.float(), self.size)
         crops = F.grid_sample(pixels.index_select(0, image_index).float(), grid, mode="bilinear",
                               padding_mode="zeros", align_corners=False)
-        return self.cnn(crops.to(weight.dtype)).flatten(1)
+        return crops.to(self.proj.weight.dtype)
+
+    def features(self, pixels: Tensor, boxes01: Tensor, image_index: Tensor) -> Tensor:
+        """pixels [B,3,S,S] (the normalised canvas), boxes01 [M,4], image_index [M] -> CNN features [M,F]."""
+        return self.cnn(self.crops(pixels, boxes01, image_index)).flatten(1)
 
     def forward(self, pixels: Tensor, boxes01: Tensor, image_index: Tensor) -> Tensor:
         """-> [M,num_tokens,D]: the additions to each prompt's map tokens."""
@@ -88,23 +91,37 @@ class ZoomEncoder(nn.Module):
         """-> [M,V]: the word head's logits (``vocab_size`` > 0 only)."""
         return self.words(self.features(pixels, boxes01, image_index))
 
-    def word_vote(self, pixels: Tensor, boxes01: Tensor, image_index: Tensor, weight: float) -> Tensor:
+    def word_log_probs(self, pixels: Tensor, boxes01: Tensor, image_index: Tensor, views: int = 1) -> Tensor:
+        """-> [M,V]: the word head's log-probabilities, averaged over ``views`` of each crop (``prompt.zoom_views``:
+        1; 2, the crop and its mirror image; 4, its quarter turns; 8, both). No shape's name changes under
+        those, and a view the head reads well can outvote one it reads badly (a hexagon turned 45° is one
+        turned 15° once turned a quarter more)."""
+        crops = self.crops(pixels, boxes01, image_index)
+        turned = [torch.rot90(crops, k, dims=(2, 3)) for k in range(4 if views >= 4 else 1)]
+        if views in (2, 8):
+            turned += [view.flip(-1) for view in turned]
+        logits = self.words(self.cnn(torch.cat(turned)).flatten(1)).float()
+        return torch.log_softmax(logits, dim=-1).view(len(turned), len(crops), -1).mean(0)
+
+    def word_vote(self, pixels: Tensor, boxes01: Tensor, image_index: Tensor, weight: float, views: int = 1
+                  ) -> Tensor:
         """``prompt.zoom_words``: [M,V] additions to a region caption's next-word log-probabilities, ``weight``
-        times the word head's log-probability of each word minus that of its favourite word, at least
-        ``weight * VOTE_FLOOR`` (all <= 0: the vote reorders words, it never pushes a caption on)."""
-        logp = torch.log_softmax(self.word_logits(pixels, boxes01, image_index).float(), dim=-1)
+        times the word head's log-probability of each word (``word_log_probs``) minus that of its favourite
+        word, at least ``weight * VOTE_FLOOR`` (all <= 0: the vote reorders words, it never pushes a caption on)."""
+        logp = self.word_log_probs(pixels, boxes01, image_index, views)
         return weight * (logp - logp.amax(dim=-1, keepdim=True)).clamp(min=VOTE_FLOOR)
 
     def candidate_vote(self, pixels: Tensor, boxes01: Tensor, image_index: Tensor, word_ids: Tensor,
-                       word_mask: Tensor, weight: float) -> Tensor:
+                       word_mask: Tensor, weight: float, views: int = 1) -> Tensor:
         """``heads.candidate_words``: pixels [B,3,S,S], each image's K candidate boxes01 [B,K,4], rows'
         image_index [M] and the ids of their text's words [M,T] (``word_mask`` [M,T]) -> [M,K]: ``weight``
         times the mean, over the words the head sees on at least one candidate (log-probability above
         ``SEEN``; words outside its vocabulary, an adapter's new words, never count), of each candidate's
-        log-probability minus the best candidate's, at least ``VOTE_FLOOR``; 0 for a row with no such word."""
+        log-probability minus the best candidate's, at least ``VOTE_FLOOR``; 0 for a row with no such word.
+        ``views``: as in ``word_log_probs``."""
         b, k = boxes01.shape[:2]
         per_image = torch.arange(b, device=boxes01.device).repeat_interleave(k)
-        logp = torch.log_softmax(self.word_logits(pixels, boxes01.reshape(b * k, 4), per_image).float(), dim=-1)
+        logp = self.word_log_probs(pixels, boxes01.reshape(b * k, 4), per_image, views)
         logp = logp.view(b, k, -1).index_select(0, image_index)  # [M,K,V]
         vocab = logp.shape[-1]
         known = word_mask & (word_ids < vocab)
