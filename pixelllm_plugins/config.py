@@ -92,9 +92,10 @@ class PromptConfig:
     # (the end of the text and an adapter's new words get no vote), so a shape the CNN reads plainly is not
     # overruled by a blurred map token (``modeling/extensions/zoom.py``). Inference only; 0 = none.
     zoom_words: float = 0.0
-    # With zoom_words or heads.candidate_words: the views of each crop whose word-head log-probabilities the
-    # votes average: 1 (the crop), 2 (and its mirror image), 4 (its quarter turns) or 8 (both). No shape's
-    # name changes under them, and a view the head reads well outvotes one it reads badly.
+    # With zoom_words: the views of each region's crop whose word-head log-probabilities the caption vote
+    # averages: 1 (the crop), 2 (and its mirror image), 4 (its quarter turns) or 8 (both). No shape's name
+    # changes under them, and a view the head reads well outvotes one it reads badly. (heads.candidate_words
+    # reads one view: eight a candidate cost refer more than it gained.)
     zoom_views: int = 1
 
 
@@ -256,7 +257,7 @@ class PixelLLMConfig:
                                 f"prompt.zoom > 0, heads.box_words (the head trains with it) and a finite "
                                 f"weight >= 0, got {prompt.zoom_words}")
         if prompt.zoom_views not in (1, 2, 4, 8):
-            raise PixelLLMError(f"prompt.zoom_views is how many views of a crop the zoom's votes average: 1, 2 "
+            raise PixelLLMError(f"prompt.zoom_views is how many views of a crop the caption vote averages: 1, 2 "
                                 f"(with its mirror image), 4 (its quarter turns) or 8 (both), got {prompt.zoom_views}")
         if heads.candidate_words and (heads.point_mode != "grid" or not prompt.zoom or not heads.box_words
                                       or heads.candidate_words < 0 or not math.isfinite(heads.candidate_words)):

@@ -200,7 +200,7 @@ class PixelLLM(nn.Module):
         boxes01 = ProposalHead.cell_boxes(maps, self.canvas_size).gather(1, cells[..., None].expand(-1, -1, 4))
         vote = self.zoom.candidate_vote(canvas_pixels(maps, "heads.candidate_words").index_select(0, used),
                                         (boxes01.index_select(0, used) / self.canvas_size).clamp(0, 1), row_image,
-                                        word_ids, word_mask, weight, self.config.prompt.zoom_views)  # [M,K]
+                                        word_ids, word_mask, weight)  # [M,K]
         cells_per_map = maps["heatmap"].shape[-2] * maps["heatmap"].shape[-1]
         bias = vote.new_full((vote.shape[0], cells_per_map), weight * VOTE_FLOOR)
         return bias.scatter(1, cells.index_select(0, image_index), vote)

@@ -161,7 +161,7 @@ def test_candidate_vote_favours_candidates_showing_the_text_words(monkeypatch):
     zoom = ZoomEncoder(16, num_tokens=2, output_dim=8, vocab_size=6)
     # two candidates: the head reads word 2 on the first (and a little of word 3), word 3 on the second
     logits = torch.tensor([[0.0, 0.0, 9.0, 7.0, 0.0, 0.0], [0.0, 0.0, 0.0, 9.0, 0.0, 0.0]])
-    monkeypatch.setattr(zoom, "word_log_probs", lambda pixels, boxes01, index, views: torch.log_softmax(logits, -1))
+    monkeypatch.setattr(zoom, "word_log_probs", lambda pixels, boxes01, index: torch.log_softmax(logits, -1))
     boxes = torch.tensor([[[0.0, 0.0, 0.4, 1.0], [0.6, 0.0, 1.0, 1.0]]])  # one image, two candidates
     ids = torch.tensor([[2, 0], [3, 0], [5, 0], [2, 7], [2, 3]])  # 2; 3; a word nobody shows; 2 + a new word; both
     mask = torch.tensor([[True, False], [True, False], [True, False], [True, True], [True, True]])
@@ -201,7 +201,7 @@ def test_refer_takes_the_candidate_the_vote_favours_and_captions_do_not_see_it(t
     _, cells = head.top_candidates(head.candidates(embedding.maps, sizes))
     cell_boxes = ProposalHead.cell_boxes(embedding.maps, voting.model.canvas_size)[0] * 192 / voting.model.canvas_size
     for k in (1, 2):
-        def favour(pixels, boxes01, image_index, word_ids, word_mask, weight, views, k=k):
+        def favour(pixels, boxes01, image_index, word_ids, word_mask, weight, k=k):
             calls.append(word_ids.tolist())
             vote = torch.full((len(image_index), boxes01.shape[1]), weight * VOTE_FLOOR)
             vote[:, k] = 0.0

@@ -112,16 +112,17 @@ class ZoomEncoder(nn.Module):
         return weight * (logp - logp.amax(dim=-1, keepdim=True)).clamp(min=VOTE_FLOOR)
 
     def candidate_vote(self, pixels: Tensor, boxes01: Tensor, image_index: Tensor, word_ids: Tensor,
-                       word_mask: Tensor, weight: float, views: int = 1) -> Tensor:
+                       word_mask: Tensor, weight: float) -> Tensor:
         """``heads.candidate_words``: pixels [B,3,S,S], each image's K candidate boxes01 [B,K,4], rows'
         image_index [M] and the ids of their text's words [M,T] (``word_mask`` [M,T]) -> [M,K]: ``weight``
         times the mean, over the words the head sees on at least one candidate (log-probability above
         ``SEEN``; words outside its vocabulary, an adapter's new words, never count), of each candidate's
         log-probability minus the best candidate's, at least ``VOTE_FLOOR``; 0 for a row with no such word.
-        ``views``: as in ``word_log_probs``."""
+        One view of each crop: eight views cost a text's pass more than twice the time (64 crops an image)
+        for +0.05 to +0.24 points of refer P@0.5."""
         b, k = boxes01.shape[:2]
         per_image = torch.arange(b, device=boxes01.device).repeat_interleave(k)
-        logp = self.word_log_probs(pixels, boxes01.reshape(b * k, 4), per_image, views)
+        logp = self.word_log_probs(pixels, boxes01.reshape(b * k, 4), per_image)
         logp = logp.view(b, k, -1).index_select(0, image_index)  # [M,K,V]
         vocab = logp.shape[-1]
         known = word_mask & (word_ids < vocab)
