@@ -14,7 +14,7 @@ that adds the zoom to the map tokens stays zero, so the model still answers exac
 votes, ``prompt.zoom_words`` and ``heads.candidate_words``, stays as it was), e.g. on scenes of both looks so
 the votes also read the classic drawing:
 
-    python scripts/pretrain_zoom.py MODEL TRAIN_VARIED TRAIN_CLASSIC OUT --words-only --steps 1500 --vote 1.0
+    python scripts/pretrain_zoom.py MODEL TRAIN_VARIED TRAIN_CLASSIC OUT --words-only --steps 1500 --vote 1.0 --views 8
 """
 
 from __future__ import annotations
@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also set the head's votes in the saved model's config: prompt.zoom_words (region "
                         "captions) and, with the grid point head, heads.candidate_words (which object a text "
                         "names); refit the score calibration afterwards (scripts/calibrate_scores.py)")
+    p.add_argument("--views", type=int, choices=(1, 2, 4, 8), default=None,
+                   help="also set prompt.zoom_views (how many views of a region's crop the caption vote averages)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     progress = sys.stderr.isatty()
@@ -162,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         model.config.prompt.zoom_words = args.vote
         if model.config.heads.point_mode == "grid":
             model.config.heads.candidate_words = args.vote
-        model.config.validate()
+    if args.views is not None:
+        model.config.prompt.zoom_views = args.views
+    model.config.validate()
     new_version = save_pretrained(model, tokenizer, args.out, extra_meta={"zoom_pretrained_from": version})
     print(f"{new_version} in {args.out}")
     return 0
