@@ -34,7 +34,6 @@ from tqdm import tqdm
 
 from pixelllm_plugins.checkpoint import load_pretrained, save_pretrained
 from pixelllm_plugins.inference.predictor import prepare_input
-from pixelllm_plugins.modeling.extensions.zoom import square_crops
 from pixelllm_plugins.modeling.losses import box_words_loss
 
 
@@ -46,7 +45,7 @@ def cut_crops(model, tokenizer, data: Path, split: str, copies: int, jitter: flo
     for ann in records["annotations"]:
         by_image.setdefault(ann["image_id"], []).append(ann)
     rng = random.Random(seed)
-    size, canvas = model.zoom.size, model.canvas_size
+    canvas = model.canvas_size
     crops, texts = [], []
     images = records["images"][:max_images] if max_images else records["images"]
     for image in tqdm(images, desc="cutting crops", disable=not progress):
@@ -64,8 +63,8 @@ def cut_crops(model, tokenizer, data: Path, split: str, copies: int, jitter: flo
                 boxes.append([x + dx[0] * w, y + dx[1] * h, x + w + dx[2] * w, y + h + dx[3] * h])
                 texts.append(ann["caption"])
         boxes01 = (torch.tensor(boxes) * scale / canvas).clamp(0, 1)
-        pixels = prepared.pixel_values[None].float().expand(len(boxes), -1, -1, -1)
-        crops.append(F.grid_sample(pixels, square_crops(boxes01, size), align_corners=False).half())
+        pixels = prepared.pixel_values[None].float()
+        crops.append(model.zoom.crops(pixels, boxes01, torch.zeros(len(boxes), dtype=torch.long)).half())
     encoded = [tokenizer.encode(t, add_bos=True, add_eos=True, max_len=16) for t in texts]
     width = max(map(len, encoded))
     ids = torch.tensor([e + [tokenizer.pad_id] * (width - len(e)) for e in encoded])

@@ -34,7 +34,7 @@ from .arguments import check_generation as _check_generation
 from .arguments import check_labels as _check_labels
 from .calibration import words as text_words
 from .compose import align_words, compose_caption
-from .decoding import with_word_bias
+from .decoding import generate, with_word_bias
 from .preprocess import PreparedImage, prepare_image_keyed
 from .results import Detection, MaskResult, RegionCaption, TracedCaption, Word
 
@@ -401,8 +401,6 @@ class Predictor:
     def _generate(self, embedding: ImageEmbedding, sizes, rows, max_new_tokens, num_beams, *, regions: bool = False):
         """``regions``: the rows' boxes each hold one object (region and dense captions), so a model with
         ``prompt.zoom_words`` lets its zoom vote on the words."""
-        from .decoding import generate
-
         boxes, index = self._boxes(rows), self._row_index(rows)
         visual = self.model.prompt_tokens(embedding, boxes, index, sizes, *self._row_points(rows))
         ctx, ctx_mask = self._pad([r.context for r in rows])
